@@ -1,0 +1,1 @@
+"""GenFL client: a task executor that holds one data shard."""

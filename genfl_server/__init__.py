@@ -1,0 +1,1 @@
+"""GenFL aggregation server."""

@@ -1,0 +1,1 @@
+"""GenFL: code shared by the server and the clients (models, data, codec, protocol stubs)."""

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs; regenerate with `python -m genfl_shared.protogen`."""
