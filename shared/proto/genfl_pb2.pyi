@@ -1,0 +1,152 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_TYPE_UNSPECIFIED: _ClassVar[TaskType]
+    TASK_TYPE_TRAIN: _ClassVar[TaskType]
+    TASK_TYPE_EVALUATE: _ClassVar[TaskType]
+    TASK_TYPE_IDLE: _ClassVar[TaskType]
+    TASK_TYPE_SHUTDOWN: _ClassVar[TaskType]
+TASK_TYPE_UNSPECIFIED: TaskType
+TASK_TYPE_TRAIN: TaskType
+TASK_TYPE_EVALUATE: TaskType
+TASK_TYPE_IDLE: TaskType
+TASK_TYPE_SHUTDOWN: TaskType
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("client_id", "num_train_samples", "num_heldout_samples", "dataset", "client_version")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_HELDOUT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    num_train_samples: int
+    num_heldout_samples: int
+    dataset: str
+    client_version: str
+    def __init__(self, client_id: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_heldout_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("run_id", "poll_timeout_seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    POLL_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    poll_timeout_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., poll_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class FetchTaskRequest(_message.Message):
+    __slots__ = ("run_id", "client_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("tensors", "total_bytes", "sha256", "num_chunks")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    total_bytes: int
+    sha256: bytes
+    num_chunks: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TaskHeader(_message.Message):
+    __slots__ = ("run_id", "task_id", "type", "phase", "round", "config_json", "manifest")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_id: str
+    type: TaskType
+    phase: str
+    round: int
+    config_json: str
+    manifest: Manifest
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+
+class TaskMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: TaskHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ResultHeader(_message.Message):
+    __slots__ = ("run_id", "task_id", "client_id", "phase", "round", "type", "num_samples", "metrics", "manifest")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_id: str
+    client_id: str
+    phase: str
+    round: int
+    type: TaskType
+    num_samples: int
+    metrics: _containers.ScalarMap[str, float]
+    manifest: Manifest
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., type: _Optional[_Union[TaskType, str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+
+class ResultMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ResultHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("accepted", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
