@@ -1,0 +1,31 @@
+"""Shared test fixtures.
+
+Real datasets are not in the repo: CI clones it with ``../shared`` beside it, so they live in
+``<repo>/../shared/data/<dataset folder>``. Set ``GENFL_TEST_DATA`` to use another data folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA_ROOT = Path(os.environ.get("GENFL_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
+# Folder of each dataset (by its genfl_shared.data.DATASETS name) under TEST_DATA_ROOT.
+DATASET_DIRS = {"mnist": "mnist", "fmnist": "fashion-mnist"}
+
+
+def dataset_dir(dataset: str) -> Path:
+    """Folder holding ``dataset``'s IDX files; skips the calling test when it is absent."""
+    path = TEST_DATA_ROOT / DATASET_DIRS[dataset]
+    if not any((path / name).is_file() for name in ("train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte")):
+        pytest.skip(f"{dataset} test data not found in {path} (set GENFL_TEST_DATA to the data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """``data_root("mnist")`` -> folder with that dataset's IDX files (the test is skipped if missing)."""
+    return dataset_dir
