@@ -1,0 +1,295 @@
+"""Training and evaluation loops over tensors that are already in memory.
+
+Every data set GenFL touches (a client's MNIST shard, the server's synthetic set) is at
+most 60,000 tiny images, i.e. under 200 MB as float32, so the loops take whole tensors,
+move them to the device once, and slice batches out of a per-epoch permutation. That is
+much faster than a ``DataLoader`` with per-sample transforms and makes runs reproducible:
+the shuffling comes from a ``torch.Generator`` seeded by the caller.
+
+Conventions shared by all functions here:
+
+* ``images``: float32 ``[N, 1, 28, 28]`` in ``[0, 1]``; ``labels``: int64 ``[N]``.
+* Results are plain ``dict``s of Python ``float``/``int`` so that they can be logged,
+  serialised to JSON or put into protobuf messages without conversion.
+* ``epochs == 0`` means "do not train": the model is left untouched and the result is
+  ``{"loss": nan, "last_epoch_loss": nan, "samples": N, "steps": 0}``. (No evaluation pass
+  is run instead: callers that want a loss for an untrained model should call the
+  ``evaluate_*`` function explicitly, which keeps the cost of each call obvious.)
+* Training functions put the model in ``train()`` mode and evaluation functions in
+  ``eval()`` mode; both restore the mode the model had before the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import cvae_loss
+
+__all__ = ["evaluate_classifier", "evaluate_cvae", "train_classifier", "train_cvae"]
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = str | torch.device
+
+
+def _prepare(
+    images: Tensor, labels: Tensor, device: DeviceLike
+) -> tuple[Tensor, Tensor, torch.device]:
+    """Validate the inputs and move them to ``device`` (a no-op when already there)."""
+    device = torch.device(device)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"labels must be [N] with N == images.shape[0] ({images.shape[0]}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("cannot train or evaluate on an empty data set (N == 0)")
+    images = images.to(device=device, dtype=torch.float32)
+    labels = labels.to(device=device, dtype=torch.int64)
+    return images, labels, device
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _check_hyperparameters(epochs: int, batch_size: int) -> None:
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    _check_batch_size(batch_size)
+
+
+def _batch_bounds(n: int, batch_size: int, *, avoid_singleton: bool = False) -> list[tuple[int, int]]:
+    """``(start, end)`` of each batch of an epoch over ``n`` samples.
+
+    With ``avoid_singleton`` a trailing batch of one sample is merged into the batch
+    before it, because BatchNorm cannot compute batch statistics from a single value
+    per channel (ExquisiteNetV1's last stage is 1x1 spatially).
+    """
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if avoid_singleton and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], n)
+        bounds.pop()
+    return bounds
+
+
+def _permutations(n: int, epochs: int, seed: int, device: torch.device) -> Iterator[Tensor]:
+    """One shuffled index tensor per epoch, drawn on CPU so the order is device-independent."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield torch.randperm(n, generator=generator).to(device)
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Switch ``model`` to train/eval mode for the block and restore its previous mode after."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _untrained_result(n: int) -> dict:
+    return {"loss": math.nan, "last_epoch_loss": math.nan, "samples": n, "steps": 0}
+
+
+def train_cvae(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: DeviceLike,
+) -> dict:
+    """Train a :class:`~genfl_shared.models.CVAE` in place with a fresh Adam optimiser.
+
+    A new Adam is created on every call because the paper builds a new optimiser every
+    federated round (so no moment estimates carry over between rounds).
+
+    Returns ``{"loss", "last_epoch_loss", "samples", "steps"}`` where ``loss`` is the mean
+    per-sample :func:`cvae_loss` over every sample seen in all epochs (the losses are
+    measured on each batch before its update), ``last_epoch_loss`` the same mean over
+    the last epoch only, ``samples`` is ``N`` and ``steps`` the number of optimiser steps.
+    """
+    _check_hyperparameters(epochs, batch_size)
+    images, labels, device = _prepare(images, labels, device)
+    n = images.shape[0]
+    if epochs == 0:
+        return _untrained_result(n)
+
+    torch.manual_seed(seed)  # reparameterisation noise comes from the global RNG
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    bounds = _batch_bounds(n, batch_size)
+    total_loss = 0.0
+    epoch_loss = 0.0
+    steps = 0
+    with _mode(model, training=True):
+        for perm in _permutations(n, epochs, seed, device):
+            # Accumulate on the device and synchronise once per epoch, not once per step.
+            epoch_sum = torch.zeros((), device=device)
+            for start, end in bounds:
+                idx = perm[start:end]
+                x, y = images[idx], labels[idx]
+                recon, mu, sigma = model(x, y)
+                loss = cvae_loss(recon, x, mu, sigma)  # summed over the batch
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                epoch_sum += loss.detach()
+                steps += 1
+            epoch_loss = epoch_sum.item() / n
+            total_loss += epoch_loss
+    result = {
+        "loss": total_loss / epochs,
+        "last_epoch_loss": epoch_loss,
+        "samples": n,
+        "steps": steps,
+    }
+    logger.debug("train_cvae: %s", result)
+    return result
+
+
+def train_classifier(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    momentum: float = 0.0,
+    seed: int,
+    device: DeviceLike,
+) -> dict:
+    """Train a classifier in place with cross-entropy and a fresh optimiser.
+
+    ``optimizer`` is ``"sgd"`` (using ``momentum``) or ``"adam"`` (``momentum`` is ignored).
+    A trailing batch of a single sample is merged into the previous batch (BatchNorm
+    needs at least two samples), so ``N`` must be at least 2.
+
+    Returns ``{"loss", "last_epoch_loss", "samples", "steps"}``: ``loss`` is the mean
+    per-sample cross-entropy over all epochs' samples (each batch measured before its
+    update), ``last_epoch_loss`` the same over the last epoch only.
+    """
+    _check_hyperparameters(epochs, batch_size)
+    images, labels, device = _prepare(images, labels, device)
+    n = images.shape[0]
+    if epochs == 0:
+        return _untrained_result(n)
+    if n < 2:
+        raise ValueError("train_classifier needs at least 2 samples (BatchNorm batch statistics)")
+
+    torch.manual_seed(seed)  # dropout masks come from the global RNG
+    model.to(device)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
+
+    bounds = _batch_bounds(n, batch_size, avoid_singleton=True)
+    total_loss = 0.0
+    epoch_loss = 0.0
+    steps = 0
+    with _mode(model, training=True):
+        for perm in _permutations(n, epochs, seed, device):
+            epoch_sum = torch.zeros((), device=device)
+            for start, end in bounds:
+                idx = perm[start:end]
+                logits = model(images[idx])
+                loss = F.cross_entropy(logits, labels[idx])  # mean over the batch
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                epoch_sum += loss.detach() * (end - start)
+                steps += 1
+            epoch_loss = epoch_sum.item() / n
+            total_loss += epoch_loss
+    result = {
+        "loss": total_loss / epochs,
+        "last_epoch_loss": epoch_loss,
+        "samples": n,
+        "steps": steps,
+    }
+    logger.debug("train_classifier: %s", result)
+    return result
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 2048,
+    device: DeviceLike,
+) -> dict:
+    """Accuracy (fraction in ``[0, 1]``) and mean cross-entropy of a classifier.
+
+    Returns ``{"accuracy", "loss", "samples"}``.
+    """
+    _check_batch_size(batch_size)
+    images, labels, device = _prepare(images, labels, device)
+    n = images.shape[0]
+    model.to(device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), device=device)
+    with _mode(model, training=False), torch.inference_mode():
+        for start, end in _batch_bounds(n, batch_size):
+            logits = model(images[start:end])
+            y = labels[start:end]
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n, "samples": n}
+
+
+def evaluate_cvae(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 2048,
+    seed: int,
+    device: DeviceLike,
+) -> dict:
+    """Mean per-sample :func:`cvae_loss` of a CVAE on a data set.
+
+    The reparameterisation noise is drawn from a local generator seeded by ``seed``
+    (on CPU, then moved), so the result is reproducible, independent of ``batch_size``
+    and of the device, and the global RNG is untouched.
+
+    Returns ``{"loss", "samples"}``.
+    """
+    _check_batch_size(batch_size)
+    images, labels, device = _prepare(images, labels, device)
+    n = images.shape[0]
+    model.to(device)
+    # All the noise is drawn at once (N x latent_dim floats is tiny), so the result does not
+    # depend on batch_size: chunked draws from a generator differ from one big draw.
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, model.latent_dim), generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    with _mode(model, training=False), torch.inference_mode():
+        for start, end in _batch_bounds(n, batch_size):
+            x = images[start:end]
+            mu, sigma = model.encode(x)
+            recon = model.decode(mu + sigma * noise[start:end], labels[start:end])
+            loss_sum += cvae_loss(recon, x, mu, sigma)
+    return {"loss": loss_sum.item() / n, "samples": n}
