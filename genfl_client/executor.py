@@ -1,0 +1,104 @@
+"""Executes one task on the client's own shard: the only place a client touches its data.
+
+The shard is converted to float tensors once (per binarisation setting) and kept on the device for
+the whole run: no per-round data loading, no per-sample transforms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from genfl_shared.data import to_float_images
+from genfl_shared.models import MODEL_KINDS, build_model
+from genfl_shared.partition import Shard
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.training import evaluate_classifier, evaluate_cvae, train_classifier, train_cvae
+
+log = logging.getLogger(__name__)
+
+
+class TaskError(ValueError):
+    """A task this client cannot execute (bad settings or weights that do not fit the model)."""
+
+
+@dataclass
+class TaskOutcome:
+    num_samples: int
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor] | None  # updated weights for TRAIN tasks
+
+
+class TaskExecutor:
+    def __init__(self, shard: Shard, device: torch.device):
+        self.shard = shard
+        self.device = device
+        self._tensors: dict[bool, tuple[torch.Tensor, ...]] = {}
+
+    def _data(self, binarize: bool):
+        if binarize not in self._tensors:
+            s = self.shard
+            self._tensors[binarize] = (
+                to_float_images(s.train_images, binarize=binarize).to(self.device),
+                torch.as_tensor(s.train_labels, dtype=torch.int64).to(self.device),
+                to_float_images(s.heldout_images, binarize=binarize).to(self.device),
+                torch.as_tensor(s.heldout_labels, dtype=torch.int64).to(self.device),
+            )
+        return self._tensors[binarize]
+
+    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor]) -> TaskOutcome:
+        try:
+            config = json.loads(header.config_json or "{}")
+        except json.JSONDecodeError as error:
+            raise TaskError(f"task {header.task_id}: settings are not JSON: {error}") from None
+        kind = config.get("model")
+        if kind not in MODEL_KINDS:
+            raise TaskError(f"task {header.task_id}: unknown model {kind!r}")
+        model = build_model(kind)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            raise TaskError(f"task {header.task_id}: weights do not fit a {kind} model: {error}") from None
+        model.to(self.device)
+        train_x, train_y, held_x, held_y = self._data(bool(config.get("binarize", True)))
+        if header.type == pb.TASK_TYPE_TRAIN:
+            return self._train(kind, model, config, train_x, train_y)
+        if header.type == pb.TASK_TYPE_EVALUATE:
+            return self._evaluate(kind, model, config, held_x, held_y)
+        raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
+
+    def _train(self, kind, model, config, x, y) -> TaskOutcome:
+        try:
+            common = dict(epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
+                          lr=float(config["lr"]), seed=int(config["seed"]), device=self.device)
+            started = time.perf_counter()
+            if kind == "cvae":
+                result = train_cvae(model, x, y, **common)
+            else:
+                result = train_classifier(model, x, y, optimizer=config["optimizer"],
+                                          momentum=float(config.get("momentum", 0.0)), **common)
+        except (KeyError, TypeError, ValueError) as error:
+            raise TaskError(f"bad training settings {config}: {error}") from None
+        seconds = time.perf_counter() - started
+        metrics = {"train_seconds": seconds, "steps": float(result["steps"])}
+        if not math.isnan(result["loss"]):
+            metrics["loss"] = result["loss"]
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return TaskOutcome(result["samples"], metrics, state)
+
+    def _evaluate(self, kind, model, config, x, y) -> TaskOutcome:
+        if len(y) == 0:
+            return TaskOutcome(0, {}, None)
+        if kind == "cvae":
+            result = evaluate_cvae(model, x, y, seed=int(config.get("seed", 0)), device=self.device)
+            metrics = {"loss": result["loss"]}
+        else:
+            result = evaluate_classifier(model, x, y, device=self.device)
+            metrics = {"loss": result["loss"], "accuracy": result["accuracy"]}
+        return TaskOutcome(result["samples"], metrics, None)

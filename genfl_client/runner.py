@@ -1,0 +1,189 @@
+"""The client's connection loop: register, long-poll for tasks, execute, submit; reconnect with
+exponential backoff and jitter whenever the server is unreachable or restarted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from genfl_shared import __version__
+from genfl_shared.codec import CodecError, PayloadAssembler, encode_state_dict
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+
+from .executor import TaskError, TaskExecutor
+from .metrics import ClientMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
+# Weights a client accepts from the server: far above these models, far below a memory exhaustion.
+MAX_MODEL_BYTES = 1 << 30
+TRANSFER_SECONDS = 300.0  # allowance for moving a model, on top of the long-poll time
+
+# Errors that mean "the server is not there right now" (RETRYABLE) or, once registered, "the server
+# forgot us" (REREGISTER: it restarted): the client backs off and registers again. Any other refusal
+# of a registration is fatal (wrong dataset, run full, bad sample counts).
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class FatalClientError(RuntimeError):
+    """The run cannot go on for this client (e.g. the server refuses it)."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (sleep ~ U(0, min(cap, base * 2^attempt)))."""
+
+    base: float = 0.2
+    cap: float = 5.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ClientRunner:
+    def __init__(self, server: str, client_id: str, executor: TaskExecutor, metrics: ClientMetrics, *,
+                 dataset: str, max_reconnect_seconds: float = 0.0,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.server = server
+        self.client_id = client_id
+        self.executor = executor
+        self.metrics = metrics
+        self.dataset = dataset
+        self.max_reconnect_seconds = max_reconnect_seconds
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.max_reconnect_backoff_ms", 5_000)]
+        self.channel = (grpc.secure_channel(server, credentials, options) if credentials
+                        else grpc.insecure_channel(server, options))
+        self.stub = pb_grpc.FederatedLearningStub(self.channel)
+        self.run_id = ""
+        self.poll_timeout = 30.0
+
+    def run(self) -> int:
+        """Serve tasks until the server ends the run; returns the process exit code."""
+        backoff = Backoff()
+        unreachable_since = None
+        while True:
+            try:
+                try:
+                    self._register()
+                except grpc.RpcError as error:
+                    if error.code() not in RETRYABLE:
+                        raise FatalClientError(f"server {self.server} refused this client: "
+                                               f"{error.code().name}: {error.details()}") from None
+                    raise
+                backoff.reset()
+                unreachable_since = None
+                status = self._serve_tasks()
+                return 0 if status == "completed" else 1
+            except grpc.RpcError as error:
+                code = error.code()
+                if code not in RETRYABLE | REREGISTER:
+                    raise FatalClientError(f"server {self.server} rejected a request: "
+                                           f"{code.name}: {error.details()}") from None
+                unreachable_since = unreachable_since or time.monotonic()
+                waited = time.monotonic() - unreachable_since
+                if self.max_reconnect_seconds and waited > self.max_reconnect_seconds:
+                    raise FatalClientError(f"server {self.server} unreachable for {waited:.0f} s: "
+                                           f"{code.name}: {error.details()}") from None
+                delay = backoff.next_delay()
+                log.log(logging.DEBUG if code == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
+                        "%s (%s); retrying in %.2f s", code.name, error.details(), delay)
+                time.sleep(delay)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # -- protocol steps -----------------------------------------------------------------------
+    def _register(self) -> None:
+        shard = self.executor.shard
+        reply = self.stub.Register(pb.RegisterRequest(
+            client_id=self.client_id, num_train_samples=shard.num_train, num_heldout_samples=shard.num_heldout,
+            dataset=self.dataset, client_version=__version__), timeout=30)
+        self.run_id, self.poll_timeout = reply.run_id, reply.poll_timeout_seconds or 30.0
+        log.info("registered with %s in run %s", self.server, self.run_id)
+
+    def _serve_tasks(self) -> str:
+        while True:
+            header, weights = self._fetch()
+            if header.type == pb.TASK_TYPE_IDLE:
+                continue
+            if header.type == pb.TASK_TYPE_SHUTDOWN:
+                info = json.loads(header.config_json or "{}")
+                status = info.get("status", "completed")
+                log.info("server ended run %s: %s %s", header.run_id, status, info.get("reason", ""))
+                return status
+            self._execute(header, weights)
+
+    def _fetch(self):
+        stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=self.run_id, client_id=self.client_id),
+                                     timeout=self.poll_timeout + TRANSFER_SECONDS)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise FatalClientError("server sent a task without a header")
+        header = first.header
+        if not header.HasField("manifest") or header.type not in (pb.TASK_TYPE_TRAIN, pb.TASK_TYPE_EVALUATE):
+            return header, None
+        try:
+            assembler = PayloadAssembler(header.manifest, max_bytes=MAX_MODEL_BYTES)
+            for message in stream:
+                assembler.add(message.chunk)
+            weights = assembler.finish()
+        except CodecError as error:
+            # A corrupted download: drop it; the task is re-delivered on the next poll.
+            log.warning("task %s: discarded corrupt weights (%s)", header.task_id, error)
+            return pb.TaskHeader(type=pb.TASK_TYPE_IDLE), None
+        self.metrics.bytes_received.inc(header.manifest.total_bytes)
+        return header, weights
+
+    def _execute(self, header: pb.TaskHeader, weights) -> None:
+        kind = pb.TaskType.Name(header.type).removeprefix("TASK_TYPE_").lower()
+        log.info("%s round %d: %s", header.phase, header.round, kind)
+        try:
+            outcome = self.executor.run(header, weights)
+        except TaskError as error:
+            raise FatalClientError(str(error)) from None
+        if header.type == pb.TASK_TYPE_TRAIN:
+            self.metrics.train_seconds.inc(outcome.metrics.get("train_seconds", 0.0))
+            self.metrics.samples_trained.inc(outcome.num_samples)
+            if "loss" in outcome.metrics:
+                self.metrics.last_loss.set(outcome.metrics["loss"])
+        result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=self.client_id,
+                                 phase=header.phase, round=header.round, type=header.type,
+                                 num_samples=outcome.num_samples, metrics=outcome.metrics)
+        payload = None
+        if outcome.state is not None:
+            payload = encode_state_dict(outcome.state)
+            result.manifest.CopyFrom(payload.manifest)
+
+        def messages():
+            yield pb.ResultMessage(header=result)
+            for index, data in enumerate(payload.chunks if payload else ()):
+                yield pb.ResultMessage(chunk=pb.Chunk(index=index, data=data))
+
+        try:
+            self.stub.SubmitResult(messages(), timeout=TRANSFER_SECONDS)
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+                # Duplicate or late: the server has moved on; the next poll says what to do now.
+                log.warning("result for task %s not used: %s", header.task_id, error.details())
+                return
+            raise
+        if payload is not None:
+            self.metrics.bytes_sent.inc(payload.nbytes)

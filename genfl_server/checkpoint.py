@@ -1,0 +1,44 @@
+"""Weights-only checkpoints: plain dicts of tensors, loaded with ``torch.load(weights_only=True)``
+so that opening a checkpoint can never execute code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+FORMAT = "genfl-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: Path, model: str, state: Mapping[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": FORMAT, "model": model,
+                "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path, model: str) -> dict[str, torch.Tensor]:
+    """Load a checkpoint of the given model kind; accepts a bare state_dict too."""
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as error:  # unpickling refused or corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        if data.get("model") != model:
+            raise CheckpointError(f"{path} holds a {data.get('model')!r} model, not a {model!r} model")
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} is not a state_dict checkpoint")
+    return data

@@ -1,0 +1,168 @@
+"""``genfl-server``: the aggregation server of one federated run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import click
+import torch
+
+from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
+from genfl_shared.data import DATASETS, load_dataset, to_float_images
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import PRESETS, RunConfig
+from .coordinator import Coordinator
+from .engine import RoundEngine
+from .metrics import ServerMetrics
+from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
+from .results import RunRecorder, write_json_atomic
+from .service import FederatedLearningService, start_grpc_server
+
+log = logging.getLogger("genfl_server")
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _on_signal(signum, _frame):
+    raise _Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@option("--phase", type=click.Choice(["cvae", "classifier", "all"]), default="all",
+        help="cvae: federated CVAE only; classifier: synthetic pre-training + federated classifier "
+             "(needs a CVAE from --cvae-checkpoint unless --no-pretrain); all: both, same clients.")
+@option("--address", default="0.0.0.0:50051", help="host:port to listen on (port 0 picks a free port, "
+        "written to OUT/endpoint.json).")
+@option("--clients", type=click.IntRange(1), default=None, help="Clients to wait for [preset: 10].")
+@option("--rounds", type=click.IntRange(0), default=None,
+        help="Rounds of each federated phase run (overrides both --cvae-rounds and --classifier-rounds).")
+@option("--cvae-rounds", type=click.IntRange(0), default=None, help="[preset: 20]")
+@option("--classifier-rounds", type=click.IntRange(0), default=None, help="[preset: 10]")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
+        help="Defaults for every setting below; explicit options override it.")
+@option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
+        help="Dataset of the run; clients holding another are refused. Needed with --test-data.")
+@option("--test-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+        help="Data root holding the real test split (server-side test accuracy and CAS).")
+@option("--partition-info", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="partition.json of the shards, to record dataset/alpha in summary.json.")
+@option("--cvae-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Global CVAE for --phase classifier.")
+@option("--pretrain/--no-pretrain", default=True, help="Pre-train the classifier on synthetic data "
+        "(--no-pretrain: the baseline, seeded random start).")
+@option("--local-epochs", type=click.IntRange(0), default=None, help="Local epochs per round [preset: 2].")
+@option("--batch-size", type=click.IntRange(1), default=None, help="Local batch size [preset: 32].")
+@option("--synthetic-samples", type=click.IntRange(10), default=None, help="[preset: 60000]")
+@option("--cas-epochs", type=click.IntRange(0), default=None,
+        help="Epochs of the CAS classifier on synthetic data; 0 skips CAS [preset: 20].")
+@option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: 5]")
+@option("--no-binarize", is_flag=True, default=False, help="Keep grey levels (the paper binarises at 0.5).")
+@option("--seed", type=int, default=0, help="Run seed: model init, client shuffling, synthetic data.")
+@option("--device", default="cpu", help="Torch device for server-side work (cpu, cuda, cuda:1).")
+@option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
+@option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Seconds to wait for every client's result in a step (default: no limit).")
+@option("--register-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Seconds to wait for all clients to register (default: no limit).")
+@option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+        help="Serve Prometheus /metrics on this port.")
+@option("--run-id", default=None, help="Run identifier (default: random).")
+@log_level_option
+@log_format_option
+def main(**opts) -> None:
+    """Run the aggregation server: wait for the clients, run the federated phases, write results."""
+    setup_logging(opts["log_level"], opts["log_format"], "server")
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    config = _config(opts)
+    phase = opts["phase"]
+    if phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None:
+        raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
+                               "(or use --phase all, or --no-pretrain)")
+    out: Path = opts["out"]
+    out.mkdir(parents=True, exist_ok=True)
+    partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
+    dataset = opts["dataset"] or partition.get("dataset")
+    device = torch.device(opts["device"])
+    cvae_state = None
+    if phase == "classifier" and config.pretrain:
+        try:
+            cvae_state = load_checkpoint(opts["cvae_checkpoint"], "cvae")
+        except CheckpointError as error:
+            raise click.ClickException(str(error)) from None
+    test_set = None
+    if opts["test_data"] is not None:
+        if dataset is None:
+            raise click.UsageError("--test-data needs --dataset (or --partition-info)")
+        images, labels = load_dataset(dataset, opts["test_data"], "test")
+        test_set = (to_float_images(images, binarize=config.binarize).to(device), labels.to(device))
+        log.info("test set: %d %s images from %s", len(labels), dataset, opts["test_data"])
+
+    metrics = ServerMetrics()
+    if opts["metrics_port"] is not None:
+        port = metrics.serve(opts["metrics_port"])
+        log.info("Prometheus metrics on :%d/metrics", port)
+    run_id = opts["run_id"] or uuid.uuid4().hex[:12]
+    coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset)
+    service = FederatedLearningService(coordinator, metrics)
+    server, port = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16)
+    host = opts["address"].rsplit(":", 1)[0]
+    write_json_atomic(out / "endpoint.json", {"address": f"{host}:{port}", "port": port, "run_id": run_id})
+    log.info("run %s listening on %s:%d for %d clients", run_id, host, port, config.clients)
+
+    recorder = RunRecorder(out, run_id=run_id, dataset=dataset, alpha=partition.get("alpha"),
+                           clients=config.clients, seed=config.seed, pretrain=config.pretrain, phase=phase,
+                           preset=opts["preset"], config=config.to_dict(), device=str(device))
+    engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"])
+    ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set)
+    signal.signal(signal.SIGTERM, _on_signal)
+    failure = None
+    try:
+        engine.wait_for_clients(opts["register_timeout"])
+        if phase in ("cvae", "all"):
+            cvae_state = cvae_phase(ctx)
+        if phase in ("classifier", "all"):
+            start = synthetic_pretraining(ctx, cvae_state) if config.pretrain else initial_state("classifier",
+                                                                                                 config.seed)
+            classifier_phase(ctx, start)
+        summary = recorder.write_summary()
+        metrics.phase.state("done")
+        log.info("run %s complete; summary in %s", run_id, summary)
+    except (Exception, KeyboardInterrupt, _Stopped) as error:
+        failure = error
+        metrics.phase.state("failed")
+        log.error("run %s failed: %s", run_id, error, exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt)))
+    finally:
+        coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
+        if not coordinator.wait_shutdown_delivered(timeout=10.0):
+            log.warning("not every client heard that the run ended")
+        server.stop(grace=2).wait()
+    if failure is not None:
+        sys.exit(1)
+
+
+def _config(opts) -> RunConfig:
+    preset = PRESETS[opts["preset"]]
+    rounds = opts["rounds"]
+    return preset.override(
+        clients=opts["clients"],
+        cvae_rounds=opts["cvae_rounds"] if opts["cvae_rounds"] is not None else rounds,
+        classifier_rounds=opts["classifier_rounds"] if opts["classifier_rounds"] is not None else rounds,
+        local_epochs=opts["local_epochs"], batch_size=opts["batch_size"],
+        synthetic_samples=opts["synthetic_samples"], cas_epochs=opts["cas_epochs"],
+        pretrain_epochs=opts["pretrain_epochs"], pretrain=opts["pretrain"],
+        binarize=False if opts["no_binarize"] else None, seed=opts["seed"],
+    )
+
+
+if __name__ == "__main__":
+    main()

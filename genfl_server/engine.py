@@ -1,0 +1,146 @@
+"""The round engine: federated rounds over whatever model the phase hands it.
+
+It knows nothing of CVAEs or classifiers: a phase gives it a state_dict, the task settings the
+clients need, a strategy, and optionally a server-side test function; it runs
+broadcast -> local training -> aggregation -> client evaluation, and reports per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from genfl_shared.codec import encode_state_dict
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.seeding import derive_seed
+
+from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
+from .metrics import ServerMetrics
+from .results import RunRecorder
+from .strategy import Strategy, build_strategy
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+TestFn = Callable[[Mapping[str, torch.Tensor]], dict]
+
+
+class RoundFailed(RuntimeError):
+    """A round could not complete (clients missing at the deadline)."""
+
+
+@dataclass
+class EvalReport:
+    weighted_accuracy: float | None  # None for models without an accuracy (the CVAE)
+    weighted_loss: float
+    samples: int
+    per_client: dict[str, dict]
+
+
+def weighted_mean(results: list[TaskResult], key: str) -> float | None:
+    """Sample-weighted mean of a metric over results; None when no result reports it."""
+    pairs = [(r.metrics[key], r.num_samples) for r in results if key in r.metrics]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+class RoundEngine:
+    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, recorder: RunRecorder, *,
+                 seed: int, round_timeout: float | None = None):
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self.recorder = recorder
+        self.seed = seed
+        self.round_timeout = round_timeout
+        self.clients: list[ClientInfo] = []
+
+    def wait_for_clients(self, timeout: float | None) -> None:
+        log.info("waiting for %d clients", self.coordinator.expected_clients)
+        self.clients = self.coordinator.wait_for_clients(timeout)
+        log.info("all %d clients registered: %s", len(self.clients), ", ".join(c.client_id for c in self.clients))
+
+    # -- one step over every client -----------------------------------------------------------
+    def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
+                   config: dict, *, on_update=None) -> list[TaskResult]:
+        payload = encode_state_dict(state)
+        tasks = []
+        for client in self.clients:
+            # Per-client, per-round seeds: repeatable whatever order the clients run in.
+            task_config = dict(config, seed=derive_seed(self.seed, phase, rnd, client.client_id,
+                                                        pb.TaskType.Name(task_type)))
+            tasks.append(self.coordinator.new_task(client.client_id, task_type, phase, rnd, task_config, payload))
+        batch: TaskBatch = self.coordinator.dispatch(tasks, template=state, on_update=on_update)
+        if not batch.wait(self.round_timeout):
+            self.coordinator.close(batch)
+            missing = sorted(t.client_id for t in batch.tasks.values() if t.task_id not in batch.results)
+            raise RoundFailed(f"{phase} round {rnd}: no result from {', '.join(missing)} within "
+                              f"{self.round_timeout:.0f} s")
+        return sorted(batch.results.values(), key=lambda r: r.task.client_id)
+
+    def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict,
+            strategy: Strategy) -> tuple[State, float | None]:
+        """One round of local training and aggregation; returns (new state, mean train loss)."""
+        strategy.begin(state)
+
+        def fold_in(task, num_samples, update):
+            started = time.perf_counter()
+            strategy.accumulate(update, num_samples)
+            self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
+
+        results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+        return strategy.finish(), weighted_mean(results, "loss")
+
+    def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict) -> EvalReport:
+        """Every client evaluates ``state`` on its held-out part."""
+        results = self._run_batch(pb.TASK_TYPE_EVALUATE, phase, rnd, state, config)
+        return EvalReport(
+            weighted_accuracy=weighted_mean(results, "accuracy"),
+            weighted_loss=weighted_mean(results, "loss"),
+            samples=sum(r.num_samples for r in results),
+            per_client={r.task.client_id: dict(r.metrics, samples=r.num_samples) for r in results},
+        )
+
+    # -- a phase's rounds ---------------------------------------------------------------------
+    def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_config: dict,
+                   eval_config: dict, strategy: str = "fedavg", test_fn: TestFn | None = None) -> State:
+        state = dict(state)
+        self.metrics.phase.state(phase)
+        for rnd in range(1, rounds + 1):
+            started = time.perf_counter()
+            self.metrics.round.set(rnd)
+            state, train_loss = self.fit(phase, rnd, state, train_config, build_strategy(strategy))
+            report = self.evaluate(phase, rnd, state, eval_config)
+            test = test_fn(state) if test_fn else {}
+            seconds = time.perf_counter() - started
+            record = {
+                "phase": phase,
+                "round": rnd,
+                "weighted_client_accuracy": report.weighted_accuracy,
+                "weighted_client_loss": report.weighted_loss,
+                "test_accuracy": test.get("accuracy"),
+                "test_loss": test.get("loss"),
+                "train_loss": train_loss,
+                "seconds": seconds,
+                "clients": len(report.per_client),
+                "per_client": report.per_client,
+            }
+            self.recorder.record_round(record)
+            self.metrics.rounds_completed.labels(phase).inc()
+            self.metrics.round_duration.labels(phase).observe(seconds)
+            for gauge, value in ((self.metrics.weighted_client_accuracy, report.weighted_accuracy),
+                                 (self.metrics.test_accuracy, test.get("accuracy")),
+                                 (self.metrics.train_loss, train_loss)):
+                if value is not None:
+                    gauge.labels(phase).set(value)
+            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %.4g (%.2f s)",
+                     phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(test.get("accuracy")),
+                     _fmt(train_loss), report.weighted_loss, seconds)
+        return state
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

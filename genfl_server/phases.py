@@ -1,0 +1,142 @@
+"""The method, phase by phase (see README.md, "The method"):
+
+1. ``cvae_phase``: the clients train a Conditional VAE with FedAvg.
+2. ``synthetic_pretraining``: the server alone samples labelled synthetic images from the global
+   CVAE, scores them (CAS) and pre-trains ExquisiteNetV1 on them.
+3. ``classifier_phase``: FedAvg of ExquisiteNetV1 from the pre-trained (or a seeded random) start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from genfl_shared.models import build_model
+from genfl_shared.seeding import derive_seed
+from genfl_shared.synthetic import sample_synthetic, save_grid
+from genfl_shared.training import evaluate_classifier, evaluate_cvae, train_classifier
+
+from .checkpoint import save_checkpoint
+from .config import RunConfig
+from .engine import RoundEngine
+from .metrics import ServerMetrics
+from .results import RunRecorder
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class PhaseContext:
+    engine: RoundEngine
+    recorder: RunRecorder
+    metrics: ServerMetrics
+    config: RunConfig
+    out_dir: Path
+    device: torch.device
+    test_set: tuple[torch.Tensor, torch.Tensor] | None  # (float images, labels) on the server
+
+
+def initial_state(kind: str, seed: int) -> State:
+    """Seeded random weights: the same start for a pre-trained run and its baseline."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init", kind))
+        return build_model(kind).state_dict()
+
+
+def _model(kind: str, state: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    model = build_model(kind)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def cvae_phase(ctx: PhaseContext) -> State:
+    cfg = ctx.config
+    train = {"model": "cvae", "epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+             "optimizer": "adam", "lr": cfg.cvae_lr, "binarize": cfg.binarize}
+    evaluate = {"model": "cvae", "binarize": cfg.binarize}
+
+    def test_fn(state):
+        if ctx.test_set is None:
+            return {}
+        return evaluate_cvae(_model("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
+
+    state = ctx.engine.run_rounds("cvae", initial_state("cvae", cfg.seed), rounds=cfg.cvae_rounds,
+                                  train_config=train, eval_config=evaluate, strategy=cfg.strategy,
+                                  test_fn=test_fn)
+    save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
+    return state
+
+
+def _train_on_synthetic(ctx: PhaseContext, images, labels, *, epochs: int, purpose: str) -> State:
+    cfg = ctx.config
+    model = _model("classifier", initial_state("classifier", cfg.seed), ctx.device)
+    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
+                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=ctx.device)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> State:
+    """Server-side only: sample, score (CAS) and pre-train. Returns the pre-trained classifier."""
+    cfg = ctx.config
+    ctx.metrics.phase.state("synthetic")
+    started = time.perf_counter()
+    images, labels = sample_synthetic(_model("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
+                                      seed=derive_seed(cfg.seed, "synthetic"), device=ctx.device)
+    ctx.metrics.synthetic_samples.inc(len(labels))
+    save_grid(images, labels, ctx.out_dir / "synthetic_samples.png")
+    log.info("sampled %d class-balanced synthetic images in %.2f s", len(labels), time.perf_counter() - started)
+    ctx.recorder.record_event("synthetic", samples=len(labels), seconds=time.perf_counter() - started)
+
+    if cfg.cas_epochs > 0:
+        started = time.perf_counter()
+        cas_state = _train_on_synthetic(ctx, images, labels, epochs=cfg.cas_epochs, purpose="cas")
+        save_checkpoint(ctx.out_dir / "cas_classifier.pt", "classifier", cas_state)
+        cas = None
+        if ctx.test_set is not None:
+            cas = evaluate_classifier(_model("classifier", cas_state, ctx.device), *ctx.test_set,
+                                      device=ctx.device)["accuracy"]
+            ctx.metrics.cas.set(cas)
+        else:
+            log.warning("no --test-data: CAS (accuracy on the real test set) cannot be computed")
+        cas_federated = ctx.engine.evaluate("classifier", 0, cas_state, {"model": "classifier",
+                                                                        "binarize": cfg.binarize})
+        ctx.metrics.cas_federated.set(cas_federated.weighted_accuracy)
+        ctx.recorder.set(cas=cas, cas_federated=cas_federated.weighted_accuracy)
+        ctx.recorder.record_event("cas", cas=cas, cas_federated=cas_federated.weighted_accuracy,
+                                  seconds=time.perf_counter() - started)
+        log.info("CAS %s, federated CAS %.4f (%d CAS epochs, %.1f s)", "-" if cas is None else f"{cas:.4f}",
+                 cas_federated.weighted_accuracy, cfg.cas_epochs, time.perf_counter() - started)
+
+    started = time.perf_counter()
+    pretrained = _train_on_synthetic(ctx, images, labels, epochs=cfg.pretrain_epochs, purpose="pretrain")
+    seconds = time.perf_counter() - started
+    ctx.metrics.pretrain_seconds.set(seconds)
+    save_checkpoint(ctx.out_dir / "pretrained_classifier.pt", "classifier", pretrained)
+    ctx.recorder.record_event("pretrain", epochs=cfg.pretrain_epochs, seconds=seconds)
+    log.info("pre-trained ExquisiteNetV1 on synthetic data: %d epochs in %.1f s", cfg.pretrain_epochs, seconds)
+    return pretrained
+
+
+def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> State:
+    cfg = ctx.config
+    train = {"model": "classifier", "epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+             "optimizer": "sgd", "lr": cfg.classifier_lr, "momentum": cfg.classifier_momentum,
+             "binarize": cfg.binarize}
+    evaluate = {"model": "classifier", "binarize": cfg.binarize}
+
+    def test_fn(state):
+        if ctx.test_set is None:
+            return {}
+        return evaluate_classifier(_model("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
+
+    state = ctx.engine.run_rounds("classifier", start, rounds=cfg.classifier_rounds, train_config=train,
+                                  eval_config=evaluate, strategy=cfg.strategy, test_fn=test_fn)
+    save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
+    return state

@@ -1,0 +1,57 @@
+"""Run outputs: ``metrics.jsonl`` (one line per round, appended as rounds finish, so a progress
+display or a crashed run still has every finished round) and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers never see a half-written file (write, fsync, rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    def __init__(self, out_dir: Path, **run_fields: Any):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.summary_path = self.out_dir / "summary.json"
+        self.metrics_path.write_text("")
+        self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, **run_fields,
+                                        "rounds": [], "final": None}
+
+    def record_round(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"event": "round", **record}, sort_keys=True) + "\n")
+        self.summary["rounds"].append({k: v for k, v in record.items() if k != "per_client"})
+
+    def record_event(self, event: str, **fields: Any) -> None:
+        """Non-round milestones (synthetic data, CAS, pre-training), for progress displays."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"event": event, **fields}, sort_keys=True) + "\n")
+
+    def set(self, **fields: Any) -> None:
+        self.summary.update(fields)
+
+    def write_summary(self) -> Path:
+        rounds = self.summary["rounds"]
+        classifier_rounds = [r for r in rounds if r["phase"] == "classifier"]
+        last = (classifier_rounds or rounds or [None])[-1]
+        self.summary["final"] = None if last is None else {
+            "phase": last["phase"],
+            "round": last["round"],
+            "weighted_client_accuracy": last["weighted_client_accuracy"],
+            "test_accuracy": last["test_accuracy"],
+        }
+        write_json_atomic(self.summary_path, self.summary)
+        return self.summary_path

@@ -1,0 +1,167 @@
+"""The gRPC face of the server: turns RPCs into Coordinator calls and Rejected into gRPC statuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+
+from genfl_shared.codec import CHUNK_SIZE, CodecError, PayloadAssembler, check_matches_template, state_dict_nbytes
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+
+from .coordinator import Coordinator, Rejected, Task, TaskResult
+from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+# A message carries at most one chunk plus a small header; anything larger is refused by gRPC itself.
+MAX_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
+# Weight uploads decoded at once. Each costs one model of memory, so this bounds the server's
+# memory however many clients upload together; the rest wait in gRPC flow control.
+DEFAULT_MAX_CONCURRENT_UPLOADS = 2
+
+_CODEC_STATUS = {
+    "digest_mismatch": grpc.StatusCode.DATA_LOSS,
+    "truncated": grpc.StatusCode.DATA_LOSS,
+    "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class FederatedLearningService(pb_grpc.FederatedLearningServicer):
+    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
+                 max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS):
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self._uploads = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._polling: dict[str, int] = {}
+        self._polling_lock = threading.Lock()
+
+    def _reject(self, context: grpc.ServicerContext, error: Rejected):
+        self.metrics.updates_rejected.labels(error.reason).inc()
+        if error.reason == "late":
+            self.metrics.updates_late.inc()
+        log.warning("rejected (%s): %s", error.reason, error)
+        context.abort(error.code, str(error))
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    def Register(self, request, context):
+        try:
+            self.coordinator.register(request)
+        except Rejected as error:
+            self._reject(context, error)
+        self.metrics.clients_registered.set(len(self.coordinator.clients))
+        return pb.RegisterReply(run_id=self.coordinator.run_id,
+                                poll_timeout_seconds=self.coordinator.poll_timeout)
+
+    def FetchTask(self, request, context):
+        try:
+            self.coordinator.check_run(request.run_id)
+            self.coordinator.client(request.client_id)
+        except Rejected as error:
+            self._reject(context, error)
+        context.add_callback(self.coordinator.wake)  # a cancelled poll frees its thread at once
+        self._count_poller(request.client_id, +1)
+        try:
+            item = self.coordinator.next_task(request.client_id, self.coordinator.poll_timeout,
+                                              context.is_active)
+        finally:
+            self._count_poller(request.client_id, -1)
+        if item is None:
+            yield pb.TaskMessage(header=pb.TaskHeader(run_id=self.coordinator.run_id, type=pb.TASK_TYPE_IDLE))
+            return
+        if isinstance(item, pb.TaskHeader):  # shutdown
+            yield pb.TaskMessage(header=item)
+            return
+        yield pb.TaskMessage(header=self._header(item))
+        if item.payload is not None:
+            for index, data in enumerate(item.payload.chunks):
+                yield pb.TaskMessage(chunk=pb.Chunk(index=index, data=data))
+            self.metrics.bytes_sent.inc(item.payload.nbytes)
+
+    def SubmitResult(self, request_iterator, context):
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed", "a result must start with its header")
+            header = first.header
+            task, batch = self.coordinator.open_task(header)
+            update = None
+            received = 0
+            if task.expects_weights:
+                if not header.HasField("manifest"):
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                                   "a training result must carry the updated weights")
+                with self._uploads:
+                    update, received = self._receive_update(header, request_iterator, batch.template)
+            elif next(request_iterator, None) is not None:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                               "an evaluation result carries no weights")
+            metrics = {k: float(v) for k, v in header.metrics.items()}
+            result = TaskResult(task, int(header.num_samples), metrics, received)
+            self.coordinator.finish(result, batch, update)
+        except Rejected as error:
+            self._reject(context, error)
+        self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
+        return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _receive_update(self, header, request_iterator, template):
+        max_bytes = state_dict_nbytes(template)
+        try:
+            assembler = PayloadAssembler(header.manifest, max_bytes=max_bytes)
+            for message in request_iterator:
+                if message.WhichOneof("kind") != "chunk":
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                                   "only chunks may follow the result header")
+                assembler.add(message.chunk)
+                self.metrics.bytes_received.inc(len(message.chunk.data))
+            update = assembler.finish()
+            check_matches_template(update, template)
+        except CodecError as error:
+            raise Rejected(_CODEC_STATUS.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT),
+                           error.reason, f"update rejected: {error}") from None
+        return update, header.manifest.total_bytes
+
+    def _header(self, task: Task) -> pb.TaskHeader:
+        header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
+                               phase=task.phase, round=task.round, config_json=json.dumps(task.config))
+        if task.payload is not None:
+            header.manifest.CopyFrom(task.payload.manifest)
+        return header
+
+    def _count_poller(self, client_id: str, delta: int) -> None:
+        with self._polling_lock:
+            self._polling[client_id] = self._polling.get(client_id, 0) + delta
+            if self._polling[client_id] <= 0:
+                del self._polling[client_id]
+            self.metrics.clients_connected.set(len(self._polling))
+
+
+def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
+                      credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+    """Start serving on ``address`` (port 0 picks a free port); returns (server, bound port).
+
+    Every client holds one long-poll thread, so the pool must exceed the client count.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    pb_grpc.add_FederatedLearningServicer_to_server(service, server)
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, port

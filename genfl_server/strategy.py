@@ -1,0 +1,93 @@
+"""Aggregation strategies: how client updates become the next global model.
+
+A strategy sees a round as ``begin(global_state)``, then ``accumulate(update, num_samples)`` once
+per accepted update (in arrival order, from gRPC threads, serialised by the caller), then
+``finish() -> new global state``. Updates are folded into a running sum as they arrive, so the
+server holds one model's worth of accumulator, never K updates.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class Strategy(Protocol):
+    name: str
+
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None: ...
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None: ...
+
+    def finish(self) -> State: ...
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Float tensors sum in their own precision (float32 for these models: the rounding error of a
+    # weighted mean of a few dozen float32 values is far below training noise, and it keeps the
+    # accumulator at one model's size). Half precisions widen to float32; integer buffers such as
+    # BatchNorm's num_batches_tracked sum exactly in float64 and are rounded back to integers.
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype if dtype.is_floating_point else torch.float64
+
+
+class FedAvg:
+    """FedAvg (McMahan et al. 2017): the sample-weighted mean of every state_dict entry,
+    BatchNorm running statistics and counters included; integer entries stay integer."""
+
+    name = "fedavg"
+
+    def __init__(self) -> None:
+        self._sum: State | None = None
+        self._template: State | None = None
+        self._total_samples = 0
+
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        self._template = {k: v for k, v in global_state.items()}
+        self._sum = {k: torch.zeros(v.shape, dtype=_accumulator_dtype(v.dtype)) for k, v in global_state.items()}
+        self._total_samples = 0
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        if self._sum is None:
+            raise RuntimeError("accumulate() before begin()")
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        for name, acc in self._sum.items():
+            value = update[name]
+            if value.dtype != acc.dtype:
+                value = value.to(acc.dtype)
+            acc.add_(value, alpha=num_samples)
+        self._total_samples += num_samples
+
+    @property
+    def total_samples(self) -> int:
+        return self._total_samples
+
+    def finish(self) -> State:
+        if self._sum is None or self._template is None:
+            raise RuntimeError("finish() before begin()")
+        if self._total_samples == 0:
+            raise RuntimeError("no update was accumulated this round")
+        result: State = {}
+        for name, acc in self._sum.items():
+            target = self._template[name].dtype
+            mean = acc.div_(self._total_samples)
+            if not target.is_floating_point:
+                mean = mean.round_()
+            result[name] = mean.to(target)
+        self._sum = None
+        return result
+
+
+STRATEGIES = {"fedavg": FedAvg}
+
+
+def build_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None

@@ -1,0 +1,217 @@
+"""The one codec for model weights: state_dict <-> (manifest, chunks).
+
+Wire format: the tensors' raw little-endian bytes, concatenated in manifest order, with a manifest
+of (name, dtype, shape) per tensor and the SHA-256 of the concatenation, cut into chunks of at most
+``CHUNK_SIZE`` bytes. No pickle anywhere: decoding only ever interprets bytes as numbers of a dtype
+from a fixed allow-list, so a hostile peer can at worst send wrong numbers, which the server's
+validation catches.
+
+Encoding copies every byte once, straight from tensor memory into its chunk; decoding writes chunks into one preallocated buffer and returns tensors that are views of
+it, so a decoded model costs its own size in memory and nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from genfl_shared.proto import genfl_pb2 as pb
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("genfl's wire format is little-endian raw bytes; this host is big-endian")
+
+CHUNK_SIZE = 1 << 20  # 1 MiB: far below gRPC's default 4 MiB message limit, whatever the model size
+
+# The only dtypes that may cross the wire. Anything else in a manifest is rejected before a byte
+# of payload is interpreted.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded. ``reason`` is a short machine-readable label (metrics)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An encoded state_dict, ready to stream: the manifest and its chunks."""
+
+    manifest: pb.Manifest
+    chunks: tuple[bytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.manifest.total_bytes
+
+
+def _tensor_nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def encode_state_dict(state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> Payload:
+    """Encode a state_dict (any device) into a manifest plus chunks of at most ``chunk_size`` bytes.
+
+    Each byte is copied once (tensor memory -> chunk) and hashed while the chunk is still in cache.
+    """
+    specs, views = [], []
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise TypeError(f"state_dict entry {name!r} has unsupported dtype {tensor.dtype}")
+        specs.append(pb.TensorSpec(name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape)))
+        # A zero-copy byte view of CPU contiguous tensors; reshape(-1) makes 0-d tensors viewable.
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        views.append(memoryview(flat.view(torch.uint8).numpy()))
+    hasher = hashlib.sha256()
+    chunks: list[bytes] = []
+    pending: list[memoryview] = []
+    pending_len = 0
+    for view in views:
+        pos = 0
+        while pos < len(view):
+            take = min(chunk_size - pending_len, len(view) - pos)
+            pending.append(view[pos:pos + take])
+            pending_len += take
+            pos += take
+            if pending_len == chunk_size:
+                chunks.append(b"".join(pending))
+                hasher.update(chunks[-1])
+                pending, pending_len = [], 0
+    if pending_len:
+        chunks.append(b"".join(pending))
+        hasher.update(chunks[-1])
+    manifest = pb.Manifest(tensors=specs, total_bytes=sum(len(v) for v in views),
+                           sha256=hasher.digest(), num_chunks=len(chunks))
+    return Payload(manifest=manifest, chunks=tuple(chunks))
+
+
+class PayloadAssembler:
+    """Reassembles one payload from chunks arriving in order, then verifies and decodes it.
+
+    The manifest is validated before any memory is reserved, so a hostile manifest cannot make the
+    receiver allocate more than ``max_bytes``.
+    """
+
+    def __init__(self, manifest: pb.Manifest, *, max_bytes: int, chunk_size: int = CHUNK_SIZE):
+        self.manifest = manifest
+        self.chunk_size = chunk_size
+        self._layout = self._check_manifest(manifest, max_bytes, chunk_size)
+        self._buffer = bytearray(manifest.total_bytes)
+        self._received_bytes = 0
+        self._next_index = 0
+        self._hasher = hashlib.sha256()  # updated per chunk, so hashing overlaps the transfer
+
+    @staticmethod
+    def _check_manifest(manifest: pb.Manifest, max_bytes: int, chunk_size: int):
+        layout, offset, names = [], 0, set()
+        for spec in manifest.tensors:
+            if spec.dtype not in DTYPES:
+                raise CodecError("bad_dtype", f"tensor {spec.name!r}: dtype {spec.dtype!r} is not allowed")
+            if spec.name in names:
+                raise CodecError("bad_manifest", f"tensor {spec.name!r} appears twice in the manifest")
+            if any(d < 0 for d in spec.shape):
+                raise CodecError("bad_manifest", f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
+            names.add(spec.name)
+            dtype = DTYPES[spec.dtype]
+            n = _tensor_nbytes(dtype, spec.shape)
+            layout.append((spec.name, dtype, tuple(spec.shape), offset, n))
+            offset += n
+            if offset > max_bytes:
+                raise CodecError("oversized", f"payload exceeds the limit of {max_bytes} bytes")
+        if offset != manifest.total_bytes:
+            raise CodecError("bad_manifest", f"manifest says {manifest.total_bytes} bytes but its tensors "
+                                             f"need {offset}")
+        if manifest.num_chunks != math.ceil(offset / chunk_size):
+            raise CodecError("bad_manifest", f"manifest says {manifest.num_chunks} chunks; {offset} bytes "
+                                             f"need {math.ceil(offset / chunk_size)} of {chunk_size}")
+        if len(manifest.sha256) != 32:
+            raise CodecError("bad_manifest", "manifest sha256 must be 32 bytes")
+        return layout
+
+    def add(self, chunk: pb.Chunk) -> None:
+        if chunk.index != self._next_index:
+            raise CodecError("chunk_order", f"expected chunk {self._next_index}, got chunk {chunk.index}")
+        size = len(chunk.data)
+        is_last = chunk.index == self.manifest.num_chunks - 1
+        expected = (self.manifest.total_bytes - self._received_bytes) if is_last else self.chunk_size
+        if chunk.index >= self.manifest.num_chunks or size != expected:
+            raise CodecError("bad_chunk", f"chunk {chunk.index} has {size} bytes, expected {expected} "
+                                          f"(of {self.manifest.num_chunks} chunks)")
+        self._buffer[self._received_bytes:self._received_bytes + size] = chunk.data
+        self._hasher.update(chunk.data)
+        self._received_bytes += size
+        self._next_index += 1
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Verify completeness and digest; return the state_dict (tensors view one buffer)."""
+        if self._next_index != self.manifest.num_chunks:
+            raise CodecError("truncated", f"payload truncated: {self._next_index} of "
+                                          f"{self.manifest.num_chunks} chunks arrived")
+        if self._hasher.digest() != self.manifest.sha256:
+            raise CodecError("digest_mismatch", "SHA-256 of the received bytes does not match the manifest")
+        state = {}
+        for name, dtype, shape, offset, n in self._layout:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if n == 0:
+                tensor = torch.empty(shape, dtype=dtype)
+            else:
+                tensor = torch.frombuffer(self._buffer, dtype=dtype, count=n // itemsize, offset=offset)
+                if offset % itemsize:  # keep every tensor aligned for its element type
+                    tensor = tensor.clone()
+                tensor = tensor.reshape(shape)
+            state[name] = tensor
+        return state
+
+
+def decode_payload(manifest: pb.Manifest, chunks: Iterable[pb.Chunk | bytes], *,
+                   max_bytes: int = 1 << 31, chunk_size: int = CHUNK_SIZE) -> dict[str, torch.Tensor]:
+    """Decode a whole payload; chunks may be ``Chunk`` messages or raw bytes in order."""
+    assembler = PayloadAssembler(manifest, max_bytes=max_bytes, chunk_size=chunk_size)
+    for index, chunk in enumerate(chunks):
+        assembler.add(chunk if isinstance(chunk, pb.Chunk) else pb.Chunk(index=index, data=chunk))
+    return assembler.finish()
+
+
+def check_matches_template(state: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> None:
+    """Raise CodecError unless ``state`` has exactly the template's entries, shapes and dtypes and
+    only finite floating-point values: the gate every update passes before aggregation."""
+    missing = template.keys() - state.keys()
+    if missing:
+        raise CodecError("missing_tensor", f"update lacks tensors: {sorted(missing)[:5]}")
+    extra = state.keys() - template.keys()
+    if extra:
+        raise CodecError("extra_tensor", f"update has unexpected tensors: {sorted(extra)[:5]}")
+    for name, expected in template.items():
+        got = state[name]
+        if got.dtype != expected.dtype:
+            raise CodecError("bad_dtype", f"tensor {name!r}: dtype {got.dtype} but the model has {expected.dtype}")
+        if got.shape != expected.shape:
+            raise CodecError("bad_shape", f"tensor {name!r}: shape {tuple(got.shape)} but the model has "
+                                          f"{tuple(expected.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CodecError("non_finite", f"tensor {name!r} holds NaN or Inf values")
+
+
+def state_dict_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
