@@ -1,0 +1,302 @@
+"""``genfl-launch``: a whole federated run on this machine, as real processes.
+
+Partitions the data, starts one ``genfl-server`` and K ``genfl-client`` processes that talk gRPC
+over loopback (the server picks a free port and announces it in ``endpoint.json``), shows progress,
+and prints the results. ``--compare`` trains the CVAE once, then runs the classifier phase with and
+without synthetic pre-training on the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.data import DATASETS, DatasetNotFoundError
+from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
+
+from .config import PRESETS
+
+log = logging.getLogger("genfl_launch")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    """One server run (with its clients) of a launch."""
+
+    name: str
+    out: Path
+    server_args: list[str]
+    total_rounds: int
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+
+def _child_env() -> dict[str, str]:
+    # The children get every setting as an explicit flag; GENFL_* variables meant for the launcher
+    # must not leak into them as defaults.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class Launcher:
+    def __init__(self, shards: list[Path], *, client_args: list[str], timeout: float | None):
+        self.shards = shards
+        self.client_args = client_args
+        self.timeout = timeout
+        self.running: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, args: list[str], log_path: Path) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=_child_env(), start_new_session=True)
+        self.running.append(proc)
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
+        return proc
+
+    def run_stage(self, stage: Stage) -> dict:
+        stage.out.mkdir(parents=True, exist_ok=True)
+        (stage.out / "endpoint.json").unlink(missing_ok=True)
+        logs = stage.out / "logs"
+        server = self._spawn("server", ["genfl_server.cli", *stage.server_args, "--out", str(stage.out),
+                                        "--address", "127.0.0.1:0"], logs / "server.log")
+        stage.processes["server"] = server
+        endpoint = self._wait_for_endpoint(stage, server)
+        for shard in self.shards:
+            name = shard.stem
+            stage.processes[name] = self._spawn(name, ["genfl_client.cli", "--server", endpoint, "--shard",
+                                                       str(shard), *self.client_args], logs / f"{name}.log")
+        self._monitor(stage)
+        return json.loads((stage.out / "summary.json").read_text())
+
+    def _wait_for_endpoint(self, stage: Stage, server: subprocess.Popen) -> str:
+        path = stage.out / "endpoint.json"
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            if server.poll() is not None:
+                raise LaunchError(f"{stage.name}: server exited with code {server.returncode} before "
+                                  f"listening\n{_tail(stage.out / 'logs' / 'server.log')}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{stage.name}: server did not start listening within 120 s")
+            time.sleep(0.1)
+        return json.loads(path.read_text())["address"]
+
+    def _monitor(self, stage: Stage) -> None:
+        metrics_path = stage.out / "metrics.jsonl"
+        started = time.monotonic()
+        seen = 0
+        with click.progressbar(length=max(stage.total_rounds, 1), label=f"{stage.name}: starting",
+                               file=sys.stderr, show_pos=True, width=24) as bar:
+            while True:
+                events = _read_events(metrics_path)
+                for event in events[seen:]:
+                    bar.label = f"{stage.name}: {_describe(event)}"
+                    if event.get("event") == "round":
+                        bar.update(1)
+                    else:
+                        bar.render_progress()
+                seen = len(events)
+                failed = {n: p.returncode for n, p in stage.processes.items()
+                          if p.poll() is not None and p.returncode != 0}
+                if failed:
+                    name = next(iter(failed))
+                    raise LaunchError(f"{stage.name}: {name} exited with code {failed[name]}\n"
+                                      f"{_tail(stage.out / 'logs' / f'{name}.log')}")
+                if all(p.poll() is not None for p in stage.processes.values()):
+                    return
+                if self.timeout and time.monotonic() - started > self.timeout:
+                    raise LaunchError(f"{stage.name}: not finished after {self.timeout:.0f} s")
+                time.sleep(0.2)
+
+    def stop_all(self) -> None:
+        """Terminate every child still running (SIGTERM, then SIGKILL after 5 s)."""
+        alive = [p for p in self.running if p.poll() is None]
+        for proc in alive:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in alive:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now
+    return events
+
+
+def _describe(event: dict) -> str:
+    kind = event.get("event")
+    if kind == "round":
+        acc = event.get("weighted_client_accuracy")
+        text = f"{event['phase']} round {event['round']}"
+        if acc is not None:
+            text += f", client acc {acc:.3f}"
+        if event.get("train_loss") is not None:
+            text += f", loss {event['train_loss']:.3g}"
+        return text
+    if kind == "cas":
+        return f"CAS {_pct(event.get('cas'))}"
+    return f"server-side {kind}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(f"    | {line}" for line in text)
+
+
+def rounds_table(summary: dict) -> str:
+    rows = [f"{'phase':<11} {'round':>5} {'client acc':>10} {'test acc':>9} {'train loss':>10} {'seconds':>8}"]
+    for r in summary["rounds"]:
+        loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4g}"
+        rows.append(f"{r['phase']:<11} {r['round']:>5} {_pct(r['weighted_client_accuracy']):>10} "
+                    f"{_pct(r['test_accuracy']):>9} {loss:>10} {r['seconds']:>8.2f}")
+    return "\n".join(rows)
+
+
+def comparison_table(pretrained: dict, baseline: dict) -> str:
+    rows = [f"{'round':>5} | {'pre-trained client acc':>22} {'test acc':>9} | {'baseline client acc':>19} "
+            f"{'test acc':>9}"]
+    pre = [r for r in pretrained["rounds"] if r["phase"] == "classifier"]
+    base = [r for r in baseline["rounds"] if r["phase"] == "classifier"]
+    for p, b in zip(pre, base):
+        rows.append(f"{p['round']:>5} | {_pct(p['weighted_client_accuracy']):>22} {_pct(p['test_accuracy']):>9} | "
+                    f"{_pct(b['weighted_client_accuracy']):>19} {_pct(b['test_accuracy']):>9}")
+    rows.append(f"CAS {_pct(pretrained.get('cas'))}, federated CAS {_pct(pretrained.get('cas_federated'))}")
+    return "\n".join(rows)
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
+@option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
+        help="Folder with the dataset's IDX files (or torchvision's layout).")
+@option("--download", is_flag=True, help="Download the dataset with torchvision if missing (needs a network).")
+@option("--clients", type=click.IntRange(1), default=None, help="Client processes [preset: 10].")
+@option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Dirichlet concentration of the label split (smaller: more skewed).")
+@option("--iid", is_flag=True, help="Equal random split instead of Dirichlet.")
+@option("--seed", type=int, default=0, help="Seed of the partition and the run.")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@option("--preset", type=click.Choice(sorted(PRESETS)), default="quick",
+        help="quick: minutes on a 2-core CPU (README lists the reductions); paper: the poster's setup.")
+@option("--compare", is_flag=True, help="Train the CVAE once, then the classifier phase with and "
+        "without pre-training on the same shards (OUT/pretrained, OUT/baseline).")
+@option("--no-pretrain", is_flag=True, help="Without --compare: run the baseline (no synthetic pre-training).")
+@option("--train-subset", type=click.IntRange(0), default=None,
+        help="Use this many training images (0: all) [preset: quick 10000, paper all].")
+@option("--rounds", type=click.IntRange(0), default=None, help="Rounds of each federated phase.")
+@option("--cvae-rounds", type=click.IntRange(0), default=None)
+@option("--classifier-rounds", type=click.IntRange(0), default=None)
+@option("--local-epochs", type=click.IntRange(0), default=None, help="[preset: 2]")
+@option("--synthetic-samples", type=click.IntRange(10), default=None, help="[preset: quick 10000, paper 60000]")
+@option("--cas-epochs", type=click.IntRange(0), default=None, help="[preset: quick 2, paper 20]")
+@option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: quick 3, paper 5]")
+@option("--device", default="cpu", help="Torch device of the server and the clients.")
+@option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
+@option("--timeout", type=click.FloatRange(0), default=0, help="Give up on a stage after this many "
+        "seconds (0: never).")
+@log_level_option
+def main(dataset, data_root, download, clients, alpha, iid, seed, out, preset, compare, no_pretrain,
+         train_subset, rounds, cvae_rounds, classifier_rounds, local_epochs, synthetic_samples, cas_epochs,
+         pretrain_epochs, device, client_threads, timeout, log_level):
+    """Partition the data and run one server and K client processes on this machine."""
+    setup_logging(log_level, "text", "launch")
+    if (alpha is None) == (not iid):
+        raise click.UsageError("give exactly one of --alpha and --iid")
+    config = PRESETS[preset].override(clients=clients)
+    subset = config.train_subset if train_subset is None else (train_subset or None)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        partition = partition_dataset(dataset, data_root, config.clients, None if iid else alpha, seed,
+                                      out / "shards", train_subset=subset, download=download)
+    except (DatasetNotFoundError, PartitionError) as error:
+        raise click.ClickException(str(error)) from None
+    shards = [out / "shards" / shard_file_name(i) for i in range(config.clients)]
+    log.info("partitioned %s into %d shards (%s) in %s", dataset, config.clients,
+             "IID" if iid else f"alpha={alpha}", out / "shards")
+
+    common = ["--preset", preset, "--clients", str(config.clients), "--seed", str(seed), "--device", device,
+              "--dataset", dataset, "--test-data", str(data_root),
+              "--partition-info", str(out / "shards" / "partition.json"), "--log-level", log_level]
+    for flag, value in (("--rounds", rounds), ("--cvae-rounds", cvae_rounds),
+                        ("--classifier-rounds", classifier_rounds), ("--local-epochs", local_epochs),
+                        ("--synthetic-samples", synthetic_samples), ("--cas-epochs", cas_epochs),
+                        ("--pretrain-epochs", pretrain_epochs)):
+        if value is not None:
+            common += [flag, str(value)]
+    n_cvae = cvae_rounds if cvae_rounds is not None else rounds if rounds is not None else config.cvae_rounds
+    n_cls = (classifier_rounds if classifier_rounds is not None else rounds if rounds is not None
+             else config.classifier_rounds)
+    launcher = Launcher(shards, client_args=["--device", device, "--threads", str(client_threads),
+                                             "--log-level", log_level], timeout=timeout or None)
+    started = time.monotonic()
+    try:
+        if compare:
+            launcher.run_stage(Stage("cvae", out / "cvae", common + ["--phase", "cvae"], n_cvae))
+            checkpoint = out / "cvae" / "cvae.pt"
+            pretrained = launcher.run_stage(Stage("pretrained", out / "pretrained", common + [
+                "--phase", "classifier", "--cvae-checkpoint", str(checkpoint)], n_cls))
+            baseline = launcher.run_stage(Stage("baseline", out / "baseline", common + [
+                "--phase", "classifier", "--no-pretrain"], n_cls))
+            click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.clients} clients, "
+                       f"preset {preset}, seed {seed}: weighted client accuracy per classifier round\n")
+            click.echo(comparison_table(pretrained, baseline))
+        else:
+            summary = launcher.run_stage(Stage("run", out, common + ["--phase", "all"] +
+                                               (["--no-pretrain"] if no_pretrain else []),
+                                               n_cvae + n_cls))
+            click.echo("\n" + rounds_table(summary))
+            click.echo(f"CAS {_pct(summary.get('cas'))}, federated CAS {_pct(summary.get('cas_federated'))}")
+    except LaunchError as error:
+        launcher.stop_all()
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: stopping the server and the clients", err=True)
+        launcher.stop_all()
+        sys.exit(130)
+    finally:
+        launcher.stop_all()
+    click.echo(f"\nfinished in {time.monotonic() - started:.0f} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
