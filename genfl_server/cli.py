@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -92,6 +93,8 @@ def main(**opts) -> None:
     out.mkdir(parents=True, exist_ok=True)
     partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
     dataset = opts["dataset"] or partition.get("dataset")
+    # The data split is the partitioner's business; record what it did rather than a preset's value.
+    config = dataclasses.replace(config, train_subset=partition.get("train_subset"))
     device = torch.device(opts["device"])
     cvae_state = None
     if phase == "classifier" and config.pretrain:

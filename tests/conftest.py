@@ -18,14 +18,14 @@ DATASET_DIRS = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 
 
 def dataset_dir(dataset: str) -> Path:
-    """Folder holding ``dataset``'s IDX files; skips the calling test when it is absent."""
+    """Folder holding ``dataset``'s IDX files. Missing data fails the test (never a silent skip)."""
     path = TEST_DATA_ROOT / DATASET_DIRS[dataset]
     if not any((path / name).is_file() for name in ("train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte")):
-        pytest.skip(f"{dataset} test data not found in {path} (set GENFL_TEST_DATA to the data folder)")
+        pytest.fail(f"{dataset} test data not found in {path} (set GENFL_TEST_DATA to the data folder)")
     return path
 
 
 @pytest.fixture(scope="session")
 def data_root():
-    """``data_root("mnist")`` -> folder with that dataset's IDX files (the test is skipped if missing)."""
+    """``data_root("mnist")`` -> folder with that dataset's IDX files (the test fails if missing)."""
     return dataset_dir
