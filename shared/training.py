@@ -101,6 +101,13 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
         model.train(was_training)
 
 
+def _to_device_channels_last(model: nn.Module, device: torch.device) -> None:
+    """Move a conv net to ``device`` in channels-last layout: the same weights and maths, but
+    oneDNN's convolutions (ExquisiteNetV1's 1x1 and depthwise 3x3) run about twice as fast on CPU
+    in that layout. Single-channel inputs are channels-last already, so batches need no copy."""
+    model.to(device=device, memory_format=torch.channels_last)
+
+
 def _untrained_result(n: int) -> dict:
     return {"loss": math.nan, "last_epoch_loss": math.nan, "samples": n, "steps": 0}
 
@@ -197,7 +204,7 @@ def train_classifier(
         raise ValueError("train_classifier needs at least 2 samples (BatchNorm batch statistics)")
 
     torch.manual_seed(seed)  # dropout masks come from the global RNG
-    model.to(device)
+    _to_device_channels_last(model, device)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     elif optimizer == "adam":
@@ -248,7 +255,7 @@ def evaluate_classifier(
     _check_batch_size(batch_size)
     images, labels, device = _prepare(images, labels, device)
     n = images.shape[0]
-    model.to(device)
+    _to_device_channels_last(model, device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
     with _mode(model, training=False), torch.inference_mode():
