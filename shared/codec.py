@@ -134,6 +134,10 @@ class PayloadAssembler:
                 raise CodecError("bad_manifest", f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
             names.add(spec.name)
             dtype = DTYPES[spec.dtype]
+            # torch refuses shapes whose size overflows int64 even when a 0 dimension makes them
+            # empty (e.g. [2**62, 2**62, 0]); refuse them here rather than crash in finish().
+            if math.prod(max(d, 1) for d in spec.shape) * _tensor_nbytes(dtype, ()) >= 1 << 63:
+                raise CodecError("bad_manifest", f"tensor {spec.name!r}: shape {list(spec.shape)} is too large")
             n = _tensor_nbytes(dtype, spec.shape)
             layout.append((spec.name, dtype, tuple(spec.shape), offset, n))
             offset += n

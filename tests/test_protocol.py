@@ -1,0 +1,392 @@
+"""The wire protocol against a real gRPC server on loopback, with hand-made clients.
+
+Every refusal is checked for its exact gRPC status code and its
+``genfl_client_updates_rejected_total{reason=...}`` increment, and the round's aggregate must come
+out exactly as if only the good updates had ever been sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+
+from genfl_server.coordinator import Coordinator
+from genfl_server.metrics import ServerMetrics
+from genfl_server.service import FederatedLearningService, start_grpc_server
+from genfl_server.strategy import FedAvg
+from genfl_shared.codec import CHUNK_SIZE, PayloadAssembler, encode_state_dict
+from genfl_shared.models import build_model
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+
+RUN_ID = "run-test"
+DATASET = "mnist"
+POLL_TIMEOUT = 10.0  # long, so that anything arriving quickly was pushed, not a poll expiring
+PROMPT = 2.0  # "at once": generous for a loaded CI machine, yet far below POLL_TIMEOUT
+RPC_TIMEOUT = 20.0
+SAMPLES = {"alice": (100, 20), "bob": (50, 10)}  # client -> (train, held-out)
+
+
+@dataclass
+class Server:
+    coordinator: Coordinator
+    metrics: ServerMetrics
+    stub: pb_grpc.FederatedLearningStub
+    port: int
+
+    def rejected(self, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value("genfl_client_updates_rejected_total", {"reason": reason})
+        return value or 0.0
+
+    def sample(self, name: str, labels: dict | None = None) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+def server():
+    coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=POLL_TIMEOUT)
+    metrics = ServerMetrics()
+    service = FederatedLearningService(coordinator, metrics)
+    grpc_server, port = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_receive_message_length", CHUNK_SIZE + 64 * 1024)])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        yield Server(coordinator, metrics, pb_grpc.FederatedLearningStub(channel), port)
+    finally:
+        coordinator.shutdown(reason="test over")  # releases any poll still waiting
+        channel.close()
+        grpc_server.stop(grace=1).wait(5)
+
+
+# -- hand-made client helpers ---------------------------------------------------------------------
+
+def register(stub, client_id: str, *, dataset: str = DATASET, samples=None) -> pb.RegisterReply:
+    train, heldout = samples or SAMPLES.get(client_id, (10, 5))
+    return stub.Register(pb.RegisterRequest(client_id=client_id, num_train_samples=train,
+                                            num_heldout_samples=heldout, dataset=dataset,
+                                            client_version="test"), timeout=RPC_TIMEOUT)
+
+
+def fetch(stub, client_id: str, run_id: str = RUN_ID):
+    """One FetchTask: (header, decoded weights or None, seconds until the header arrived)."""
+    started = time.monotonic()
+    stream = stub.FetchTask(pb.FetchTaskRequest(run_id=run_id, client_id=client_id), timeout=RPC_TIMEOUT)
+    first = next(stream)
+    header_seconds = time.monotonic() - started
+    assert first.WhichOneof("kind") == "header"
+    header = first.header
+    rest = list(stream)
+    if not header.HasField("manifest"):
+        assert rest == []
+        return header, None, header_seconds
+    assembler = PayloadAssembler(header.manifest, max_bytes=1 << 30)
+    for message in rest:
+        assert message.WhichOneof("kind") == "chunk"
+        assembler.add(message.chunk)
+    return header, assembler.finish(), header_seconds
+
+
+def result_header(task: pb.TaskHeader, client_id: str, num_samples: int, **overrides) -> pb.ResultHeader:
+    fields = dict(run_id=task.run_id, task_id=task.task_id, client_id=client_id, phase=task.phase,
+                  round=task.round, type=task.type, num_samples=num_samples, metrics={"loss": 0.5})
+    fields.update(overrides)
+    return pb.ResultHeader(**fields)
+
+
+def submit(stub, header: pb.ResultHeader, state=None, *, chunks=None) -> pb.SubmitReply:
+    """SubmitResult with ``state`` encoded as the update; ``chunks`` replaces the encoded chunks."""
+    if state is not None:
+        payload = encode_state_dict(state)
+        header.manifest.CopyFrom(payload.manifest)
+        chunks = payload.chunks if chunks is None else chunks
+    messages = [pb.ResultMessage(header=header)]
+    messages += [pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(chunks or ())]
+    return stub.SubmitResult(iter(messages), timeout=RPC_TIMEOUT)
+
+
+def expect_rejection(srv: Server, code: grpc.StatusCode, reason: str, call, *args, **kwargs) -> grpc.RpcError:
+    before = srv.rejected(reason)
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    assert info.value.code() == code, f"{reason}: {info.value.code()} {info.value.details()}"
+    assert srv.rejected(reason) == before + 1, f"metric for {reason} did not move"
+    return info.value
+
+
+def perturbed(state, seed: int, scale: float = 0.01):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+class Poller(threading.Thread):
+    """A FetchTask running in the background, started before the server has anything to send."""
+
+    def __init__(self, stub, client_id: str):
+        super().__init__(daemon=True)
+        self.stub, self.client_id = stub, client_id
+        self.outcome = None
+        self.error = None
+        self.header_at = None
+
+    def run(self):
+        try:
+            stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=RUN_ID, client_id=self.client_id),
+                                         timeout=RPC_TIMEOUT)
+            first = next(stream)
+            self.header_at = time.monotonic()
+            self.outcome = (first, list(stream))
+        except Exception as error:  # reported by the test thread
+            self.error = error
+
+
+def start_poller(srv: Server, client_id: str) -> Poller:
+    poller = Poller(srv.stub, client_id)
+    poller.start()
+    # The poll is open on the server (counted as connected) and then waiting on the condition.
+    wait_until(lambda: srv.sample("genfl_clients_connected") >= 1)
+    time.sleep(0.2)
+    assert poller.outcome is None, "the poll must be waiting before anything is dispatched"
+    return poller
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def template():
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in build_model("cvae").state_dict().items()}  # 4.3 MB: 5 chunks
+
+
+def test_round_trip_and_every_rejection(server: Server, template):
+    srv, stub, coordinator = server, server.stub, server.coordinator
+
+    # -- registration ---------------------------------------------------------------------------
+    reply = register(stub, "alice")
+    assert reply.run_id == RUN_ID and reply.poll_timeout_seconds == POLL_TIMEOUT
+    assert register(stub, "alice").run_id == RUN_ID  # idempotent re-registration
+    register(stub, "bob")
+    assert srv.sample("genfl_clients_registered") == 2
+    expect_rejection(srv, grpc.StatusCode.RESOURCE_EXHAUSTED, "run_full", register, stub, "carol")
+    expect_rejection(srv, grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset", register, stub, "carol",
+                     dataset="fmnist")
+    expect_rejection(srv, grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset", register, stub, "alice",
+                     dataset="fmnist")
+    expect_rejection(srv, grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count", register, stub, "alice",
+                     samples=(0, 5))
+    assert sorted(coordinator.clients) == ["alice", "bob"]
+    assert [c.client_id for c in coordinator.wait_for_clients(timeout=5)] == ["alice", "bob"]
+    expect_rejection(srv, grpc.StatusCode.FAILED_PRECONDITION, "sample_count_changed", register, stub,
+                     "alice", samples=(101, 20))
+    # Polls from strangers are refused too.
+    expect_rejection(srv, grpc.StatusCode.NOT_FOUND, "unknown_client", fetch, stub, "mallory")
+    expect_rejection(srv, grpc.StatusCode.FAILED_PRECONDITION, "wrong_run", fetch, stub, "alice",
+                     run_id="run-other")
+
+    # -- a TRAIN task reaches a waiting poll at once ----------------------------------------------
+    strategy = FedAvg()
+    strategy.begin(template)
+    folded: list[tuple[str, int]] = []
+
+    def on_update(task, num_samples, update):
+        folded.append((task.client_id, num_samples))
+        strategy.accumulate(update, num_samples)
+
+    payload = encode_state_dict(template)
+    assert payload.manifest.num_chunks >= 5
+    config = {"epochs": 1, "lr": 0.001}
+    tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, config, payload) for cid in ("alice", "bob")]
+    poller = start_poller(srv, "alice")
+    dispatched_at = time.monotonic()
+    batch = coordinator.dispatch(tasks, template=template, on_update=on_update)
+    poller.join(RPC_TIMEOUT)
+    assert poller.error is None, poller.error
+    latency = poller.header_at - dispatched_at
+    assert latency < PROMPT < POLL_TIMEOUT, f"the task took {latency:.2f} s to reach a waiting poll"
+
+    first, rest = poller.outcome
+    header_a = first.header
+    assert header_a.type == pb.TASK_TYPE_TRAIN and header_a.run_id == RUN_ID
+    assert (header_a.phase, header_a.round, header_a.task_id) == ("cvae", 1, tasks[0].task_id)
+    assert json.loads(header_a.config_json) == config
+    assert len(rest) == header_a.manifest.num_chunks == payload.manifest.num_chunks
+    assert [m.chunk.index for m in rest] == list(range(len(rest)))
+    assert all(len(m.chunk.data) <= CHUNK_SIZE for m in rest)
+    assembler = PayloadAssembler(header_a.manifest, max_bytes=1 << 30)
+    for message in rest:
+        assembler.add(message.chunk)
+    weights = assembler.finish()
+    assert list(weights) == list(template)
+    assert all(torch.equal(weights[k], template[k]) for k in template)
+    assert srv.sample("genfl_sent_bytes_total") == payload.nbytes
+
+    # The unanswered task is re-delivered on every poll; bob's was waiting for him.
+    header_b, weights_b, seconds = fetch(stub, "bob")
+    assert header_b.task_id == tasks[1].task_id and seconds < PROMPT
+    assert all(torch.equal(weights_b[k], template[k]) for k in template)
+    again, _, _ = fetch(stub, "alice")
+    assert again.task_id == header_a.task_id
+
+    # -- a correct result is accepted and folded in ------------------------------------------------
+    good_a, good_b = perturbed(template, 1), perturbed(template, 2)
+    accepted = submit(stub, result_header(header_a, "alice", 100), good_a)
+    assert accepted.accepted and header_a.task_id in accepted.message
+    assert folded == [("alice", 100)]
+    assert srv.sample("genfl_client_updates_accepted_total", {"phase": "cvae", "type": "TASK_TYPE_TRAIN"}) == 1
+    assert srv.sample("genfl_received_bytes_total") == payload.nbytes
+
+    # -- every bad submission is refused with its exact status and metric ------------------------
+    bad = perturbed(template, 99, scale=5.0)  # would move the aggregate a lot if it got in
+    r = grpc.StatusCode
+    expect_rejection(srv, r.NOT_FOUND, "unknown_client", submit, stub,
+                     result_header(header_b, "mallory", 10), bad)
+    expect_rejection(srv, r.FAILED_PRECONDITION, "wrong_run", submit, stub,
+                     result_header(header_b, "bob", 50, run_id="run-other"), bad)
+    error = expect_rejection(srv, r.FAILED_PRECONDITION, "stale_round", submit, stub,
+                             result_header(header_b, "bob", 50, round=2), bad)
+    assert "round" in error.details()
+    expect_rejection(srv, r.FAILED_PRECONDITION, "stale_round", submit, stub,
+                     result_header(header_b, "bob", 50, phase="classifier"), bad)
+    expect_rejection(srv, r.ALREADY_EXISTS, "duplicate", submit, stub,
+                     result_header(header_a, "alice", 100), bad)
+    expect_rejection(srv, r.PERMISSION_DENIED, "wrong_client", submit, stub,
+                     result_header(header_b, "alice", 50), bad)
+    expect_rejection(srv, r.NOT_FOUND, "unknown_task", submit, stub,
+                     result_header(header_b, "bob", 50, task_id="no-such-task"), bad)
+    expect_rejection(srv, r.INVALID_ARGUMENT, "wrong_type", submit, stub,
+                     result_header(header_b, "bob", 10, type=pb.TASK_TYPE_EVALUATE))
+    expect_rejection(srv, r.INVALID_ARGUMENT, "bad_sample_count", submit, stub,
+                     result_header(header_b, "bob", 51), bad)  # bob registered 50
+    expect_rejection(srv, r.INVALID_ARGUMENT, "bad_sample_count", submit, stub,
+                     result_header(header_b, "bob", 0), bad)
+    expect_rejection(srv, r.INVALID_ARGUMENT, "malformed", submit, stub,
+                     result_header(header_b, "bob", 50))  # a TRAIN result without weights
+
+    corrupt = list(encode_state_dict(bad).chunks)
+    flipped = bytearray(corrupt[3])
+    flipped[777] ^= 0x40
+    corrupt[3] = bytes(flipped)
+    expect_rejection(srv, r.DATA_LOSS, "digest_mismatch", submit, stub,
+                     result_header(header_b, "bob", 50), bad, chunks=corrupt)
+    expect_rejection(srv, r.DATA_LOSS, "truncated", submit, stub,
+                     result_header(header_b, "bob", 50), bad, chunks=corrupt[:-1])
+
+    name = "decoder.4.weight"  # [784, 512] -> [512, 784]: same size, wrong shape
+    wrong_shape = dict(good_b, **{name: good_b[name].reshape(512, 784)})
+    expect_rejection(srv, r.INVALID_ARGUMENT, "bad_shape", submit, stub,
+                     result_header(header_b, "bob", 50), wrong_shape)
+    for poison in (float("nan"), float("inf")):
+        non_finite = dict(good_b, **{name: good_b[name].clone()})
+        non_finite[name][100, 7] = poison
+        expect_rejection(srv, r.INVALID_ARGUMENT, "non_finite", submit, stub,
+                         result_header(header_b, "bob", 50), non_finite)
+    missing = {k: v for k, v in good_b.items() if k != name}
+    expect_rejection(srv, r.INVALID_ARGUMENT, "missing_tensor", submit, stub,
+                     result_header(header_b, "bob", 50), missing)
+    bigger = dict(good_b, extra=torch.zeros(4))
+    expect_rejection(srv, r.RESOURCE_EXHAUSTED, "oversized", submit, stub,
+                     result_header(header_b, "bob", 50), bigger)
+
+    # Hostile manifests: a dtype off the allow-list, an empty tensor whose shape overflows int64.
+    for reason, spec in (("bad_dtype", pb.TensorSpec(name=name, dtype="complex64", shape=[2])),
+                         ("bad_manifest", pb.TensorSpec(name=name, dtype="float32", shape=[1 << 62, 1 << 62, 0]))):
+        hostile = result_header(header_b, "bob", 50)
+        hostile.manifest.CopyFrom(pb.Manifest(tensors=[spec], total_bytes=0,
+                                              sha256=hashlib.sha256(b"").digest(), num_chunks=0))
+        expect_rejection(srv, r.INVALID_ARGUMENT, reason, submit, stub, hostile)
+
+    assert folded == [("alice", 100)], "no refused update may reach the strategy"
+    assert not batch.wait(0)
+
+    # -- bob's good result completes the batch ------------------------------------------------------
+    assert submit(stub, result_header(header_b, "bob", 50, metrics={"loss": 0.25}), good_b).accepted
+    assert folded == [("alice", 100), ("bob", 50)]
+    assert batch.wait(5)
+    assert {r.task.client_id: (r.num_samples, r.metrics) for r in batch.results.values()} == {
+        "alice": (100, {"loss": 0.5}), "bob": (50, {"loss": 0.25})}
+    aggregate = strategy.finish()
+
+    reference = FedAvg()
+    reference.begin(template)
+    reference.accumulate(good_a, 100)
+    reference.accumulate(good_b, 50)
+    expected = reference.finish()
+    assert list(aggregate) == list(expected)
+    assert all(torch.equal(aggregate[k], expected[k]) for k in expected), "the aggregate saw a bad update"
+    for k in ("encoder.1.weight", "decoder.4.bias"):
+        torch.testing.assert_close(aggregate[k], (good_a[k] * 100 + good_b[k] * 50) / 150)
+    # The accepted result of bob is a duplicate now, however good.
+    expect_rejection(srv, r.ALREADY_EXISTS, "duplicate", submit, stub,
+                     result_header(header_b, "bob", 50), good_b)
+
+    # -- a result for a closed batch is late --------------------------------------------------------
+    late_tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 2, config, payload)
+                  for cid in ("alice", "bob")]
+    late_batch = coordinator.dispatch(late_tasks, template=template, on_update=on_update)
+    header_late, _, _ = fetch(stub, "bob")
+    assert header_late.round == 2
+    coordinator.close(late_batch)
+    late_before = srv.sample("genfl_client_updates_late_total")
+    error = expect_rejection(srv, r.FAILED_PRECONDITION, "late", submit, stub,
+                             result_header(header_late, "bob", 50), good_b)
+    assert "closed" in error.details()
+    assert srv.sample("genfl_client_updates_late_total") == late_before + 1
+    assert folded == [("alice", 100), ("bob", 50)] and late_batch.results == {}
+
+    # -- and the server still serves: an evaluation round goes through --------------------------------
+    assert register(stub, "alice").run_id == RUN_ID
+    eval_tasks = [coordinator.new_task(cid, pb.TASK_TYPE_EVALUATE, "cvae", 2, {}, encode_state_dict(aggregate))
+                  for cid in ("alice", "bob")]
+    eval_batch = coordinator.dispatch(eval_tasks, template=aggregate)
+    for cid, (_, heldout) in SAMPLES.items():
+        header, weights, _ = fetch(stub, cid)
+        assert header.type == pb.TASK_TYPE_EVALUATE
+        assert all(torch.equal(weights[k], aggregate[k]) for k in aggregate)
+        if cid == "bob":
+            expect_rejection(srv, r.INVALID_ARGUMENT, "bad_sample_count", submit, stub,
+                             result_header(header, cid, heldout + 1))
+        assert submit(stub, result_header(header, cid, heldout, metrics={"loss": 1.0})).accepted
+    assert eval_batch.wait(5)
+    assert sorted(r.num_samples for r in eval_batch.results.values()) == [10, 20]
+    assert srv.sample("genfl_client_updates_accepted_total", {"phase": "cvae", "type": "TASK_TYPE_EVALUATE"}) == 2
+
+
+def test_idle_when_nothing_comes(server: Server):
+    register(server.stub, "alice")
+    server.coordinator.poll_timeout = 0.3
+    header, weights, seconds = fetch(server.stub, "alice")
+    assert header.type == pb.TASK_TYPE_IDLE and weights is None
+    assert 0.25 <= seconds < 5
+
+
+def test_shutdown_releases_a_waiting_poll(server: Server):
+    register(server.stub, "alice")
+    register(server.stub, "bob")
+    poller = start_poller(server, "alice")
+    released_at = time.monotonic()
+    server.coordinator.shutdown(reason="all rounds done")
+    poller.join(RPC_TIMEOUT)
+    assert poller.error is None, poller.error
+    assert poller.header_at - released_at < PROMPT < POLL_TIMEOUT
+    first, rest = poller.outcome
+    assert first.header.type == pb.TASK_TYPE_SHUTDOWN and rest == []
+    assert json.loads(first.header.config_json) == {"status": "completed", "reason": "all rounds done"}
+    assert not server.coordinator.wait_shutdown_delivered(0.1)  # bob has not heard yet
+    header, _, seconds = fetch(server.stub, "bob")  # later polls hear it at once
+    assert header.type == pb.TASK_TYPE_SHUTDOWN and seconds < PROMPT
+    assert server.coordinator.wait_shutdown_delivered(1.0)
