@@ -77,8 +77,15 @@ def cvae_phase(ctx: PhaseContext) -> State:
 def _train_on_synthetic(ctx: PhaseContext, images, labels, *, epochs: int, purpose: str) -> State:
     cfg = ctx.config
     model = _model("classifier", initial_state("classifier", cfg.seed), ctx.device)
+    started = time.perf_counter()
+
+    def progress(epoch: int, loss: float) -> None:
+        log.info("%s on synthetic data: epoch %d/%d, loss %.4f (%.1f s)", purpose, epoch, epochs, loss,
+                 time.perf_counter() - started)
+
     train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
-                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=ctx.device)
+                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=ctx.device,
+                     progress=progress)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
