@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from genfl_shared import __version__
+from genfl_shared.cli import set_log_context
 from genfl_shared.codec import CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -154,7 +155,8 @@ class ClientRunner:
 
     def _execute(self, header: pb.TaskHeader, weights) -> None:
         kind = pb.TaskType.Name(header.type).removeprefix("TASK_TYPE_").lower()
-        log.info("%s round %d: %s", header.phase, header.round, kind)
+        set_log_context(phase=header.phase, round=header.round)
+        log.info("%s task %s", kind, header.task_id)
         try:
             outcome = self.executor.run(header, weights)
         except TaskError as error:

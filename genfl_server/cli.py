@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder, write_json_atomic
-from .service import FederatedLearningService, start_grpc_server
+from .service import FederatedLearningService, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
 
@@ -76,6 +77,8 @@ def _on_signal(signum, _frame):
         help="Seconds to wait for all clients to register (default: no limit).")
 @option("--metrics-port", type=click.IntRange(0, 65535), default=None,
         help="Serve Prometheus /metrics on this port.")
+@option("--linger-seconds", type=click.FloatRange(0), default=0.0,
+        help="Keep serving /metrics this long after the run ends, so Prometheus scrapes the final values.")
 @option("--run-id", default=None, help="Run identifier (default: random).")
 @log_level_option
 @log_format_option
@@ -111,15 +114,18 @@ def main(**opts) -> None:
         log.info("test set: %d %s images from %s", len(labels), dataset, opts["test_data"])
 
     metrics = ServerMetrics()
+    metrics_port = None
     if opts["metrics_port"] is not None:
-        port = metrics.serve(opts["metrics_port"])
-        log.info("Prometheus metrics on :%d/metrics", port)
+        metrics_port = metrics.serve(opts["metrics_port"])
+        log.info("Prometheus metrics on :%d/metrics", metrics_port)
     run_id = opts["run_id"] or uuid.uuid4().hex[:12]
     coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset)
     service = FederatedLearningService(coordinator, metrics)
-    server, port = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16)
+    server, port, health = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16)
+    set_health(health, serving=True)  # listening, with its data (test set, checkpoint) loaded
     host = opts["address"].rsplit(":", 1)[0]
-    write_json_atomic(out / "endpoint.json", {"address": f"{host}:{port}", "port": port, "run_id": run_id})
+    write_json_atomic(out / "endpoint.json", {"address": f"{host}:{port}", "port": port, "run_id": run_id,
+                                              "metrics_port": metrics_port})
     log.info("run %s listening on %s:%d for %d clients", run_id, host, port, config.clients)
 
     recorder = RunRecorder(out, run_id=run_id, dataset=dataset, alpha=partition.get("alpha"),
@@ -145,10 +151,14 @@ def main(**opts) -> None:
         metrics.phase.state("failed")
         log.error("run %s failed: %s", run_id, error, exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt)))
     finally:
+        set_health(health, serving=False)
         coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
         if not coordinator.wait_shutdown_delivered(timeout=10.0):
             log.warning("not every client heard that the run ended")
         server.stop(grace=2).wait()
+        if opts["metrics_port"] is not None and opts["linger_seconds"]:
+            log.info("run over; serving /metrics for %.0f s more", opts["linger_seconds"])
+            time.sleep(opts["linger_seconds"])
     if failure is not None:
         sys.exit(1)
 

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from genfl_shared.cli import set_log_context
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
@@ -112,6 +113,7 @@ class RoundEngine:
         for rnd in range(1, rounds + 1):
             started = time.perf_counter()
             self.metrics.round.set(rnd)
+            set_log_context(phase=phase, round=rnd)
             state, train_loss = self.fit(phase, rnd, state, train_config, build_strategy(strategy))
             report = self.evaluate(phase, rnd, state, eval_config)
             test = test_fn(state) if test_fn else {}
@@ -139,6 +141,7 @@ class RoundEngine:
             log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %.4g (%.2f s)",
                      phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(test.get("accuracy")),
                      _fmt(train_loss), report.weighted_loss, seconds)
+        set_log_context(round=None)
         return state
 
 

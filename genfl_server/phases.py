@@ -16,6 +16,7 @@ from typing import Mapping
 
 import torch
 
+from genfl_shared.cli import set_log_context
 from genfl_shared.models import build_model
 from genfl_shared.seeding import derive_seed
 from genfl_shared.synthetic import sample_synthetic, save_grid
@@ -93,6 +94,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     """Server-side only: sample, score (CAS) and pre-train. Returns the pre-trained classifier."""
     cfg = ctx.config
     ctx.metrics.phase.state("synthetic")
+    set_log_context(phase="synthetic", round=None)
     started = time.perf_counter()
     images, labels = sample_synthetic(_model("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
                                       seed=derive_seed(cfg.seed, "synthetic"), device=ctx.device)

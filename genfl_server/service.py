@@ -8,6 +8,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from genfl_shared.codec import CHUNK_SIZE, CodecError, PayloadAssembler, check_matches_template, state_dict_nbytes
 from genfl_shared.proto import genfl_pb2 as pb
@@ -141,11 +142,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.clients_connected.set(len(self._polling))
 
 
-def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
-                      credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
-    """Start serving on ``address`` (port 0 picks a free port); returns (server, bound port).
+SERVICE_NAME = "genfl.v1.FederatedLearning"
 
-    Every client holds one long-poll thread, so the pool must exceed the client count.
+
+def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
+                      credentials: grpc.ServerCredentials | None = None
+                      ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Start serving on ``address`` (port 0 picks a free port); returns (server, bound port, health).
+
+    Every client holds one long-poll thread, so the pool must exceed the client count. The standard
+    gRPC health service (for container probes) answers on the same port and starts NOT_SERVING;
+    the caller marks it SERVING once the run is ready.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
@@ -159,9 +166,18 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
         ],
     )
     pb_grpc.add_FederatedLearningServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    set_health(health_servicer, serving=False)
     port = (server.add_secure_port(address, credentials) if credentials
             else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
-    return server, port
+    return server, port, health_servicer
+
+
+def set_health(health_servicer: health.HealthServicer, *, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
+        health_servicer.set(name, status)

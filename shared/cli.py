@@ -25,12 +25,44 @@ log_format_option = option("--log-format", type=click.Choice(["text", "json"]), 
                            show_default=True, help="Log line format (json: one object per line).")
 
 
+# Where a process is in its run (phase, round): stamped onto every log record, so that every line
+# logged during a round, from any thread, says which round it belongs to.
+LOG_CONTEXT: dict[str, object] = {}
+CONTEXT_KEYS = ("phase", "round", "client_id")
+
+
+def set_log_context(**fields: object) -> None:
+    """Update the run position stamped on log records; a value of None removes that field."""
+    for key, value in fields.items():
+        if value is None:
+            LOG_CONTEXT.pop(key, None)
+        else:
+            LOG_CONTEXT[key] = value
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in LOG_CONTEXT.items():
+            setattr(record, key, value)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, name: str):
+        super().__init__(f"%(asctime)s %(levelname)-7s {name} %(context)s%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [f"{key}={getattr(record, key)}" for key in CONTEXT_KEYS if hasattr(record, key)]
+        record.context = f"[{' '.join(parts)}] " if parts else ""
+        return super().format(record)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                  + f".{int(record.msecs):03d}Z",
                  "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        for key in ("phase", "round", "client_id"):
+        for key in CONTEXT_KEYS:
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -43,7 +75,8 @@ def setup_logging(level: str = "info", fmt: str = "text", name: str = "genfl") -
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {name} %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(name))
+    handler.addFilter(_ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

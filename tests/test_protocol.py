@@ -54,7 +54,7 @@ def server():
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=POLL_TIMEOUT)
     metrics = ServerMetrics()
     service = FederatedLearningService(coordinator, metrics)
-    grpc_server, port = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
+    grpc_server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_receive_message_length", CHUNK_SIZE + 64 * 1024)])
     try:
