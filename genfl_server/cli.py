@@ -73,6 +73,11 @@ def _on_signal(signum, _frame):
 @option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
 @option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
         help="Seconds to wait for every client's result in a step (default: no limit).")
+@option("--min-fit-clients", type=click.IntRange(1), default=None,
+        help="With --round-timeout: aggregate a round if at least this many clients answered by the "
+             "deadline (default: all clients).")
+@option("--round-retries", type=click.IntRange(0), default=2,
+        help="Times a round that got too few results is retried before the run stops.")
 @option("--register-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
         help="Seconds to wait for all clients to register (default: no limit).")
 @option("--metrics-port", type=click.IntRange(0, 65535), default=None,
@@ -131,7 +136,8 @@ def main(**opts) -> None:
     recorder = RunRecorder(out, run_id=run_id, dataset=dataset, alpha=partition.get("alpha"),
                            clients=config.clients, seed=config.seed, pretrain=config.pretrain, phase=phase,
                            preset=opts["preset"], config=config.to_dict(), device=str(device))
-    engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"])
+    engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"],
+                         min_clients=opts["min_fit_clients"], round_retries=opts["round_retries"])
     ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set)
     signal.signal(signal.SIGTERM, _on_signal)
     failure = None

@@ -51,12 +51,15 @@ def weighted_mean(results: list[TaskResult], key: str) -> float | None:
 
 class RoundEngine:
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, recorder: RunRecorder, *,
-                 seed: int, round_timeout: float | None = None):
+                 seed: int, round_timeout: float | None = None, min_clients: int | None = None,
+                 round_retries: int = 2):
         self.coordinator = coordinator
         self.metrics = metrics
         self.recorder = recorder
         self.seed = seed
         self.round_timeout = round_timeout
+        self.min_clients = min_clients  # None: every registered client must answer
+        self.round_retries = round_retries
         self.clients: list[ClientInfo] = []
 
     def wait_for_clients(self, timeout: float | None) -> None:
@@ -67,6 +70,11 @@ class RoundEngine:
     # -- one step over every client -----------------------------------------------------------
     def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
                    config: dict, *, on_update=None) -> list[TaskResult]:
+        """One task per registered client; returns the results that arrived by the deadline.
+
+        A client that dropped out still gets its task: if it comes back in time it answers, and
+        otherwise it takes part again from the next step on.
+        """
         payload = encode_state_dict(state)
         tasks = []
         for client in self.clients:
@@ -76,28 +84,46 @@ class RoundEngine:
             tasks.append(self.coordinator.new_task(client.client_id, task_type, phase, rnd, task_config, payload))
         batch: TaskBatch = self.coordinator.dispatch(tasks, template=state, on_update=on_update)
         if not batch.wait(self.round_timeout):
-            self.coordinator.close(batch)
+            self.coordinator.close(batch)  # from here on, results count as late
             missing = sorted(t.client_id for t in batch.tasks.values() if t.task_id not in batch.results)
-            raise RoundFailed(f"{phase} round {rnd}: no result from {', '.join(missing)} within "
-                              f"{self.round_timeout:.0f} s")
+            log.warning("%s round %d: %d of %d clients answered within %.0f s; missing %s", phase, rnd,
+                        len(batch.results), len(tasks), self.round_timeout, ", ".join(missing))
         return sorted(batch.results.values(), key=lambda r: r.task.client_id)
+
+    def _required(self) -> int:
+        return len(self.clients) if self.min_clients is None else min(self.min_clients, len(self.clients))
+
+    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn) -> list[TaskResult]:
+        """Run a step until at least the required number of clients answered (bounded retries)."""
+        for attempt in range(1 + self.round_retries):
+            results = attempt_fn()
+            if len(results) >= self._required():
+                return results
+            log.warning("%s round %d: %s got %d results, %d required; %s", phase, rnd, step, len(results),
+                        self._required(), "retrying" if attempt < self.round_retries else "giving up")
+        raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {self._required()} results "
+                          f"in {1 + self.round_retries} attempts of {self.round_timeout} s")
 
     def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict,
             strategy: Strategy) -> tuple[State, float | None]:
         """One round of local training and aggregation; returns (new state, mean train loss)."""
-        strategy.begin(state)
 
         def fold_in(task, num_samples, update):
             started = time.perf_counter()
             strategy.accumulate(update, num_samples)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
-        results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+        def attempt():
+            strategy.begin(state)  # a retried round starts a fresh sum
+            return self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+
+        results = self._with_retries("training", phase, rnd, attempt)
         return strategy.finish(), weighted_mean(results, "loss")
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict) -> EvalReport:
         """Every client evaluates ``state`` on its held-out part."""
-        results = self._run_batch(pb.TASK_TYPE_EVALUATE, phase, rnd, state, config)
+        results = self._with_retries("evaluation", phase, rnd, lambda: self._run_batch(
+            pb.TASK_TYPE_EVALUATE, phase, rnd, state, config))
         return EvalReport(
             weighted_accuracy=weighted_mean(results, "accuracy"),
             weighted_loss=weighted_mean(results, "loss"),

@@ -1,0 +1,82 @@
+"""Rounds that survive failures: real processes, one of them killed with SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import dataset_dir
+
+CLIENTS = 4
+ROUNDS = 6
+
+
+def _events(path):
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return [e for e in events if e.get("event") == "round"]
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_path):
+    shards = tmp_path / "shards"
+    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
+                           "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--iid",
+                           "--train-subset", "800", "--seed", "0", "--out", str(shards)],
+                          capture_output=True, text=True, timeout=120)
+    assert part.returncode == 0, part.stderr
+    out = tmp_path / "run"
+    server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--clients",
+                               str(CLIENTS), "--rounds", str(ROUNDS), "--address", "127.0.0.1:0", "--out", str(out),
+                               "--round-timeout", "6", "--min-fit-clients", "3"],
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    _wait(lambda: (out / "endpoint.json").exists(), 60, "the server to listen")
+    address = json.loads((out / "endpoint.json").read_text())["address"]
+
+    def start_client(i):
+        return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
+                                 str(shards / f"client-00{i}.npz"), "--threads", "1"],
+                                stdout=open(tmp_path / f"client-{i}.log", "a"), stderr=subprocess.STDOUT)
+
+    clients = [start_client(i) for i in range(CLIENTS)]
+    victim = CLIENTS - 1
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait(lambda: len(_events(metrics)) >= 1, 120, "round 1")
+        clients[victim].send_signal(signal.SIGKILL)
+        clients[victim].wait()
+        # A round completes without the victim once the deadline passes (3 of 4 >= min-fit-clients).
+        _wait(lambda: any(e["clients"] == CLIENTS - 1 for e in _events(metrics)), 60,
+              "a round aggregated without the killed client")
+        clients[victim] = start_client(victim)  # comes back under the same identity
+        assert server.wait(180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert [c.wait(60) for c in clients] == [0] * CLIENTS
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rounds = _events(out / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert rounds[0]["clients"] == CLIENTS
+    assert any(r["clients"] == CLIENTS - 1 for r in rounds)
+    assert rounds[-1]["clients"] == CLIENTS and f"client-00{victim}" in rounds[-1]["per_client"]
+    log = (tmp_path / "server.log").read_text()
+    assert "missing client-003" in log and "registered (" in log and "again" in log
