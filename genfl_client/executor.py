@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -57,6 +58,9 @@ class TaskExecutor:
             config = json.loads(header.config_json or "{}")
         except json.JSONDecodeError as error:
             raise TaskError(f"task {header.task_id}: settings are not JSON: {error}") from None
+        if config.get("deterministic") and not torch.are_deterministic_algorithms_enabled():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         kind = config.get("model")
         if kind not in MODEL_KINDS:
             raise TaskError(f"task {header.task_id}: unknown model {kind!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder, write_json_atomic
+from .runstate import RunState, RunStateError
 from .service import FederatedLearningService, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
@@ -85,6 +87,11 @@ def _on_signal(signum, _frame):
 @option("--linger-seconds", type=click.FloatRange(0), default=0.0,
         help="Keep serving /metrics this long after the run ends, so Prometheus scrapes the final values.")
 @option("--run-id", default=None, help="Run identifier (default: random).")
+@option("--deterministic", is_flag=True, default=False,
+        help="Bit-reproducible runs: deterministic kernels and updates summed in client order (holds "
+             "a round's updates in memory). With fixed seeds, a resumed run ends with the same weights.")
+@option("--resume", is_flag=True, default=False,
+        help="Continue the interrupted run in --out from its last saved state (its settings are reused).")
 @log_level_option
 @log_format_option
 def main(**opts) -> None:
@@ -92,24 +99,42 @@ def main(**opts) -> None:
     setup_logging(opts["log_level"], opts["log_format"], "server")
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    config = _config(opts)
-    phase = opts["phase"]
-    if phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None:
-        raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
-                               "(or use --phase all, or --no-pretrain)")
     out: Path = opts["out"]
     out.mkdir(parents=True, exist_ok=True)
-    partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
-    dataset = opts["dataset"] or partition.get("dataset")
-    # The data split is the partitioner's business; record what it did rather than a preset's value.
-    config = dataclasses.replace(config, train_subset=partition.get("train_subset"))
-    device = torch.device(opts["device"])
-    cvae_state = None
-    if phase == "classifier" and config.pretrain:
+    if opts["resume"]:
+        # Everything about the run comes from its saved state; only where to listen comes from here.
         try:
-            cvae_state = load_checkpoint(opts["cvae_checkpoint"], "cvae")
-        except CheckpointError as error:
+            run_state = RunState.load(out)
+        except RunStateError as error:
             raise click.ClickException(str(error)) from None
+        run_fields = run_state.progress["run"]
+        config = RunConfig(**run_fields["config"])
+        phase, dataset = run_fields["phase"], run_fields["dataset"]
+        log.info("resuming run in %s: %s", out, {k: v for k, v in run_state.progress["completed_rounds"].items()})
+    else:
+        config = _config(opts)
+        phase = opts["phase"]
+        if phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None:
+            raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
+                                   "(or use --phase all, or --no-pretrain)")
+        partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
+        dataset = opts["dataset"] or partition.get("dataset")
+        # The data split is the partitioner's business; record what it did, not a preset's value.
+        config = dataclasses.replace(config, train_subset=partition.get("train_subset"))
+        run_fields = {"dataset": dataset, "alpha": partition.get("alpha"), "clients": config.clients,
+                      "seed": config.seed, "pretrain": config.pretrain, "phase": phase, "preset": opts["preset"],
+                      "config": config.to_dict()}
+        run_state = RunState.in_dir(out)
+        run_state.progress["run"] = run_fields
+        if phase == "classifier" and config.pretrain:
+            try:
+                run_state.tensors["cvae"] = load_checkpoint(opts["cvae_checkpoint"], "cvae")
+            except CheckpointError as error:
+                raise click.ClickException(str(error)) from None
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
+        torch.use_deterministic_algorithms(True)
+    device = torch.device(opts["device"])
     test_set = None
     if opts["test_data"] is not None:
         if dataset is None:
@@ -133,16 +158,20 @@ def main(**opts) -> None:
                                               "metrics_port": metrics_port})
     log.info("run %s listening on %s:%d for %d clients", run_id, host, port, config.clients)
 
-    recorder = RunRecorder(out, run_id=run_id, dataset=dataset, alpha=partition.get("alpha"),
-                           clients=config.clients, seed=config.seed, pretrain=config.pretrain, phase=phase,
-                           preset=opts["preset"], config=config.to_dict(), device=str(device))
+    recorder = RunRecorder(out, run_id=run_id, device=str(device), **run_fields)
+    if opts["resume"] and "recorder" in run_state.progress:
+        recorder.restore(run_state.progress["recorder"])
+    elif not opts["resume"]:
+        run_state.save(recorder_state=recorder.export())  # resumable from the very start
     engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"],
-                         min_clients=opts["min_fit_clients"], round_retries=opts["round_retries"])
-    ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set)
+                         min_clients=opts["min_fit_clients"], round_retries=opts["round_retries"],
+                         deterministic=config.deterministic)
+    ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set, run_state)
     signal.signal(signal.SIGTERM, _on_signal)
     failure = None
     try:
         engine.wait_for_clients(opts["register_timeout"])
+        cvae_state = run_state.tensors.get("cvae")
         if phase in ("cvae", "all"):
             cvae_state = cvae_phase(ctx)
         if phase in ("classifier", "all"):
@@ -180,6 +209,7 @@ def _config(opts) -> RunConfig:
         synthetic_samples=opts["synthetic_samples"], cas_epochs=opts["cas_epochs"],
         pretrain_epochs=opts["pretrain_epochs"], pretrain=opts["pretrain"],
         binarize=False if opts["no_binarize"] else None, seed=opts["seed"],
+        deterministic=opts["deterministic"] or None,
     )
 
 

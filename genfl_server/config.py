@@ -33,6 +33,7 @@ class RunConfig:
     server_batch_size: int = 32
     pretrain: bool = True
     seed: int = 0
+    deterministic: bool = False
 
     def override(self, **changes) -> "RunConfig":
         """Apply the options a user set explicitly (None means 'not given')."""

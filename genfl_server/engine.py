@@ -52,7 +52,7 @@ def weighted_mean(results: list[TaskResult], key: str) -> float | None:
 class RoundEngine:
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, recorder: RunRecorder, *,
                  seed: int, round_timeout: float | None = None, min_clients: int | None = None,
-                 round_retries: int = 2):
+                 round_retries: int = 2, deterministic: bool = False):
         self.coordinator = coordinator
         self.metrics = metrics
         self.recorder = recorder
@@ -60,6 +60,9 @@ class RoundEngine:
         self.round_timeout = round_timeout
         self.min_clients = min_clients  # None: every registered client must answer
         self.round_retries = round_retries
+        # Deterministic mode sums updates in client order instead of arrival order (float addition
+        # is not associative), at the cost of holding every update of a round in memory.
+        self.deterministic = deterministic
         self.clients: list[ClientInfo] = []
 
     def wait_for_clients(self, timeout: float | None) -> None:
@@ -108,16 +111,26 @@ class RoundEngine:
             strategy: Strategy) -> tuple[State, float | None]:
         """One round of local training and aggregation; returns (new state, mean train loss)."""
 
+        held: dict[str, tuple[int, Mapping[str, torch.Tensor]]] = {}
+
         def fold_in(task, num_samples, update):
+            if self.deterministic:
+                held[task.client_id] = (num_samples, update)
+                return
             started = time.perf_counter()
             strategy.accumulate(update, num_samples)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
         def attempt():
             strategy.begin(state)  # a retried round starts a fresh sum
-            return self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+            held.clear()
+            results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+            for client_id in sorted(held):
+                strategy.accumulate(held[client_id][1], held[client_id][0])
+            return results
 
         results = self._with_retries("training", phase, rnd, attempt)
+        held.clear()
         return strategy.finish(), weighted_mean(results, "loss")
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict) -> EvalReport:
@@ -133,10 +146,15 @@ class RoundEngine:
 
     # -- a phase's rounds ---------------------------------------------------------------------
     def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_config: dict,
-                   eval_config: dict, strategy: str = "fedavg", test_fn: TestFn | None = None) -> State:
+                   eval_config: dict, strategy: str = "fedavg", test_fn: TestFn | None = None,
+                   start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None) -> State:
+        """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
+        (the phase checkpoints there)."""
         state = dict(state)
         self.metrics.phase.state(phase)
-        for rnd in range(1, rounds + 1):
+        if self.deterministic:
+            train_config = dict(train_config, deterministic=True)
+        for rnd in range(start_round, rounds + 1):
             started = time.perf_counter()
             self.metrics.round.set(rnd)
             set_log_context(phase=phase, round=rnd)
@@ -157,6 +175,8 @@ class RoundEngine:
                 "per_client": report.per_client,
             }
             self.recorder.record_round(record)
+            if on_round_end is not None:
+                on_round_end(rnd, state)
             self.metrics.rounds_completed.labels(phase).inc()
             self.metrics.round_duration.labels(phase).observe(seconds)
             for gauge, value in ((self.metrics.weighted_client_accuracy, report.weighted_accuracy),

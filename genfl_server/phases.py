@@ -27,6 +27,7 @@ from .config import RunConfig
 from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .results import RunRecorder
+from .runstate import RunState
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ class PhaseContext:
     out_dir: Path
     device: torch.device
     test_set: tuple[torch.Tensor, torch.Tensor] | None  # (float images, labels) on the server
+    run_state: RunState
+
+    def checkpoint(self, **kwargs) -> None:
+        """Persist progress (see RunState.save) together with the results recorded so far."""
+        self.run_state.save(recorder_state=self.recorder.export(), **kwargs)
 
 
 def initial_state(kind: str, seed: int) -> State:
@@ -68,9 +74,12 @@ def cvae_phase(ctx: PhaseContext) -> State:
             return {}
         return evaluate_cvae(_model("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
 
-    state = ctx.engine.run_rounds("cvae", initial_state("cvae", cfg.seed), rounds=cfg.cvae_rounds,
-                                  train_config=train, eval_config=evaluate, strategy=cfg.strategy,
-                                  test_fn=test_fn)
+    done = ctx.run_state.completed_rounds("cvae")
+    start = ctx.run_state.tensors["cvae"] if done else initial_state("cvae", cfg.seed)
+    state = ctx.engine.run_rounds("cvae", start, rounds=cfg.cvae_rounds, train_config=train,
+                                  eval_config=evaluate, strategy=cfg.strategy, test_fn=test_fn,
+                                  start_round=done + 1,
+                                  on_round_end=lambda rnd, st: ctx.checkpoint(completed=("cvae", rnd), cvae=st))
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
     return state
 
@@ -93,6 +102,8 @@ def _train_on_synthetic(ctx: PhaseContext, images, labels, *, epochs: int, purpo
 def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> State:
     """Server-side only: sample, score (CAS) and pre-train. Returns the pre-trained classifier."""
     cfg = ctx.config
+    if "pretrained" in ctx.run_state.tensors:  # resumed after this step
+        return ctx.run_state.tensors["pretrained"]
     ctx.metrics.phase.state("synthetic")
     set_log_context(phase="synthetic", round=None)
     started = time.perf_counter()
@@ -103,7 +114,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     log.info("sampled %d class-balanced synthetic images in %.2f s", len(labels), time.perf_counter() - started)
     ctx.recorder.record_event("synthetic", samples=len(labels), seconds=time.perf_counter() - started)
 
-    if cfg.cas_epochs > 0:
+    if cfg.cas_epochs > 0 and ctx.run_state.step("cas") is None:
         started = time.perf_counter()
         cas_state = _train_on_synthetic(ctx, images, labels, epochs=cfg.cas_epochs, purpose="cas")
         save_checkpoint(ctx.out_dir / "cas_classifier.pt", "classifier", cas_state)
@@ -122,6 +133,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
                                   seconds=time.perf_counter() - started)
         log.info("CAS %s, federated CAS %.4f (%d CAS epochs, %.1f s)", "-" if cas is None else f"{cas:.4f}",
                  cas_federated.weighted_accuracy, cfg.cas_epochs, time.perf_counter() - started)
+        ctx.checkpoint(step=("cas", {"cas": cas, "cas_federated": cas_federated.weighted_accuracy}))
 
     started = time.perf_counter()
     pretrained = _train_on_synthetic(ctx, images, labels, epochs=cfg.pretrain_epochs, purpose="pretrain")
@@ -130,6 +142,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     save_checkpoint(ctx.out_dir / "pretrained_classifier.pt", "classifier", pretrained)
     ctx.recorder.record_event("pretrain", epochs=cfg.pretrain_epochs, seconds=seconds)
     log.info("pre-trained ExquisiteNetV1 on synthetic data: %d epochs in %.1f s", cfg.pretrain_epochs, seconds)
+    ctx.checkpoint(pretrained=pretrained)
     return pretrained
 
 
@@ -145,7 +158,11 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> St
             return {}
         return evaluate_classifier(_model("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
-    state = ctx.engine.run_rounds("classifier", start, rounds=cfg.classifier_rounds, train_config=train,
-                                  eval_config=evaluate, strategy=cfg.strategy, test_fn=test_fn)
+    done = ctx.run_state.completed_rounds("classifier")
+    state = ctx.engine.run_rounds("classifier", ctx.run_state.tensors["classifier"] if done else start,
+                                  rounds=cfg.classifier_rounds, train_config=train, eval_config=evaluate,
+                                  strategy=cfg.strategy, test_fn=test_fn, start_round=done + 1,
+                                  on_round_end=lambda rnd, st: ctx.checkpoint(completed=("classifier", rnd),
+                                                                              classifier=st))
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
     return state

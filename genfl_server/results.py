@@ -29,16 +29,31 @@ class RunRecorder:
         self.metrics_path.write_text("")
         self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, **run_fields,
                                         "rounds": [], "final": None}
+        self.events: list[dict] = []
 
     def record_round(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"event": "round", **record}, sort_keys=True) + "\n")
+        self._append({"event": "round", **record})
         self.summary["rounds"].append({k: v for k, v in record.items() if k != "per_client"})
 
     def record_event(self, event: str, **fields: Any) -> None:
         """Non-round milestones (synthetic data, CAS, pre-training), for progress displays."""
+        self._append({"event": event, **fields})
+
+    def _append(self, event: dict) -> None:
+        self.events.append(event)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"event": event, **fields}, sort_keys=True) + "\n")
+            f.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def export(self) -> dict[str, Any]:
+        """What a run state saves, so a resumed run reports the rounds before the crash."""
+        return {"summary": {k: self.summary[k] for k in ("rounds", "cas", "cas_federated")}, "events": self.events}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from a saved export; metrics.jsonl is rewritten to match it exactly (a round
+        recorded after the last save is dropped, it will be run again)."""
+        self.summary.update(saved["summary"])
+        self.events = list(saved["events"])
+        self.metrics_path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in self.events))
 
     def set(self, **fields: Any) -> None:
         self.summary.update(fields)
