@@ -101,14 +101,18 @@ def result_header(task: pb.TaskHeader, client_id: str, num_samples: int, **overr
     return pb.ResultHeader(**fields)
 
 
-def submit(stub, header: pb.ResultHeader, state=None, *, chunks=None) -> pb.SubmitReply:
-    """SubmitResult with ``state`` encoded as the update; ``chunks`` replaces the encoded chunks."""
+def submit(stub, header: pb.ResultHeader, state=None, *, chunks=None, order=None) -> pb.SubmitReply:
+    """SubmitResult with ``state`` encoded as the update; ``chunks`` replaces the encoded chunks and
+    ``order`` sends them (with their true indices) in another order."""
     if state is not None:
         payload = encode_state_dict(state)
         header.manifest.CopyFrom(payload.manifest)
         chunks = payload.chunks if chunks is None else chunks
+    indexed = list(enumerate(chunks or ()))
+    if order is not None:
+        indexed = [indexed[i] for i in order]
     messages = [pb.ResultMessage(header=header)]
-    messages += [pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(chunks or ())]
+    messages += [pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in indexed]
     return stub.SubmitResult(iter(messages), timeout=RPC_TIMEOUT)
 
 
@@ -298,6 +302,14 @@ def test_round_trip_and_every_rejection(server: Server, template):
     missing = {k: v for k, v in good_b.items() if k != name}
     expect_rejection(srv, r.INVALID_ARGUMENT, "missing_tensor", submit, stub,
                      result_header(header_b, "bob", 50), missing)
+    expect_rejection(srv, r.INVALID_ARGUMENT, "extra_tensor", submit, stub,
+                     result_header(header_b, "bob", 50), dict(good_b, extra=torch.zeros(0)))
+    reinterpreted = dict(good_b, **{name: good_b[name].view(torch.int32)})  # same bytes, wrong dtype
+    expect_rejection(srv, r.INVALID_ARGUMENT, "bad_dtype", submit, stub,
+                     result_header(header_b, "bob", 50), reinterpreted)
+    swapped = [0, 2, 1] + list(range(3, len(corrupt)))
+    expect_rejection(srv, r.INVALID_ARGUMENT, "chunk_order", submit, stub,
+                     result_header(header_b, "bob", 50), bad, order=swapped)
     bigger = dict(good_b, extra=torch.zeros(4))
     expect_rejection(srv, r.RESOURCE_EXHAUSTED, "oversized", submit, stub,
                      result_header(header_b, "bob", 50), bigger)
