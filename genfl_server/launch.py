@@ -245,8 +245,8 @@ def main(dataset, data_root, download, clients, alpha, iid, seed, out, preset, c
     subset = config.train_subset if train_subset is None else (train_subset or None)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        partition = partition_dataset(dataset, data_root, config.clients, None if iid else alpha, seed,
-                                      out / "shards", train_subset=subset, download=download)
+        partition_dataset(dataset, data_root, config.clients, None if iid else alpha, seed,
+                          out / "shards", train_subset=subset, download=download)
     except (DatasetNotFoundError, PartitionError) as error:
         raise click.ClickException(str(error)) from None
     shards = [out / "shards" / shard_file_name(i) for i in range(config.clients)]

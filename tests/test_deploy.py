@@ -652,16 +652,6 @@ def test_kustomization_resources_are_complete():
         assert {"apiVersion", "kind", "metadata"} <= doc.keys()
 
 
-def test_kubectl_kustomize_renders():
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (the other k8s checks resolve the kustomization themselves)")
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout) if d]
-    assert kinds.count("Deployment") == 1 and kinds.count("StatefulSet") == 1
-
-
 def test_k8s_genfl_containers_use_real_options_and_consistent_ports():
     [server] = k8s_find("Deployment", "genfl-server")
     [clients] = k8s_find("StatefulSet", "genfl-client")
