@@ -156,14 +156,15 @@ class PayloadAssembler:
     def add(self, chunk: pb.Chunk) -> None:
         if chunk.index != self._next_index:
             raise CodecError("chunk_order", f"expected chunk {self._next_index}, got chunk {chunk.index}")
-        size = len(chunk.data)
+        data = chunk.data  # with upb protobuf every .data access copies the bytes: read it once
+        size = len(data)
         is_last = chunk.index == self.manifest.num_chunks - 1
         expected = (self.manifest.total_bytes - self._received_bytes) if is_last else self.chunk_size
         if chunk.index >= self.manifest.num_chunks or size != expected:
             raise CodecError("bad_chunk", f"chunk {chunk.index} has {size} bytes, expected {expected} "
                                           f"(of {self.manifest.num_chunks} chunks)")
-        self._buffer[self._received_bytes:self._received_bytes + size] = chunk.data
-        self._hasher.update(chunk.data)
+        self._buffer[self._received_bytes:self._received_bytes + size] = data
+        self._hasher.update(data)
         self._received_bytes += size
         self._next_index += 1
 
@@ -213,8 +214,17 @@ def check_matches_template(state: Mapping[str, torch.Tensor], template: Mapping[
         if got.shape != expected.shape:
             raise CodecError("bad_shape", f"tensor {name!r}: shape {tuple(got.shape)} but the model has "
                                           f"{tuple(expected.shape)}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        if got.is_floating_point() and not _all_finite(got):
             raise CodecError("non_finite", f"tensor {name!r} holds NaN or Inf values")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # aminmax propagates NaN and surfaces +-Inf without allocating a tensor of the input's size
+    # (isfinite(t).all() would, on the server's hot path for every update).
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def state_dict_nbytes(state: Mapping[str, torch.Tensor]) -> int:
