@@ -41,6 +41,12 @@ class TaskExecutor:
         self.shard = shard
         self.device = device
         self._tensors: dict[bool, tuple[torch.Tensor, ...]] = {}
+        # One model per kind for the whole run: every task overwrites all of its weights and
+        # buffers (strict load), so re-building (and randomly initialising) it per task is waste.
+        self._models: dict[str, torch.nn.Module] = {}
+        # torch imports its compiler stack lazily when the first optimiser is built (about a CPU
+        # second); pay that at start-up rather than inside the first round.
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
     def _data(self, binarize: bool):
         if binarize not in self._tensors:
@@ -64,12 +70,13 @@ class TaskExecutor:
         kind = config.get("model")
         if kind not in MODEL_KINDS:
             raise TaskError(f"task {header.task_id}: unknown model {kind!r}")
-        model = build_model(kind)
+        if kind not in self._models:
+            self._models[kind] = build_model(kind).to(self.device)
+        model = self._models[kind]
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as error:
             raise TaskError(f"task {header.task_id}: weights do not fit a {kind} model: {error}") from None
-        model.to(self.device)
         train_x, train_y, held_x, held_y = self._data(bool(config.get("binarize", True)))
         if header.type == pb.TASK_TYPE_TRAIN:
             return self._train(kind, model, config, train_x, train_y)
