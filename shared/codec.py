@@ -16,7 +16,7 @@ import hashlib
 import math
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -61,6 +61,7 @@ class Payload:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data (not of the stored, possibly wrapped, chunks)."""
         return self.manifest.total_bytes
 
 
@@ -68,10 +69,14 @@ def _tensor_nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def encode_state_dict(state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> Payload:
+def encode_state_dict(state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
+                      wrap: Callable[[int, bytes], bytes] | None = None) -> Payload:
     """Encode a state_dict (any device) into a manifest plus chunks of at most ``chunk_size`` bytes.
 
     Each byte is copied once (tensor memory -> chunk) and hashed while the chunk is still in cache.
+    ``wrap(index, chunk)``, when given, turns each chunk into what is stored instead (the server
+    stores ready-to-send serialized messages, shared by every client's download), so the raw
+    chunks never all exist at once.
     """
     specs, views = [], []
     for name, tensor in state.items():
@@ -95,15 +100,18 @@ def encode_state_dict(state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK
             pending_len += take
             pos += take
             if pending_len == chunk_size:
-                chunks.append(b"".join(pending))
-                hasher.update(chunks[-1])
+                chunks.append(_seal(b"".join(pending), len(chunks), hasher, wrap))
                 pending, pending_len = [], 0
     if pending_len:
-        chunks.append(b"".join(pending))
-        hasher.update(chunks[-1])
+        chunks.append(_seal(b"".join(pending), len(chunks), hasher, wrap))
     manifest = pb.Manifest(tensors=specs, total_bytes=sum(len(v) for v in views),
                            sha256=hasher.digest(), num_chunks=len(chunks))
     return Payload(manifest=manifest, chunks=tuple(chunks))
+
+
+def _seal(chunk: bytes, index: int, hasher, wrap) -> bytes:
+    hasher.update(chunk)
+    return chunk if wrap is None else wrap(index, chunk)
 
 
 class PayloadAssembler:
