@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
+import ssl
+import stat
 import sys
 from pathlib import Path
 
 import click
+import grpc
 import torch
 
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
@@ -30,15 +35,30 @@ log = logging.getLogger("genfl_client")
         help="Torch CPU threads (0: torch's default; 1 when many clients share a machine).")
 @option("--max-reconnect-seconds", type=click.FloatRange(0), default=0.0,
         help="Give up after this long without reaching the server (0: retry forever).")
+@option("--ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Connect with TLS and verify the server against this PEM CA certificate.")
+@option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Client certificate (PEM) for mutual TLS; needs --tls-key. Implies TLS (without --ca the "
+             "server is verified against the system's CAs).")
+@option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="PEM private key (unencrypted) of --tls-cert.")
+@option("--tls-server-name", default=None,
+        help="Name to verify in the server's certificate instead of the host in --server.")
+@option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="File holding this client's token (from make-tokens), sent with every request.")
 @option("--metrics-port", type=click.IntRange(0, 65535), default=None,
         help="Serve Prometheus /metrics on this port.")
 @log_level_option
 @log_format_option
-def main(server, shard, client_id, device, threads, max_reconnect_seconds, metrics_port, log_level,
-         log_format) -> None:
+def main(server, shard, client_id, device, threads, max_reconnect_seconds, ca, tls_cert, tls_key,
+         tls_server_name, token_file, metrics_port, log_level, log_format) -> None:
     """Register with the server and execute its train/evaluate tasks on the local shard until the
     server ends the run. Exit 0 when the run completed, non-zero on any fatal error."""
     setup_logging(log_level, log_format, "client")
+    credentials = _credentials(ca, tls_cert, tls_key, tls_server_name)
+    token = _read_token(token_file) if token_file is not None else None
+    if token is not None and credentials is None:
+        log.warning("--token-file without TLS: the token crosses the network in plaintext; add --ca")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -58,7 +78,8 @@ def main(server, shard, client_id, device, threads, max_reconnect_seconds, metri
     log.info("client %s: %d train / %d held-out %s samples from %s", client_id, data.num_train,
              data.num_heldout, data.dataset, shard)
     runner = ClientRunner(server, client_id, TaskExecutor(data, torch_device), metrics, dataset=data.dataset,
-                          max_reconnect_seconds=max_reconnect_seconds)
+                          max_reconnect_seconds=max_reconnect_seconds, credentials=credentials,
+                          tls_server_name=tls_server_name, token=token)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         code = runner.run()
@@ -72,6 +93,61 @@ def main(server, shard, client_id, device, threads, max_reconnect_seconds, metri
     if code == 1:
         log.error("the server reported that the run failed")
     sys.exit(code)
+
+
+def _no_password() -> bytes:  # an encrypted key must fail, never prompt on a terminal
+    return b""
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {path}: {error.strerror or error}", param_hint=what) from None
+    if b"-----BEGIN " not in data:
+        raise click.BadParameter(f"{path} is not a PEM file (no '-----BEGIN' line)", param_hint=what)
+    return data
+
+
+def _credentials(ca: Path | None, cert: Path | None, key: Path | None,
+                 server_name: str | None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from the options (checked with the ssl module), or None: plaintext."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if ca is None and cert is None:
+        if server_name is not None:
+            raise click.UsageError("--tls-server-name needs TLS (--ca or --tls-cert)")
+        return None
+    ca_pem = cert_pem = key_pem = None
+    if ca is not None:
+        ca_pem = _read_pem(ca, "--ca")
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise click.BadParameter(f"{ca} is not a usable CA certificate: {error}", param_hint="--ca") from None
+    if cert is not None:
+        cert_pem, key_pem = _read_pem(cert, "--tls-cert"), _read_pem(key, "--tls-key")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key), password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise click.UsageError(f"--tls-cert {cert} and --tls-key {key} are unusable together (the key must "
+                                   f"be the certificate's, PEM, unencrypted): {error}") from None
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as error:
+        raise click.BadParameter(f"cannot read {path}: {error}", param_hint="--token-file") from None
+    if not token or len(token) > 1024 or not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise click.BadParameter(f"{path} must hold one token: 1-1024 visible ASCII characters",
+                                 param_hint="--token-file")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file %s is readable by others (mode %o); chmod 600 it", path, stat.S_IMODE(mode))
+    return token
 
 
 if __name__ == "__main__":

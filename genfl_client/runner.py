@@ -33,6 +33,12 @@ TRANSFER_SECONDS = 300.0  # allowance for moving a model, on top of the long-pol
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+# Refusals of this client's credentials: fatal at any step (retrying cannot fix a token or a
+# certificate, and re-registering would only be refused again).
+DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# While the server is unreachable, every WARN_EVERY-th failed attempt (and the first) is logged at
+# WARNING, the others at DEBUG: the user sees why the client waits, without a line per attempt.
+WARN_EVERY = 5
 
 
 class FatalClientError(RuntimeError):
@@ -59,7 +65,8 @@ class Backoff:
 class ClientRunner:
     def __init__(self, server: str, client_id: str, executor: TaskExecutor, metrics: ClientMetrics, *,
                  dataset: str, max_reconnect_seconds: float = 0.0,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, tls_server_name: str | None = None,
+                 token: str | None = None):
         self.server = server
         self.client_id = client_id
         self.executor = executor
@@ -70,6 +77,11 @@ class ClientRunner:
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.max_reconnect_backoff_ms", 5_000)]
+        if credentials is not None and tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self.tls = credentials is not None
+        # Sent with every RPC; the server checks it against the client id the request names.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.channel = (grpc.secure_channel(server, credentials, options) if credentials
                         else grpc.insecure_channel(server, options))
         self.stub = pb_grpc.FederatedLearningStub(self.channel)
@@ -80,43 +92,61 @@ class ClientRunner:
         """Serve tasks until the server ends the run; returns the process exit code."""
         backoff = Backoff()
         unreachable_since = None
+        failures = 0
         while True:
             try:
                 try:
                     self._register()
                 except grpc.RpcError as error:
                     if error.code() not in RETRYABLE:
-                        raise FatalClientError(f"server {self.server} refused this client: "
-                                               f"{error.code().name}: {error.details()}") from None
+                        raise FatalClientError(f"server {self.server} refused this client: {error.code().name}: "
+                                               f"{error.details()}{self._hint(error)}") from None
                     raise
                 backoff.reset()
                 unreachable_since = None
+                failures = 0
                 status = self._serve_tasks()
                 return 0 if status == "completed" else 1
             except grpc.RpcError as error:
                 code = error.code()
-                if code not in RETRYABLE | REREGISTER:
+                if code not in RETRYABLE | REREGISTER or code in DENIED:
                     raise FatalClientError(f"server {self.server} rejected a request: "
-                                           f"{code.name}: {error.details()}") from None
+                                           f"{code.name}: {error.details()}{self._hint(error)}") from None
                 unreachable_since = unreachable_since or time.monotonic()
                 waited = time.monotonic() - unreachable_since
                 if self.max_reconnect_seconds and waited > self.max_reconnect_seconds:
                     raise FatalClientError(f"server {self.server} unreachable for {waited:.0f} s: "
-                                           f"{code.name}: {error.details()}") from None
+                                           f"{code.name}: {error.details()}{self._hint(error)}") from None
+                failures += 1
                 delay = backoff.next_delay()
-                log.log(logging.DEBUG if code == grpc.StatusCode.UNAVAILABLE else logging.WARNING,
-                        "%s (%s); retrying in %.2f s", code.name, error.details(), delay)
+                quiet = code == grpc.StatusCode.UNAVAILABLE and failures > 1 and failures % WARN_EVERY
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "server %s: %s (%s); retrying in %.2f s (attempt %d)", self.server, code.name,
+                        error.details(), delay, failures)
                 time.sleep(delay)
 
     def close(self) -> None:
         self.channel.close()
+
+    def _hint(self, error: grpc.RpcError) -> str:
+        """What the user can do about a refusal or an unreachable server, appended to the message."""
+        code = error.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return " (check this client's --token-file against the server's --tokens-file)"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            if self.tls:
+                return (" (is the server up? Does --ca hold the CA of the server's certificate, does that "
+                    "certificate name the host dialled (else --tls-server-name), and, for a mutual-TLS server, "
+                    "is --tls-cert signed by its --client-ca?)")
+            return " (is the server up? If it serves TLS, connect with --ca)"
+        return ""
 
     # -- protocol steps -----------------------------------------------------------------------
     def _register(self) -> None:
         shard = self.executor.shard
         reply = self.stub.Register(pb.RegisterRequest(
             client_id=self.client_id, num_train_samples=shard.num_train, num_heldout_samples=shard.num_heldout,
-            dataset=self.dataset, client_version=__version__), timeout=30)
+            dataset=self.dataset, client_version=__version__), timeout=30, metadata=self.metadata)
         self.run_id, self.poll_timeout = reply.run_id, reply.poll_timeout_seconds or 30.0
         log.info("registered with %s in run %s", self.server, self.run_id)
 
@@ -134,7 +164,7 @@ class ClientRunner:
 
     def _fetch(self):
         stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=self.run_id, client_id=self.client_id),
-                                     timeout=self.poll_timeout + TRANSFER_SECONDS)
+                                     timeout=self.poll_timeout + TRANSFER_SECONDS, metadata=self.metadata)
         first = next(stream, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise FatalClientError("server sent a task without a header")
@@ -180,7 +210,7 @@ class ClientRunner:
                 yield pb.ResultMessage(chunk=pb.Chunk(index=index, data=data))
 
         try:
-            self.stub.SubmitResult(messages(), timeout=TRANSFER_SECONDS)
+            self.stub.SubmitResult(messages(), timeout=TRANSFER_SECONDS, metadata=self.metadata)
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
                 # Duplicate or late: the server has moved on; the next poll says what to do now.

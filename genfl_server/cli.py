@@ -26,6 +26,7 @@ from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder, write_json_atomic
 from .runstate import RunState, RunStateError
+from .security import SecurityError, TokenAuthenticator, server_credentials
 from .service import FederatedLearningService, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
@@ -82,6 +83,15 @@ def _on_signal(signum, _frame):
         help="Times a round that got too few results is retried before the run stops.")
 @option("--register-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
         help="Seconds to wait for all clients to register (default: no limit).")
+@option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Serve TLS with this PEM certificate (chain); needs --tls-key.")
+@option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="PEM private key (unencrypted) of --tls-cert.")
+@option("--client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Mutual TLS: require a client certificate signed by this PEM CA (needs --tls-cert).")
+@option("--tokens-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="JSON {client_id: \"sha256:<hex>\"} of hashed client tokens (python -m genfl_server.security "
+             "make-tokens); every request must then carry its client's token.")
 @option("--metrics-port", type=click.IntRange(0, 65535), default=None,
         help="Serve Prometheus /metrics on this port.")
 @option("--linger-seconds", type=click.FloatRange(0), default=0.0,
@@ -97,6 +107,7 @@ def _on_signal(signum, _frame):
 def main(**opts) -> None:
     """Run the aggregation server: wait for the clients, run the federated phases, write results."""
     setup_logging(opts["log_level"], opts["log_format"], "server")
+    credentials, authenticator = _security(opts)
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     out: Path = opts["out"]
@@ -131,6 +142,9 @@ def main(**opts) -> None:
                 run_state.tensors["cvae"] = load_checkpoint(opts["cvae_checkpoint"], "cvae")
             except CheckpointError as error:
                 raise click.ClickException(str(error)) from None
+    if authenticator is not None and len(authenticator.client_ids) < config.clients:
+        raise click.ClickException(f"{opts['tokens_file']} holds tokens for {len(authenticator.client_ids)} "
+                                   f"clients, but the run waits for {config.clients}")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
         torch.use_deterministic_algorithms(True)
@@ -150,13 +164,16 @@ def main(**opts) -> None:
         log.info("Prometheus metrics on :%d/metrics", metrics_port)
     run_id = opts["run_id"] or uuid.uuid4().hex[:12]
     coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset)
-    service = FederatedLearningService(coordinator, metrics)
-    server, port, health = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16)
+    service = FederatedLearningService(coordinator, metrics, authenticator=authenticator)
+    server, port, health = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16,
+                                             credentials=credentials)
     set_health(health, serving=True)  # listening, with its data (test set, checkpoint) loaded
     host = opts["address"].rsplit(":", 1)[0]
     write_json_atomic(out / "endpoint.json", {"address": f"{host}:{port}", "port": port, "run_id": run_id,
                                               "metrics_port": metrics_port})
-    log.info("run %s listening on %s:%d for %d clients", run_id, host, port, config.clients)
+    log.info("run %s listening on %s:%d (%s%s) for %d clients", run_id, host, port,
+             "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext",
+             ", client tokens required" if authenticator else "", config.clients)
 
     recorder = RunRecorder(out, run_id=run_id, device=str(device), **run_fields)
     if opts["resume"] and "recorder" in run_state.progress:
@@ -196,6 +213,29 @@ def main(**opts) -> None:
             time.sleep(opts["linger_seconds"])
     if failure is not None:
         sys.exit(1)
+
+
+def _security(opts):
+    """(gRPC server credentials or None, TokenAuthenticator or None) from the security options."""
+    cert, key, client_ca = opts["tls_cert"], opts["tls_key"], opts["client_ca"]
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        raise click.UsageError("--client-ca (mutual TLS) needs TLS: also pass --tls-cert and --tls-key")
+    credentials = authenticator = None
+    try:
+        if cert is not None:
+            credentials = server_credentials(cert, key, client_ca)
+        if opts["tokens_file"] is not None:
+            authenticator = TokenAuthenticator.from_file(opts["tokens_file"])
+    except SecurityError as error:
+        raise click.ClickException(str(error)) from None
+    if authenticator is not None:
+        log.info("client tokens required (%d clients in %s)", len(authenticator.client_ids), opts["tokens_file"])
+        if credentials is None:
+            log.warning("--tokens-file without TLS: tokens cross the network in plaintext; "
+                        "add --tls-cert/--tls-key")
+    return credentials, authenticator
 
 
 def _config(opts) -> RunConfig:

@@ -16,6 +16,7 @@ from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .metrics import ServerMetrics
+from .security import TokenAuthenticator, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ _CODEC_STATUS = {
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
-                 max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS):
+                 max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+                 authenticator: TokenAuthenticator | None = None):
         self.coordinator = coordinator
         self.metrics = metrics
+        # With an authenticator, every RPC must carry the token of the client it names.
+        self.authenticator = authenticator
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads)
         self._polling: dict[str, int] = {}
         self._polling_lock = threading.Lock()
@@ -48,9 +52,24 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         log.warning("rejected (%s): %s", error.reason, error)
         context.abort(error.code, str(error))
 
+    def _authenticate(self, context: grpc.ServicerContext, client_id: str | None) -> None:
+        """Raise Rejected(UNAUTHENTICATED) unless the call carries ``client_id``'s token (when
+        tokens are required). ``client_id=None``: only check that some token was sent."""
+        if self.authenticator is None:
+            return
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                           "this server requires a client token (metadata 'authorization: Bearer <token>'; "
+                           "genfl-client --token-file)")
+        if client_id is not None and not self.authenticator.check(client_id, token):
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                           f"invalid token for client {client_id!r}")
+
     # -- RPCs ---------------------------------------------------------------------------------
     def Register(self, request, context):
         try:
+            self._authenticate(context, request.client_id)
             self.coordinator.register(request)
         except Rejected as error:
             self._reject(context, error)
@@ -60,6 +79,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
 
     def FetchTask(self, request, context):
         try:
+            self._authenticate(context, request.client_id)
             self.coordinator.check_run(request.run_id)
             self.coordinator.client(request.client_id)
         except Rejected as error:
@@ -85,10 +105,12 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
 
     def SubmitResult(self, request_iterator, context):
         try:
+            self._authenticate(context, None)  # no token at all: refuse before reading anything
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed", "a result must start with its header")
             header = first.header
+            self._authenticate(context, header.client_id)
             task, batch = self.coordinator.open_task(header)
             update = None
             received = 0
