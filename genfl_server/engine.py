@@ -22,6 +22,7 @@ from genfl_shared.seeding import derive_seed
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
 from .metrics import ServerMetrics
 from .results import RunRecorder
+from .service import task_frame
 from .strategy import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class RoundEngine:
         A client that dropped out still gets its task: if it comes back in time it answers, and
         otherwise it takes part again from the next step on.
         """
-        payload = encode_state_dict(state)
+        payload = encode_state_dict(state, wrap=task_frame)  # serialized once, sent to every client
         tasks = []
         for client in self.clients:
             # Per-client, per-round seeds: repeatable whatever order the clients run in.

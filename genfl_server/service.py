@@ -23,8 +23,26 @@ log = logging.getLogger(__name__)
 # A message carries at most one chunk plus a small header; anything larger is refused by gRPC itself.
 MAX_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
 # Weight uploads decoded at once. Each costs one model of memory, so this bounds the server's
-# memory however many clients upload together; the rest wait in gRPC flow control.
+# memory however many clients upload together; the rest wait in gRPC flow control (kept small by
+# turning off HTTP/2 BDP probing, which would otherwise grow every stream's window to megabytes).
 DEFAULT_MAX_CONCURRENT_UPLOADS = 2
+# Model downloads streamed at once. Each in-flight download holds gRPC send buffers of about a
+# chunk; without a bound, K clients downloading together cost about K models of memory.
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
+# A stalled downloader must not block everyone: past this wait a download proceeds anyway.
+DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
+
+
+def task_frame(index: int, data: bytes) -> bytes:
+    """One chunk as a serialized TaskMessage: built once per broadcast (``encode_state_dict(...,
+    wrap=task_frame)``) and sent to every client as is, instead of once per client."""
+    return pb.TaskMessage(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
+
+
+def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+SERVICE_NAME = "genfl.v1.FederatedLearning"
 
 _CODEC_STATUS = {
     "digest_mismatch": grpc.StatusCode.DATA_LOSS,
@@ -36,12 +54,14 @@ _CODEC_STATUS = {
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
                  max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
-                 authenticator: TokenAuthenticator | None = None):
+                 authenticator: TokenAuthenticator | None = None,
+                 max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS):
         self.coordinator = coordinator
         self.metrics = metrics
         # With an authenticator, every RPC must carry the token of the client it names.
         self.authenticator = authenticator
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._downloads = threading.BoundedSemaphore(max_concurrent_downloads)
         self._polling: dict[str, int] = {}
         self._polling_lock = threading.Lock()
 
@@ -99,8 +119,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             return
         yield pb.TaskMessage(header=self._header(item))
         if item.payload is not None:
-            for index, data in enumerate(item.payload.chunks):
-                yield pb.TaskMessage(chunk=pb.Chunk(index=index, data=data))
+            slot = self._downloads.acquire(timeout=DOWNLOAD_SLOT_WAIT_SECONDS)
+            try:
+                for index, chunk in enumerate(item.payload.chunks):
+                    yield chunk if item.payload.wrapped else pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
+            finally:
+                if slot:
+                    self._downloads.release()
             self.metrics.bytes_sent.inc(item.payload.nbytes)
 
     def SubmitResult(self, request_iterator, context):
@@ -141,7 +166,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                    "only chunks may follow the result header")
                 assembler.add(message.chunk)
-                self.metrics.bytes_received.inc(len(message.chunk.data))
+            self.metrics.bytes_received.inc(assembler.received_bytes)
             update = assembler.finish()
             check_matches_template(update, template)
         except CodecError as error:
@@ -164,9 +189,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.clients_connected.set(len(self._polling))
 
 
-SERVICE_NAME = "genfl.v1.FederatedLearning"
-
-
 def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
                       credentials: grpc.ServerCredentials | None = None
                       ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -185,9 +207,22 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
-    pb_grpc.add_FederatedLearningServicer_to_server(service, server)
+    # The generated registration, except that FetchTask also passes pre-serialized frames through.
+    handlers = {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            service.Register, request_deserializer=pb.RegisterRequest.FromString,
+            response_serializer=pb.RegisterReply.SerializeToString),
+        "FetchTask": grpc.unary_stream_rpc_method_handler(
+            service.FetchTask, request_deserializer=pb.FetchTaskRequest.FromString,
+            response_serializer=_serialize_task_message),
+        "SubmitResult": grpc.stream_unary_rpc_method_handler(
+            service.SubmitResult, request_deserializer=pb.ResultMessage.FromString,
+            response_serializer=pb.SubmitReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     set_health(health_servicer, serving=False)

@@ -58,6 +58,7 @@ class Payload:
 
     manifest: pb.Manifest
     chunks: tuple[bytes, ...]
+    wrapped: bool = False  # chunks hold wrap()'s output rather than raw bytes
 
     @property
     def nbytes(self) -> int:
@@ -106,7 +107,7 @@ def encode_state_dict(state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK
         chunks.append(_seal(b"".join(pending), len(chunks), hasher, wrap))
     manifest = pb.Manifest(tensors=specs, total_bytes=sum(len(v) for v in views),
                            sha256=hasher.digest(), num_chunks=len(chunks))
-    return Payload(manifest=manifest, chunks=tuple(chunks))
+    return Payload(manifest=manifest, chunks=tuple(chunks), wrapped=wrap is not None)
 
 
 def _seal(chunk: bytes, index: int, hasher, wrap) -> bytes:
@@ -175,6 +176,10 @@ class PayloadAssembler:
         self._hasher.update(data)
         self._received_bytes += size
         self._next_index += 1
+
+    @property
+    def received_bytes(self) -> int:
+        return self._received_bytes
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Verify completeness and digest; return the state_dict (tensors view one buffer)."""
