@@ -224,7 +224,7 @@ def main(**opts) -> None:
         coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
         if not coordinator.wait_shutdown_delivered(timeout=10.0):
             log.warning("not every client heard that the run ended")
-        server.stop(grace=2).wait()
+        server.stop(grace=2).wait(timeout=10)  # bounded: a stuck stream must not hang the exit
         if opts["metrics_port"] is not None and opts["linger_seconds"]:
             log.info("run over; serving /metrics for %.0f s more", opts["linger_seconds"])
             time.sleep(opts["linger_seconds"])

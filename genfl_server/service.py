@@ -150,6 +150,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                                "an evaluation result carries no weights")
             metrics = {k: float(v) for k, v in header.metrics.items()}
             result = TaskResult(task, int(header.num_samples), metrics, received)
+            if not context.is_active():
+                # gRPC ends the request iterator quietly when a message does not parse (and aborts
+                # the call): an apparently complete stream may be a broken one.
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                               "the result stream was aborted before it ended")
             self.coordinator.finish(result, batch, update)
         except Rejected as error:
             self._reject(context, error)
