@@ -9,6 +9,7 @@ import signal
 import ssl
 import stat
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -48,10 +49,12 @@ log = logging.getLogger("genfl_client")
         help="File holding this client's token (from make-tokens), sent with every request.")
 @option("--metrics-port", type=click.IntRange(0, 65535), default=None,
         help="Serve Prometheus /metrics on this port.")
+@option("--linger-seconds", type=click.FloatRange(0), default=0.0,
+        help="Keep serving /metrics this long after the run ends, so Prometheus scrapes the final values.")
 @log_level_option
 @log_format_option
 def main(server, shard, client_id, device, threads, max_reconnect_seconds, ca, tls_cert, tls_key,
-         tls_server_name, token_file, metrics_port, log_level, log_format) -> None:
+         tls_server_name, token_file, metrics_port, linger_seconds, log_level, log_format) -> None:
     """Register with the server and execute its train/evaluate tasks on the local shard until the
     server ends the run. Exit 0 when the run completed, non-zero on any fatal error."""
     setup_logging(log_level, log_format, "client")
@@ -92,6 +95,9 @@ def main(server, shard, client_id, device, threads, max_reconnect_seconds, ca, t
         runner.close()
     if code == 1:
         log.error("the server reported that the run failed")
+    if metrics_port is not None and linger_seconds and code in (0, 1):
+        log.info("run over; serving /metrics for %.0f s more", linger_seconds)
+        time.sleep(linger_seconds)
     sys.exit(code)
 
 

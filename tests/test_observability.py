@@ -84,7 +84,8 @@ class Run:
             self.client_logs.append(log)
             self.procs.append(self._spawn(log, "genfl_client.cli", "--server", f"127.0.0.1:{self.grpc_port}",
                                           "--shard", str(shards / f"client-00{i}.npz"), "--metrics-port",
-                                          str(port), "--threads", "1", "--log-format", log_format))
+                                          str(port), "--linger-seconds", str(linger), "--threads", "1",
+                                          "--log-format", log_format))
 
     @staticmethod
     def _spawn(log: Path, module: str, *args: str) -> subprocess.Popen:
