@@ -87,7 +87,8 @@ class TaskExecutor:
     def _train(self, kind, model, config, x, y) -> TaskOutcome:
         try:
             common = dict(epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
-                          lr=float(config["lr"]), seed=int(config["seed"]), device=self.device)
+                          lr=float(config["lr"]), seed=int(config["seed"]), device=self.device,
+                          prox_mu=float(config.get("prox_mu", 0.0)))
             started = time.perf_counter()
             if kind == "cvae":
                 result = train_cvae(model, x, y, **common)

@@ -86,6 +86,13 @@ def _on_signal(signum, _frame):
 @option("--cas-epochs", type=click.IntRange(0), default=None,
         help="Epochs of the CAS classifier on synthetic data; 0 skips CAS [preset: 20].")
 @option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: 5]")
+@option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm"]), default=None,
+        help="Aggregation: FedAvg, FedProx (clients add a proximal term) or FedAvgM (server momentum) "
+             "[preset: fedavg].")
+@option("--prox-mu", type=click.FloatRange(0), default=None, help="FedProx proximal weight mu [0.01].")
+@option("--fedavgm-momentum", type=click.FloatRange(0, 1), default=None, help="FedAvgM server momentum [0.9].")
+@option("--fedavgm-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="FedAvgM server learning rate [1.0].")
 @option("--no-binarize", is_flag=True, default=False, help="Keep grey levels (the paper binarises at 0.5).")
 @option("--seed", type=int, default=0, help="Run seed: model init, client shuffling, synthetic data.")
 @option("--device", default="cpu", help="Torch device for server-side work (cpu, cuda, cuda:1).")
@@ -267,6 +274,8 @@ def _config(opts) -> RunConfig:
         pretrain_epochs=opts["pretrain_epochs"], pretrain=opts["pretrain"],
         binarize=False if opts["no_binarize"] else None, seed=opts["seed"],
         deterministic=opts["deterministic"] or None,
+        strategy=opts["strategy"], prox_mu=opts["prox_mu"], fedavgm_momentum=opts["fedavgm_momentum"],
+        fedavgm_lr=opts["fedavgm_lr"],
     )
 
 

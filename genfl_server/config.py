@@ -24,7 +24,10 @@ class RunConfig:
     cvae_lr: float = 1e-3
     classifier_lr: float = 1e-3
     classifier_momentum: float = 0.5
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm
+    prox_mu: float = 0.01  # FedProx proximal weight
+    fedavgm_lr: float = 1.0  # FedAvgM server learning rate
+    fedavgm_momentum: float = 0.9  # FedAvgM server momentum
     # Server-side synthetic data
     synthetic_samples: int = 60_000
     cas_epochs: int = 20

@@ -147,19 +147,23 @@ class RoundEngine:
 
     # -- a phase's rounds ---------------------------------------------------------------------
     def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_config: dict,
-                   eval_config: dict, strategy: str = "fedavg", test_fn: TestFn | None = None,
+                   eval_config: dict, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
                    start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None) -> State:
         """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
         (the phase checkpoints there)."""
         state = dict(state)
         self.metrics.phase.state(phase)
+        if isinstance(strategy, str):
+            strategy = build_strategy(strategy)
+        # One strategy for the whole phase: stateful ones (FedAvgM's momentum) carry across rounds.
+        train_config = dict(train_config, **strategy.client_config)
         if self.deterministic:
             train_config = dict(train_config, deterministic=True)
         for rnd in range(start_round, rounds + 1):
             started = time.perf_counter()
             self.metrics.round.set(rnd)
             set_log_context(phase=phase, round=rnd)
-            state, train_loss = self.fit(phase, rnd, state, train_config, build_strategy(strategy))
+            state, train_loss = self.fit(phase, rnd, state, train_config, strategy)
             report = self.evaluate(phase, rnd, state, eval_config)
             test = test_fn(state) if test_fn else {}
             seconds = time.perf_counter() - started

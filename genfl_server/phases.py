@@ -28,6 +28,7 @@ from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .results import RunRecorder
 from .runstate import RunState
+from .strategy import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ class PhaseContext:
     def checkpoint(self, **kwargs) -> None:
         """Persist progress (see RunState.save) together with the results recorded so far."""
         self.run_state.save(recorder_state=self.recorder.export(), **kwargs)
+
+
+def phase_strategy(cfg: RunConfig) -> Strategy:
+    """A fresh aggregation strategy for one federated phase."""
+    return build_strategy(cfg.strategy, prox_mu=cfg.prox_mu, server_lr=cfg.fedavgm_lr,
+                          momentum=cfg.fedavgm_momentum)
 
 
 def initial_state(kind: str, seed: int) -> State:
@@ -77,7 +84,7 @@ def cvae_phase(ctx: PhaseContext) -> State:
     done = ctx.run_state.completed_rounds("cvae")
     start = ctx.run_state.tensors["cvae"] if done else initial_state("cvae", cfg.seed)
     state = ctx.engine.run_rounds("cvae", start, rounds=cfg.cvae_rounds, train_config=train,
-                                  eval_config=evaluate, strategy=cfg.strategy, test_fn=test_fn,
+                                  eval_config=evaluate, strategy=phase_strategy(cfg), test_fn=test_fn,
                                   start_round=done + 1,
                                   on_round_end=lambda rnd, st: ctx.checkpoint(completed=("cvae", rnd), cvae=st))
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
@@ -161,7 +168,7 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> St
     done = ctx.run_state.completed_rounds("classifier")
     state = ctx.engine.run_rounds("classifier", ctx.run_state.tensors["classifier"] if done else start,
                                   rounds=cfg.classifier_rounds, train_config=train, eval_config=evaluate,
-                                  strategy=cfg.strategy, test_fn=test_fn, start_round=done + 1,
+                                  strategy=phase_strategy(cfg), test_fn=test_fn, start_round=done + 1,
                                   on_round_end=lambda rnd, st: ctx.checkpoint(completed=("classifier", rnd),
                                                                               classifier=st))
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)

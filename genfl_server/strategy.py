@@ -17,6 +17,8 @@ State = dict[str, torch.Tensor]
 
 class Strategy(Protocol):
     name: str
+    # Settings every client's training task must carry for this strategy (e.g. FedProx's mu).
+    client_config: dict
 
     def begin(self, global_state: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -40,6 +42,7 @@ class FedAvg:
     BatchNorm running statistics and counters included; integer entries stay integer."""
 
     name = "fedavg"
+    client_config: dict = {}
 
     def __init__(self) -> None:
         self._sum: State | None = None
@@ -83,11 +86,64 @@ class FedAvg:
         return result
 
 
-STRATEGIES = {"fedavg": FedAvg}
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg on the server; each client adds (mu/2)·||w - w_global||²
+    to its local objective, which limits client drift on skewed data."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01) -> None:
+        super().__init__()
+        if mu < 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+        self.client_config = {"prox_mu": mu}
 
 
-def build_strategy(name: str) -> Strategy:
+class FedAvgM(FedAvg):
+    """FedAvgM (Hsu et al. 2019): server momentum on the FedAvg pseudo-gradient.
+
+    With d = global - mean(updates): v <- momentum·v + d, global <- global - lr·v, for floating
+    entries; integer buffers take the plain mean. The velocity lives as long as the strategy
+    (one phase), so build one strategy per phase, not per round.
+    """
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.server_lr, self.momentum = server_lr, momentum
+        self._velocity: State | None = None
+        self._global: State | None = None
+
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        super().begin(global_state)
+        self._global = dict(global_state)
+
+    def finish(self) -> State:
+        mean = super().finish()
+        if self._velocity is None:
+            self._velocity = {k: torch.zeros_like(v) for k, v in mean.items() if v.is_floating_point()}
+        result = {}
+        for name, avg in mean.items():
+            if name not in self._velocity:
+                result[name] = avg
+                continue
+            velocity = self._velocity[name].mul_(self.momentum).add_(self._global[name] - avg)
+            result[name] = self._global[name] - self.server_lr * velocity
+        return result
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM}
+
+
+def build_strategy(name: str, **params) -> Strategy:
+    """A strategy by name; ``params`` holds its settings (unused ones are ignored)."""
     try:
-        return STRATEGIES[name]()
+        cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+    if cls is FedProx:
+        return FedProx(mu=params.get("prox_mu", 0.01))
+    if cls is FedAvgM:
+        return FedAvgM(server_lr=params.get("server_lr", 1.0), momentum=params.get("momentum", 0.9))
+    return cls()

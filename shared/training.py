@@ -205,6 +205,21 @@ def _fit(model, optimizer, batch_loss, images, labels, *, bounds, epochs, batch_
     return {"loss": total_loss / epochs, "last_epoch_loss": epoch_loss, "samples": n, "steps": steps}
 
 
+def _with_proximal_term(batch_loss, model: nn.Module, mu: float):
+    """FedProx: add (mu/2)·||w - w_start||² to the loss, w_start being the weights the call began
+    with (the global model a client received)."""
+    if not mu:
+        return batch_loss
+    anchors = [p.detach().clone() for p in model.parameters()]
+
+    def loss_with_proximal_term(m, x, y):
+        loss, batch_sum = batch_loss(m, x, y)
+        drift = sum((p - a).pow(2).sum() for p, a in zip(m.parameters(), anchors))
+        return loss + 0.5 * mu * drift, batch_sum
+
+    return loss_with_proximal_term
+
+
 def _cvae_batch_loss(model, x, y):
     recon, mu, sigma = model(x, y)
     loss = cvae_loss(recon, x, mu, sigma)  # summed over the batch, as the paper does
@@ -231,6 +246,7 @@ def train_cvae(
     device: DeviceLike,
     cuda_graphs: bool = True,
     progress: ProgressFn | None = None,
+    prox_mu: float = 0.0,
 ) -> dict:
     """Train a :class:`~genfl_shared.models.CVAE` in place with a fresh Adam optimiser.
 
@@ -241,7 +257,8 @@ def train_cvae(
     per-sample :func:`cvae_loss` over every sample seen in all epochs (the losses are
     measured on each batch before its update), ``last_epoch_loss`` the same mean over
     the last epoch only, ``samples`` is ``N`` and ``steps`` the number of optimiser steps.
-    ``progress(epoch, epoch_loss)`` is called after each epoch when given.
+    ``progress(epoch, epoch_loss)`` is called after each epoch when given; ``prox_mu > 0`` adds
+    FedProx's proximal term (reported losses exclude it).
     """
     _check_hyperparameters(epochs, batch_size)
     images, labels, device = _prepare(images, labels, device)
@@ -253,7 +270,8 @@ def train_cvae(
     model.to(device)
     use_graph = _use_cuda_graph(device, cuda_graphs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=use_graph)
-    result = _fit(model, optimizer, _cvae_batch_loss, images, labels, bounds=_batch_bounds(n, batch_size),
+    result = _fit(model, optimizer, _with_proximal_term(_cvae_batch_loss, model, prox_mu), images, labels,
+                  bounds=_batch_bounds(n, batch_size),
                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, use_graph=use_graph,
                   progress=progress)
     logger.debug("train_cvae: %s", result)
@@ -274,6 +292,7 @@ def train_classifier(
     device: DeviceLike,
     cuda_graphs: bool = True,
     progress: ProgressFn | None = None,
+    prox_mu: float = 0.0,
 ) -> dict:
     """Train a classifier in place with cross-entropy and a fresh optimiser.
 
@@ -303,7 +322,7 @@ def train_classifier(
         opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=use_graph)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
-    result = _fit(model, opt, _classifier_batch_loss, images, labels,
+    result = _fit(model, opt, _with_proximal_term(_classifier_batch_loss, model, prox_mu), images, labels,
                   bounds=_batch_bounds(n, batch_size, avoid_singleton=True), epochs=epochs,
                   batch_size=batch_size, seed=seed, device=device, use_graph=use_graph, progress=progress)
     logger.debug("train_classifier: %s", result)

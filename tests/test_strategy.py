@@ -164,3 +164,51 @@ def test_misuse_raises(global_state):
     assert all(torch.equal(result[k], global_state[k]) for k in global_state)
     with pytest.raises(ValueError):
         build_strategy("fedprox-not-here")
+
+
+# -- FedProx and FedAvgM ---------------------------------------------------------------------------
+
+def test_fedprox_aggregates_like_fedavg_and_tells_clients_mu():
+    from genfl_server.strategy import build_strategy
+
+    template = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    updates = [({"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor(2)}, 1),
+               ({"w": torch.tensor([3.0, 2.0, 1.0]), "n": torch.tensor(4)}, 3)]
+    prox, plain = build_strategy("fedprox", prox_mu=0.5), FedAvg()
+    for strategy in (prox, plain):
+        strategy.begin(template)
+        for update, n in updates:
+            strategy.accumulate(update, n)
+    a, b = prox.finish(), plain.finish()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert prox.client_config == {"prox_mu": 0.5} and plain.client_config == {}
+
+
+def test_fedavgm_applies_server_momentum_over_rounds():
+    from genfl_server.strategy import FedAvgM
+
+    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    global_state = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(10)}
+    # Round 1: mean update 0 -> d = 1, v = 1, new = 0.
+    strategy.begin(global_state)
+    strategy.accumulate({"w": torch.tensor([0.0, 0.0]), "n": torch.tensor(12)}, 5)
+    first = strategy.finish()
+    assert torch.allclose(first["w"], torch.tensor([0.0, 0.0]))
+    assert first["n"].dtype == torch.int64 and int(first["n"]) == 12  # integers: plain mean
+    # Round 2: mean update = global (0) -> d = 0, v = 0.5 * 1 + 0 = 0.5, new = 0 - 0.5 = -0.5.
+    strategy.begin(first)
+    strategy.accumulate({"w": torch.tensor([0.0, 0.0]), "n": torch.tensor(14)}, 5)
+    second = strategy.finish()
+    assert torch.allclose(second["w"], torch.tensor([-0.5, -0.5]))
+
+
+def test_fedavgm_without_momentum_is_fedavg():
+    from genfl_server.strategy import FedAvgM
+
+    template = {"w": torch.randn(5)}
+    update = {"w": torch.randn(5)}
+    m, plain = FedAvgM(server_lr=1.0, momentum=0.0), FedAvg()
+    for strategy in (m, plain):
+        strategy.begin(template)
+        strategy.accumulate(update, 7)
+    assert torch.allclose(m.finish()["w"], plain.finish()["w"], atol=1e-6)

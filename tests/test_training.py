@@ -260,3 +260,21 @@ def test_save_grid_writes_png_with_one_row_per_class(tmp_path):
             assert gray.getpixel((2 + 14, top + 1)) < 255
         # Class 9 has only 9 images (95 = 9*10 + 5): its 10th tile stays black.
         assert gray.getpixel((2 + 30 * 9 + 14, 2 + 30 * 9 + 22)) == 0
+
+
+def test_fedprox_term_keeps_weights_near_their_start():
+    from genfl_shared.models import build_model
+    from genfl_shared.training import train_cvae
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(256, 1, 28, 28, generator=g) > 0.7).float()
+    labels = torch.randint(0, 10, (256,), generator=g)
+
+    def drift(mu):
+        torch.manual_seed(0)
+        model = build_model("cvae")
+        start = [p.detach().clone() for p in model.parameters()]
+        train_cvae(model, images, labels, epochs=2, batch_size=32, lr=1e-3, seed=1, device="cpu", prox_mu=mu)
+        return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start))
+
+    assert drift(100.0) < 0.5 * drift(0.0)
