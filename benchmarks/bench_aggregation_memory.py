@@ -26,7 +26,6 @@ import click
 import _common as c
 
 TARGET_MODELS = 3.0
-MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
 
 
 # -- fake clients (run in helper processes) ------------------------------------------------------
@@ -34,6 +33,7 @@ def _fake_client(address: str, cid: str, n_train: int, n_heldout: int, gate, reg
                  downloaded, submit_gate) -> None:
     import grpc
 
+    from genfl_shared.codec import MAX_MESSAGE_BYTES
     from genfl_shared.proto import genfl_pb2 as pb
     from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 

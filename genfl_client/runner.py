@@ -13,7 +13,7 @@ import grpc
 
 from genfl_shared import __version__
 from genfl_shared.cli import set_log_context
-from genfl_shared.codec import CodecError, PayloadAssembler, encode_state_dict
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
@@ -22,7 +22,6 @@ from .metrics import ClientMetrics
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
 # Weights a client accepts from the server: far above these models, far below a memory exhaustion.
 MAX_MODEL_BYTES = 1 << 30
 TRANSFER_SECONDS = 300.0  # allowance for moving a model, on top of the long-poll time
@@ -73,9 +72,7 @@ class ClientRunner:
         self.metrics = metrics
         self.dataset = dataset
         self.max_reconnect_seconds = max_reconnect_seconds
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+        options = [*TRANSPORT_OPTIONS,
                    ("grpc.max_reconnect_backoff_ms", 5_000)]
         if credentials is not None and tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))

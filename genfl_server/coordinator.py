@@ -64,9 +64,8 @@ class TaskResult:
     task: Task
     num_samples: int
     metrics: dict[str, float]
-    # The decoded update of a TRAIN task. Not kept after on_update ran (the batch would otherwise
-    # hold K models); evaluation results never have one.
-    received_bytes: int = 0
+    # A TRAIN result's update is not kept here: it is folded in by on_update as it arrives (the
+    # batch would otherwise hold K models).
 
 
 UpdateHook = Callable[[Task, int, Mapping[str, torch.Tensor]], None]

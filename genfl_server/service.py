@@ -10,7 +10,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import CHUNK_SIZE, CodecError, PayloadAssembler, check_matches_template, state_dict_nbytes
+from genfl_shared.codec import (TRANSPORT_OPTIONS, CodecError, PayloadAssembler, check_matches_template,
+                                 state_dict_nbytes)
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
@@ -20,8 +21,6 @@ from .security import TokenAuthenticator, bearer_token
 
 log = logging.getLogger(__name__)
 
-# A message carries at most one chunk plus a small header; anything larger is refused by gRPC itself.
-MAX_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
 # Weight uploads decoded at once. Each costs one model of memory, so this bounds the server's
 # memory however many clients upload together; the rest wait in gRPC flow control (kept small by
 # turning off HTTP/2 BDP probing, which would otherwise grow every stream's window to megabytes).
@@ -138,18 +137,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self._authenticate(context, header.client_id)
             task, batch = self.coordinator.open_task(header)
             update = None
-            received = 0
             if task.expects_weights:
                 if not header.HasField("manifest"):
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                    "a training result must carry the updated weights")
                 with self._uploads:
-                    update, received = self._receive_update(header, request_iterator, batch.template)
+                    update = self._receive_update(header, request_iterator, batch.template)
             elif next(request_iterator, None) is not None:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                "an evaluation result carries no weights")
             metrics = {k: float(v) for k, v in header.metrics.items()}
-            result = TaskResult(task, int(header.num_samples), metrics, received)
+            result = TaskResult(task, int(header.num_samples), metrics)
             if not context.is_active():
                 # gRPC ends the request iterator quietly when a message does not parse (and aborts
                 # the call): an apparently complete stream may be a broken one.
@@ -177,7 +175,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         except CodecError as error:
             raise Rejected(_CODEC_STATUS.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT),
                            error.reason, f"update rejected: {error}") from None
-        return update, header.manifest.total_bytes
+        return update
 
     def _header(self, task: Task) -> pb.TaskHeader:
         header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
@@ -206,10 +204,7 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            *TRANSPORT_OPTIONS,
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.bdp_probe", 0),

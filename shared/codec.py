@@ -26,6 +26,16 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("genfl's wire format is little-endian raw bytes; this host is big-endian")
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below gRPC's default 4 MiB message limit, whatever the model size
+# A message carries at most one chunk plus a small header; gRPC itself refuses anything larger.
+MAX_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
+# Channel/server options both sides share: the message limit, and keepalive pings so that a dead
+# peer is noticed within half a minute even while a long poll is idle.
+TRANSPORT_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
 
 # The only dtypes that may cross the wire. Anything else in a manifest is rejected before a byte
 # of payload is interpreted.

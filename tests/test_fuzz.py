@@ -30,7 +30,7 @@ from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
 from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_server.strategy import FedAvg
-from genfl_shared.codec import (CHUNK_SIZE, DTYPES, CodecError, PayloadAssembler, check_matches_template,
+from genfl_shared.codec import (CHUNK_SIZE, DTYPES, MAX_MESSAGE_BYTES, CodecError, PayloadAssembler, check_matches_template,
                                 decode_payload, encode_state_dict, state_dict_nbytes)
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
@@ -551,7 +551,7 @@ def loopback_server():
     service = FederatedLearningService(coordinator, metrics)
     server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", CHUNK_SIZE + 64 * 1024)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     try:
         grpc.channel_ready_future(channel).result(timeout=10)
         yield coordinator, metrics, channel
@@ -668,7 +668,7 @@ def test_server_process_survives_fuzz_and_completes_its_run(tmp_path, cvae_templ
             assert time.monotonic() < deadline, "the server did not listen within 60 s"
             time.sleep(0.1)
         address = json.loads((out / "endpoint.json").read_text())["address"]
-        channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", CHUNK_SIZE + 65536)])
+        channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         grpc.channel_ready_future(channel).result(timeout=20)
         stub = pb_grpc.FederatedLearningStub(channel)
 

@@ -21,7 +21,7 @@ from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
 from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_server.strategy import FedAvg
-from genfl_shared.codec import CHUNK_SIZE, PayloadAssembler, encode_state_dict
+from genfl_shared.codec import CHUNK_SIZE, MAX_MESSAGE_BYTES, PayloadAssembler, encode_state_dict
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -56,7 +56,7 @@ def server():
     service = FederatedLearningService(coordinator, metrics)
     grpc_server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", CHUNK_SIZE + 64 * 1024)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     try:
         grpc.channel_ready_future(channel).result(timeout=10)
         yield Server(coordinator, metrics, pb_grpc.FederatedLearningStub(channel), port)
