@@ -78,6 +78,9 @@ def _on_signal(signum, _frame):
         help="partition.json of the shards, to record dataset/alpha in summary.json.")
 @option("--cvae-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
         help="Global CVAE for --phase classifier.")
+@option("--pretrained-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="--phase classifier: start from this already pre-trained classifier (skips sampling, CAS "
+        "and pre-training; genfl-sweep shares one pre-training between its arms).")
 @option("--pretrain/--no-pretrain", default=True, help="Pre-train the classifier on synthetic data "
         "(--no-pretrain: the baseline, seeded random start).")
 @option("--local-epochs", type=click.IntRange(0), default=None, help="Local epochs per round [preset: 2].")
@@ -149,9 +152,14 @@ def main(**opts) -> None:
     else:
         config = _config(opts)
         phase = opts["phase"]
-        if phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None:
+        if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretrain
+                                                          or opts["cvae_checkpoint"] is not None):
+            raise click.UsageError("--pretrained-checkpoint goes with --phase classifier, without "
+                                   "--no-pretrain and without --cvae-checkpoint")
+        if (phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None
+                and opts["pretrained_checkpoint"] is None):
             raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
-                                   "(or use --phase all, or --no-pretrain)")
+                                   "or --pretrained-checkpoint (or use --phase all, or --no-pretrain)")
         partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
         dataset = opts["dataset"] or partition.get("dataset")
         # The data split is the partitioner's business; record what it did, not a preset's value.
@@ -161,11 +169,15 @@ def main(**opts) -> None:
                       "config": config.to_dict()}
         run_state = RunState.in_dir(out)
         run_state.progress["run"] = run_fields
-        if phase == "classifier" and config.pretrain:
-            try:
+        try:
+            if opts["pretrained_checkpoint"] is not None:
+                # synthetic_pretraining() finds it as if resumed after that step.
+                run_state.tensors["pretrained"] = load_checkpoint(opts["pretrained_checkpoint"], "classifier")
+                run_fields["pretrained_checkpoint"] = str(opts["pretrained_checkpoint"])
+            elif phase == "classifier" and config.pretrain:
                 run_state.tensors["cvae"] = load_checkpoint(opts["cvae_checkpoint"], "cvae")
-            except CheckpointError as error:
-                raise click.ClickException(str(error)) from None
+        except CheckpointError as error:
+            raise click.ClickException(str(error)) from None
     if authenticator is not None and len(authenticator.client_ids) < config.clients:
         raise click.ClickException(f"{opts['tokens_file']} holds tokens for {len(authenticator.client_ids)} "
                                    f"clients, but the run waits for {config.clients}")

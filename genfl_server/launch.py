@@ -53,10 +53,12 @@ def _child_env() -> dict[str, str]:
 
 
 class Launcher:
-    def __init__(self, shards: list[Path], *, client_args: list[str], timeout: float | None):
+    def __init__(self, shards: list[Path], *, client_args: list[str], timeout: float | None,
+                 progress_bar: bool = True):
         self.shards = shards
         self.client_args = client_args
         self.timeout = timeout
+        self.progress_bar = progress_bar  # off when several launchers share one terminal (genfl-sweep)
         self.running: list[subprocess.Popen] = []
 
     def _spawn(self, name: str, args: list[str], log_path: Path) -> subprocess.Popen:
@@ -96,31 +98,40 @@ class Launcher:
         return json.loads(path.read_text())["address"]
 
     def _monitor(self, stage: Stage) -> None:
+        if not self.progress_bar:
+            self._watch(stage, lambda event: None)
+            return
+        with click.progressbar(length=max(stage.total_rounds, 1), label=f"{stage.name}: starting",
+                               file=sys.stderr, show_pos=True, width=24) as bar:
+            def show(event: dict) -> None:
+                bar.label = f"{stage.name}: {_describe(event)}"
+                if event.get("event") == "round":
+                    bar.update(1)
+                else:
+                    bar.render_progress()
+            self._watch(stage, show)
+
+    def _watch(self, stage: Stage, on_event) -> None:
+        """Until every process of the stage has exited: report new events, fail fast on a crash."""
         metrics_path = stage.out / "metrics.jsonl"
         started = time.monotonic()
         seen = 0
-        with click.progressbar(length=max(stage.total_rounds, 1), label=f"{stage.name}: starting",
-                               file=sys.stderr, show_pos=True, width=24) as bar:
-            while True:
-                events = _read_events(metrics_path)
-                for event in events[seen:]:
-                    bar.label = f"{stage.name}: {_describe(event)}"
-                    if event.get("event") == "round":
-                        bar.update(1)
-                    else:
-                        bar.render_progress()
-                seen = len(events)
-                failed = {n: p.returncode for n, p in stage.processes.items()
-                          if p.poll() is not None and p.returncode != 0}
-                if failed:
-                    name = next(iter(failed))
-                    raise LaunchError(f"{stage.name}: {name} exited with code {failed[name]}\n"
-                                      f"{_tail(stage.out / 'logs' / f'{name}.log')}")
-                if all(p.poll() is not None for p in stage.processes.values()):
-                    return
-                if self.timeout and time.monotonic() - started > self.timeout:
-                    raise LaunchError(f"{stage.name}: not finished after {self.timeout:.0f} s")
-                time.sleep(0.2)
+        while True:
+            events = _read_events(metrics_path)
+            for event in events[seen:]:
+                on_event(event)
+            seen = len(events)
+            failed = {n: p.returncode for n, p in stage.processes.items()
+                      if p.poll() is not None and p.returncode != 0}
+            if failed:
+                name = next(iter(failed))
+                raise LaunchError(f"{stage.name}: {name} exited with code {failed[name]}\n"
+                                  f"{_tail(stage.out / 'logs' / f'{name}.log')}")
+            if all(p.poll() is not None for p in stage.processes.values()):
+                return
+            if self.timeout and time.monotonic() - started > self.timeout:
+                raise LaunchError(f"{stage.name}: not finished after {self.timeout:.0f} s")
+            time.sleep(0.2)
 
     def stop_all(self) -> None:
         """Terminate every child still running (SIGTERM, then SIGKILL after 5 s)."""

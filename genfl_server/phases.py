@@ -64,7 +64,7 @@ def initial_state(kind: str, seed: int) -> State:
         return build_model(kind).state_dict()
 
 
-def _model(kind: str, state: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+def model_from_state(kind: str, state: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
     model = build_model(kind)
     model.load_state_dict(state)
     return model.to(device)
@@ -79,7 +79,7 @@ def cvae_phase(ctx: PhaseContext) -> State:
     def test_fn(state):
         if ctx.test_set is None:
             return {}
-        return evaluate_cvae(_model("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
+        return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
 
     done = ctx.run_state.completed_rounds("cvae")
     start = ctx.run_state.tensors["cvae"] if done else initial_state("cvae", cfg.seed)
@@ -91,9 +91,11 @@ def cvae_phase(ctx: PhaseContext) -> State:
     return state
 
 
-def _train_on_synthetic(ctx: PhaseContext, images, labels, *, epochs: int, purpose: str) -> State:
-    cfg = ctx.config
-    model = _model("classifier", initial_state("classifier", cfg.seed), ctx.device)
+def train_on_synthetic(cfg: RunConfig, images, labels, *, epochs: int, purpose: str,
+                       device: torch.device) -> State:
+    """ExquisiteNetV1 from the run's seeded start, trained on synthetic data with the server's
+    settings (used for CAS, pre-training and the centralised baseline's CAS)."""
+    model = model_from_state("classifier", initial_state("classifier", cfg.seed), device)
     started = time.perf_counter()
 
     def progress(epoch: int, loss: float) -> None:
@@ -101,7 +103,7 @@ def _train_on_synthetic(ctx: PhaseContext, images, labels, *, epochs: int, purpo
                  time.perf_counter() - started)
 
     train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
-                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=ctx.device,
+                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=device,
                      progress=progress)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
@@ -114,7 +116,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     ctx.metrics.phase.state("synthetic")
     set_log_context(phase="synthetic", round=None)
     started = time.perf_counter()
-    images, labels = sample_synthetic(_model("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
+    images, labels = sample_synthetic(model_from_state("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
                                       seed=derive_seed(cfg.seed, "synthetic"), device=ctx.device)
     ctx.metrics.synthetic_samples.inc(len(labels))
     save_grid(images, labels, ctx.out_dir / "synthetic_samples.png")
@@ -123,11 +125,12 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
 
     if cfg.cas_epochs > 0 and ctx.run_state.step("cas") is None:
         started = time.perf_counter()
-        cas_state = _train_on_synthetic(ctx, images, labels, epochs=cfg.cas_epochs, purpose="cas")
+        cas_state = train_on_synthetic(cfg, images, labels, epochs=cfg.cas_epochs, purpose="cas",
+                                       device=ctx.device)
         save_checkpoint(ctx.out_dir / "cas_classifier.pt", "classifier", cas_state)
         cas = None
         if ctx.test_set is not None:
-            cas = evaluate_classifier(_model("classifier", cas_state, ctx.device), *ctx.test_set,
+            cas = evaluate_classifier(model_from_state("classifier", cas_state, ctx.device), *ctx.test_set,
                                       device=ctx.device)["accuracy"]
             ctx.metrics.cas.set(cas)
         else:
@@ -143,7 +146,8 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
         ctx.checkpoint(step=("cas", {"cas": cas, "cas_federated": cas_federated.weighted_accuracy}))
 
     started = time.perf_counter()
-    pretrained = _train_on_synthetic(ctx, images, labels, epochs=cfg.pretrain_epochs, purpose="pretrain")
+    pretrained = train_on_synthetic(cfg, images, labels, epochs=cfg.pretrain_epochs, purpose="pretrain",
+                                    device=ctx.device)
     seconds = time.perf_counter() - started
     ctx.metrics.pretrain_seconds.set(seconds)
     save_checkpoint(ctx.out_dir / "pretrained_classifier.pt", "classifier", pretrained)
@@ -163,7 +167,7 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> St
     def test_fn(state):
         if ctx.test_set is None:
             return {}
-        return evaluate_classifier(_model("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
+        return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
     done = ctx.run_state.completed_rounds("classifier")
     state = ctx.engine.run_rounds("classifier", ctx.run_state.tensors["classifier"] if done else start,

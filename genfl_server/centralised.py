@@ -1,0 +1,112 @@
+"""``genfl-centralised``: the CAS reference point, a CVAE trained centrally on all the training data.
+
+Not federated on purpose: it is the upper bound that federated CVAEs are compared with in
+genfl-sweep's ``cas.md``. It sees the same images the clients hold together (the same
+``--train-subset`` draw as the partitioner), makes as many passes over them as each client makes
+in the federated CVAE phase (rounds x local epochs), then samples and scores exactly like the server
+(same sample count, CAS epochs, optimiser and seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.data import DATASETS, DatasetNotFoundError, load_dataset, to_float_images
+from genfl_shared.partition import subsample
+from genfl_shared.seeding import derive_seed
+from genfl_shared.synthetic import sample_synthetic, save_grid
+from genfl_shared.training import evaluate_classifier, train_cvae
+
+from .checkpoint import save_checkpoint
+from .config import PRESETS, RunConfig
+from .phases import initial_state, model_from_state, train_on_synthetic
+from .results import write_json_atomic
+
+log = logging.getLogger("genfl_centralised")
+
+
+def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int):
+    """The pool the federated clients share: the whole train split, or the partitioner's subset draw."""
+    images, labels = load_dataset(dataset, data_root, "train")
+    if cfg.train_subset:
+        # partition_dataset() draws its subset from the first of three streams of the seed.
+        subset_seed = np.random.SeedSequence(seed).spawn(3)[0]
+        rows = torch.from_numpy(subsample(labels.numpy(), cfg.train_subset, subset_seed))
+        images, labels = images[rows], labels[rows]
+    return images, labels
+
+
+def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, device: torch.device) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = training_images(dataset, data_root, cfg, cfg.seed)
+    test_images, test_labels = load_dataset(dataset, data_root, "test")
+    test_set = (to_float_images(test_images, binarize=cfg.binarize).to(device), test_labels.to(device))
+    epochs = cfg.cvae_rounds * cfg.local_epochs
+    started = time.perf_counter()
+    cvae = model_from_state("cvae", initial_state("cvae", cfg.seed), device)
+
+    def progress(epoch: int, loss: float) -> None:
+        log.info("centralised CVAE: epoch %d/%d, loss %.4f (%.1f s)", epoch, epochs, loss,
+                 time.perf_counter() - started)
+
+    train_cvae(cvae, to_float_images(images, binarize=cfg.binarize), labels, epochs=epochs,
+               batch_size=cfg.batch_size, lr=cfg.cvae_lr, seed=derive_seed(cfg.seed, "centralised"),
+               device=device, progress=progress)
+    cvae_seconds = time.perf_counter() - started
+    save_checkpoint(out / "cvae.pt", "cvae", cvae.state_dict())
+
+    started = time.perf_counter()
+    synthetic_images, synthetic_labels = sample_synthetic(cvae, cfg.synthetic_samples,
+                                                          seed=derive_seed(cfg.seed, "synthetic"), device=device)
+    save_grid(synthetic_images, synthetic_labels, out / "synthetic_samples.png")
+    cas_state = train_on_synthetic(cfg, synthetic_images, synthetic_labels, epochs=cfg.cas_epochs,
+                                   purpose="cas", device=device)
+    cas = evaluate_classifier(model_from_state("classifier", cas_state, device), *test_set, device=device)["accuracy"]
+    summary = {"dataset": dataset, "seed": cfg.seed, "train_images": len(labels), "cvae_epochs": epochs,
+               "cvae_seconds": cvae_seconds, "cas": cas, "cas_seconds": time.perf_counter() - started,
+               "config": cfg.to_dict(), "device": str(device)}
+    write_json_atomic(out / "summary.json", summary)
+    log.info("centralised CVAE (%d images, %d epochs): CAS %.4f", len(labels), epochs, cas)
+    return summary
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
+@option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@option("--preset", type=click.Choice(sorted(PRESETS)), default="paper")
+@option("--train-subset", type=click.IntRange(0), default=None, help="Images to use (0: all) [preset].")
+@option("--cvae-rounds", type=click.IntRange(1), default=None, help="Epochs = rounds x local epochs [preset].")
+@option("--local-epochs", type=click.IntRange(1), default=None)
+@option("--synthetic-samples", type=click.IntRange(10), default=None)
+@option("--cas-epochs", type=click.IntRange(1), default=None)
+@option("--seed", type=int, default=0)
+@option("--device", default="cpu")
+@option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@log_level_option
+def main(dataset, data_root, preset, train_subset, cvae_rounds, local_epochs, synthetic_samples, cas_epochs,
+         seed, device, threads, out, log_level):
+    """Train a CVAE on all the training data in one place and score its samples (CAS)."""
+    setup_logging(log_level, "text", "centralised")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = PRESETS[preset].override(cvae_rounds=cvae_rounds, local_epochs=local_epochs, seed=seed,
+                                   synthetic_samples=synthetic_samples, cas_epochs=cas_epochs)
+    if train_subset is not None:
+        cfg = dataclasses.replace(cfg, train_subset=train_subset or None)
+    try:
+        run_centralised(dataset, data_root, cfg, out, torch.device(device))
+    except DatasetNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()

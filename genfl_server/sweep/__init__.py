@@ -1,0 +1,1 @@
+"""genfl-sweep: the poster's experiment grid (plan, run, report, figures)."""

@@ -1,0 +1,160 @@
+"""``genfl-sweep``: the poster's experiment grid as one resumable command.
+
+    genfl-sweep --dataset mnist --data-root DATA --alphas iid,100,10,1,0.1,0.01 --repeats 5 \\
+                --preset paper --out sweeps/mnist [--device cuda] [--parallel 3]
+
+Every cell is a real ``genfl-server`` with ``--clients`` real ``genfl-client`` processes over
+loopback gRPC. Results go to OUT/results.csv, OUT/table.md, OUT/cas.md and OUT/figures/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.data import DATASETS, DatasetNotFoundError
+from genfl_shared.partition import PartitionError
+
+from ..config import PRESETS
+from ..results import write_json_atomic
+from .plan import ARM_CHOICES, STRATEGY_LABELS, build_arms, parse_distributions, plan_cells
+from .report import write_reports
+from .run import SweepRunner, SweepSettings
+
+log = logging.getLogger("genfl_sweep")
+
+SWEEP_JSON = "sweep.json"
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check_same_sweep(out: Path, fixed: dict) -> None:
+    """A folder holds one sweep: re-runs may add alphas, seeds or arms, never change what a cell means."""
+    path = out / SWEEP_JSON
+    if path.exists():
+        recorded = json.loads(path.read_text())["fixed"]
+        changed = {k: (recorded.get(k), v) for k, v in fixed.items() if recorded.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise click.ClickException(f"{out} holds a sweep with other settings ({details}); "
+                                       "use another --out, or the same settings to resume it")
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
+@option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+        help="Folder with the dataset's IDX files (train and test).")
+@option("--alphas", default="iid,100,10,1,0.1,0.01",
+        help="Label distributions: 'iid' and/or Dirichlet concentrations, comma-separated.")
+@option("--repeats", type=click.IntRange(1), default=5, help="Seeds per distribution: --seed, --seed+1, ...")
+@option("--seed", type=int, default=0, help="First seed.")
+@option("--preset", type=click.Choice(sorted(PRESETS)), default="quick")
+@option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@option("--arms", default="pretrained,baseline",
+        help=f"Classifier-phase arms, comma-separated, from: {', '.join(ARM_CHOICES)} "
+        "(pretrained-only: the pre-trained model with --local-epochs 0, clients only evaluate).")
+@option("--strategies", default="fedavg",
+        help=f"Aggregation strategies of the classifier phase, comma-separated, from: "
+        f"{', '.join(STRATEGY_LABELS)}; every pretrained/baseline arm runs with each.")
+@option("--centralised/--no-centralised", default=True,
+        help="Also train one CVAE centrally on all the data per seed (the CAS reference in cas.md).")
+@option("--device", default="cpu", help="Torch device of every server and client (cuda: clients share the GPU).")
+@option("--parallel", type=click.IntRange(1), default=1, help="Cells (server + clients) running at once.")
+@option("--clients", type=click.IntRange(1), default=None, help="[preset: 10]")
+@option("--train-subset", type=click.IntRange(0), default=None, help="Training images (0: all) [preset].")
+@option("--rounds", type=click.IntRange(1), default=None, help="Rounds of both federated phases.")
+@option("--cvae-rounds", type=click.IntRange(1), default=None)
+@option("--classifier-rounds", type=click.IntRange(1), default=None)
+@option("--local-epochs", type=click.IntRange(1), default=None,
+        help="Local epochs of every arm except pretrained-only [preset: 2].")
+@option("--synthetic-samples", type=click.IntRange(10), default=None)
+@option("--cas-epochs", type=click.IntRange(0), default=None, help="0: skip CAS.")
+@option("--pretrain-epochs", type=click.IntRange(1), default=None)
+@option("--prox-mu", type=click.FloatRange(0), default=None, help="FedProx μ [0.01].")
+@option("--fedavgm-momentum", type=click.FloatRange(0, 1), default=None, help="[0.9]")
+@option("--fedavgm-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[1.0]")
+@option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
+@option("--server-threads", type=click.IntRange(0), default=0,
+        help="Torch threads per server (0: this machine's cores / --parallel, so cells do not oversubscribe).")
+@option("--cell-timeout", type=click.FloatRange(0), default=0, help="Fail a cell after this many seconds (0: never).")
+@option("--report-only", is_flag=True, help="Only rewrite the tables and figures from the finished cells.")
+@log_level_option
+def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategies, centralised, device, parallel,
+         clients, train_subset, rounds, cvae_rounds, classifier_rounds, local_epochs, synthetic_samples, cas_epochs,
+         pretrain_epochs, prox_mu, fedavgm_momentum, fedavgm_lr, client_threads, server_threads, cell_timeout,
+         report_only, log_level):
+    """Run the poster's grid (distributions x seeds x arms) as real federated runs, then report."""
+    setup_logging(log_level, "text", "sweep")
+    try:
+        distributions = parse_distributions(alphas)
+        arm_list = build_arms(_list(arms), _list(strategies))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    config = PRESETS[preset].override(
+        clients=clients, cvae_rounds=cvae_rounds or rounds, classifier_rounds=classifier_rounds or rounds,
+        local_epochs=local_epochs, synthetic_samples=synthetic_samples, cas_epochs=cas_epochs,
+        pretrain_epochs=pretrain_epochs, prox_mu=prox_mu, fedavgm_momentum=fedavgm_momentum,
+        fedavgm_lr=fedavgm_lr)
+    subset = config.train_subset if train_subset is None else (train_subset or None)
+    # Everything that changes what a cell computes is fixed for the folder (see _check_same_sweep).
+    server_options = [(flag, str(value)) for flag, value in (
+        ("--cvae-rounds", config.cvae_rounds), ("--classifier-rounds", config.classifier_rounds),
+        ("--local-epochs", config.local_epochs), ("--synthetic-samples", config.synthetic_samples),
+        ("--cas-epochs", config.cas_epochs), ("--pretrain-epochs", config.pretrain_epochs),
+        ("--prox-mu", config.prox_mu), ("--fedavgm-momentum", config.fedavgm_momentum),
+        ("--fedavgm-lr", config.fedavgm_lr))]
+    fixed = {"dataset": dataset, "preset": preset, "clients": config.clients, "train_subset": subset,
+             "server_options": [list(o) for o in server_options]}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_sweep(out, fixed)
+    write_json_atomic(out / SWEEP_JSON, {"fixed": fixed, "data_root": str(data_root)})
+
+    seeds = list(range(seed, seed + repeats))
+    cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
+                       classifier_rounds=config.classifier_rounds, centralised=centralised)
+    failed = False
+    if not report_only:
+        settings = SweepSettings(dataset, data_root, preset, config.clients, subset, server_options, device=device,
+                                 client_threads=client_threads,
+                                 server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
+                                 cell_timeout=cell_timeout or None, log_level=log_level)
+        log.info("sweep of %d cells: %s x seeds %s x arms %s%s, %d at a time on %s, in %s", len(cells),
+                 ",".join(d.label for d in distributions), seeds, ",".join(a.name for a in arm_list),
+                 " + centralised" if centralised else "", parallel, device, out)
+        started = time.monotonic()
+        runner = SweepRunner(settings, cells, parallel=parallel)
+        try:
+            outcome = runner.run()
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: stopped the running cells; finished cells are kept, re-run to resume",
+                       err=True)
+            sys.exit(130)
+        except (DatasetNotFoundError, PartitionError) as error:
+            raise click.ClickException(str(error)) from None
+        log.info("ran %d cells, skipped %d finished, %d failed, %d not run, in %.0f s", len(outcome.ran),
+                 len(outcome.skipped), len(outcome.failed), len(outcome.not_run), time.monotonic() - started)
+        failed = bool(outcome.failed or outcome.not_run)
+    results = write_reports(out, dataset=dataset, preset=preset)
+    from .figures import write_figures  # matplotlib is only needed here
+
+    figures = write_figures(out, results, dataset=dataset)
+    click.echo((out / "table.md").read_text())
+    click.echo((out / "cas.md").read_text())
+    click.echo(f"{len(results)} finished cells; results.csv, table.md, cas.md and {len(figures)} figures in {out}")
+    if failed:
+        click.echo("Error: some cells failed (see the log above and each cell's logs/); re-run to retry them",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

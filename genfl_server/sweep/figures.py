@@ -1,0 +1,205 @@
+"""A sweep's figures (PNG, matplotlib), from the same finished cells as the tables.
+
+- ``accuracy_per_round.png``: weighted client accuracy per classifier round, mean ± std band over
+  seeds, pre-trained vs baseline, one panel per distribution (the poster's Figs 2-5); with more arms
+  than those two, ``mitigation_per_round.png`` shows all of them the same way.
+- ``cas_vs_alpha.png``: CAS and federated CAS against the Dirichlet alpha, IID at the right, the
+  centralised CVAE's CAS as a band.
+- ``class_distribution.png``: clients x classes training-image counts, one panel per distribution.
+- ``synthetic_samples.png``: the server's grid of synthetic samples (one row per class), per distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from genfl_shared.partition import PARTITION_JSON  # noqa: E402
+
+from .report import CellResult, distribution_label, distribution_order  # noqa: E402
+from .plan import STRATEGY_LABELS  # noqa: E402
+
+MAIN_ARMS = {"pretrained": ("pre-trained", "tab:blue"), "baseline": ("baseline", "tab:orange")}
+
+
+def _panels(n: int, *, width: float = 3.6, height: float = 3.0):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curves(runs: list[CellResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rounds, mean %, std %) of weighted client accuracy over the runs' common rounds."""
+    series = []
+    for r in runs:
+        acc = {x["round"]: x["weighted_client_accuracy"] for x in r.summary["rounds"]
+               if x["phase"] == "classifier" and x["weighted_client_accuracy"] is not None}
+        series.append(acc)
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not common:
+        return None
+    values = np.array([[100 * s[k] for k in common] for s in series])
+    std = values.std(axis=0, ddof=1) if len(series) > 1 else np.zeros(len(common))
+    return np.array(common), values.mean(axis=0), std
+
+
+def plot_accuracy_per_round(results: list[CellResult], path: Path, arms: dict[str, tuple[str, str]],
+                            title: str) -> Path | None:
+    grouped: dict[str, dict[str, list[CellResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.kind == "classifier" and r.arm_name in arms:
+            grouped[r.distribution][r.arm_name].append(r)
+    if not grouped:
+        return None
+    dists = sorted(grouped, key=distribution_order)
+    fig, axes = _panels(len(dists))
+    for ax, dist in zip(axes, dists):
+        for name, (label, color) in arms.items():
+            curve = _curves(grouped[dist].get(name, []))
+            if curve is None:
+                continue
+            rounds, mean, std = curve
+            n = len(grouped[dist][name])
+            ax.plot(rounds, mean, marker="o", ms=3, color=color, label=f"{label} (n={n})")
+            ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        ax.set_title(distribution_label(dist))
+        ax.set_xlabel("classifier round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("weighted client accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _mitigation_arms(results: list[CellResult]) -> dict[str, tuple[str, str]]:
+    names = {r.arm_name: r.arm["label"] for r in results if r.kind == "classifier"}
+    if not set(names) - set(MAIN_ARMS):
+        return {}
+    colors = plt.get_cmap("tab10").colors
+    ordered = sorted(names, key=lambda a: (a.startswith("baseline"), a == "pretrained-only",
+                                           a.rsplit("-", 1)[-1] not in STRATEGY_LABELS, a))
+    return {a: (names[a], colors[i % len(colors)]) for i, a in enumerate(ordered)}
+
+
+def plot_cas_vs_alpha(results: list[CellResult], path: Path) -> Path | None:
+    by_dist = defaultdict(list)
+    for r in results:
+        if r.kind == "classifier" and r.summary.get("cas") is not None:
+            by_dist[r.distribution].append(r.summary)
+    if not by_dist:
+        return None
+    dists = sorted(by_dist, key=distribution_order, reverse=True)  # smallest alpha left, IID right
+    alphas = [float(d.removeprefix("alpha-")) for d in dists if d != "iid"]
+    # IID sits one decade right of the largest alpha, on the same log axis.
+    iid_x = 10 * max(alphas) if alphas else 1.0
+    xs = [iid_x if d == "iid" else float(d.removeprefix("alpha-")) for d in dists]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, color in (("cas", "CAS (real test set)", "tab:blue"),
+                              ("cas_federated", "federated CAS (clients' held-out)", "tab:green")):
+        values = [[100 * s[key] for s in by_dist[d] if s.get(key) is not None] for d in dists]
+        mean = [np.mean(v) for v in values]
+        std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=color, label=label)
+    central = [100 * r.summary["cas"] for r in results if r.kind == "centralised"]
+    if central:
+        m, s = float(np.mean(central)), float(np.std(central, ddof=1)) if len(central) > 1 else 0.0
+        ax.axhline(m, color="gray", linestyle="--", label=f"centralised CVAE (n={len(central)})")
+        ax.axhspan(m - s, m + s, color="gray", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [distribution_label(d) for d in dists])
+    ax.minorticks_off()
+    ax.set_xlabel("label distribution (Dirichlet α; smaller is more skewed)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def _first_seed_groups(out: Path) -> dict[str, Path]:
+    """{distribution: the lowest seed's group folder} among the groups that have a partition."""
+    groups = {}
+    for info in sorted((out / "runs").glob(f"*/seed*/shards/{PARTITION_JSON}"),
+                       key=lambda p: int(p.parent.parent.name.removeprefix("seed"))):
+        groups.setdefault(info.parent.parent.parent.name, info.parent.parent)
+    return groups
+
+
+def plot_class_distribution(out: Path, path: Path) -> Path | None:
+    groups = _first_seed_groups(out)
+    if not groups:
+        return None
+    dists = sorted(groups, key=distribution_order)
+    fig, axes = _panels(len(dists), width=3.8, height=3.4)
+    for ax, dist in zip(axes, dists):
+        info = json.loads((groups[dist] / "shards" / PARTITION_JSON).read_text())
+        counts = np.array([c["train_class_counts"] for c in info["clients"]])
+        image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"{distribution_label(dist)} (seed {info['seed']})")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        ax.set_xticks(range(counts.shape[1]))
+        ax.set_yticks(range(counts.shape[0]))
+        ax.tick_params(labelsize=6)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="training images")
+    return _save(fig, path)
+
+
+def plot_synthetic_samples(results: list[CellResult], path: Path) -> Path | None:
+    grids = {}
+    for r in sorted(results, key=lambda r: r.seed):
+        grid = r.out / "synthetic_samples.png"
+        name = "centralised" if r.kind == "centralised" else r.distribution
+        if grid.exists() and name not in grids:
+            grids[name] = (grid, r.seed)
+    if not grids:
+        return None
+    names = sorted((n for n in grids if n != "centralised"), key=distribution_order)
+    names += ["centralised"] if "centralised" in grids else []
+    fig, axes = _panels(len(names), width=3.2, height=3.4)
+    for ax, name in zip(axes, names):
+        grid, seed = grids[name]
+        ax.imshow(plt.imread(grid), cmap="gray")
+        ax.set_title(f"{'centralised CVAE' if name == 'centralised' else distribution_label(name)} (seed {seed})",
+                     fontsize=9)
+        ax.axis("off")
+    fig.suptitle("synthetic samples from the global CVAE (row = class 0-9)")
+    return _save(fig, path)
+
+
+def write_figures(out: Path, results: list[CellResult], *, dataset: str) -> list[Path]:
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    made = [
+        plot_accuracy_per_round(results, figures / "accuracy_per_round.png", MAIN_ARMS,
+                                f"{dataset.upper()}: pre-trained vs baseline (mean ± std over seeds)"),
+        plot_cas_vs_alpha(results, figures / "cas_vs_alpha.png"),
+        plot_class_distribution(out, figures / "class_distribution.png"),
+        plot_synthetic_samples(results, figures / "synthetic_samples.png"),
+    ]
+    mitigation = _mitigation_arms(results)
+    if mitigation:
+        made.append(plot_accuracy_per_round(results, figures / "mitigation_per_round.png", mitigation,
+                                            f"{dataset.upper()}: imbalance mitigation (mean ± std over seeds)"))
+    return [p for p in made if p is not None]

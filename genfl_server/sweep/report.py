@@ -1,0 +1,311 @@
+"""A sweep's results, read back from its finished cells: ``results.csv``, ``table.md`` and ``cas.md``.
+
+Everything here is computed from what is on disk (``runs/**/cell.json`` and each run's
+``summary.json``), so the reports always cover every finished cell of the folder, including
+arms or seeds run by an earlier invocation, and can be regenerated with ``--report-only``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .plan import STRATEGY_LABELS
+from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
+from .run import CELL_MARKER
+
+CSV_FIELDS = ["dataset", "preset", "distribution", "alpha", "seed", "arm", "pretrain", "strategy",
+              "local_epochs", "phase", "round", "weighted_client_accuracy", "weighted_client_loss",
+              "test_accuracy", "test_loss", "train_loss", "clients", "seconds"]
+
+
+@dataclass
+class CellResult:
+    key: str
+    kind: str  # cvae | classifier | centralised
+    seed: int
+    distribution: str | None  # Distribution.name
+    alpha: float | str | None
+    arm: dict | None
+    seconds: float
+    summary: dict
+    out: Path
+
+    @property
+    def arm_name(self) -> str:
+        return self.arm["name"] if self.arm else self.kind
+
+    def final(self, key: str) -> float | None:
+        return (self.summary.get("final") or {}).get(key)
+
+
+def load_results(out: Path) -> list[CellResult]:
+    results = []
+    for marker in sorted((out / "runs").glob(f"**/{CELL_MARKER}")):
+        cell = json.loads(marker.read_text())
+        summary = json.loads((marker.parent / "summary.json").read_text())
+        results.append(CellResult(cell["key"], cell["kind"], cell["seed"], cell["distribution"], cell["alpha"],
+                                  cell["arm"], cell["seconds"], summary, marker.parent))
+    return results
+
+
+def distribution_order(name: str) -> tuple[int, float]:
+    """Poster order: IID, then alpha from large (mild skew) to small (extreme skew)."""
+    return (0, 0.0) if name == "iid" else (1, -float(name.removeprefix("alpha-")))
+
+
+def distribution_label(name: str) -> str:
+    return "IID" if name == "iid" else "α=" + name.removeprefix("alpha-")
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None, int]:
+    """Mean and sample standard deviation (None for a single value)."""
+    if not values:
+        raise ValueError("no values")
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def fmt_pct(values: list[float | None]) -> str:
+    """'93.92 ± 0.28' in percent (mean ± sample std); '-' without values; no ± for one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean, std, _ = mean_std([100 * v for v in values])
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+# -- results.csv ------------------------------------------------------------------------------
+
+
+def write_results_csv(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> int:
+    rows = 0
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in sorted((r for r in results if r.kind != "centralised"),
+                        key=lambda r: (distribution_order(r.distribution), r.seed, r.kind != "cvae", r.arm_name)):
+            arm = r.arm or {}
+            for rnd in r.summary["rounds"]:
+                writer.writerow({
+                    "dataset": dataset, "preset": preset, "distribution": r.distribution, "alpha": r.alpha,
+                    "seed": r.seed, "arm": r.arm_name, "pretrain": arm.get("pretrain", ""),
+                    "strategy": arm.get("strategy", "fedavg"),
+                    "local_epochs": arm.get("local_epochs") if arm.get("local_epochs") is not None
+                    else r.summary.get("config", {}).get("local_epochs", ""),
+                    "phase": rnd["phase"], "round": rnd["round"],
+                    **{k: rnd.get(k) for k in ("weighted_client_accuracy", "weighted_client_loss",
+                                               "test_accuracy", "test_loss", "train_loss", "clients",
+                                               "seconds")},
+                })
+                rows += 1
+    return rows
+
+
+# -- table.md ---------------------------------------------------------------------------------
+
+
+def _by(results: list[CellResult], kind: str) -> dict[str, dict[str, list[CellResult]]]:
+    """{distribution: {arm name: [results over seeds]}}"""
+    grouped: dict[str, dict[str, list[CellResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.kind == kind:
+            grouped[r.distribution][r.arm_name].append(r)
+    return grouped
+
+
+def _last_round(results: list[CellResult]) -> int | None:
+    rounds = {r.final("round") for r in results if r.summary.get("final")}
+    return rounds.pop() if len(rounds) == 1 else None
+
+
+def _accs(runs: list[CellResult], key: str = "weighted_client_accuracy") -> list[float | None]:
+    return [r.final(key) for r in sorted(runs, key=lambda r: r.seed)]
+
+
+def _seeds(runs: list[CellResult]) -> str:
+    return ",".join(str(s) for s in sorted({r.seed for r in runs}))
+
+
+def write_table(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> None:
+    classifier = [r for r in results if r.kind == "classifier"]
+    grouped = _by(results, "classifier")
+    dists = sorted(grouped, key=distribution_order)
+    last = _last_round(classifier)
+    poster = POSTER.get(dataset, {})
+    lines = [
+        f"# GenFL sweep: {dataset.upper()}, preset `{preset}`",
+        "",
+        f"Weighted client accuracy (%) after the last classifier round (round {last or 'varies'}), "
+        "mean ± sample std over seeds (n = number of seeds), pre-trained on synthetic data vs the "
+        "baseline from random weights, FedAvg; the poster's numbers beside ours "
+        f"(round {POSTER_ROUND}, {POSTER_RUNS} runs).",
+        "",
+        "| Distribution | Pre-trained | Baseline | Δ (pp) | Poster pre-trained | Poster baseline "
+        "| Pre-trained, real test set | Baseline, real test set | n | Seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dist in dists:
+        arms = grouped[dist]
+        pre, base = arms.get("pretrained", []), arms.get("baseline", [])
+        delta = "–"
+        paired = _paired_delta(pre, base)
+        if paired:
+            delta = fmt_pct(paired)
+        ref = poster.get(dist)
+        ref_pre = f"{ref[0][0]:.2f} ± {ref[0][1]:.2f}" if ref else "–"
+        ref_base = f"{ref[1][0]:.2f} ± {ref[1][1]:.2f}" if ref else "–"
+        n = max(len(pre), len(base))
+        lines.append(f"| {distribution_label(dist)} | {fmt_pct(_accs(pre))} | {fmt_pct(_accs(base))} | {delta} "
+                     f"| {ref_pre} | {ref_base} | {fmt_pct(_accs(pre, 'test_accuracy'))} "
+                     f"| {fmt_pct(_accs(base, 'test_accuracy'))} | {n} | {_seeds(pre + base)} |")
+    lines += ["", *EVALUATION_NOTE, ""]
+    if preset != "paper":
+        lines += [f"This sweep used the `{preset}` preset, not the poster's configuration (see README.md, "
+                  "\"Presets\"), so its numbers are not expected to match the poster's.", ""]
+
+    other_arms = sorted({a for d in grouped.values() for a in d} - {"pretrained", "baseline"})
+    if other_arms:
+        lines += _mitigation_section(grouped, dists)
+    lines += _timing_section(results)
+    path.write_text("\n".join(lines) + "\n")
+
+
+EVALUATION_NOTE = [
+    "**How this evaluation differs from the poster's.** \"Weighted client accuracy\" is each client's "
+    "accuracy on its own held-out 10 % of its shard, weighted by the size of that held-out set; "
+    "GenFL holds that data out before training, so no client is ever scored on an image it trained on. "
+    "The poster's clients were scored on data that overlapped 8/9 of their training data, which "
+    "inflates its accuracies (most for skewed splits, where a client memorises its few classes). "
+    "The \"real test set\" columns score the same global model on the dataset's official 10,000-image "
+    "test split, which no client holds: the accuracy a user of the final model would see.",
+]
+
+
+def _paired_delta(pre: list[CellResult], base: list[CellResult]) -> list[float]:
+    """Pre-trained minus baseline, per seed (both arms of a seed share the shards)."""
+    base_by_seed = {r.seed: r.final("weighted_client_accuracy") for r in base}
+    return [r.final("weighted_client_accuracy") - base_by_seed[r.seed] for r in pre
+            if base_by_seed.get(r.seed) is not None and r.final("weighted_client_accuracy") is not None]
+
+
+def _arm_sort_key(name: str) -> tuple:
+    pretrain = not name.startswith("baseline")
+    strategy = name.split("-", 1)[1] if "-" in name and name != "pretrained-only" else "fedavg"
+    return (not pretrain, name == "pretrained-only", list(STRATEGY_LABELS).index(strategy)
+            if strategy in STRATEGY_LABELS else 9)
+
+
+def _mitigation_section(grouped, dists) -> list[str]:
+    arms = sorted({a for d in grouped.values() for a in d}, key=_arm_sort_key)
+    labels = {}
+    for d in grouped.values():
+        for name, runs in d.items():
+            labels[name] = runs[0].arm["label"]
+    lines = [
+        "## Imbalance mitigation",
+        "",
+        "Weighted client accuracy (%) after the last round, mean ± std (real test set accuracy in brackets) "
+        "for each way of running the classifier phase. FedProx adds the proximal term μ/2·‖w − w_global‖² "
+        "to every client's loss; FedAvgM applies the averaged update through server momentum; "
+        "\"pre-training only\" broadcasts the pre-trained model and lets the clients only evaluate it "
+        "(local epochs 0). Every pre-trained arm starts from the same pre-trained weights, every "
+        "baseline arm from the same random weights, on the same shards.",
+        "",
+        "| Distribution | " + " | ".join(labels[a] for a in arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for dist in dists:
+        cells = []
+        for a in arms:
+            runs = grouped[dist].get(a, [])
+            cells.append(f"{fmt_pct(_accs(runs))} ({fmt_pct(_accs(runs, 'test_accuracy'))}), n={len(runs)}"
+                         if runs else "–")
+        lines.append(f"| {distribution_label(dist)} | " + " | ".join(cells) + " |")
+    lines += ["", "**Which helps** (by mean weighted client accuracy; with few seeds a difference smaller "
+              "than the std is not a finding):", ""]
+    for dist in dists:
+        verdicts = _verdicts(grouped[dist], labels)
+        if verdicts:
+            lines.append(f"- {distribution_label(dist)}: {verdicts}")
+    return lines + [""]
+
+
+def _verdicts(arms: dict[str, list[CellResult]], labels: dict[str, str]) -> str:
+    means = {a: mean_std([v for v in _accs(runs) if v is not None]) for a, runs in arms.items()
+             if any(v is not None for v in _accs(runs))}
+    if len(means) < 2:
+        return ""
+    best = max(means, key=lambda a: means[a][0])
+    parts = [f"best is **{labels[best]}** ({100 * means[best][0]:.2f} %)"]
+    for reference in ("pretrained", "baseline"):
+        family = [a for a in means if (a.startswith("baseline")) == (reference == "baseline")
+                  and a != reference]
+        if reference not in means:
+            continue
+        for a in sorted(family, key=_arm_sort_key):
+            diff = 100 * (means[a][0] - means[reference][0])
+            pooled = [s for s in (means[a][1], means[reference][1]) if s is not None]
+            noise = f", std {100 * max(pooled):.2f}" if pooled else ", n=1"
+            parts.append(f"{labels[a]} vs {labels[reference]}: {diff:+.2f} pp{noise}")
+    return "; ".join(parts)
+
+
+def _timing_section(results: list[CellResult]) -> list[str]:
+    rows = defaultdict(list)
+    round_secs = defaultdict(list)
+    for r in results:
+        rows[r.kind if r.kind != "classifier" else f"classifier ({r.arm_name})"].append(r.seconds)
+        for rnd in r.summary.get("rounds", []):
+            round_secs[rnd["phase"]].append(rnd["seconds"])
+    devices = sorted({str(r.summary.get("device")) for r in results})
+    lines = ["## Wall time", "", f"Device: {', '.join(devices)}.", "",
+             "| Cell | Runs | Median wall s | Total wall s |", "|---|---|---|---|"]
+    for name in sorted(rows):
+        lines.append(f"| {name} | {len(rows[name])} | {statistics.median(rows[name]):.1f} | {sum(rows[name]):.0f} |")
+    lines += ["", "| Phase | Rounds | Median s per round |", "|---|---|---|"]
+    for phase in sorted(round_secs):
+        lines.append(f"| {phase} | {len(round_secs[phase])} | {statistics.median(round_secs[phase]):.2f} |")
+    return lines + [""]
+
+
+# -- cas.md -----------------------------------------------------------------------------------
+
+
+def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> None:
+    by_dist = defaultdict(list)
+    for r in results:
+        if r.kind == "classifier" and r.summary.get("cas") is not None:
+            by_dist[r.distribution].append(r)
+    centralised = [r for r in results if r.kind == "centralised"]
+    lines = [
+        f"# Classification Accuracy Score: {dataset.upper()}, preset `{preset}`",
+        "",
+        "CAS: accuracy on the real test set of an ExquisiteNetV1 trained only on synthetic images "
+        "sampled from the global CVAE (mean ± sample std over seeds, %). Federated CAS: the same "
+        "classifier scored on the clients' held-out data (weighted by held-out size). The centralised "
+        "row trains one CVAE on all the training data in one place, for as many passes as each client "
+        "makes in the federated CVAE phase: what federation costs the generator.",
+        "",
+        "| Distribution | CAS | Federated CAS | n | Seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for dist in sorted(by_dist, key=distribution_order):
+        runs = by_dist[dist]
+        lines.append(f"| {distribution_label(dist)} | {fmt_pct([r.summary['cas'] for r in runs])} "
+                     f"| {fmt_pct([r.summary.get('cas_federated') for r in runs])} | {len(runs)} | {_seeds(runs)} |")
+    if centralised:
+        lines.append(f"| Centralised CVAE (all data) | {fmt_pct([r.summary['cas'] for r in centralised])} | – "
+                     f"| {len(centralised)} | {_seeds(centralised)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_reports(out: Path, *, dataset: str, preset: str) -> list[CellResult]:
+    results = load_results(out)
+    write_results_csv(results, out / "results.csv", dataset=dataset, preset=preset)
+    write_table(results, out / "table.md", dataset=dataset, preset=preset)
+    write_cas(results, out / "cas.md", dataset=dataset, preset=preset)
+    return results

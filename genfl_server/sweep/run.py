@@ -1,0 +1,234 @@
+"""Running a sweep's cells: each one a real server with real client processes, several at a time.
+
+A cell is finished when its folder holds ``cell.json`` (written only after the run succeeded) and
+every cell it depends on is finished too; finished cells are skipped on a re-run, so a sweep that
+was interrupted or extended (more seeds, more alphas, more arms) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
+
+from ..launch import Launcher, LaunchError, Stage, _child_env, _tail
+from ..results import write_json_atomic
+from .plan import Cell
+
+log = logging.getLogger("genfl_sweep")
+
+CELL_MARKER = "cell.json"
+
+
+@dataclass
+class SweepSettings:
+    dataset: str
+    data_root: Path
+    preset: str
+    clients: int
+    train_subset: int | None
+    server_options: list[tuple[str, str]]  # preset overrides (flag, value) for every server
+    device: str = "cpu"
+    client_threads: int = 1
+    server_threads: int = 0
+    cell_timeout: float | None = None
+    log_level: str = "info"
+
+
+@dataclass
+class SweepOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)  # a dependency failed
+
+
+def is_finished(cell: Cell, cells: dict[str, Cell], _memo: dict[str, bool] | None = None) -> bool:
+    memo = {} if _memo is None else _memo
+    if cell.key not in memo:
+        memo[cell.key] = (cell.out / CELL_MARKER).exists() and all(
+            is_finished(cells[d], cells, memo) for d in cell.deps)
+    return memo[cell.key]
+
+
+class SweepRunner:
+    def __init__(self, settings: SweepSettings, cells: list[Cell], *, parallel: int):
+        self.settings = settings
+        self.cells = {c.key: c for c in cells}
+        self.order = [c.key for c in cells]
+        self.parallel = parallel
+        self._group_locks: dict[Path, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._launchers: list[Launcher] = []
+        self._processes: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def run(self) -> SweepOutcome:
+        outcome = SweepOutcome()
+        memo: dict[str, bool] = {}
+        done = {k for k in self.order if is_finished(self.cells[k], self.cells, memo)}
+        outcome.skipped = [k for k in self.order if k in done]
+        todo = [k for k in self.order if k not in done]
+        if outcome.skipped:
+            log.info("%d of %d cells already finished (skipped)", len(done), len(self.order))
+        started = time.monotonic()
+        running: dict[Future, str] = {}
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="cell") as pool:
+            try:
+                while todo or running:
+                    for key in list(todo):
+                        if len(running) >= self.parallel:
+                            break
+                        deps = self.cells[key].deps
+                        if any(d in outcome.failed or d in outcome.not_run for d in deps):
+                            todo.remove(key)
+                            outcome.not_run.append(key)
+                            log.error("%s: not run, a cell it needs failed", key)
+                        elif all(d in done for d in deps):
+                            todo.remove(key)
+                            running[pool.submit(self._run_cell, self.cells[key])] = key
+                    if not running:
+                        continue
+                    finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        key = running.pop(future)
+                        error = future.exception()
+                        if error is None:
+                            done.add(key)
+                            outcome.ran.append(key)
+                            remaining = len(todo) + len(running)
+                            log.info("[%d/%d] %s finished (%s); %d cells to go, %.0f s so far",
+                                     len(done), len(self.order), key, future.result(), remaining,
+                                     time.monotonic() - started)
+                        else:
+                            outcome.failed[key] = str(error)
+                            log.error("%s failed: %s", key, error)
+            except BaseException:
+                self.stop()
+                raise
+        return outcome
+
+    def stop(self) -> None:
+        """Stop every running cell's processes (Ctrl-C)."""
+        self._stopping.set()
+        for launcher in list(self._launchers):
+            launcher.stop_all()
+        for proc in list(self._processes):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    # -- one cell -----------------------------------------------------------------------------
+
+    def _run_cell(self, cell: Cell) -> str:
+        if self._stopping.is_set():
+            raise LaunchError("sweep stopping")
+        # A partial earlier attempt (or a finished run whose dependency was re-run) starts afresh.
+        if cell.out.exists():
+            shutil.rmtree(cell.out)
+        started = time.monotonic()
+        log.info("%s: starting", cell.key)
+        if cell.kind == "centralised":
+            summary = self._run_centralised(cell)
+            result = f"CAS {_pct(summary['cas'])}"
+        else:
+            summary = self._run_federated(cell)
+            final = summary.get("final") or {}
+            result = (f"client acc {_pct(final.get('weighted_client_accuracy'))}, "
+                      f"test acc {_pct(final.get('test_accuracy'))}")
+            if summary.get("cas") is not None:
+                result += f", CAS {_pct(summary['cas'])}"
+        seconds = time.monotonic() - started
+        write_json_atomic(cell.out / CELL_MARKER, {
+            "key": cell.key, "kind": cell.kind, "seed": cell.seed, "seconds": seconds,
+            "dataset": self.settings.dataset, "preset": self.settings.preset, "device": self.settings.device,
+            "alpha": None if cell.distribution is None else (cell.distribution.alpha or "iid"),
+            "distribution": None if cell.distribution is None else cell.distribution.name,
+            "arm": None if cell.arm is None else {"name": cell.arm.name, "label": cell.arm.label,
+                                                  "pretrain": cell.arm.pretrain, "strategy": cell.arm.strategy,
+                                                  "local_epochs": cell.arm.local_epochs},
+            "args": cell.args, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        return f"{result}, {seconds:.0f} s"
+
+    def _shards(self, cell: Cell) -> list[Path]:
+        """Partition the cell's (distribution, seed) once; every cell of the group shares it."""
+        s = self.settings
+        shard_dir = cell.group / "shards"
+        with self._locks_guard:
+            lock = self._group_locks.setdefault(cell.group, threading.Lock())
+        with lock:
+            wanted = {"dataset": s.dataset, "alpha": cell.distribution.alpha or "iid", "seed": cell.seed,
+                      "num_clients": s.clients, "train_subset": s.train_subset}
+            info_path = shard_dir / PARTITION_JSON
+            info = json.loads(info_path.read_text()) if info_path.exists() else {}
+            if {k: info.get(k) for k in wanted} != wanted:
+                partition_dataset(s.dataset, s.data_root, s.clients, cell.distribution.alpha, cell.seed,
+                                  shard_dir, train_subset=s.train_subset)
+        return [shard_dir / shard_file_name(i) for i in range(s.clients)]
+
+    def _run_federated(self, cell: Cell) -> dict:
+        s = self.settings
+        shards = self._shards(cell)
+        server_args = ["--preset", s.preset, "--clients", str(s.clients), "--seed", str(cell.seed),
+                       "--device", s.device, "--dataset", s.dataset, "--test-data", str(s.data_root),
+                       "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
+                       "--threads", str(s.server_threads), "--log-level", s.log_level,
+                       *_flat(s.server_options), *cell.args]
+        launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
+                                                 "--log-level", s.log_level],
+                            timeout=s.cell_timeout, progress_bar=False)
+        self._launchers.append(launcher)
+        try:
+            return launcher.run_stage(Stage(cell.key, cell.out, server_args, cell.rounds))
+        finally:
+            launcher.stop_all()
+            self._launchers.remove(launcher)
+
+    def _run_centralised(self, cell: Cell) -> dict:
+        s = self.settings
+        cell.out.mkdir(parents=True, exist_ok=True)
+        log_path = cell.out / "logs" / "centralised.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "genfl_server.centralised", "--dataset", s.dataset,
+                "--data-root", str(s.data_root), "--preset", s.preset, "--seed", str(cell.seed),
+                "--device", s.device, "--threads", str(s.server_threads), "--out", str(cell.out),
+                "--train-subset", str(s.train_subset or 0), "--log-level", s.log_level,
+                *_flat(o for o in s.server_options if o[0] in _CENTRALISED_OPTIONS)]
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())
+        self._processes.append(proc)
+        try:
+            code = proc.wait(timeout=s.cell_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise LaunchError(f"{cell.key}: not finished after {s.cell_timeout:.0f} s") from None
+        finally:
+            self._processes.remove(proc)
+        if code != 0:
+            raise LaunchError(f"{cell.key}: exited with code {code}\n{_tail(log_path)}")
+        return json.loads((cell.out / "summary.json").read_text())
+
+
+# The server options that also shape the centralised baseline (the rest are federated-only).
+_CENTRALISED_OPTIONS = {"--cvae-rounds", "--local-epochs", "--synthetic-samples", "--cas-epochs"}
+
+
+def _flat(options) -> list[str]:
+    return [x for pair in options for x in pair]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
