@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import logging
 import sys
 import time
@@ -31,6 +32,10 @@ from .run import SweepRunner, SweepSettings
 log = logging.getLogger("genfl_sweep")
 
 SWEEP_JSON = "sweep.json"
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt
 
 
 def _list(text: str) -> list[str]:
@@ -94,6 +99,10 @@ def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategie
          report_only, log_level):
     """Run the poster's grid (distributions x seeds x arms) as real federated runs, then report."""
     setup_logging(log_level, "text", "sweep")
+    # SIGINT (also when started in the background, where it is inherited as ignored) and SIGTERM
+    # (containers, `timeout`) stop the running cells cleanly; a re-run resumes them.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         distributions = parse_distributions(alphas)
         arm_list = build_arms(_list(arms), _list(strategies))

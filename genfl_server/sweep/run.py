@@ -2,7 +2,9 @@
 
 A cell is finished when its folder holds ``cell.json`` (written only after the run succeeded) and
 every cell it depends on is finished too; finished cells are skipped on a re-run, so a sweep that
-was interrupted or extended (more seeds, more alphas, more arms) continues where it stopped.
+was interrupted or extended (more seeds, more alphas, more arms) continues where it stopped. A
+federated cell that was interrupted mid-run continues from its last finished round (the server's
+``--resume``), unless a cell it depends on was re-run since.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file
 
 from ..launch import Launcher, LaunchError, Stage, _child_env, _tail
 from ..results import write_json_atomic
+from ..runstate import FILE_NAME as RUN_STATE_FILE
 from .plan import Cell
 
 log = logging.getLogger("genfl_sweep")
@@ -71,6 +74,7 @@ class SweepRunner:
         self._launchers: list[Launcher] = []
         self._processes: list[subprocess.Popen] = []
         self._stopping = threading.Event()
+        self._ran_now: set[str] = set()  # cells (re-)run by this invocation
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class SweepRunner:
                         error = future.exception()
                         if error is None:
                             done.add(key)
+                            self._ran_now.add(key)
                             outcome.ran.append(key)
                             remaining = len(todo) + len(running)
                             log.info("[%d/%d] %s finished (%s); %d cells to go, %.0f s so far",
@@ -134,16 +139,18 @@ class SweepRunner:
     def _run_cell(self, cell: Cell) -> str:
         if self._stopping.is_set():
             raise LaunchError("sweep stopping")
-        # A partial earlier attempt (or a finished run whose dependency was re-run) starts afresh.
-        if cell.out.exists():
+        resume = (cell.kind != "centralised" and (cell.out / RUN_STATE_FILE).exists()
+                  and not (cell.out / CELL_MARKER).exists() and not self._ran_now.intersection(cell.deps))
+        if not resume and cell.out.exists():
+            # A finished run whose dependency was re-run, or a run that never saved its state.
             shutil.rmtree(cell.out)
         started = time.monotonic()
-        log.info("%s: starting", cell.key)
+        log.info("%s: %s", cell.key, "resuming from its last finished round" if resume else "starting")
         if cell.kind == "centralised":
             summary = self._run_centralised(cell)
             result = f"CAS {_pct(summary['cas'])}"
         else:
-            summary = self._run_federated(cell)
+            summary = self._run_federated(cell, resume)
             final = summary.get("final") or {}
             result = (f"client acc {_pct(final.get('weighted_client_accuracy'))}, "
                       f"test acc {_pct(final.get('test_accuracy'))}")
@@ -178,14 +185,17 @@ class SweepRunner:
                                   shard_dir, train_subset=s.train_subset)
         return [shard_dir / shard_file_name(i) for i in range(s.clients)]
 
-    def _run_federated(self, cell: Cell) -> dict:
+    def _run_federated(self, cell: Cell, resume: bool) -> dict:
         s = self.settings
         shards = self._shards(cell)
-        server_args = ["--preset", s.preset, "--clients", str(s.clients), "--seed", str(cell.seed),
-                       "--device", s.device, "--dataset", s.dataset, "--test-data", str(s.data_root),
-                       "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
-                       "--threads", str(s.server_threads), "--log-level", s.log_level,
-                       *_flat(s.server_options), *cell.args]
+        server_args = ["--device", s.device, "--test-data", str(s.data_root), "--threads", str(s.server_threads),
+                       "--log-level", s.log_level]
+        if resume:  # everything else comes from the cell's saved run state
+            server_args.append("--resume")
+        else:
+            server_args += ["--preset", s.preset, "--clients", str(s.clients), "--seed", str(cell.seed),
+                            "--dataset", s.dataset, "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
+                            *_flat(s.server_options), *cell.args]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
                             timeout=s.cell_timeout, progress_bar=False)

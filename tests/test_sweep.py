@@ -1,0 +1,252 @@
+"""genfl-sweep: the plan, the statistics, and real sweeps (server + client processes per cell) at
+tiny sizes: reports that match the raw results, resuming finished and interrupted cells, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from genfl_server.checkpoint import load_checkpoint
+from genfl_server.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
+from genfl_server.sweep.poster import POSTER
+from genfl_server.sweep.report import fmt_pct, mean_std
+
+TINY = ["--clients", "2", "--train-subset", "600", "--rounds", "2", "--synthetic-samples", "200",
+        "--cas-epochs", "1", "--pretrain-epochs", "1", "--server-threads", "1", "--log-level", "warning"]
+
+
+def sweep(out: Path, data: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genfl_server.sweep.cli", "--data-root", str(data),
+                           "--out", str(out), "--preset", "quick", *TINY, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# -- plan and statistics (no processes) -------------------------------------------------------
+
+
+def test_distributions_parse_in_order_and_reject_bad_input():
+    assert [d.name for d in parse_distributions("iid,100,0.1,0.01")] == ["iid", "alpha-100", "alpha-0.1",
+                                                                          "alpha-0.01"]
+    assert parse_distributions(" IID , 1 ")[1].alpha == 1.0
+    for bad in ("0", "-1", "abc", "iid,iid", "0.1,0.10", "nan", ""):
+        with pytest.raises(ValueError):
+            parse_distributions(bad)
+
+
+def test_plan_shares_one_cvae_and_one_pretraining_per_group(tmp_path):
+    arms = build_arms(["baseline", "pretrained-only", "pretrained"], ["fedprox", "fedavg"])
+    assert [a.name for a in arms] == ["pretrained", "pretrained-fedprox", "pretrained-only", "baseline",
+                                      "baseline-fedprox"]
+    cells = plan_cells(tmp_path, [Distribution(None), Distribution(0.1)], [0, 1], arms,
+                       cvae_rounds=3, classifier_rounds=2, centralised=True)
+    keys = {c.key: c for c in cells}
+    assert len(cells) == 2 * 2 * (1 + 5) + 2
+    primary = keys["alpha-0.1/seed1/pretrained"]
+    assert primary.deps == ["alpha-0.1/seed1/cvae"]
+    assert "--cvae-checkpoint" in primary.args
+    for name in ("pretrained-fedprox", "pretrained-only"):
+        cell = keys[f"alpha-0.1/seed1/{name}"]
+        assert cell.deps == [primary.key]
+        assert cell.args[cell.args.index("--pretrained-checkpoint") + 1] == str(primary.out /
+                                                                               "pretrained_classifier.pt")
+    only = keys["alpha-0.1/seed1/pretrained-only"].args
+    assert only[only.index("--local-epochs") + 1] == "0"
+    base = keys["iid/seed0/baseline-fedprox"]
+    assert base.deps == [] and "--no-pretrain" in base.args and base.args[base.args.index("--strategy") + 1] == "fedprox"
+    # Group by group: a group's cells come before the next group's, so groups finish in order.
+    assert [c.key for c in cells][:6] == [f"iid/seed0/{n}" for n in ("cvae", "pretrained", "pretrained-fedprox",
+                                                                     "pretrained-only", "baseline",
+                                                                     "baseline-fedprox")]
+    with pytest.raises(ValueError):
+        build_arms(["pretrained"], ["fedsgd"])
+    assert Arm(True, "fedavgm").label == "pre-trained + FedAvgM"
+
+
+def test_mean_and_sample_std_like_the_poster():
+    mean, std, n = mean_std([90.0, 92.0, 94.0])
+    assert (mean, std, n) == (92.0, 2.0, 3)
+    assert fmt_pct([0.9, 0.92, 0.94]) == "92.00 ± 2.00"
+    assert fmt_pct([0.5]) == "50.00"  # one seed: no std is claimed
+    assert fmt_pct([None]) == "–"
+
+
+# -- real sweeps --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("sweep")
+    started = time.monotonic()
+    result = sweep(out, data_root("mnist"), "--alphas", "iid,0.5", "--repeats", "2", "--parallel", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result, time.monotonic() - started
+
+
+def _final_rows(out: Path) -> dict[tuple[str, str], list[float]]:
+    """(distribution, arm) -> weighted client accuracy at the last classifier round, per seed."""
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    last = max(int(r["round"]) for r in rows if r["phase"] == "classifier")
+    finals: dict[tuple[str, str], list[float]] = {}
+    for r in sorted(rows, key=lambda r: int(r["seed"])):
+        if r["phase"] == "classifier" and int(r["round"]) == last:
+            finals.setdefault((r["distribution"], r["arm"]), []).append(float(r["weighted_client_accuracy"]))
+    return finals
+
+
+def test_every_cell_is_a_real_run_with_its_own_server_and_clients(small_sweep):
+    out, _, _ = small_sweep
+    for group in ("iid/seed0", "iid/seed1", "alpha-0.5/seed0", "alpha-0.5/seed1"):
+        shards = json.loads((out / "runs" / group / "shards" / "partition.json").read_text())
+        assert shards["alpha"] == ("iid" if group.startswith("iid") else 0.5)
+        assert shards["seed"] == int(group[-1]) and shards["num_clients"] == 2
+        for cell in ("cvae", "pretrained", "baseline"):
+            folder = out / "runs" / group / cell
+            assert (folder / "cell.json").exists()
+            logs = {p.name for p in (folder / "logs").iterdir()}
+            assert logs == {"server.log", "client-000.log", "client-001.log"}
+            summary = json.loads((folder / "summary.json").read_text())
+            assert summary["seed"] == int(group[-1]) and summary["clients"] == 2
+        pretrained = json.loads((out / "runs" / group / "pretrained" / "summary.json").read_text())
+        assert 0 <= pretrained["cas"] <= 1 and 0 <= pretrained["cas_federated"] <= 1
+    # Baseline and pre-trained arms of one group train on the very same shards.
+    logs = [(out / "runs" / "alpha-0.5/seed1" / arm / "logs" / "server.log").read_text() for arm in
+            ("pretrained", "baseline")]
+    registered = [sorted(line.split("client ")[1] for line in text.splitlines() if "registered (" in line)
+                  for text in logs]
+    assert registered[0] == registered[1]
+
+
+def test_results_csv_has_one_row_per_run_and_round(small_sweep):
+    out, _, _ = small_sweep
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    # 4 groups x (2 CVAE rounds + 2 rounds x 2 classifier arms)
+    assert len(rows) == 4 * (2 + 2 * 2)
+    keys = {(r["distribution"], r["seed"], r["arm"], r["phase"], r["round"]) for r in rows}
+    assert len(keys) == len(rows)
+    assert {r["arm"] for r in rows} == {"cvae", "pretrained", "baseline"}
+    for r in rows:
+        if r["phase"] == "classifier":
+            assert 0 <= float(r["weighted_client_accuracy"]) <= 1 and 0 <= float(r["test_accuracy"]) <= 1
+
+
+def test_table_matches_the_raw_results_and_shows_the_poster(small_sweep):
+    out, result, _ = small_sweep
+    table = (out / "table.md").read_text()
+    finals = _final_rows(out)
+    for dist, label in (("iid", "IID"), ("alpha-0.5", "α=0.5")):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        for column, arm in ((1, "pretrained"), (2, "baseline")):
+            values = [100 * v for v in finals[(dist, arm)]]
+            assert len(values) == 2
+            assert cells[column] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+        assert cells[-2:] == ["2", "0,1"]
+    iid = next(line for line in table.splitlines() if line.startswith("| IID |"))
+    pre, base = POSTER["mnist"]["iid"]
+    assert f"{pre[0]:.2f} ± {pre[1]:.2f}" in iid and f"{base[0]:.2f} ± {base[1]:.2f}" in iid
+    assert "held-out" in table and "8/9" in table and "real test set" in table
+    assert table in result.stdout
+
+
+def test_cas_table_has_each_distribution_and_the_centralised_cvae(small_sweep):
+    out, _, _ = small_sweep
+    cas = (out / "cas.md").read_text()
+    for label in ("IID", "α=0.5"):
+        assert f"| {label} |" in cas
+    central = [json.loads((out / "runs" / "centralised" / f"seed{s}" / "summary.json").read_text())["cas"]
+               for s in (0, 1)]
+    mean, std = statistics.fmean(100 * c for c in central), statistics.stdev(100 * c for c in central)
+    assert f"| Centralised CVAE (all data) | {mean:.2f} ± {std:.2f} | – | 2 | 0,1 |" in cas
+
+
+def test_figures_are_real_pngs(small_sweep):
+    out, _, _ = small_sweep
+    from PIL import Image
+
+    for name in ("accuracy_per_round", "cas_vs_alpha", "class_distribution", "synthetic_samples"):
+        with Image.open(out / "figures" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 250
+            # Not a blank canvas: plenty of distinct colours.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(small_sweep, data_root):
+    out, _, _ = small_sweep
+    markers = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("**/cell.json")}
+    result = sweep(out, data_root("mnist"), "--alphas", "0.5", "--repeats", "1",
+                   "--arms", "pretrained,baseline,pretrained-only", "--strategies", "fedavg,fedavgm")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # nothing finished was re-run
+    group = out / "runs" / "alpha-0.5" / "seed0"
+    assert sorted(p.parent.name for p in group.glob("*/cell.json")) == [
+        "baseline", "baseline-fedavgm", "cvae", "pretrained", "pretrained-fedavgm", "pretrained-only"]
+    pretrained = load_checkpoint(group / "pretrained" / "pretrained_classifier.pt", "classifier")
+    # Pre-training only: the clients only evaluate, so the model stays the pre-trained one.
+    only = load_checkpoint(group / "pretrained-only" / "classifier.pt", "classifier")
+    for k, v in pretrained.items():
+        assert torch.allclose(only[k].float(), v.float(), atol=1e-6), k
+    only_summary = json.loads((group / "pretrained-only" / "summary.json").read_text())
+    assert len({r["weighted_client_accuracy"] for r in only_summary["rounds"]}) == 1
+    assert only_summary["cas"] is None  # CAS comes from the arm that pre-trained, once per group
+    fedavgm = json.loads((group / "pretrained-fedavgm" / "summary.json").read_text())
+    assert fedavgm["config"]["strategy"] == "fedavgm"
+    assert fedavgm["pretrained_checkpoint"] == str(group / "pretrained" / "pretrained_classifier.pt")
+    table = (out / "table.md").read_text()
+    assert "## Imbalance mitigation" in table
+    for label in ("pre-trained + FedAvgM", "baseline + FedAvgM", "pre-training only (no local training)"):
+        assert label in table
+    assert "α=0.5: best is" in table
+    assert (out / "figures" / "mitigation_per_round.png").exists()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["arm"] for r in rows} >= {"pretrained-fedavgm", "baseline-fedavgm", "pretrained-only"}
+
+
+def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
+    args = [sys.executable, "-m", "genfl_server.sweep.cli", "--data-root", str(data_root("mnist")), "--out",
+            str(tmp_path), "--preset", "quick", "--alphas", "iid", "--repeats", "1", "--arms", "baseline",
+            "--no-centralised", *TINY, "--classifier-rounds", "4", "--log-level", "info"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "runs" / "iid" / "seed0" / "baseline" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"event": "round"') >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    first = [json.loads(line) for line in metrics.read_text().splitlines()]
+    done = [e for e in first if e["event"] == "round"]
+    assert 2 <= len(done) < 4
+    assert not (metrics.parent / "cell.json").exists()
+
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from its last finished round" in result.stderr
+    rounds = json.loads((metrics.parent / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    # The rounds before the interruption were not run again: their records (timings included) are the same.
+    assert rounds[:len(done)] == [{k: v for k, v in e.items() if k not in ("event", "per_client")} for e in done]
+
+
+def test_changed_settings_are_refused_and_failed_cells_fail_the_sweep(tmp_path, data_root):
+    # 200 clients cannot each get 40 of 600 images: every partition fails, so nothing depending on it runs.
+    result = sweep(tmp_path, data_root("mnist"), "--alphas", "0.5", "--repeats", "1", "--clients", "200",
+                   "--no-centralised", timeout=120)
+    assert result.returncode == 1
+    assert "alpha-0.5/seed0/cvae failed" in result.stderr and "not run, a cell it needs failed" in result.stderr
+    assert "some cells failed" in result.stderr
+    changed = sweep(tmp_path, data_root("mnist"), "--alphas", "0.5", "--repeats", "1", "--clients", "3",
+                    timeout=120)
+    assert changed.returncode != 0
+    assert "holds a sweep with other settings" in changed.stderr and "clients: 200 -> 3" in changed.stderr
