@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
@@ -211,7 +212,7 @@ def main(**opts) -> None:
              "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext",
              ", client tokens required" if authenticator else "", config.clients)
 
-    recorder = RunRecorder(out, run_id=run_id, device=str(device), **run_fields)
+    recorder = RunRecorder(out, run_id=run_id, device=str(device), device_name=_device_name(device), **run_fields)
     if opts["resume"] and "recorder" in run_state.progress:
         recorder.restore(run_state.progress["recorder"])
     elif not opts["resume"]:
@@ -249,6 +250,13 @@ def main(**opts) -> None:
             time.sleep(opts["linger_seconds"])
     if failure is not None:
         sys.exit(1)
+
+
+def _device_name(device: torch.device) -> str:
+    """What ran the server-side work, for reports (e.g. 'NVIDIA H100 80GB HBM3')."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def _security(opts):

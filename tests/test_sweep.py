@@ -235,6 +235,8 @@ def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
     assert "resuming from its last finished round" in result.stderr
     rounds = json.loads((metrics.parent / "summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    # The cell's wall time covers both attempts.
+    assert json.loads((metrics.parent / "cell.json").read_text())["seconds"] > sum(r["seconds"] for r in rounds)
     # The rounds before the interruption were not run again: their records (timings included) are the same.
     assert rounds[:len(done)] == [{k: v for k, v in e.items() if k not in ("event", "per_client")} for e in done]
 

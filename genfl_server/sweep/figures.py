@@ -87,7 +87,7 @@ def plot_accuracy_per_round(results: list[CellResult], path: Path, arms: dict[st
         ax.set_ylabel("weighted client accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -261,7 +261,7 @@ def _timing_section(results: list[CellResult]) -> list[str]:
         rows[r.kind if r.kind != "classifier" else f"classifier ({r.arm_name})"].append(r.seconds)
         for rnd in r.summary.get("rounds", []):
             round_secs[rnd["phase"]].append(rnd["seconds"])
-    devices = sorted({str(r.summary.get("device")) for r in results})
+    devices = sorted({str(r.summary.get("device_name") or r.summary.get("device")) for r in results})
     lines = ["## Wall time", "", f"Device: {', '.join(devices)}.", "",
              "| Cell | Runs | Median wall s | Total wall s |", "|---|---|---|---|"]
     for name in sorted(rows):
@@ -300,6 +300,8 @@ def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: st
     if centralised:
         lines.append(f"| Centralised CVAE (all data) | {fmt_pct([r.summary['cas'] for r in centralised])} | – "
                      f"| {len(centralised)} | {_seeds(centralised)} |")
+    if not by_dist:
+        lines += ["", "No CAS in this sweep's federated runs (it ran with `--cas-epochs 0`)."]
     path.write_text("\n".join(lines) + "\n")
 
 

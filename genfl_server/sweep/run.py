@@ -30,6 +30,7 @@ from .plan import Cell
 log = logging.getLogger("genfl_sweep")
 
 CELL_MARKER = "cell.json"
+ELAPSED_FILE = "elapsed.json"
 
 
 @dataclass
@@ -146,17 +147,26 @@ class SweepRunner:
             shutil.rmtree(cell.out)
         started = time.monotonic()
         log.info("%s: %s", cell.key, "resuming from its last finished round" if resume else "starting")
+        # Wall time over every attempt, so a resumed cell reports what it cost in total.
+        elapsed_path = cell.out / ELAPSED_FILE
+        earlier = json.loads(elapsed_path.read_text())["seconds"] if resume and elapsed_path.exists() else 0.0
+        try:
+            if cell.kind == "centralised":
+                summary = self._run_centralised(cell)
+            else:
+                summary = self._run_federated(cell, resume)
+        finally:
+            if cell.out.exists():
+                write_json_atomic(elapsed_path, {"seconds": earlier + time.monotonic() - started})
         if cell.kind == "centralised":
-            summary = self._run_centralised(cell)
             result = f"CAS {_pct(summary['cas'])}"
         else:
-            summary = self._run_federated(cell, resume)
             final = summary.get("final") or {}
             result = (f"client acc {_pct(final.get('weighted_client_accuracy'))}, "
                       f"test acc {_pct(final.get('test_accuracy'))}")
             if summary.get("cas") is not None:
                 result += f", CAS {_pct(summary['cas'])}"
-        seconds = time.monotonic() - started
+        seconds = earlier + time.monotonic() - started
         write_json_atomic(cell.out / CELL_MARKER, {
             "key": cell.key, "kind": cell.kind, "seed": cell.seed, "seconds": seconds,
             "dataset": self.settings.dataset, "preset": self.settings.preset, "device": self.settings.device,
