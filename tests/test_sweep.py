@@ -252,3 +252,15 @@ def test_changed_settings_are_refused_and_failed_cells_fail_the_sweep(tmp_path, 
                     timeout=120)
     assert changed.returncode != 0
     assert "holds a sweep with other settings" in changed.stderr and "clients: 200 -> 3" in changed.stderr
+
+
+def test_fashion_mnist_sweep_reports_against_the_fmnist_poster_numbers(tmp_path, data_root):
+    result = sweep(tmp_path, data_root("fmnist"), "--dataset", "fmnist", "--alphas", "iid", "--repeats", "1",
+                   "--arms", "baseline", "--no-centralised", "--classifier-rounds", "1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "iid" / "seed0" / "baseline" / "summary.json").read_text())
+    assert summary["dataset"] == "fmnist" and len(summary["rounds"]) == 1
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("# GenFL sweep: FMNIST")
+    row = next(line for line in table.splitlines() if line.startswith("| IID |"))
+    assert "78.21 ± 0.24" in row and "71.35 ± 1.02" in row  # the poster's Fashion-MNIST IID numbers
