@@ -1,10 +1,10 @@
 """``genfl-centralised``: the CAS reference point, a CVAE trained centrally on all the training data.
 
 Not federated on purpose: it is the upper bound that federated CVAEs are compared with in
-genfl-sweep's ``cas.md``. It sees the same images the clients hold together (the same
-``--train-subset`` draw as the partitioner), makes as many passes over them as each client makes
-in the federated CVAE phase (rounds x local epochs), then samples and scores exactly like the server
-(same sample count, CAS epochs, optimiser and seeds).
+genfl-sweep's ``cas.md``. It trains on as many images as the clients train on together (the
+partitioner's pool, i.e. the same ``--train-subset`` draw, less the 10 % the clients hold out), makes
+as many passes over them as each client makes in the federated CVAE phase (rounds x local epochs),
+then samples and scores exactly like the server (same sample count, CAS epochs, optimiser and seeds).
 """
 
 from __future__ import annotations
@@ -32,16 +32,24 @@ from .results import write_json_atomic
 
 log = logging.getLogger("genfl_centralised")
 
+HELDOUT_FRACTION = 0.1  # partition_dataset()'s default: each client holds out 10 % of its shard
 
-def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int):
-    """The pool the federated clients share: the whole train split, or the partitioner's subset draw."""
+
+def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
+                    heldout_fraction: float = HELDOUT_FRACTION):
+    """As many images as the federated clients train on together: the partitioner's pool (the whole
+    train split, or its --train-subset draw) less a random ``heldout_fraction``, the share each
+    client holds out for evaluation."""
     images, labels = load_dataset(dataset, data_root, "train")
     if cfg.train_subset:
         # partition_dataset() draws its subset from the first of three streams of the seed.
         subset_seed = np.random.SeedSequence(seed).spawn(3)[0]
         rows = torch.from_numpy(subsample(labels.numpy(), cfg.train_subset, subset_seed))
         images, labels = images[rows], labels[rows]
-    return images, labels
+    keep = len(labels) - int(round(len(labels) * heldout_fraction))
+    generator = torch.Generator().manual_seed(derive_seed(seed, "centralised-heldout"))
+    rows = torch.randperm(len(labels), generator=generator)[:keep].sort().values
+    return images[rows], labels[rows]
 
 
 def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, device: torch.device) -> dict:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +61,19 @@ class Launcher:
         self.timeout = timeout
         self.progress_bar = progress_bar  # off when several launchers share one terminal (genfl-sweep)
         self.running: list[subprocess.Popen] = []
+        # stop_all() may come from another thread (genfl-sweep's Ctrl-C) while a stage is starting:
+        # after it, nothing new starts.
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def _spawn(self, name: str, args: list[str], log_path: Path) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log_file:
+        with self._lock, open(log_path, "w") as log_file:
+            if self._stopped:
+                raise LaunchError(f"not starting {name}: stopping")
             proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT,
                                     env=_child_env(), start_new_session=True)
-        self.running.append(proc)
+            self.running.append(proc)
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return proc
 
@@ -134,8 +141,10 @@ class Launcher:
             time.sleep(0.2)
 
     def stop_all(self) -> None:
-        """Terminate every child still running (SIGTERM, then SIGKILL after 5 s)."""
-        alive = [p for p in self.running if p.poll() is None]
+        """Terminate every child still running (SIGTERM, then SIGKILL after 5 s); start no more."""
+        with self._lock:
+            self._stopped = True
+            alive = [p for p in self.running if p.poll() is None]
         for proc in alive:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 5

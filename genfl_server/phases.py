@@ -57,6 +57,24 @@ def phase_strategy(cfg: RunConfig) -> Strategy:
                           momentum=cfg.fedavgm_momentum)
 
 
+def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
+               train: dict, evaluate: dict, test_fn) -> State:
+    """The phase's federated rounds, resumable: the model and the strategy's state (FedAvgM's
+    velocity) are saved after every round and restored from a resumed run's state."""
+    strategy = phase_strategy(ctx.config)
+    done = ctx.run_state.completed_rounds(phase)
+    if done:
+        start = ctx.run_state.tensors[phase]
+        strategy.load_state_dict(ctx.run_state.tensors.get(f"{phase}_strategy", {}))
+
+    def on_round_end(rnd: int, state: State) -> None:
+        ctx.checkpoint(completed=(phase, rnd), **{phase: state, f"{phase}_strategy": strategy.state_dict()})
+
+    return ctx.engine.run_rounds(phase, start, rounds=rounds, train_config=train, eval_config=evaluate,
+                                 strategy=strategy, test_fn=test_fn, start_round=done + 1,
+                                 on_round_end=on_round_end)
+
+
 def initial_state(kind: str, seed: int) -> State:
     """Seeded random weights: the same start for a pre-trained run and its baseline."""
     with torch.random.fork_rng(devices=[]):
@@ -81,12 +99,7 @@ def cvae_phase(ctx: PhaseContext) -> State:
             return {}
         return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
 
-    done = ctx.run_state.completed_rounds("cvae")
-    start = ctx.run_state.tensors["cvae"] if done else initial_state("cvae", cfg.seed)
-    state = ctx.engine.run_rounds("cvae", start, rounds=cfg.cvae_rounds, train_config=train,
-                                  eval_config=evaluate, strategy=phase_strategy(cfg), test_fn=test_fn,
-                                  start_round=done + 1,
-                                  on_round_end=lambda rnd, st: ctx.checkpoint(completed=("cvae", rnd), cvae=st))
+    state = _run_phase(ctx, "cvae", initial_state("cvae", cfg.seed), cfg.cvae_rounds, train, evaluate, test_fn)
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
     return state
 
@@ -169,11 +182,6 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> St
             return {}
         return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
-    done = ctx.run_state.completed_rounds("classifier")
-    state = ctx.engine.run_rounds("classifier", ctx.run_state.tensors["classifier"] if done else start,
-                                  rounds=cfg.classifier_rounds, train_config=train, eval_config=evaluate,
-                                  strategy=phase_strategy(cfg), test_fn=test_fn, start_round=done + 1,
-                                  on_round_end=lambda rnd, st: ctx.checkpoint(completed=("classifier", rnd),
-                                                                              classifier=st))
+    state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train, evaluate, test_fn)
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
     return state

@@ -26,6 +26,11 @@ class Strategy(Protocol):
 
     def finish(self) -> State: ...
 
+    # What carries over between rounds (FedAvgM's velocity), so that a resumed run continues exactly.
+    def state_dict(self) -> State: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     # Float tensors sum in their own precision (float32 for these models: the rounding error of a
@@ -69,6 +74,13 @@ class FedAvg:
     @property
     def total_samples(self) -> int:
         return self._total_samples
+
+    def state_dict(self) -> State:
+        return {}  # nothing outlives a round
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state between rounds, got {sorted(state)[:3]}")
 
     def finish(self) -> State:
         if self._sum is None or self._template is None:
@@ -118,6 +130,12 @@ class FedAvgM(FedAvg):
     def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
         super().begin(global_state)
         self._global = dict(global_state)
+
+    def state_dict(self) -> State:
+        return {} if self._velocity is None else {k: v.clone() for k, v in self._velocity.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._velocity = {k: v.clone() for k, v in state.items()} or None
 
     def finish(self) -> State:
         mean = super().finish()

@@ -1,5 +1,6 @@
 """Crash resume: SIGKILL the server mid-run, restart it with --resume; the clients reconnect by
-themselves and the run ends with bit-identical weights to an uninterrupted run."""
+themselves and the run ends with bit-identical weights to an uninterrupted run (also with FedAvgM,
+whose server momentum must survive the crash)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import dataset_dir
@@ -40,10 +42,10 @@ def _spawn(log, *args):
     return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log, "a"), stderr=subprocess.STDOUT)
 
 
-def _run(tmp_path, name, shards, *, kill_after=None):
+def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
     out, port = tmp_path / name, _free_port()
     address = f"127.0.0.1:{port}"
-    server_cmd = ["genfl_server.cli", *SERVER_ARGS, "--address", address, "--out", str(out)]
+    server_cmd = ["genfl_server.cli", *SERVER_ARGS, "--strategy", strategy, "--address", address, "--out", str(out)]
     server = _spawn(tmp_path / f"{name}-server.log", *server_cmd)
     clients = [_spawn(tmp_path / f"{name}-client-{i}.log", "genfl_client.cli", "--server", address, "--shard",
                       str(shards / f"client-00{i}.npz"), "--threads", "1") for i in range(CLIENTS)]
@@ -71,15 +73,17 @@ def _run(tmp_path, name, shards, *, kill_after=None):
     return out
 
 
-def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm"])
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy):
     shards = tmp_path / "shards"
     part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
                            "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--alpha", "0.5",
                            "--train-subset", "600", "--seed", "0", "--out", str(shards)],
                           capture_output=True, text=True, timeout=120)
     assert part.returncode == 0, part.stderr
-    reference = _run(tmp_path, "reference", shards)
-    resumed = _run(tmp_path, "resumed", shards, kill_after=("classifier", 1))
+    reference = _run(tmp_path, "reference", shards, strategy=strategy)
+    # Killed after classifier round 2: FedAvgM's velocity is non-zero by then and round 3 needs it.
+    resumed = _run(tmp_path, "resumed", shards, strategy=strategy, kill_after=("classifier", 2))
 
     for name in ("cvae.pt", "pretrained_classifier.pt", "classifier.pt"):
         a = torch.load(reference / name, weights_only=True)["state_dict"]

@@ -212,3 +212,29 @@ def test_fedavgm_without_momentum_is_fedavg():
         strategy.begin(template)
         strategy.accumulate(update, 7)
     assert torch.allclose(m.finish()["w"], plain.finish()["w"], atol=1e-6)
+
+
+def test_fedavgm_velocity_survives_a_state_dict_round_trip():
+    from genfl_server.strategy import FedAvg, FedAvgM
+
+    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    assert strategy.state_dict() == {}
+    strategy.begin({"w": torch.tensor([1.0, 1.0])})
+    strategy.accumulate({"w": torch.tensor([0.0, 0.0])}, 5)
+    first = strategy.finish()
+    saved = strategy.state_dict()
+    assert torch.equal(saved["w"], torch.tensor([1.0, 1.0]))
+    restored = FedAvgM(server_lr=1.0, momentum=0.5)
+    restored.load_state_dict(saved)
+    for s in (strategy, restored):  # the restored strategy continues exactly like the original
+        s.begin(first)
+        s.accumulate({"w": torch.tensor([0.0, 0.0])}, 5)
+    assert torch.equal(strategy.finish()["w"], torch.tensor([-0.5, -0.5]))
+    assert torch.equal(restored.finish()["w"], torch.tensor([-0.5, -0.5]))
+    assert FedAvg().state_dict() == {}
+    try:
+        FedAvg().load_state_dict(saved)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("FedAvg must refuse state it cannot have saved")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from genfl_server.checkpoint import load_checkpoint
 from genfl_server.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
 from genfl_server.sweep.poster import POSTER
-from genfl_server.sweep.report import fmt_pct, mean_std
+from genfl_server.sweep.report import fmt_pct, load_results, mean_std
 
 TINY = ["--clients", "2", "--train-subset", "600", "--rounds", "2", "--synthetic-samples", "200",
         "--cas-epochs", "1", "--pretrain-epochs", "1", "--server-threads", "1", "--log-level", "warning"]
@@ -79,6 +80,27 @@ def test_mean_and_sample_std_like_the_poster():
     assert fmt_pct([None]) == "–"
 
 
+def test_reports_leave_out_cells_built_from_a_since_replaced_dependency(tmp_path):
+    def cell(path: Path, key: str, run_id: str, inputs: dict | None = None) -> None:
+        path.mkdir(parents=True)
+        (path / "cell.json").write_text(json.dumps({
+            "key": key, "kind": "classifier" if inputs else "cvae", "seed": 0, "distribution": "iid",
+            "alpha": "iid", "arm": None, "seconds": 1.0, "run_id": run_id, "inputs": inputs or {}}))
+        (path / "summary.json").write_text(json.dumps({"rounds": [], "final": None}))
+
+    group = tmp_path / "runs" / "iid" / "seed0"
+    cell(group / "cvae", "iid/seed0/cvae", "new")
+    cell(group / "pretrained", "iid/seed0/pretrained", "a", {"iid/seed0/cvae": {"path": "../cvae", "run_id": "new"}})
+    cell(group / "pretrained-x", "iid/seed0/pretrained-x", "b", {"iid/seed0/cvae": {"path": "../cvae",
+                                                                                   "run_id": "old"}})
+    assert sorted(r.key for r in load_results(tmp_path)) == ["iid/seed0/cvae", "iid/seed0/pretrained"]
+
+
+def test_alpha_folder_names_never_collide():
+    assert Distribution(0.1).name == "alpha-0.1" and Distribution(100.0).name == "alpha-100"
+    assert Distribution(0.1000001).name != Distribution(0.1).name
+
+
 # -- real sweeps --------------------------------------------------------------------------------
 
 
@@ -117,12 +139,15 @@ def test_every_cell_is_a_real_run_with_its_own_server_and_clients(small_sweep):
             assert summary["seed"] == int(group[-1]) and summary["clients"] == 2
         pretrained = json.loads((out / "runs" / group / "pretrained" / "summary.json").read_text())
         assert 0 <= pretrained["cas"] <= 1 and 0 <= pretrained["cas_federated"] <= 1
-    # Baseline and pre-trained arms of one group train on the very same shards.
-    logs = [(out / "runs" / "alpha-0.5/seed1" / arm / "logs" / "server.log").read_text() for arm in
-            ("pretrained", "baseline")]
-    registered = [sorted(line.split("client ")[1] for line in text.splitlines() if "registered (" in line)
-                  for text in logs]
-    assert registered[0] == registered[1]
+    # Baseline and pre-trained arms of one group train on the very same shards: each client reports
+    # the held-out size its shard file has, identically in both arms.
+    group = out / "runs" / "alpha-0.5" / "seed1"
+    partition = json.loads((group / "shards" / "partition.json").read_text())
+    expected = {c["client_id"]: c["num_heldout"] for c in partition["clients"]}
+    for arm in ("pretrained", "baseline"):
+        first_round = next(json.loads(line) for line in (group / arm / "metrics.jsonl").read_text().splitlines()
+                           if '"event": "round"' in line)
+        assert {cid: m["samples"] for cid, m in first_round["per_client"].items()} == expected, arm
 
 
 def test_results_csv_has_one_row_per_run_and_round(small_sweep):
@@ -181,12 +206,19 @@ def test_figures_are_real_pngs(small_sweep):
 
 def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(small_sweep, data_root):
     out, _, _ = small_sweep
-    markers = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("**/cell.json")}
+    group = out / "runs" / "alpha-0.5" / "seed0"
+    old_pretrained = json.loads((group / "pretrained" / "cell.json").read_text())["run_id"]
+    shutil.rmtree(group / "cvae")  # its CVAE must be trained again, and what was built on it re-run
+    markers = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("**/cell.json")
+               if p.parent.name != "pretrained" or p.parent.parent != group}
     result = sweep(out, data_root("mnist"), "--alphas", "0.5", "--repeats", "1",
                    "--arms", "pretrained,baseline,pretrained-only", "--strategies", "fedavg,fedavgm")
     assert result.returncode == 0, result.stderr[-5000:]
-    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # nothing finished was re-run
-    group = out / "runs" / "alpha-0.5" / "seed0"
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers  # nothing else finished was re-run
+    pretrained_cell = json.loads((group / "pretrained" / "cell.json").read_text())
+    assert pretrained_cell["run_id"] != old_pretrained
+    assert pretrained_cell["inputs"]["alpha-0.5/seed0/cvae"]["run_id"] == json.loads(
+        (group / "cvae" / "cell.json").read_text())["run_id"]
     assert sorted(p.parent.name for p in group.glob("*/cell.json")) == [
         "baseline", "baseline-fedavgm", "cvae", "pretrained", "pretrained-fedavgm", "pretrained-only"]
     pretrained = load_checkpoint(group / "pretrained" / "pretrained_classifier.pt", "classifier")

@@ -9,6 +9,7 @@ loopback gRPC. Results go to OUT/results.csv, OUT/table.md, OUT/cas.md and OUT/f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,10 +21,9 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.data import DATASETS, DatasetNotFoundError
-from genfl_shared.partition import PartitionError
+from genfl_shared.data import DATASETS
 
-from ..config import PRESETS
+from ..config import PRESETS, RunConfig
 from ..results import write_json_atomic
 from .plan import ARM_CHOICES, STRATEGY_LABELS, build_arms, parse_distributions, plan_cells
 from .report import write_reports
@@ -56,8 +56,8 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
 @option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
-@option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-        help="Folder with the dataset's IDX files (train and test).")
+@option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+        help="Folder with the dataset's IDX files (train and test). Required unless --report-only.")
 @option("--alphas", default="iid,100,10,1,0.1,0.01",
         help="Label distributions: 'iid' and/or Dirichlet concentrations, comma-separated.")
 @option("--repeats", type=click.IntRange(1), default=5, help="Seeds per distribution: --seed, --seed+1, ...")
@@ -91,7 +91,8 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--server-threads", type=click.IntRange(0), default=0,
         help="Torch threads per server (0: this machine's cores / --parallel, so cells do not oversubscribe).")
 @option("--cell-timeout", type=click.FloatRange(0), default=0, help="Fail a cell after this many seconds (0: never).")
-@option("--report-only", is_flag=True, help="Only rewrite the tables and figures from the finished cells.")
+@option("--report-only", is_flag=True, help="Only rewrite the tables and figures of --out from its finished "
+        "cells (the sweep's settings come from its sweep.json).")
 @log_level_option
 def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategies, centralised, device, parallel,
          clients, train_subset, rounds, cvae_rounds, classifier_rounds, local_epochs, synthetic_samples, cas_epochs,
@@ -103,6 +104,12 @@ def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategie
     # (containers, `timeout`) stop the running cells cleanly; a re-run resumes them.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    if report_only:
+        recorded = _read_sweep(out)
+        _report(out, recorded["fixed"], recorded.get("differences_from_paper", []), failed=False)
+        return
+    if data_root is None:
+        raise click.UsageError("--data-root is required (the folder with the dataset's IDX files)")
     try:
         distributions = parse_distributions(alphas)
         arm_list = build_arms(_list(arms), _list(strategies))
@@ -114,6 +121,10 @@ def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategie
         pretrain_epochs=pretrain_epochs, prox_mu=prox_mu, fedavgm_momentum=fedavgm_momentum,
         fedavgm_lr=fedavgm_lr)
     subset = config.train_subset if train_subset is None else (train_subset or None)
+    config = dataclasses.replace(config, train_subset=subset)
+    if centralised and config.cas_epochs == 0:
+        log.info("--cas-epochs 0: no CAS, so no centralised CVAE reference either")
+        centralised = False
     # Everything that changes what a cell computes is fixed for the folder (see _check_same_sweep).
     server_options = [(flag, str(value)) for flag, value in (
         ("--cvae-rounds", config.cvae_rounds), ("--classifier-rounds", config.classifier_rounds),
@@ -125,37 +136,55 @@ def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategie
              "server_options": [list(o) for o in server_options]}
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, fixed)
-    write_json_atomic(out / SWEEP_JSON, {"fixed": fixed, "data_root": str(data_root)})
+    differences = _differences_from_paper(config)
+    write_json_atomic(out / SWEEP_JSON, {"fixed": fixed, "data_root": str(data_root),
+                                         "differences_from_paper": differences})
 
     seeds = list(range(seed, seed + repeats))
     cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
                        classifier_rounds=config.classifier_rounds, centralised=centralised)
-    failed = False
-    if not report_only:
-        settings = SweepSettings(dataset, data_root, preset, config.clients, subset, server_options, device=device,
-                                 client_threads=client_threads,
-                                 server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
-                                 cell_timeout=cell_timeout or None, log_level=log_level)
-        log.info("sweep of %d cells: %s x seeds %s x arms %s%s, %d at a time on %s, in %s", len(cells),
-                 ",".join(d.label for d in distributions), seeds, ",".join(a.name for a in arm_list),
-                 " + centralised" if centralised else "", parallel, device, out)
-        started = time.monotonic()
-        runner = SweepRunner(settings, cells, parallel=parallel)
-        try:
-            outcome = runner.run()
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: stopped the running cells; finished cells are kept, re-run to resume",
-                       err=True)
-            sys.exit(130)
-        except (DatasetNotFoundError, PartitionError) as error:
-            raise click.ClickException(str(error)) from None
-        log.info("ran %d cells, skipped %d finished, %d failed, %d not run, in %.0f s", len(outcome.ran),
-                 len(outcome.skipped), len(outcome.failed), len(outcome.not_run), time.monotonic() - started)
-        failed = bool(outcome.failed or outcome.not_run)
-    results = write_reports(out, dataset=dataset, preset=preset)
+    settings = SweepSettings(dataset, data_root, preset, config.clients, subset, server_options, device=device,
+                             client_threads=client_threads,
+                             server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
+                             cell_timeout=cell_timeout or None, log_level=log_level)
+    log.info("sweep of %d cells: %s x seeds %s x arms %s%s, %d at a time on %s, in %s", len(cells),
+             ",".join(d.label for d in distributions), seeds, ",".join(a.name for a in arm_list),
+             " + centralised" if centralised else "", parallel, device, out)
+    started = time.monotonic()
+    runner = SweepRunner(settings, cells, parallel=parallel)
+    try:
+        outcome = runner.run()
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: stopped the running cells; finished cells are kept, re-run to resume",
+                   err=True)
+        sys.exit(130)
+    log.info("ran %d cells, skipped %d finished, %d failed, %d not run, in %.0f s", len(outcome.ran),
+             len(outcome.skipped), len(outcome.failed), len(outcome.not_run), time.monotonic() - started)
+    _report(out, fixed, differences, failed=bool(outcome.failed or outcome.not_run))
+
+
+def _read_sweep(out: Path) -> dict:
+    path = out / SWEEP_JSON
+    if not path.exists():
+        raise click.ClickException(f"{out} holds no sweep ({SWEEP_JSON} is missing)")
+    return json.loads(path.read_text())
+
+
+def _differences_from_paper(config: RunConfig) -> list[str]:
+    """The settings in which this sweep is not the poster's configuration (for table.md)."""
+    paper = PRESETS["paper"]
+    compared = [f.name for f in dataclasses.fields(RunConfig)
+                if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
+                                  "deterministic")]
+    return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
+            for name in compared if getattr(config, name) != getattr(paper, name)]
+
+
+def _report(out: Path, fixed: dict, differences: list[str], *, failed: bool) -> None:
+    results = write_reports(out, dataset=fixed["dataset"], preset=fixed["preset"], differences=differences)
     from .figures import write_figures  # matplotlib is only needed here
 
-    figures = write_figures(out, results, dataset=dataset)
+    figures = write_figures(out, results, dataset=fixed["dataset"])
     click.echo((out / "table.md").read_text())
     click.echo((out / "cas.md").read_text())
     click.echo(f"{len(results)} finished cells; results.csv, table.md, cas.md and {len(figures)} figures in {out}")

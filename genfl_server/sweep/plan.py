@@ -25,12 +25,17 @@ class Distribution:
     alpha: float | None
 
     @property
+    def _alpha_text(self) -> str:
+        short = f"{self.alpha:g}"  # 0.1, 100, 1e-05
+        return short if float(short) == self.alpha else repr(self.alpha)  # never two alphas, one folder
+
+    @property
     def name(self) -> str:  # folder name
-        return "iid" if self.alpha is None else f"alpha-{self.alpha:g}"
+        return "iid" if self.alpha is None else f"alpha-{self._alpha_text}"
 
     @property
     def label(self) -> str:  # table row
-        return "IID" if self.alpha is None else f"α={self.alpha:g}"
+        return "IID" if self.alpha is None else f"α={self._alpha_text}"
 
 
 def parse_distributions(text: str) -> list[Distribution]:
@@ -125,9 +130,9 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
                cvae_rounds: int, classifier_rounds: int, centralised: bool) -> list[Cell]:
     """Every cell of the sweep, one (distribution, seed) group after another.
 
-    The scheduler starts the first cell whose dependencies are done, so groups finish in order
-    (an interrupted sweep leaves complete groups behind) while independent cells (a baseline next
-    to its CVAE phase) fill the free slots."""
+    The scheduler starts the first cell (in this order) whose dependencies are done, so earlier
+    groups start first and tend to finish first, while independent cells (a baseline next to its
+    CVAE phase, the next group's CVAE phase) fill the free slots."""
     cells: list[Cell] = []
     pretrained_arms = [a for a in arms if a.pretrain]
     for seed in seeds:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from .plan import STRATEGY_LABELS
 from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
-from .run import CELL_MARKER
+from .run import CELL_MARKER, read_json
+
+log = logging.getLogger("genfl_sweep")
 
 CSV_FIELDS = ["dataset", "preset", "distribution", "alpha", "seed", "arm", "pretrain", "strategy",
               "local_epochs", "phase", "round", "weighted_client_accuracy", "weighted_client_loss",
@@ -44,9 +47,16 @@ class CellResult:
 
 
 def load_results(out: Path) -> list[CellResult]:
+    """Every finished cell whose inputs are still current (a cell built from a CVAE or pre-trained
+    model that has since been re-run is out of date, and left out with a warning)."""
     results = []
     for marker in sorted((out / "runs").glob(f"**/{CELL_MARKER}")):
         cell = json.loads(marker.read_text())
+        stale = [key for key, dep in (cell.get("inputs") or {}).items()
+                 if (read_json(marker.parent / dep["path"] / CELL_MARKER) or {}).get("run_id") != dep["run_id"]]
+        if stale:
+            log.warning("leaving out %s: built from an earlier run of %s", cell["key"], ", ".join(stale))
+            continue
         summary = json.loads((marker.parent / "summary.json").read_text())
         results.append(CellResult(cell["key"], cell["kind"], cell["seed"], cell["distribution"], cell["alpha"],
                                   cell["arm"], cell["seconds"], summary, marker.parent))
@@ -130,7 +140,8 @@ def _seeds(runs: list[CellResult]) -> str:
     return ",".join(str(s) for s in sorted({r.seed for r in runs}))
 
 
-def write_table(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> None:
+def write_table(results: list[CellResult], path: Path, *, dataset: str, preset: str,
+                differences: list[str]) -> None:
     classifier = [r for r in results if r.kind == "classifier"]
     grouped = _by(results, "classifier")
     dists = sorted(grouped, key=distribution_order)
@@ -142,7 +153,9 @@ def write_table(results: list[CellResult], path: Path, *, dataset: str, preset: 
         f"Weighted client accuracy (%) after the last classifier round (round {last or 'varies'}), "
         "mean ± sample std over seeds (n = number of seeds), pre-trained on synthetic data vs the "
         "baseline from random weights, FedAvg; the poster's numbers beside ours "
-        f"(round {POSTER_ROUND}, {POSTER_RUNS} runs).",
+        f"(round {POSTER_ROUND}, {POSTER_RUNS} runs). Δ: pre-trained minus baseline per seed (both arms of a "
+        "seed share its shards), over the seeds both arms finished; n: seeds (pre-trained / baseline where "
+        "they differ).",
         "",
         "| Distribution | Pre-trained | Baseline | Δ (pp) | Poster pre-trained | Poster baseline "
         "| Pre-trained, real test set | Baseline, real test set | n | Seeds |",
@@ -158,14 +171,14 @@ def write_table(results: list[CellResult], path: Path, *, dataset: str, preset: 
         ref = poster.get(dist)
         ref_pre = f"{ref[0][0]:.2f} ± {ref[0][1]:.2f}" if ref else "–"
         ref_base = f"{ref[1][0]:.2f} ± {ref[1][1]:.2f}" if ref else "–"
-        n = max(len(pre), len(base))
+        n = str(len(pre)) if len(pre) == len(base) else f"{len(pre)} / {len(base)}"
         lines.append(f"| {distribution_label(dist)} | {fmt_pct(_accs(pre))} | {fmt_pct(_accs(base))} | {delta} "
                      f"| {ref_pre} | {ref_base} | {fmt_pct(_accs(pre, 'test_accuracy'))} "
                      f"| {fmt_pct(_accs(base, 'test_accuracy'))} | {n} | {_seeds(pre + base)} |")
     lines += ["", *EVALUATION_NOTE, ""]
-    if preset != "paper":
-        lines += [f"This sweep used the `{preset}` preset, not the poster's configuration (see README.md, "
-                  "\"Presets\"), so its numbers are not expected to match the poster's.", ""]
+    if differences:
+        lines += [f"This sweep's settings differ from the poster's configuration ({'; '.join(differences)}; "
+                  "see README.md, \"Presets\"): compare its numbers with the poster's with that in mind.", ""]
 
     other_arms = sorted({a for d in grouped.values() for a in d} - {"pretrained", "baseline"})
     if other_arms:
@@ -305,9 +318,9 @@ def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: st
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_reports(out: Path, *, dataset: str, preset: str) -> list[CellResult]:
+def write_reports(out: Path, *, dataset: str, preset: str, differences: list[str]) -> list[CellResult]:
     results = load_results(out)
     write_results_csv(results, out / "results.csv", dataset=dataset, preset=preset)
-    write_table(results, out / "table.md", dataset=dataset, preset=preset)
+    write_table(results, out / "table.md", dataset=dataset, preset=preset, differences=differences)
     write_cas(results, out / "cas.md", dataset=dataset, preset=preset)
     return results

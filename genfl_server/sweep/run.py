@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from .plan import Cell
 log = logging.getLogger("genfl_sweep")
 
 CELL_MARKER = "cell.json"
+INPUTS_FILE = "inputs.json"  # what the current attempt was started with (arguments, dependencies' runs)
 ELAPSED_FILE = "elapsed.json"
 
 
@@ -56,11 +59,30 @@ class SweepOutcome:
     not_run: list[str] = field(default_factory=list)  # a dependency failed
 
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def current_inputs(cell: Cell, cells: dict[str, Cell]) -> dict | None:
+    """{dependency key: {"path": its folder relative to the cell's, "run_id": its finished run}},
+    or None while a dependency is unfinished. A cell built from other inputs is out of date."""
+    inputs = {}
+    for key in cell.deps:
+        marker = read_json(cells[key].out / CELL_MARKER)
+        if marker is None:
+            return None
+        inputs[key] = {"path": os.path.relpath(cells[key].out, cell.out), "run_id": marker["run_id"]}
+    return inputs
+
+
 def is_finished(cell: Cell, cells: dict[str, Cell], _memo: dict[str, bool] | None = None) -> bool:
+    """Finished with the arguments the plan gives it now, from its dependencies' current results."""
     memo = {} if _memo is None else _memo
     if cell.key not in memo:
-        memo[cell.key] = (cell.out / CELL_MARKER).exists() and all(
-            is_finished(cells[d], cells, memo) for d in cell.deps)
+        marker = read_json(cell.out / CELL_MARKER)
+        memo[cell.key] = (marker is not None and marker.get("args") == cell.args
+                          and all(is_finished(cells[d], cells, memo) for d in cell.deps)
+                          and marker.get("inputs") == current_inputs(cell, cells))
     return memo[cell.key]
 
 
@@ -74,8 +96,10 @@ class SweepRunner:
         self._locks_guard = threading.Lock()
         self._launchers: list[Launcher] = []
         self._processes: list[subprocess.Popen] = []
+        # Guards _stopping together with the registries: a cell registers its launcher or process
+        # under it, so stop() sees everything that started and nothing starts after it.
+        self._registry = threading.Lock()
         self._stopping = threading.Event()
-        self._ran_now: set[str] = set()  # cells (re-)run by this invocation
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -111,7 +135,6 @@ class SweepRunner:
                         error = future.exception()
                         if error is None:
                             done.add(key)
-                            self._ran_now.add(key)
                             outcome.ran.append(key)
                             remaining = len(todo) + len(running)
                             log.info("[%d/%d] %s finished (%s); %d cells to go, %.0f s so far",
@@ -126,11 +149,13 @@ class SweepRunner:
         return outcome
 
     def stop(self) -> None:
-        """Stop every running cell's processes (Ctrl-C)."""
-        self._stopping.set()
-        for launcher in list(self._launchers):
+        """Stop every running cell's processes (Ctrl-C); no cell starts a process after this."""
+        with self._registry:
+            self._stopping.set()
+            launchers, processes = list(self._launchers), list(self._processes)
+        for launcher in launchers:
             launcher.stop_all()
-        for proc in list(self._processes):
+        for proc in processes:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -140,11 +165,18 @@ class SweepRunner:
     def _run_cell(self, cell: Cell) -> str:
         if self._stopping.is_set():
             raise LaunchError("sweep stopping")
+        inputs = current_inputs(cell, self.cells)
+        # Resume only a run interrupted with these arguments and these inputs; anything else (a run
+        # that saved no state, a finished run whose dependency was re-run since) starts afresh.
+        attempt = read_json(cell.out / INPUTS_FILE) or {}
         resume = (cell.kind != "centralised" and (cell.out / RUN_STATE_FILE).exists()
-                  and not (cell.out / CELL_MARKER).exists() and not self._ran_now.intersection(cell.deps))
-        if not resume and cell.out.exists():
-            # A finished run whose dependency was re-run, or a run that never saved its state.
-            shutil.rmtree(cell.out)
+                  and not (cell.out / CELL_MARKER).exists()
+                  and attempt.get("args") == cell.args and attempt.get("inputs") == inputs)
+        if not resume:
+            if cell.out.exists():
+                shutil.rmtree(cell.out)
+            cell.out.mkdir(parents=True)
+            write_json_atomic(cell.out / INPUTS_FILE, {"args": cell.args, "inputs": inputs})
         started = time.monotonic()
         log.info("%s: %s", cell.key, "resuming from its last finished round" if resume else "starting")
         # Wall time over every attempt, so a resumed cell reports what it cost in total.
@@ -175,7 +207,8 @@ class SweepRunner:
             "arm": None if cell.arm is None else {"name": cell.arm.name, "label": cell.arm.label,
                                                   "pretrain": cell.arm.pretrain, "strategy": cell.arm.strategy,
                                                   "local_epochs": cell.arm.local_epochs},
-            "args": cell.args, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": cell.args, "inputs": inputs, "run_id": uuid.uuid4().hex,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         return f"{result}, {seconds:.0f} s"
 
@@ -209,7 +242,10 @@ class SweepRunner:
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
                             timeout=s.cell_timeout, progress_bar=False)
-        self._launchers.append(launcher)
+        with self._registry:
+            if self._stopping.is_set():
+                raise LaunchError("sweep stopping")
+            self._launchers.append(launcher)
         try:
             return launcher.run_stage(Stage(cell.key, cell.out, server_args, cell.rounds))
         finally:
@@ -226,9 +262,11 @@ class SweepRunner:
                 "--device", s.device, "--threads", str(s.server_threads), "--out", str(cell.out),
                 "--train-subset", str(s.train_subset or 0), "--log-level", s.log_level,
                 *_flat(o for o in s.server_options if o[0] in _CENTRALISED_OPTIONS)]
-        with open(log_path, "w") as log_file:
+        with self._registry, open(log_path, "w") as log_file:
+            if self._stopping.is_set():
+                raise LaunchError("sweep stopping")
             proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())
-        self._processes.append(proc)
+            self._processes.append(proc)
         try:
             code = proc.wait(timeout=s.cell_timeout)
         except subprocess.TimeoutExpired:
