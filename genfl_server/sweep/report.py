@@ -300,8 +300,9 @@ def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: st
         "CAS: accuracy on the real test set of an ExquisiteNetV1 trained only on synthetic images "
         "sampled from the global CVAE (mean ± sample std over seeds, %). Federated CAS: the same "
         "classifier scored on the clients' held-out data (weighted by held-out size). The centralised "
-        "row trains one CVAE on all the training data in one place, for as many passes as each client "
-        "makes in the federated CVAE phase: what federation costs the generator.",
+        "row trains one CVAE in one place on as many images as the clients train on together, for as "
+        "many passes as each client makes in the federated CVAE phase: the gap to it is what federation "
+        "and label skew cost the generator.",
         "",
         "| Distribution | CAS | Federated CAS | n | Seeds |",
         "|---|---|---|---|---|",
