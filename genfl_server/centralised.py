@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS, DatasetNotFoundError, load_dataset, to_float_images
-from genfl_shared.partition import subsample
+from genfl_shared.partition import HELDOUT_FRACTION, training_pool
 from genfl_shared.seeding import derive_seed
 from genfl_shared.synthetic import sample_synthetic, save_grid
 from genfl_shared.training import evaluate_classifier, train_cvae
@@ -32,8 +31,6 @@ from .results import write_json_atomic
 
 log = logging.getLogger("genfl_centralised")
 
-HELDOUT_FRACTION = 0.1  # partition_dataset()'s default: each client holds out 10 % of its shard
-
 
 def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
                     heldout_fraction: float = HELDOUT_FRACTION):
@@ -41,11 +38,8 @@ def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
     train split, or its --train-subset draw) less a random ``heldout_fraction``, the share each
     client holds out for evaluation."""
     images, labels = load_dataset(dataset, data_root, "train")
-    if cfg.train_subset:
-        # partition_dataset() draws its subset from the first of three streams of the seed.
-        subset_seed = np.random.SeedSequence(seed).spawn(3)[0]
-        rows = torch.from_numpy(subsample(labels.numpy(), cfg.train_subset, subset_seed))
-        images, labels = images[rows], labels[rows]
+    pool = torch.from_numpy(training_pool(labels.numpy(), cfg.train_subset, seed))
+    images, labels = images[pool], labels[pool]
     keep = len(labels) - int(round(len(labels) * heldout_fraction))
     generator = torch.Generator().manual_seed(derive_seed(seed, "centralised-heldout"))
     rows = torch.randperm(len(labels), generator=generator)[:keep].sort().values

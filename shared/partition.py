@@ -38,6 +38,8 @@ __all__ = [
     "iid_partition",
     "split_train_heldout",
     "subsample",
+    "training_pool",
+    "HELDOUT_FRACTION",
     "client_id",
     "shard_file_name",
     "write_shard",
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 PARTITION_JSON = "partition.json"
+HELDOUT_FRACTION = 0.1  # share of each client's samples held out for its evaluation
 SHARD_FORMAT_VERSION = 1
 
 # Member order inside a shard is part of the byte-level format: never reorder.
@@ -136,7 +139,7 @@ def iid_partition(n: int, num_clients: int, seed: SeedLike) -> list[np.ndarray]:
 
 
 def split_train_heldout(
-    indices: np.ndarray, heldout_fraction: float = 0.1, *, rng: SeedLike
+    indices: np.ndarray, heldout_fraction: float = HELDOUT_FRACTION, *, rng: SeedLike
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's indices into disjoint, sorted (train, held-out) arrays.
 
@@ -154,6 +157,14 @@ def split_train_heldout(
     heldout = np.sort(indices[perm[:n_heldout]])
     train = np.sort(indices[perm[n_heldout:]])
     return train, heldout
+
+
+def training_pool(labels: np.ndarray, train_subset: int | None, seed: int) -> np.ndarray:
+    """Rows of the train split that ``partition_dataset(..., seed, train_subset=...)`` distributes:
+    all of them, or its ``train_subset`` draw (from the first of the seed's three streams)."""
+    if train_subset is None:
+        return np.arange(len(labels))
+    return subsample(labels, train_subset, np.random.SeedSequence(seed).spawn(3)[0])
 
 
 def subsample(labels: np.ndarray, n: int, seed: SeedLike) -> np.ndarray:
@@ -342,7 +353,7 @@ def partition_dataset(
     alpha: float | None,
     seed: int,
     out_dir: str | Path,
-    heldout_fraction: float = 0.1,
+    heldout_fraction: float = HELDOUT_FRACTION,
     train_subset: int | None = None,
     min_samples: int = 40,
     download: bool = False,
@@ -365,12 +376,9 @@ def partition_dataset(
 
     # Independent random streams per step, so e.g. the held-out split of one client does not
     # depend on how many random numbers the partitioner happened to consume.
-    subset_ss, partition_ss, heldout_ss = np.random.SeedSequence(seed).spawn(3)
+    _, partition_ss, heldout_ss = np.random.SeedSequence(seed).spawn(3)  # the first: training_pool()'s
 
-    if train_subset is not None:
-        used = subsample(labels, train_subset, subset_ss)
-    else:
-        used = np.arange(len(labels))
+    used = training_pool(labels, train_subset, seed)
     used_labels = labels[used]
 
     if alpha is None:

@@ -25,8 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from genfl_shared.partition import PARTITION_JSON  # noqa: E402
 
-from .report import CellResult, distribution_label, distribution_order  # noqa: E402
-from .plan import STRATEGY_LABELS  # noqa: E402
+from .plan import Distribution  # noqa: E402
+from .report import CellResult, arm_order, distribution_label, distribution_order  # noqa: E402
 
 MAIN_ARMS = {"pretrained": ("pre-trained", "tab:blue"), "baseline": ("baseline", "tab:orange")}
 
@@ -97,8 +97,7 @@ def _mitigation_arms(results: list[CellResult]) -> dict[str, tuple[str, str]]:
     if not set(names) - set(MAIN_ARMS):
         return {}
     colors = plt.get_cmap("tab10").colors
-    ordered = sorted(names, key=lambda a: (a.startswith("baseline"), a == "pretrained-only",
-                                           a.rsplit("-", 1)[-1] not in STRATEGY_LABELS, a))
+    ordered = sorted(names, key=arm_order)
     return {a: (names[a], colors[i % len(colors)]) for i, a in enumerate(ordered)}
 
 
@@ -110,10 +109,10 @@ def plot_cas_vs_alpha(results: list[CellResult], path: Path) -> Path | None:
     if not by_dist:
         return None
     dists = sorted(by_dist, key=distribution_order, reverse=True)  # smallest alpha left, IID right
-    alphas = [float(d.removeprefix("alpha-")) for d in dists if d != "iid"]
+    alphas = [Distribution.from_name(d).alpha for d in dists if d != "iid"]
     # IID sits one decade right of the largest alpha, on the same log axis.
     iid_x = 10 * max(alphas) if alphas else 1.0
-    xs = [iid_x if d == "iid" else float(d.removeprefix("alpha-")) for d in dists]
+    xs = [iid_x if d == "iid" else Distribution.from_name(d).alpha for d in dists]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, color in (("cas", "CAS (real test set)", "tab:blue"),
                               ("cas_federated", "federated CAS (clients' held-out)", "tab:green")):

@@ -24,6 +24,11 @@ class Distribution:
 
     alpha: float | None
 
+    @classmethod
+    def from_name(cls, name: str) -> "Distribution":
+        """The distribution a folder name (``name``) stands for."""
+        return cls(None) if name == "iid" else cls(float(name.removeprefix("alpha-")))
+
     @property
     def _alpha_text(self) -> str:
         short = f"{self.alpha:g}"  # 0.1, 100, 1e-05

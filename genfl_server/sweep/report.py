@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import STRATEGY_LABELS
+from .plan import STRATEGY_LABELS, Distribution
 from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
 from .run import CELL_MARKER, read_json
 
@@ -65,11 +65,12 @@ def load_results(out: Path) -> list[CellResult]:
 
 def distribution_order(name: str) -> tuple[int, float]:
     """Poster order: IID, then alpha from large (mild skew) to small (extreme skew)."""
-    return (0, 0.0) if name == "iid" else (1, -float(name.removeprefix("alpha-")))
+    alpha = Distribution.from_name(name).alpha
+    return (0, 0.0) if alpha is None else (1, -alpha)
 
 
 def distribution_label(name: str) -> str:
-    return "IID" if name == "iid" else "α=" + name.removeprefix("alpha-")
+    return Distribution.from_name(name).label
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None, int]:
@@ -205,7 +206,9 @@ def _paired_delta(pre: list[CellResult], base: list[CellResult]) -> list[float]:
             if base_by_seed.get(r.seed) is not None and r.final("weighted_client_accuracy") is not None]
 
 
-def _arm_sort_key(name: str) -> tuple:
+def arm_order(name: str) -> tuple:
+    """Sort key of arm names: pre-trained before baseline, pre-training only after the pre-trained
+    strategies, strategies in STRATEGY_LABELS' order (the order build_arms() runs them)."""
     pretrain = not name.startswith("baseline")
     strategy = name.split("-", 1)[1] if "-" in name and name != "pretrained-only" else "fedavg"
     return (not pretrain, name == "pretrained-only", list(STRATEGY_LABELS).index(strategy)
@@ -213,7 +216,7 @@ def _arm_sort_key(name: str) -> tuple:
 
 
 def _mitigation_section(grouped, dists) -> list[str]:
-    arms = sorted({a for d in grouped.values() for a in d}, key=_arm_sort_key)
+    arms = sorted({a for d in grouped.values() for a in d}, key=arm_order)
     labels = {}
     for d in grouped.values():
         for name, runs in d.items():
@@ -259,7 +262,7 @@ def _verdicts(arms: dict[str, list[CellResult]], labels: dict[str, str]) -> str:
                   and a != reference]
         if reference not in means:
             continue
-        for a in sorted(family, key=_arm_sort_key):
+        for a in sorted(family, key=arm_order):
             diff = 100 * (means[a][0] - means[reference][0])
             pooled = [s for s in (means[a][1], means[reference][1]) if s is not None]
             noise = f", std {100 * max(pooled):.2f}" if pooled else ", n=1"

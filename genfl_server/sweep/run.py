@@ -24,7 +24,7 @@ from pathlib import Path
 
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
 
-from ..launch import Launcher, LaunchError, Stage, _child_env, _tail
+from ..launch import Launcher, LaunchError, Stage, _child_env, _pct, _tail
 from ..results import write_json_atomic
 from ..runstate import FILE_NAME as RUN_STATE_FILE
 from .plan import Cell
@@ -286,7 +286,3 @@ _CENTRALISED_OPTIONS = {"--cvae-rounds", "--local-epochs", "--synthetic-samples"
 
 def _flat(options) -> list[str]:
     return [x for pair in options for x in pair]
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
