@@ -39,7 +39,7 @@ def run_launch(data_root: Path, clients: int, alpha: float, out: Path, procs: c.
 
 def run_direct(data_root: Path, clients: int, alpha: float, out: Path, procs: c.ProcessGroup,
                timeout: float) -> None:
-    from genfl_server.config import PRESETS
+    from genfl_shared.config import PRESETS
 
     quick = PRESETS["quick"]
     shards = out / "shards"

@@ -8,7 +8,7 @@ data_root=$1; out=$2; shift 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 start=$(date +%s)
-python3 -m genfl_server.launch --preset paper --compare --device cuda --dataset mnist \
+python3 -m genfl_experiments.launch --preset paper --compare --device cuda --dataset mnist \
   --data-root "$data_root" --alpha 0.1 --seed 0 --out "$out" "$@"
 echo "wall seconds: $(( $(date +%s) - start ))"
 python3 - "$out" <<'PY'

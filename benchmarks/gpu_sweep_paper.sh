@@ -9,7 +9,7 @@ set -uo pipefail
 data_root=$1; out=$2; limit=${3:-0}; shift $(( $# < 3 ? $# : 3 ))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-cmd=(python3 -m genfl_server.sweep.cli --dataset mnist --data-root "$data_root" --alphas iid,0.1,0.01
+cmd=(python3 -m genfl_experiments.sweep.cli --dataset mnist --data-root "$data_root" --alphas iid,0.1,0.01
      --repeats 1 --seed 0 --preset paper --device cuda --parallel 4 --no-centralised --out "$out" "$@")
 start=$(date +%s)
 if [ "$limit" -gt 0 ]; then timeout -s INT -k 60 "$limit" "${cmd[@]}"; else "${cmd[@]}"; fi

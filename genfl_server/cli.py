@@ -17,16 +17,17 @@ from pathlib import Path
 import click
 import torch
 
+from genfl_shared.checkpoint import CheckpointError, load_checkpoint
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
+from genfl_shared.config import PRESETS, RunConfig
 from genfl_shared.data import DATASETS, load_dataset, to_float_images
+from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import PRESETS, RunConfig
 from .coordinator import Coordinator
 from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
-from .results import RunRecorder, write_json_atomic
+from .results import RunRecorder
 from .runstate import RunState, RunStateError
 from .security import SecurityError, TokenAuthenticator, server_credentials
 from .service import FederatedLearningService, set_health, start_grpc_server
@@ -206,7 +207,7 @@ def main(**opts) -> None:
                                              credentials=credentials)
     set_health(health, serving=True)  # listening, with its data (test set, checkpoint) loaded
     host = opts["address"].rsplit(":", 1)[0]
-    write_json_atomic(out / "endpoint.json", {"address": f"{host}:{port}", "port": port, "run_id": run_id,
+    write_json_atomic(out / ENDPOINT_JSON, {"address": f"{host}:{port}", "port": port, "run_id": run_id,
                                               "metrics_port": metrics_port})
     log.info("run %s listening on %s:%d (%s%s) for %d clients", run_id, host, port,
              "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext",

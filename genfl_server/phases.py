@@ -16,14 +16,14 @@ from typing import Mapping
 
 import torch
 
+from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import set_log_context
-from genfl_shared.models import build_model
+from genfl_shared.config import RunConfig
+from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.seeding import derive_seed
-from genfl_shared.synthetic import sample_synthetic, save_grid
-from genfl_shared.training import evaluate_classifier, evaluate_cvae, train_classifier
+from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthetic
+from genfl_shared.training import evaluate_classifier, evaluate_cvae
 
-from .checkpoint import save_checkpoint
-from .config import RunConfig
 from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .results import RunRecorder
@@ -75,19 +75,6 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
                                  on_round_end=on_round_end)
 
 
-def initial_state(kind: str, seed: int) -> State:
-    """Seeded random weights: the same start for a pre-trained run and its baseline."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "init", kind))
-        return build_model(kind).state_dict()
-
-
-def model_from_state(kind: str, state: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    model = build_model(kind)
-    model.load_state_dict(state)
-    return model.to(device)
-
-
 def cvae_phase(ctx: PhaseContext) -> State:
     cfg = ctx.config
     train = {"model": "cvae", "epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
@@ -102,23 +89,6 @@ def cvae_phase(ctx: PhaseContext) -> State:
     state = _run_phase(ctx, "cvae", initial_state("cvae", cfg.seed), cfg.cvae_rounds, train, evaluate, test_fn)
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
     return state
-
-
-def train_on_synthetic(cfg: RunConfig, images, labels, *, epochs: int, purpose: str,
-                       device: torch.device) -> State:
-    """ExquisiteNetV1 from the run's seeded start, trained on synthetic data with the server's
-    settings (used for CAS, pre-training and the centralised baseline's CAS)."""
-    model = model_from_state("classifier", initial_state("classifier", cfg.seed), device)
-    started = time.perf_counter()
-
-    def progress(epoch: int, loss: float) -> None:
-        log.info("%s on synthetic data: epoch %d/%d, loss %.4f (%.1f s)", purpose, epoch, epochs, loss,
-                 time.perf_counter() - started)
-
-    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
-                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=device,
-                     progress=progress)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> State:

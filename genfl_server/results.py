@@ -4,28 +4,18 @@ display or a crashed run still has every finished round) and ``summary.json``.""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers never see a half-written file (write, fsync, rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from genfl_shared.runfiles import METRICS_JSONL, SUMMARY_JSON, write_json_atomic
 
 
 class RunRecorder:
     def __init__(self, out_dir: Path, **run_fields: Any):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.summary_path = self.out_dir / "summary.json"
+        self.metrics_path = self.out_dir / METRICS_JSONL
+        self.summary_path = self.out_dir / SUMMARY_JSON
         self.metrics_path.write_text("")
         self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, **run_fields,
                                         "rounds": [], "final": None}

@@ -10,11 +10,12 @@ saving: redoing an interrupted round from its starting weights repeats it exactl
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from genfl_shared.runfiles import atomic_write
 
 FORMAT = "genfl-run-state-v1"
 FILE_NAME = "run_state.pt"
@@ -63,13 +64,5 @@ class RunState:
         for name, state in tensors.items():
             self.tensors[name] = {k: v.detach().cpu().clone() for k, v in state.items()}
         self.progress["recorder"] = dict(recorder_state)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"format": FORMAT, "progress": json.dumps(self.progress), "tensors": self.tensors}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        with atomic_write(self.path, "wb") as f:
+            torch.save({"format": FORMAT, "progress": json.dumps(self.progress), "tensors": self.tensors}, f)

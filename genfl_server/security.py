@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import ssl
@@ -24,6 +23,8 @@ from typing import Iterable, Mapping
 
 import click
 import grpc
+
+from genfl_shared.runfiles import atomic_write
 
 TOKEN_PREFIX = "sha256:"
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -168,16 +169,6 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
 
 # -- make-tokens tool ---------------------------------------------------------------------------
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (0600), also when the file existed."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def make_tokens(out: Path, client_ids: list[str], *, force: bool = False) -> dict[str, str]:
     """Write ``out/tokens.json`` (hashes, for the server) and ``out/<client_id>.token`` (0600, one
     raw token per client). Returns {client_id: token}."""
@@ -188,10 +179,11 @@ def make_tokens(out: Path, client_ids: list[str], *, force: bool = False) -> dic
         raise SecurityError(f"{tokens_file} exists; pass --force to replace it (every client needs its new token)")
     tokens = {cid: secrets.token_urlsafe(32) for cid in client_ids}
     for cid, token in tokens.items():
-        _write_private(out / f"{cid}.token", token + "\n")
-    tmp = tokens_file.with_name(tokens_file.name + ".tmp")
-    tmp.write_text(json.dumps({cid: hash_token(t) for cid, t in tokens.items()}, indent=2) + "\n")
-    os.replace(tmp, tokens_file)
+        # Readable by its owner only (0600), also when the file existed: it is replaced, not reused.
+        with atomic_write(out / f"{cid}.token", permissions=0o600) as f:
+            f.write(token + "\n")
+    with atomic_write(tokens_file) as f:
+        f.write(json.dumps({cid: hash_token(t) for cid, t in tokens.items()}, indent=2) + "\n")
     return tokens
 
 

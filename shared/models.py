@@ -12,9 +12,13 @@ travel between server and clients as flat tensors and both sides must agree exac
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .seeding import derive_seed
 
 __all__ = [
     "CVAE",
@@ -190,3 +194,16 @@ def build_model(kind: str) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Total number of parameter elements (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def initial_state(kind: str, seed: int) -> dict[str, Tensor]:
+    """Seeded random weights: the same start for a pre-trained run and its baseline."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init", kind))
+        return build_model(kind).state_dict()
+
+
+def model_from_state(kind: str, state: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    model = build_model(kind)
+    model.load_state_dict(state)
+    return model.to(device)

@@ -16,9 +16,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .data import IMAGE_SIZE, NUM_CLASSES, dataset_digest, load_dataset
+from .runfiles import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -220,20 +219,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def _shard_bytes(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
@@ -268,7 +256,7 @@ def write_shard(
         "heldout_labels": np.asarray(heldout_labels, dtype=np.int64),
     }
     data = _shard_bytes(arrays, meta)
-    _atomic_write(Path(path), data)
+    _write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -450,6 +438,6 @@ def partition_dataset(
     }
     # partition.json goes last: its presence means every shard it lists is complete.
     text = json.dumps(summary, sort_keys=True, indent=2) + "\n"
-    _atomic_write(out_dir / PARTITION_JSON, text.encode("utf-8"))
+    _write_bytes(out_dir / PARTITION_JSON, text.encode("utf-8"))
     log.info("wrote %d shards and %s to %s", num_clients, PARTITION_JSON, out_dir)
     return summary

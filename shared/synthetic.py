@@ -7,13 +7,19 @@ synthetic images are binary (0/1). Labels are class-balanced by construction.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-__all__ = ["balanced_labels", "sample_synthetic", "save_grid"]
+from .config import RunConfig
+from .models import initial_state, model_from_state
+from .seeding import derive_seed
+from .training import train_classifier
+
+__all__ = ["balanced_labels", "sample_synthetic", "save_grid", "train_on_synthetic"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +104,20 @@ def save_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(tiles, path, nrow=per_class, padding=padding)
+
+
+def train_on_synthetic(cfg: RunConfig, images, labels, *, epochs: int, purpose: str,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """ExquisiteNetV1 from the run's seeded start, trained on synthetic data with the server's
+    settings (used for CAS, pre-training and the centralised baseline's CAS)."""
+    model = model_from_state("classifier", initial_state("classifier", cfg.seed), device)
+    started = time.perf_counter()
+
+    def progress(epoch: int, loss: float) -> None:
+        logger.info("%s on synthetic data: epoch %d/%d, loss %.4f (%.1f s)", purpose, epoch, epochs, loss,
+                    time.perf_counter() - started)
+
+    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
+                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=device,
+                     progress=progress)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -33,7 +33,7 @@ def run_cli(module: str, *args: str, timeout: float = 600, **kwargs) -> subproce
 def full_run(tmp_path_factory):
     """One launch of both phases (server + 3 client processes); shared by the assertions below."""
     out = tmp_path_factory.mktemp("full_run")
-    result = run_cli("genfl_server.launch", "--data-root", str(dataset_dir("mnist")), "--out", str(out),
+    result = run_cli("genfl_experiments.launch", "--data-root", str(dataset_dir("mnist")), "--out", str(out),
                      *SMALL_RUN)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
@@ -151,7 +151,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_ctrl_c_stops_every_child(tmp_path, data_root):
-    launch = subprocess.Popen([sys.executable, "-m", "genfl_server.launch", "--data-root", str(data_root("mnist")),
+    launch = subprocess.Popen([sys.executable, "-m", "genfl_experiments.launch", "--data-root", str(data_root("mnist")),
                                "--out", str(tmp_path), "--clients", "2", "--iid", "--train-subset", "600",
                                "--rounds", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

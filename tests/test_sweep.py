@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from genfl_server.checkpoint import load_checkpoint
-from genfl_server.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
-from genfl_server.sweep.poster import POSTER
-from genfl_server.sweep.report import fmt_pct, load_results, mean_std
+from genfl_experiments.poster import POSTER
+from genfl_experiments.reports import fmt_pct, load_results, mean_std
+from genfl_experiments.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
+from genfl_shared.checkpoint import load_checkpoint
 
 TINY = ["--clients", "2", "--train-subset", "600", "--rounds", "2", "--synthetic-samples", "200",
         "--cas-epochs", "1", "--pretrain-epochs", "1", "--server-threads", "1", "--log-level", "warning"]
 
 
 def sweep(out: Path, data: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genfl_server.sweep.cli", "--data-root", str(data),
+    return subprocess.run([sys.executable, "-m", "genfl_experiments.sweep.cli", "--data-root", str(data),
                            "--out", str(out), "--preset", "quick", *TINY, *args],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -243,7 +243,7 @@ def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(
 
 
 def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
-    args = [sys.executable, "-m", "genfl_server.sweep.cli", "--data-root", str(data_root("mnist")), "--out",
+    args = [sys.executable, "-m", "genfl_experiments.sweep.cli", "--data-root", str(data_root("mnist")), "--out",
             str(tmp_path), "--preset", "quick", "--alphas", "iid", "--repeats", "1", "--arms", "baseline",
             "--no-centralised", *TINY, "--classifier-rounds", "4", "--log-level", "info"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -15,9 +15,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import STRATEGY_LABELS, Distribution
+from genfl_shared.runfiles import read_json
+
 from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
-from .run import CELL_MARKER, read_json
+from .sweep.plan import STRATEGY_LABELS, Distribution
+from .sweep.run import CELL_MARKER
 
 log = logging.getLogger("genfl_sweep")
 

@@ -22,10 +22,12 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.config import PRESETS
 from genfl_shared.data import DATASETS, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
+from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
+                                   wait_for_endpoint)
 
-from .config import PRESETS
 
 log = logging.getLogger("genfl_launch")
 
@@ -45,7 +47,7 @@ class Stage:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     # The children get every setting as an explicit flag; GENFL_* variables meant for the launcher
     # must not leak into them as defaults.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
@@ -72,14 +74,14 @@ class Launcher:
             if self._stopped:
                 raise LaunchError(f"not starting {name}: stopping")
             proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT,
-                                    env=_child_env(), start_new_session=True)
+                                    env=child_env(), start_new_session=True)
             self.running.append(proc)
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(args))
         return proc
 
     def run_stage(self, stage: Stage) -> dict:
         stage.out.mkdir(parents=True, exist_ok=True)
-        (stage.out / "endpoint.json").unlink(missing_ok=True)
+        (stage.out / ENDPOINT_JSON).unlink(missing_ok=True)
         logs = stage.out / "logs"
         server = self._spawn("server", ["genfl_server.cli", *stage.server_args, "--out", str(stage.out),
                                         "--address", "127.0.0.1:0"], logs / "server.log")
@@ -90,19 +92,16 @@ class Launcher:
             stage.processes[name] = self._spawn(name, ["genfl_client.cli", "--server", endpoint, "--shard",
                                                        str(shard), *self.client_args], logs / f"{name}.log")
         self._monitor(stage)
-        return json.loads((stage.out / "summary.json").read_text())
+        return json.loads((stage.out / SUMMARY_JSON).read_text())
 
     def _wait_for_endpoint(self, stage: Stage, server: subprocess.Popen) -> str:
-        path = stage.out / "endpoint.json"
-        deadline = time.monotonic() + 120
-        while not path.exists():
-            if server.poll() is not None:
-                raise LaunchError(f"{stage.name}: server exited with code {server.returncode} before "
-                                  f"listening\n{_tail(stage.out / 'logs' / 'server.log')}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"{stage.name}: server did not start listening within 120 s")
-            time.sleep(0.1)
-        return json.loads(path.read_text())["address"]
+        try:
+            return wait_for_endpoint(stage.out, 120, [server], poll_seconds=0.1)["address"]
+        except EndpointTimeout:
+            raise LaunchError(f"{stage.name}: server did not start listening within 120 s") from None
+        except RuntimeError:
+            raise LaunchError(f"{stage.name}: server exited with code {server.returncode} before "
+                              f"listening\n{log_tail(stage.out / 'logs' / 'server.log')}") from None
 
     def _monitor(self, stage: Stage) -> None:
         if not self.progress_bar:
@@ -120,11 +119,11 @@ class Launcher:
 
     def _watch(self, stage: Stage, on_event) -> None:
         """Until every process of the stage has exited: report new events, fail fast on a crash."""
-        metrics_path = stage.out / "metrics.jsonl"
+        metrics_path = stage.out / METRICS_JSONL
         started = time.monotonic()
         seen = 0
         while True:
-            events = _read_events(metrics_path)
+            events = read_events(metrics_path)
             for event in events[seen:]:
                 on_event(event)
             seen = len(events)
@@ -133,7 +132,7 @@ class Launcher:
             if failed:
                 name = next(iter(failed))
                 raise LaunchError(f"{stage.name}: {name} exited with code {failed[name]}\n"
-                                  f"{_tail(stage.out / 'logs' / f'{name}.log')}")
+                                  f"{log_tail(stage.out / 'logs' / f'{name}.log')}")
             if all(p.poll() is not None for p in stage.processes.values()):
                 return
             if self.timeout and time.monotonic() - started > self.timeout:
@@ -163,19 +162,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _read_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written right now
-    return events
-
-
 def _describe(event: dict) -> str:
     kind = event.get("event")
     if kind == "round":
@@ -187,15 +173,15 @@ def _describe(event: dict) -> str:
             text += f", loss {event['train_loss']:.3g}"
         return text
     if kind == "cas":
-        return f"CAS {_pct(event.get('cas'))}"
+        return f"CAS {pct(event.get('cas'))}"
     return f"server-side {kind}"
 
 
-def _pct(value) -> str:
+def pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text().splitlines()[-lines:]
     except OSError:
@@ -207,8 +193,8 @@ def rounds_table(summary: dict) -> str:
     rows = [f"{'phase':<11} {'round':>5} {'client acc':>10} {'test acc':>9} {'train loss':>10} {'seconds':>8}"]
     for r in summary["rounds"]:
         loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4g}"
-        rows.append(f"{r['phase']:<11} {r['round']:>5} {_pct(r['weighted_client_accuracy']):>10} "
-                    f"{_pct(r['test_accuracy']):>9} {loss:>10} {r['seconds']:>8.2f}")
+        rows.append(f"{r['phase']:<11} {r['round']:>5} {pct(r['weighted_client_accuracy']):>10} "
+                    f"{pct(r['test_accuracy']):>9} {loss:>10} {r['seconds']:>8.2f}")
     return "\n".join(rows)
 
 
@@ -218,9 +204,9 @@ def comparison_table(pretrained: dict, baseline: dict) -> str:
     pre = [r for r in pretrained["rounds"] if r["phase"] == "classifier"]
     base = [r for r in baseline["rounds"] if r["phase"] == "classifier"]
     for p, b in zip(pre, base):
-        rows.append(f"{p['round']:>5} | {_pct(p['weighted_client_accuracy']):>22} {_pct(p['test_accuracy']):>9} | "
-                    f"{_pct(b['weighted_client_accuracy']):>19} {_pct(b['test_accuracy']):>9}")
-    rows.append(f"CAS {_pct(pretrained.get('cas'))}, federated CAS {_pct(pretrained.get('cas_federated'))}")
+        rows.append(f"{p['round']:>5} | {pct(p['weighted_client_accuracy']):>22} {pct(p['test_accuracy']):>9} | "
+                    f"{pct(b['weighted_client_accuracy']):>19} {pct(b['test_accuracy']):>9}")
+    rows.append(f"CAS {pct(pretrained.get('cas'))}, federated CAS {pct(pretrained.get('cas_federated'))}")
     return "\n".join(rows)
 
 
@@ -304,7 +290,7 @@ def main(dataset, data_root, download, clients, alpha, iid, seed, out, preset, c
                                                (["--no-pretrain"] if no_pretrain else []),
                                                n_cvae + n_cls))
             click.echo("\n" + rounds_table(summary))
-            click.echo(f"CAS {_pct(summary.get('cas'))}, federated CAS {_pct(summary.get('cas_federated'))}")
+            click.echo(f"CAS {pct(summary.get('cas'))}, federated CAS {pct(summary.get('cas_federated'))}")
     except LaunchError as error:
         launcher.stop_all()
         click.echo(f"Error: {error}", err=True)

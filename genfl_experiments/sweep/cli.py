@@ -23,10 +23,11 @@ import click
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
 
-from ..config import PRESETS, RunConfig
-from ..results import write_json_atomic
+from genfl_shared.config import PRESETS, RunConfig
+from genfl_shared.runfiles import write_json_atomic
+
 from .plan import ARM_CHOICES, STRATEGY_LABELS, build_arms, parse_distributions, plan_cells
-from .report import write_reports
+from ..reports import write_reports
 from .run import SweepRunner, SweepSettings
 
 log = logging.getLogger("genfl_sweep")
@@ -182,7 +183,7 @@ def _differences_from_paper(config: RunConfig) -> list[str]:
 
 def _report(out: Path, fixed: dict, differences: list[str], *, failed: bool) -> None:
     results = write_reports(out, dataset=fixed["dataset"], preset=fixed["preset"], differences=differences)
-    from .figures import write_figures  # matplotlib is only needed here
+    from ..figures import write_figures  # matplotlib is only needed here
 
     figures = write_figures(out, results, dataset=fixed["dataset"])
     click.echo((out / "table.md").read_text())

@@ -25,8 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from genfl_shared.partition import PARTITION_JSON  # noqa: E402
 
-from .plan import Distribution  # noqa: E402
-from .report import CellResult, arm_order, distribution_label, distribution_order  # noqa: E402
+from .reports import CellResult, arm_order, distribution_label, distribution_order  # noqa: E402
+from .sweep.plan import Distribution  # noqa: E402
 
 MAIN_ARMS = {"pretrained": ("pre-trained", "tab:blue"), "baseline": ("baseline", "tab:orange")}
 

@@ -22,11 +22,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genfl_server.runstate import FILE_NAME as RUN_STATE_FILE
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
+from genfl_shared.runfiles import read_json, write_json_atomic
 
-from ..launch import Launcher, LaunchError, Stage, _child_env, _pct, _tail
-from ..results import write_json_atomic
-from ..runstate import FILE_NAME as RUN_STATE_FILE
+from ..launch import Launcher, LaunchError, Stage, child_env, log_tail, pct
 from .plan import Cell
 
 log = logging.getLogger("genfl_sweep")
@@ -57,10 +57,6 @@ class SweepOutcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     not_run: list[str] = field(default_factory=list)  # a dependency failed
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def current_inputs(cell: Cell, cells: dict[str, Cell]) -> dict | None:
@@ -191,13 +187,13 @@ class SweepRunner:
             if cell.out.exists():
                 write_json_atomic(elapsed_path, {"seconds": earlier + time.monotonic() - started})
         if cell.kind == "centralised":
-            result = f"CAS {_pct(summary['cas'])}"
+            result = f"CAS {pct(summary['cas'])}"
         else:
             final = summary.get("final") or {}
-            result = (f"client acc {_pct(final.get('weighted_client_accuracy'))}, "
-                      f"test acc {_pct(final.get('test_accuracy'))}")
+            result = (f"client acc {pct(final.get('weighted_client_accuracy'))}, "
+                      f"test acc {pct(final.get('test_accuracy'))}")
             if summary.get("cas") is not None:
-                result += f", CAS {_pct(summary['cas'])}"
+                result += f", CAS {pct(summary['cas'])}"
         seconds = earlier + time.monotonic() - started
         write_json_atomic(cell.out / CELL_MARKER, {
             "key": cell.key, "kind": cell.kind, "seed": cell.seed, "seconds": seconds,
@@ -257,7 +253,7 @@ class SweepRunner:
         cell.out.mkdir(parents=True, exist_ok=True)
         log_path = cell.out / "logs" / "centralised.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "genfl_server.centralised", "--dataset", s.dataset,
+        args = [sys.executable, "-m", "genfl_experiments.centralised", "--dataset", s.dataset,
                 "--data-root", str(s.data_root), "--preset", s.preset, "--seed", str(cell.seed),
                 "--device", s.device, "--threads", str(s.server_threads), "--out", str(cell.out),
                 "--train-subset", str(s.train_subset or 0), "--log-level", s.log_level,
@@ -265,7 +261,7 @@ class SweepRunner:
         with self._registry, open(log_path, "w") as log_file:
             if self._stopping.is_set():
                 raise LaunchError("sweep stopping")
-            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=child_env())
             self._processes.append(proc)
         try:
             code = proc.wait(timeout=s.cell_timeout)
@@ -276,7 +272,7 @@ class SweepRunner:
         finally:
             self._processes.remove(proc)
         if code != 0:
-            raise LaunchError(f"{cell.key}: exited with code {code}\n{_tail(log_path)}")
+            raise LaunchError(f"{cell.key}: exited with code {code}\n{log_tail(log_path)}")
         return json.loads((cell.out / "summary.json").read_text())
 
 

@@ -3,11 +3,12 @@ so that opening a checkpoint can never execute code."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from .runfiles import atomic_write
 
 FORMAT = "genfl-checkpoint-v1"
 
@@ -18,12 +19,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: Path, model: str, state: Mapping[str, torch.Tensor]) -> Path:
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "model": model,
-                "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save({"format": FORMAT, "model": model,
+                    "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, f)
     return path
 
 

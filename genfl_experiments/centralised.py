@@ -17,17 +17,17 @@ from pathlib import Path
 import click
 import torch
 
+from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.config import PRESETS, RunConfig
 from genfl_shared.data import DATASETS, DatasetNotFoundError, load_dataset, to_float_images
+from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import HELDOUT_FRACTION, training_pool
+from genfl_shared.runfiles import SUMMARY_JSON, write_json_atomic
 from genfl_shared.seeding import derive_seed
-from genfl_shared.synthetic import sample_synthetic, save_grid
+from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthetic
 from genfl_shared.training import evaluate_classifier, train_cvae
 
-from .checkpoint import save_checkpoint
-from .config import PRESETS, RunConfig
-from .phases import initial_state, model_from_state, train_on_synthetic
-from .results import write_json_atomic
 
 log = logging.getLogger("genfl_centralised")
 
@@ -75,7 +75,7 @@ def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, de
     summary = {"dataset": dataset, "seed": cfg.seed, "train_images": len(labels), "cvae_epochs": epochs,
                "cvae_seconds": cvae_seconds, "cas": cas, "cas_seconds": time.perf_counter() - started,
                "config": cfg.to_dict(), "device": str(device)}
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / SUMMARY_JSON, summary)
     log.info("centralised CVAE (%d images, %d epochs): CAS %.4f", len(labels), epochs, cas)
     return summary
 

@@ -1,1 +1,0 @@
-"""genfl-sweep: the poster's experiment grid (plan, run, report, figures)."""
