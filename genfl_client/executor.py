@@ -6,7 +6,6 @@ the whole run: no per-round data loading, no per-sample transforms.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,16 +16,21 @@ from typing import Mapping
 import torch
 
 from genfl_shared.data import to_float_images
-from genfl_shared.models import MODEL_KINDS, build_model
+from genfl_shared.models import build_model
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_json
 from genfl_shared.training import evaluate_classifier, evaluate_cvae, train_classifier, train_cvae
 
 log = logging.getLogger(__name__)
 
 
 class TaskError(ValueError):
-    """A task this client cannot execute (bad settings or weights that do not fit the model)."""
+    """A task this client cannot execute (bad settings or weights that do not fit the model): the
+    runner reports it back to the server in ResultHeader.error."""
+
+
+TASK_KINDS = {pb.TASK_TYPE_TRAIN: "train", pb.TASK_TYPE_EVALUATE: "evaluate"}  # the genfl_shared.tasks kinds
 
 
 @dataclass
@@ -59,44 +63,40 @@ class TaskExecutor:
             )
         return self._tensors[binarize]
 
-    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor]) -> TaskOutcome:
+    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
+        """Execute one TRAIN or EVALUATE task; raises TaskError for one it cannot execute."""
+        if header.type not in TASK_KINDS:
+            raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
         try:
-            config = json.loads(header.config_json or "{}")
-        except json.JSONDecodeError as error:
-            raise TaskError(f"task {header.task_id}: settings are not JSON: {error}") from None
-        if config.get("deterministic") and not torch.are_deterministic_algorithms_enabled():
+            settings = from_json(header.config_json, TASK_KINDS[header.type])
+        except TaskSettingsError as error:
+            raise TaskError(f"task {header.task_id}: {error}") from None
+        if weights is None:
+            raise TaskError(f"task {header.task_id}: came without weights")
+        if isinstance(settings, TrainTask) and settings.deterministic \
+                and not torch.are_deterministic_algorithms_enabled():
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        kind = config.get("model")
-        if kind not in MODEL_KINDS:
-            raise TaskError(f"task {header.task_id}: unknown model {kind!r}")
-        if kind not in self._models:
-            self._models[kind] = build_model(kind).to(self.device)
-        model = self._models[kind]
+        if settings.model not in self._models:
+            self._models[settings.model] = build_model(settings.model).to(self.device)
+        model = self._models[settings.model]
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as error:
-            raise TaskError(f"task {header.task_id}: weights do not fit a {kind} model: {error}") from None
-        train_x, train_y, held_x, held_y = self._data(bool(config.get("binarize", True)))
-        if header.type == pb.TASK_TYPE_TRAIN:
-            return self._train(kind, model, config, train_x, train_y)
-        if header.type == pb.TASK_TYPE_EVALUATE:
-            return self._evaluate(kind, model, config, held_x, held_y)
-        raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
+            raise TaskError(f"task {header.task_id}: weights do not fit a {settings.model} model: {error}") from None
+        train_x, train_y, held_x, held_y = self._data(settings.binarize)
+        if isinstance(settings, TrainTask):
+            return self._train(settings, model, train_x, train_y)
+        return self._evaluate(settings, model, held_x, held_y)
 
-    def _train(self, kind, model, config, x, y) -> TaskOutcome:
-        try:
-            common = dict(epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
-                          lr=float(config["lr"]), seed=int(config["seed"]), device=self.device,
-                          prox_mu=float(config.get("prox_mu", 0.0)))
-            started = time.perf_counter()
-            if kind == "cvae":
-                result = train_cvae(model, x, y, **common)
-            else:
-                result = train_classifier(model, x, y, optimizer=config["optimizer"],
-                                          momentum=float(config.get("momentum", 0.0)), **common)
-        except (KeyError, TypeError, ValueError) as error:
-            raise TaskError(f"bad training settings {config}: {error}") from None
+    def _train(self, task: TrainTask, model, x, y) -> TaskOutcome:
+        common = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
+                      device=self.device, prox_mu=task.prox_mu)
+        started = time.perf_counter()
+        if task.model == "cvae":  # TrainTask guarantees Adam: train_cvae takes no optimiser
+            result = train_cvae(model, x, y, **common)
+        else:
+            result = train_classifier(model, x, y, optimizer=task.optimizer, momentum=task.sgd_momentum, **common)
         seconds = time.perf_counter() - started
         metrics = {"train_seconds": seconds, "steps": float(result["steps"])}
         if not math.isnan(result["loss"]):
@@ -104,11 +104,11 @@ class TaskExecutor:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return TaskOutcome(result["samples"], metrics, state)
 
-    def _evaluate(self, kind, model, config, x, y) -> TaskOutcome:
+    def _evaluate(self, task: EvaluateTask, model, x, y) -> TaskOutcome:
         if len(y) == 0:
             return TaskOutcome(0, {}, None)
-        if kind == "cvae":
-            result = evaluate_cvae(model, x, y, seed=int(config.get("seed", 0)), device=self.device)
+        if task.model == "cvae":
+            result = evaluate_cvae(model, x, y, seed=task.seed, device=self.device)
             metrics = {"loss": result["loss"]}
         else:
             result = evaluate_classifier(model, x, y, device=self.device)

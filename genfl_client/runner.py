@@ -1,5 +1,9 @@
 """The client's connection loop: register, long-poll for tasks, execute, submit; reconnect with
-exponential backoff and jitter whenever the server is unreachable or restarted."""
+exponential backoff and jitter whenever the server is unreachable or restarted.
+
+A task the client cannot execute (settings it refuses, weights that do not fit the model) is
+reported back as a result carrying only ``error``; the client then keeps polling, because the
+next task may well be fine and the server decides whether the run can go on without this one."""
 
 from __future__ import annotations
 
@@ -184,23 +188,31 @@ class ClientRunner:
         kind = pb.TaskType.Name(header.type).removeprefix("TASK_TYPE_").lower()
         set_log_context(phase=header.phase, round=header.round)
         log.info("%s task %s", kind, header.task_id)
+        result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=self.client_id,
+                                 phase=header.phase, round=header.round, type=header.type)
         try:
             outcome = self.executor.run(header, weights)
         except TaskError as error:
-            raise FatalClientError(str(error)) from None
+            log.error("cannot execute %s task %s, reporting it to the server: %s", kind, header.task_id, error)
+            result.error = str(error)
+            self._submit(result, None)
+            return
         if header.type == pb.TASK_TYPE_TRAIN:
             self.metrics.train_seconds.inc(outcome.metrics.get("train_seconds", 0.0))
             self.metrics.samples_trained.inc(outcome.num_samples)
             if "loss" in outcome.metrics:
                 self.metrics.last_loss.set(outcome.metrics["loss"])
-        result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=self.client_id,
-                                 phase=header.phase, round=header.round, type=header.type,
-                                 num_samples=outcome.num_samples, metrics=outcome.metrics)
+        result.num_samples = outcome.num_samples
+        result.metrics.update(outcome.metrics)
         payload = None
         if outcome.state is not None:
             payload = encode_state_dict(outcome.state)
             result.manifest.CopyFrom(payload.manifest)
+        if self._submit(result, payload) and payload is not None:
+            self.metrics.bytes_sent.inc(payload.nbytes)
 
+    def _submit(self, result: pb.ResultHeader, payload) -> bool:
+        """Send a result (and its update's chunks); False when the server no longer wanted it."""
         def messages():
             yield pb.ResultMessage(header=result)
             for index, data in enumerate(payload.chunks if payload else ()):
@@ -211,8 +223,7 @@ class ClientRunner:
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
                 # Duplicate or late: the server has moved on; the next poll says what to do now.
-                log.warning("result for task %s not used: %s", header.task_id, error.details())
-                return
+                log.warning("result for task %s not used: %s", result.task_id, error.details())
+                return False
             raise
-        if payload is not None:
-            self.metrics.bytes_sent.inc(payload.nbytes)
+        return True

@@ -21,6 +21,7 @@ import torch
 
 from genfl_shared.codec import Payload
 from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.tasks import TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Task:
     type: int  # pb.TaskType
     phase: str
     round: int
-    config: dict
+    config: TaskSettings
     payload: Payload | None = None
 
     @property
@@ -80,6 +81,7 @@ class TaskBatch:
         self.template = template
         self._on_update = on_update
         self.results: dict[str, TaskResult] = {}
+        self.failures: dict[str, str] = {}  # task_id -> the client's error: it could not run the task
         self._cond = threading.Condition()
         self.closed = False
 
@@ -87,22 +89,32 @@ class TaskBatch:
         """Record one result (and fold its update in) exactly once; raises Rejected otherwise."""
         with self._cond:
             task = result.task
-            if self.closed:
-                raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
-                               f"task {task.task_id} (round {task.round}) closed before this result arrived")
-            if task.task_id in self.results:
-                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
-                               f"a result for task {task.task_id} was already accepted")
+            self._check_open(task)
             if update is not None and self._on_update is not None:
                 self._on_update(task, result.num_samples, update)
             self.results[task.task_id] = result
             self._cond.notify_all()
 
+    def fail(self, task: Task, message: str) -> None:
+        """Record that the client could not execute ``task`` (once, instead of a result)."""
+        with self._cond:
+            self._check_open(task)
+            self.failures[task.task_id] = message
+            self._cond.notify_all()
+
+    def _check_open(self, task: Task) -> None:
+        if self.closed:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
+                           f"task {task.task_id} (round {task.round}) closed before this result arrived")
+        if task.task_id in self.results or task.task_id in self.failures:
+            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
+                           f"a result for task {task.task_id} was already accepted")
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every task has a result (True) or the timeout passes (False)."""
+        """Block until every task has a result or an error (True) or the timeout passes (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self.results) < len(self.tasks):
+            while len(self.results) + len(self.failures) < len(self.tasks):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -187,7 +199,7 @@ class Coordinator:
                            f"run {run_id!r} is not running here (this is run {self.run_id}); register again")
 
     # -- tasks --------------------------------------------------------------------------------
-    def new_task(self, client_id: str, type_: int, phase: str, rnd: int, config: dict,
+    def new_task(self, client_id: str, type_: int, phase: str, rnd: int, config: TaskSettings,
                  payload: Payload | None) -> Task:
         return Task(f"{self.run_id}-{next(self._task_ids)}", client_id, type_, phase, rnd, config, payload)
 
@@ -266,7 +278,7 @@ class Coordinator:
             limit, plausible = info.num_train_samples, 0 < header.num_samples <= info.num_train_samples
         else:
             limit, plausible = info.num_heldout_samples, header.num_samples <= info.num_heldout_samples
-        if not plausible:
+        if not plausible and not header.error:  # an error report counts no samples
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
                            f"result claims {header.num_samples} samples; the client registered {limit}")
         return task, batch
@@ -274,7 +286,15 @@ class Coordinator:
     def finish(self, result: TaskResult, batch: TaskBatch,
                update: Mapping[str, torch.Tensor] | None) -> None:
         batch.deliver(result, update)
-        task = result.task
+        self._retire(result.task)
+
+    def fail(self, task: Task, batch: TaskBatch, message: str) -> None:
+        """The client reported that it cannot execute ``task``: the task is answered (not
+        re-delivered), and the batch counts it as failed."""
+        batch.fail(task, message)
+        self._retire(task)
+
+    def _retire(self, task: Task) -> None:
         with self._cond:
             self._open.pop(task.task_id, None)
             self._finished.add(task.task_id)

@@ -1,15 +1,19 @@
 """The round engine: federated rounds over whatever model the phase hands it.
 
 It knows nothing of CVAEs or classifiers: a phase gives it a state_dict, the task settings the
-clients need, a strategy, and optionally a server-side test function; it runs
+clients need (genfl_shared.tasks), a strategy, and optionally a server-side test function; it runs
 broadcast -> local training -> aggregation -> client evaluation, and reports per round.
+
+A client that cannot execute its task reports an error instead of a result: it counts as failed
+for that step (nobody waits for it), and a step left with too few results fails with the clients'
+errors in its message.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping
 
 import torch
@@ -18,6 +22,7 @@ from genfl_shared.cli import set_log_context
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
+from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
 
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
 from .metrics import ServerMetrics
@@ -32,7 +37,13 @@ TestFn = Callable[[Mapping[str, torch.Tensor]], dict]
 
 
 class RoundFailed(RuntimeError):
-    """A round could not complete (clients missing at the deadline)."""
+    """A round could not complete (clients missing at the deadline, or unable to run their task)."""
+
+
+@dataclass
+class StepResults:
+    results: list[TaskResult]  # in client order
+    errors: dict[str, str]  # client_id -> why it could not execute its task
 
 
 @dataclass
@@ -73,8 +84,9 @@ class RoundEngine:
 
     # -- one step over every client -----------------------------------------------------------
     def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
-                   config: dict, *, on_update=None) -> list[TaskResult]:
-        """One task per registered client; returns the results that arrived by the deadline.
+                   settings: TaskSettings, *, on_update=None) -> StepResults:
+        """One task per registered client; returns the results (and the clients' errors) that
+        arrived by the deadline.
 
         A client that dropped out still gets its task: if it comes back in time it answers, and
         otherwise it takes part again from the next step on.
@@ -83,32 +95,44 @@ class RoundEngine:
         tasks = []
         for client in self.clients:
             # Per-client, per-round seeds: repeatable whatever order the clients run in.
-            task_config = dict(config, seed=derive_seed(self.seed, phase, rnd, client.client_id,
-                                                        pb.TaskType.Name(task_type)))
-            tasks.append(self.coordinator.new_task(client.client_id, task_type, phase, rnd, task_config, payload))
+            client_settings = replace(settings, seed=derive_seed(self.seed, phase, rnd, client.client_id,
+                                                                 pb.TaskType.Name(task_type)))
+            tasks.append(self.coordinator.new_task(client.client_id, task_type, phase, rnd, client_settings,
+                                                   payload))
         batch: TaskBatch = self.coordinator.dispatch(tasks, template=state, on_update=on_update)
         if not batch.wait(self.round_timeout):
             self.coordinator.close(batch)  # from here on, results count as late
-            missing = sorted(t.client_id for t in batch.tasks.values() if t.task_id not in batch.results)
+            missing = sorted(t.client_id for t in batch.tasks.values()
+                             if t.task_id not in batch.results and t.task_id not in batch.failures)
             log.warning("%s round %d: %d of %d clients answered within %.0f s; missing %s", phase, rnd,
-                        len(batch.results), len(tasks), self.round_timeout, ", ".join(missing))
-        return sorted(batch.results.values(), key=lambda r: r.task.client_id)
+                        len(batch.results) + len(batch.failures), len(tasks), self.round_timeout,
+                        ", ".join(missing))
+        errors = {batch.tasks[task_id].client_id: message for task_id, message in batch.failures.items()}
+        return StepResults(sorted(batch.results.values(), key=lambda r: r.task.client_id), dict(sorted(errors.items())))
 
     def _required(self) -> int:
         return len(self.clients) if self.min_clients is None else min(self.min_clients, len(self.clients))
 
     def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn) -> list[TaskResult]:
-        """Run a step until at least the required number of clients answered (bounded retries)."""
+        """Run a step until at least the required number of clients answered (bounded retries).
+
+        A retry sends the same settings and weights again, so it cannot cure a client's task error:
+        when the clients that did not report one are too few, the step fails at once."""
         for attempt in range(1 + self.round_retries):
-            results = attempt_fn()
+            step_results = attempt_fn()
+            results, errors = step_results.results, step_results.errors
             if len(results) >= self._required():
                 return results
-            log.warning("%s round %d: %s got %d results, %d required; %s", phase, rnd, step, len(results),
-                        self._required(), "retrying" if attempt < self.round_retries else "giving up")
+            why = "".join(f"; client {cid} could not execute its task: {message}" for cid, message in errors.items())
+            if len(self.clients) - len(errors) < self._required():
+                raise RoundFailed(f"{phase} round {rnd}: {step} got {len(results)} results, "
+                                  f"{self._required()} required{why}")
+            log.warning("%s round %d: %s got %d results, %d required%s; %s", phase, rnd, step, len(results),
+                        self._required(), why, "retrying" if attempt < self.round_retries else "giving up")
         raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {self._required()} results "
-                          f"in {1 + self.round_retries} attempts of {self.round_timeout} s")
+                          f"in {1 + self.round_retries} attempts of {self.round_timeout} s{why}")
 
-    def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict,
+    def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
             strategy: Strategy) -> tuple[State, float | None]:
         """One round of local training and aggregation; returns (new state, mean train loss)."""
 
@@ -125,19 +149,20 @@ class RoundEngine:
         def attempt():
             strategy.begin(state)  # a retried round starts a fresh sum
             held.clear()
-            results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+            step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings, on_update=fold_in)
             for client_id in sorted(held):
                 strategy.accumulate(held[client_id][1], held[client_id][0])
-            return results
+            return step_results
 
         results = self._with_retries("training", phase, rnd, attempt)
         held.clear()
         return strategy.finish(), weighted_mean(results, "loss")
 
-    def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict) -> EvalReport:
+    def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
+                 settings: EvaluateTask) -> EvalReport:
         """Every client evaluates ``state`` on its held-out part."""
         results = self._with_retries("evaluation", phase, rnd, lambda: self._run_batch(
-            pb.TASK_TYPE_EVALUATE, phase, rnd, state, config))
+            pb.TASK_TYPE_EVALUATE, phase, rnd, state, settings))
         return EvalReport(
             weighted_accuracy=weighted_mean(results, "accuracy"),
             weighted_loss=weighted_mean(results, "loss"),
@@ -146,8 +171,8 @@ class RoundEngine:
         )
 
     # -- a phase's rounds ---------------------------------------------------------------------
-    def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_config: dict,
-                   eval_config: dict, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
+    def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_task: TrainTask,
+                   eval_task: EvaluateTask, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
                    start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None) -> State:
         """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
         (the phase checkpoints there)."""
@@ -156,15 +181,13 @@ class RoundEngine:
         if isinstance(strategy, str):
             strategy = build_strategy(strategy)
         # One strategy for the whole phase: stateful ones (FedAvgM's momentum) carry across rounds.
-        train_config = dict(train_config, **strategy.client_config)
-        if self.deterministic:
-            train_config = dict(train_config, deterministic=True)
+        train_task = replace(train_task, **asdict(strategy.client_config), deterministic=self.deterministic)
         for rnd in range(start_round, rounds + 1):
             started = time.perf_counter()
             self.metrics.round.set(rnd)
             set_log_context(phase=phase, round=rnd)
-            state, train_loss = self.fit(phase, rnd, state, train_config, strategy)
-            report = self.evaluate(phase, rnd, state, eval_config)
+            state, train_loss = self.fit(phase, rnd, state, train_task, strategy)
+            report = self.evaluate(phase, rnd, state, eval_task)
             test = test_fn(state) if test_fn else {}
             seconds = time.perf_counter() - started
             record = {

@@ -22,6 +22,7 @@ from genfl_shared.config import RunConfig
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.seeding import derive_seed
 from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthetic
+from genfl_shared.tasks import EvaluateTask, TrainTask
 from genfl_shared.training import evaluate_classifier, evaluate_cvae
 
 from .engine import RoundEngine
@@ -57,8 +58,23 @@ def phase_strategy(cfg: RunConfig) -> Strategy:
                           momentum=cfg.fedavgm_momentum)
 
 
+def train_task(cfg: RunConfig, model: str) -> TrainTask:
+    """The phase's local training settings (the round engine adds seed, determinism and the
+    strategy's settings). Every RunConfig field a client task uses is read here and in eval_task."""
+    if model == "cvae":
+        return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
+                         lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize)
+    return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
+                     lr=cfg.classifier_lr, sgd_momentum=cfg.classifier_momentum, binarize=cfg.binarize)
+
+
+def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
+    """Settings of a federated evaluation of ``model`` (the round engine adds the seed)."""
+    return EvaluateTask(model=model, binarize=cfg.binarize)
+
+
 def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
-               train: dict, evaluate: dict, test_fn) -> State:
+               train: TrainTask, evaluate: EvaluateTask, test_fn) -> State:
     """The phase's federated rounds, resumable: the model and the strategy's state (FedAvgM's
     velocity) are saved after every round and restored from a resumed run's state."""
     strategy = phase_strategy(ctx.config)
@@ -70,23 +86,21 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
     def on_round_end(rnd: int, state: State) -> None:
         ctx.checkpoint(completed=(phase, rnd), **{phase: state, f"{phase}_strategy": strategy.state_dict()})
 
-    return ctx.engine.run_rounds(phase, start, rounds=rounds, train_config=train, eval_config=evaluate,
+    return ctx.engine.run_rounds(phase, start, rounds=rounds, train_task=train, eval_task=evaluate,
                                  strategy=strategy, test_fn=test_fn, start_round=done + 1,
                                  on_round_end=on_round_end)
 
 
 def cvae_phase(ctx: PhaseContext) -> State:
     cfg = ctx.config
-    train = {"model": "cvae", "epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-             "optimizer": "adam", "lr": cfg.cvae_lr, "binarize": cfg.binarize}
-    evaluate = {"model": "cvae", "binarize": cfg.binarize}
 
     def test_fn(state):
         if ctx.test_set is None:
             return {}
         return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
 
-    state = _run_phase(ctx, "cvae", initial_state("cvae", cfg.seed), cfg.cvae_rounds, train, evaluate, test_fn)
+    state = _run_phase(ctx, "cvae", initial_state("cvae", cfg.seed), cfg.cvae_rounds, train_task(cfg, "cvae"),
+                       eval_task(cfg, "cvae"), test_fn)
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
     return state
 
@@ -118,8 +132,7 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
             ctx.metrics.cas.set(cas)
         else:
             log.warning("no --test-data: CAS (accuracy on the real test set) cannot be computed")
-        cas_federated = ctx.engine.evaluate("classifier", 0, cas_state, {"model": "classifier",
-                                                                        "binarize": cfg.binarize})
+        cas_federated = ctx.engine.evaluate("classifier", 0, cas_state, eval_task(cfg, "classifier"))
         ctx.metrics.cas_federated.set(cas_federated.weighted_accuracy)
         ctx.recorder.set(cas=cas, cas_federated=cas_federated.weighted_accuracy)
         ctx.recorder.record_event("cas", cas=cas, cas_federated=cas_federated.weighted_accuracy,
@@ -142,16 +155,13 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
 
 def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> State:
     cfg = ctx.config
-    train = {"model": "classifier", "epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-             "optimizer": "sgd", "lr": cfg.classifier_lr, "momentum": cfg.classifier_momentum,
-             "binarize": cfg.binarize}
-    evaluate = {"model": "classifier", "binarize": cfg.binarize}
 
     def test_fn(state):
         if ctx.test_set is None:
             return {}
         return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
-    state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train, evaluate, test_fn)
+    state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train_task(cfg, "classifier"),
+                       eval_task(cfg, "classifier"), test_fn)
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
     return state

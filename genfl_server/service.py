@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from concurrent import futures
@@ -30,6 +29,14 @@ DEFAULT_MAX_CONCURRENT_UPLOADS = 2
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 # A stalled downloader must not block everyone: past this wait a download proceeds anyway.
 DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
+# A client's task error is client-controlled text: logged and kept at most this long.
+MAX_CLIENT_ERROR_CHARS = 200
+
+
+def client_error_text(error: str) -> str:
+    """A client's error message made safe to log: one printable line of bounded length."""
+    text = "".join(c if c.isprintable() else " " for c in error).strip()
+    return text if len(text) <= MAX_CLIENT_ERROR_CHARS else text[:MAX_CLIENT_ERROR_CHARS - 1] + "…"
 
 
 def task_frame(index: int, data: bytes) -> bytes:
@@ -136,6 +143,8 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             header = first.header
             self._authenticate(context, header.client_id)
             task, batch = self.coordinator.open_task(header)
+            if header.error:
+                return self._record_task_error(header, task, batch, request_iterator)
             update = None
             if task.expects_weights:
                 if not header.HasField("manifest"):
@@ -160,6 +169,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
     # -- helpers ------------------------------------------------------------------------------
+    def _record_task_error(self, header, task: Task, batch, request_iterator) -> pb.SubmitReply:
+        """The client could not execute ``task``: count it as failed for its step, and say why."""
+        if header.HasField("manifest") or next(request_iterator, None) is not None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed", "an error result carries no weights")
+        message = client_error_text(header.error)
+        self.coordinator.fail(task, batch, message)
+        self.metrics.updates_rejected.labels("task_error").inc()
+        log.warning("client %s could not execute task %s (%s round %d, %s): %s", task.client_id, task.task_id,
+                    task.phase, task.round, pb.TaskType.Name(task.type), message)
+        return pb.SubmitReply(accepted=False, message=f"error for task {task.task_id} recorded")
+
     def _receive_update(self, header, request_iterator, template):
         max_bytes = state_dict_nbytes(template)
         try:
@@ -179,7 +199,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
 
     def _header(self, task: Task) -> pb.TaskHeader:
         header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
-                               phase=task.phase, round=task.round, config_json=json.dumps(task.config))
+                               phase=task.phase, round=task.round, config_json=task.config.to_json())
         if task.payload is not None:
             header.manifest.CopyFrom(task.payload.manifest)
         return header

@@ -8,6 +8,7 @@ server holds one model's worth of accumulator, never K updates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import torch
@@ -15,10 +16,18 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class ClientTrainSettings:
+    """The genfl_shared.tasks.TrainTask fields a strategy sets on every client's training task
+    (same names; the round engine applies them with ``dataclasses.replace``)."""
+
+    prox_mu: float = 0.0  # FedProx's proximal weight; 0: no proximal term
+
+
 class Strategy(Protocol):
     name: str
     # Settings every client's training task must carry for this strategy (e.g. FedProx's mu).
-    client_config: dict
+    client_config: ClientTrainSettings
 
     def begin(self, global_state: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -47,7 +56,7 @@ class FedAvg:
     BatchNorm running statistics and counters included; integer entries stay integer."""
 
     name = "fedavg"
-    client_config: dict = {}
+    client_config = ClientTrainSettings()
 
     def __init__(self) -> None:
         self._sum: State | None = None
@@ -108,7 +117,7 @@ class FedProx(FedAvg):
         super().__init__()
         if mu < 0:
             raise ValueError(f"FedProx mu must be >= 0, got {mu}")
-        self.client_config = {"prox_mu": mu}
+        self.client_config = ClientTrainSettings(prox_mu=mu)
 
 
 class FedAvgM(FedAvg):

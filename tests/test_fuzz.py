@@ -35,6 +35,7 @@ from genfl_shared.codec import (CHUNK_SIZE, DTYPES, MAX_MESSAGE_BYTES, CodecErro
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.tasks import EvaluateTask, TrainTask
 
 
 def fuzz_settings(max_examples: int) -> settings:
@@ -316,6 +317,9 @@ def test_protobuf_parses_or_raises_decode_error(data, message_type):
 RUN_ID = "run-fuzz"
 DATASET = "mnist"
 SAMPLES = {"alice": (100, 20), "bob": (50, 10)}
+TRAIN_SETTINGS = TrainTask(model="cvae", epochs=1, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
+                           binarize=True, seed=1)
+EVALUATE_SETTINGS = EvaluateTask(model="cvae", binarize=True, seed=1)
 SUBMIT_CODES = {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.NOT_FOUND, Code.DATA_LOSS,
                 Code.RESOURCE_EXHAUSTED, Code.PERMISSION_DENIED, Code.ALREADY_EXISTS}
 REGISTER_CODES = {Code.OK, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED}
@@ -580,7 +584,7 @@ def test_loopback_server_survives_fuzzed_rpcs(cvae_template):
             strategy.accumulate(update, num_samples)
 
         payload = encode_state_dict(template)
-        tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, {"epochs": 1}, payload) for cid in SAMPLES]
+        tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, TRAIN_SETTINGS, payload) for cid in SAMPLES]
         batch = coordinator.dispatch(tasks, template=template, on_update=on_update)
         header_b, _ = fetch(stub, RUN_ID, "bob")
         # The victim: bob's task, answered with a far-off update that would show in the aggregate.
@@ -633,7 +637,9 @@ def test_result_aborted_by_an_unparsable_trailing_message_is_not_accepted():
         coordinator.wait_for_clients(timeout=5)
         folded = []
         for task_type, update in ((pb.TASK_TYPE_EVALUATE, None), (pb.TASK_TYPE_TRAIN, {"w": torch.ones(4)})):
-            tasks = [coordinator.new_task(cid, task_type, "cvae", 1, {}, encode_state_dict(template)) for cid in SAMPLES]
+            settings = TRAIN_SETTINGS if task_type == pb.TASK_TYPE_TRAIN else EVALUATE_SETTINGS
+            tasks = [coordinator.new_task(cid, task_type, "cvae", 1, settings, encode_state_dict(template))
+                     for cid in SAMPLES]
             batch = coordinator.dispatch(tasks, template=template,
                                          on_update=lambda task, n, upd: folded.append(task.client_id))
             header, _ = fetch(stub, RUN_ID, "alice")

@@ -25,6 +25,7 @@ from genfl_shared.codec import CHUNK_SIZE, MAX_MESSAGE_BYTES, PayloadAssembler, 
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.tasks import EvaluateTask, TrainTask
 
 RUN_ID = "run-test"
 DATASET = "mnist"
@@ -213,7 +214,8 @@ def test_round_trip_and_every_rejection(server: Server, template):
 
     payload = encode_state_dict(template)
     assert payload.manifest.num_chunks >= 5
-    config = {"epochs": 1, "lr": 0.001}
+    config = TrainTask(model="cvae", epochs=1, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
+                       binarize=True, seed=7)
     tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, config, payload) for cid in ("alice", "bob")]
     poller = start_poller(srv, "alice")
     dispatched_at = time.monotonic()
@@ -227,7 +229,7 @@ def test_round_trip_and_every_rejection(server: Server, template):
     header_a = first.header
     assert header_a.type == pb.TASK_TYPE_TRAIN and header_a.run_id == RUN_ID
     assert (header_a.phase, header_a.round, header_a.task_id) == ("cvae", 1, tasks[0].task_id)
-    assert json.loads(header_a.config_json) == config
+    assert TrainTask.from_json(header_a.config_json) == config
     assert len(rest) == header_a.manifest.num_chunks == payload.manifest.num_chunks
     assert [m.chunk.index for m in rest] == list(range(len(rest)))
     assert all(len(m.chunk.data) <= CHUNK_SIZE for m in rest)
@@ -362,7 +364,8 @@ def test_round_trip_and_every_rejection(server: Server, template):
 
     # -- and the server still serves: an evaluation round goes through --------------------------------
     assert register(stub, "alice").run_id == RUN_ID
-    eval_tasks = [coordinator.new_task(cid, pb.TASK_TYPE_EVALUATE, "cvae", 2, {}, encode_state_dict(aggregate))
+    evaluate = EvaluateTask(model="cvae", binarize=True, seed=7)
+    eval_tasks = [coordinator.new_task(cid, pb.TASK_TYPE_EVALUATE, "cvae", 2, evaluate, encode_state_dict(aggregate))
                   for cid in ("alice", "bob")]
     eval_batch = coordinator.dispatch(eval_tasks, template=aggregate)
     for cid, (_, heldout) in SAMPLES.items():

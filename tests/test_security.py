@@ -29,6 +29,7 @@ from genfl_server.security import (SecurityError, TokenAuthenticator, bearer_tok
 from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.tasks import EvaluateTask
 
 # One CVAE round, one local epoch, on 2 x 180 images: every RPC of a run, in a few seconds.
 RUN = ["--phase", "cvae", "--rounds", "1", "--clients", "2", "--local-epochs", "1", "--address", "127.0.0.1:0",
@@ -306,7 +307,8 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
         assert "alice" not in coordinator.clients
         assert register(tokens["alice"]).run_id == "run"
 
-        task = coordinator.new_task("alice", pb.TASK_TYPE_EVALUATE, "cvae", 1, {}, None)
+        task = coordinator.new_task("alice", pb.TASK_TYPE_EVALUATE, "cvae", 1,
+                                    EvaluateTask(model="cvae", binarize=True, seed=1), None)
         batch = coordinator.dispatch([task])
         refused(fetch, None)
         refused(fetch, tokens["bob"])

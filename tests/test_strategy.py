@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from genfl_server.strategy import FedAvg, build_strategy
+from genfl_server.strategy import ClientTrainSettings, FedAvg, build_strategy
 from genfl_shared.models import build_model
 
 
@@ -181,7 +181,27 @@ def test_fedprox_aggregates_like_fedavg_and_tells_clients_mu():
             strategy.accumulate(update, n)
     a, b = prox.finish(), plain.finish()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert prox.client_config == {"prox_mu": 0.5} and plain.client_config == {}
+    assert prox.client_config == ClientTrainSettings(prox_mu=0.5)
+    assert plain.client_config == ClientTrainSettings(prox_mu=0.0)
+
+
+def test_client_settings_of_every_strategy_are_train_task_fields():
+    """The engine applies a strategy's client settings with dataclasses.replace on a TrainTask:
+    every field must be a TrainTask field, and the result a valid task carrying the value."""
+    import dataclasses
+
+    from genfl_server.strategy import STRATEGIES
+    from genfl_shared.tasks import TrainTask
+
+    task = TrainTask(model="classifier", epochs=1, batch_size=8, optimizer="sgd", lr=0.1, sgd_momentum=0.5,
+                     binarize=True, seed=3)
+    train_fields = {f.name for f in dataclasses.fields(TrainTask)}
+    for name in STRATEGIES:
+        settings = build_strategy(name, prox_mu=0.25).client_config
+        assert {f.name for f in dataclasses.fields(settings)} <= train_fields
+        configured = dataclasses.replace(task, **dataclasses.asdict(settings))
+        assert configured.prox_mu == (0.25 if name == "fedprox" else 0.0)
+        assert TrainTask.from_json(configured.to_json()) == configured
 
 
 def test_fedavgm_applies_server_momentum_over_rounds():

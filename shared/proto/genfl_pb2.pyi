@@ -107,7 +107,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("run_id", "task_id", "client_id", "phase", "round", "type", "num_samples", "metrics", "manifest")
+    __slots__ = ("run_id", "task_id", "client_id", "phase", "round", "type", "num_samples", "metrics", "manifest", "error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class ResultHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_id: str
     client_id: str
@@ -133,7 +134,8 @@ class ResultHeader(_message.Message):
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     manifest: Manifest
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., type: _Optional[_Union[TaskType, str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., type: _Optional[_Union[TaskType, str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -1,0 +1,192 @@
+"""The task contract: what the server asks a client to do, one frozen dataclass per task kind.
+
+The server builds these and sends ``to_json()`` as ``TaskHeader.config_json``; the client reads
+them back with ``from_json(text, kind)``, which accepts exactly the fields below: an unknown key (a
+misspelling), a missing required key, a value of the wrong type or out of range raises
+``TaskSettingsError`` naming the key, instead of quietly falling back to a default. The same checks
+run when a task is constructed, so the server cannot build one the client would refuse.
+
+Types on the wire: a bool is never taken for an int (JSON ``true`` is not an epoch count), an int
+is accepted where a float is expected (``"lr": 1`` means 1.0), and floats must be finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+from .models import MODEL_KINDS
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class TaskSettingsError(ValueError):
+    """Task settings that are not a valid task; ``key`` names the offending setting (if one does)."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(f"task setting {key!r}: {message}" if key else message)
+        self.key = key
+
+
+class _TaskSettings:
+    """Validation and JSON for the task dataclasses below (each lists its wire-optional keys)."""
+
+    # Keys a sender may leave out because the field's default means "off" (e.g. prox_mu = 0: no
+    # proximal term). Every other key must be present on the wire.
+    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    KIND: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for key, hint in _field_types(type(self)).items():
+            value = _checked(key, getattr(self, key), hint, on_wire=False)
+            object.__setattr__(self, key, value)  # frozen: ints given for floats become floats
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise TaskSettingsError("model", f"unknown model {self.model!r}; expected one of {MODEL_KINDS}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise TaskSettingsError("seed", f"must be in [0, 2**63), got {self.seed}")
+
+    def to_json(self) -> str:
+        """The wire form; refuses a task whose seed the round engine has not set yet."""
+        if self.seed is None:
+            raise TaskSettingsError("seed", "not set: the round engine sets a seed per client before sending")
+        return json.dumps(dataclasses.asdict(self), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str):
+        """Parse and validate the wire form strictly (see the module docstring)."""
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError as error:
+            raise TaskSettingsError(None, f"{cls.KIND} task settings are not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise TaskSettingsError(None, f"{cls.KIND} task settings must be a JSON object, "
+                                          f"got {type(data).__name__}")
+        types = _field_types(cls)
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise TaskSettingsError(unknown[0], f"unknown setting for a {cls.KIND} task "
+                                                f"(unknown: {', '.join(unknown)}; known: {', '.join(types)})")
+        missing = [key for key in types if key not in data and key not in cls.WIRE_OPTIONAL]
+        if missing:
+            raise TaskSettingsError(missing[0], f"missing from the {cls.KIND} task "
+                                                f"(missing: {', '.join(missing)})")
+        for key, value in data.items():
+            _checked(key, value, types[key], on_wire=True)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainTask(_TaskSettings):
+    """Train the attached weights on the client's train part; reply with the updated weights."""
+
+    KIND: ClassVar[str] = "train"
+    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic"})
+
+    model: str  # one of models.MODEL_KINDS: the architecture the weights belong to
+    epochs: int  # local epochs over the train part (0: the weights come back untrained)
+    batch_size: int  # local mini-batch size, >= 1
+    optimizer: str  # "sgd" or "adam" (the CVAE trains with Adam only)
+    lr: float  # local learning rate, > 0
+    sgd_momentum: float  # SGD momentum in [0, 1); must be 0 for Adam
+    binarize: bool  # threshold pixels to {0, 1} (as the CVAE's Bernoulli likelihood assumes)
+    prox_mu: float = 0.0  # FedProx proximal weight, >= 0; 0: no proximal term (set by the strategy)
+    deterministic: bool = False  # torch deterministic algorithms (set by the round engine)
+    seed: int | None = None  # per client and round (set by the round engine); required on the wire
+
+    def _check_ranges(self) -> None:
+        super()._check_ranges()
+        if self.epochs < 0:
+            raise TaskSettingsError("epochs", f"must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise TaskSettingsError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TaskSettingsError("optimizer", f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.model == "cvae" and self.optimizer != "adam":
+            raise TaskSettingsError("optimizer", f"the CVAE trains with 'adam', not {self.optimizer!r}")
+        if self.lr <= 0:
+            raise TaskSettingsError("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.sgd_momentum < 1:
+            raise TaskSettingsError("sgd_momentum", f"must be in [0, 1), got {self.sgd_momentum}")
+        if self.sgd_momentum and self.optimizer != "sgd":
+            raise TaskSettingsError("sgd_momentum", f"applies to SGD only, got {self.sgd_momentum} "
+                                                    f"with {self.optimizer!r}")
+        if self.prox_mu < 0:
+            raise TaskSettingsError("prox_mu", f"must be >= 0, got {self.prox_mu}")
+
+
+@dataclass(frozen=True)
+class EvaluateTask(_TaskSettings):
+    """Evaluate the attached weights on the client's held-out part; reply with metrics only."""
+
+    KIND: ClassVar[str] = "evaluate"
+
+    model: str  # one of models.MODEL_KINDS
+    binarize: bool  # as for training: the held-out images are prepared the same way
+    seed: int | None = None  # the CVAE's sampling noise (set by the round engine); required on the wire
+
+
+TaskSettings = Union[TrainTask, EvaluateTask]
+TASK_KINDS: dict[str, type[TrainTask] | type[EvaluateTask]] = {"train": TrainTask, "evaluate": EvaluateTask}
+
+
+def from_json(text: str, kind: str) -> TaskSettings:
+    """Parse the settings of a ``kind`` task ("train" or "evaluate"); raises TaskSettingsError."""
+    try:
+        cls = TASK_KINDS[kind]
+    except KeyError:
+        raise TaskSettingsError(None, f"unknown task kind {kind!r}; expected one of {sorted(TASK_KINDS)}") from None
+    return cls.from_json(text)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise TaskSettingsError(key, "given twice")
+        data[key] = value
+    return data
+
+
+def _checked(key: str, value: Any, hint: Any, *, on_wire: bool) -> Any:
+    """``value`` as a ``hint`` (str, bool, int, float, or ``X | None``), or TaskSettingsError.
+
+    ``None`` is allowed off the wire only (a field the round engine has yet to fill in)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if args else hint
+    if value is None:
+        if optional and not on_wire:
+            return None
+        raise TaskSettingsError(key, f"must be {base.__name__}, got null")
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        raise TaskSettingsError(key, f"must be {base.__name__}, got {type(value).__name__} {value!r}")
+    if base is float:
+        try:
+            value = float(value)
+        except OverflowError:
+            raise TaskSettingsError(key, f"is too large for a float: {value}") from None
+        if not math.isfinite(value):
+            raise TaskSettingsError(key, f"must be finite, got {value}")
+    return value
