@@ -108,7 +108,8 @@ class RoundEngine:
                         len(batch.results) + len(batch.failures), len(tasks), self.round_timeout,
                         ", ".join(missing))
         errors = {batch.tasks[task_id].client_id: message for task_id, message in batch.failures.items()}
-        return StepResults(sorted(batch.results.values(), key=lambda r: r.task.client_id), dict(sorted(errors.items())))
+        return StepResults(sorted(batch.results.values(), key=lambda r: r.task.client_id),
+                           dict(sorted(errors.items())))
 
     def _required(self) -> int:
         return len(self.clients) if self.min_clients is None else min(self.min_clients, len(self.clients))
@@ -123,7 +124,8 @@ class RoundEngine:
             results, errors = step_results.results, step_results.errors
             if len(results) >= self._required():
                 return results
-            why = "".join(f"; client {cid} could not execute its task: {message}" for cid, message in errors.items())
+            why = "".join(f"; client {cid} could not execute its task: {message}"
+                          for cid, message in errors.items())
             if len(self.clients) - len(errors) < self._required():
                 raise RoundFailed(f"{phase} round {rnd}: {step} got {len(results)} results, "
                                   f"{self._required()} required{why}")
