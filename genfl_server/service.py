@@ -171,8 +171,9 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     # -- helpers ------------------------------------------------------------------------------
     def _record_task_error(self, header, task: Task, batch, request_iterator) -> pb.SubmitReply:
         """The client could not execute ``task``: count it as failed for its step, and say why."""
-        if header.HasField("manifest") or next(request_iterator, None) is not None:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed", "an error result carries no weights")
+        if header.HasField("manifest") or header.num_samples or next(request_iterator, None) is not None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                           "an error result carries no weights and no samples")
         message = client_error_text(header.error)
         self.coordinator.fail(task, batch, message)
         self.metrics.updates_rejected.labels("task_error").inc()

@@ -295,12 +295,16 @@ def test_error_result_is_recorded_once_shortened_and_ends_the_wait(bare, caplog)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and _task_errors(metrics) == 1.0
 
 
-def test_error_result_with_weights_is_malformed(bare):
+def test_error_result_with_weights_or_samples_is_malformed(bare):
     coordinator, metrics, stub = bare
     task, batch = _train_batch(coordinator)
-    header = _error_header(task, "cannot")
-    header.manifest.CopyFrom(encode_state_dict({"w": torch.zeros(3)}).manifest)
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=20)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no weights" in caught.value.details()
+    with_weights = _error_header(task, "cannot")
+    with_weights.manifest.CopyFrom(encode_state_dict({"w": torch.zeros(3)}).manifest)
+    with_samples = _error_header(task, "cannot")
+    with_samples.num_samples = 40
+    for header in (with_weights, with_samples):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=20)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no weights" in caught.value.details()
     assert batch.failures == {} and _task_errors(metrics) == 0.0
+    assert metrics.registry.get_sample_value("genfl_client_updates_rejected_total", {"reason": "malformed"}) == 2
