@@ -229,7 +229,7 @@ def _check_listen_address(address: str) -> None:
             except OSError as error:
                 failures.append(error)
     error = failures[0]
-    raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror)}")
+    raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror or error)}")
 
 
 def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
@@ -239,8 +239,10 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
 
     Every client holds one long-poll thread, so the pool must exceed the client count. The standard
     gRPC health service (for container probes) answers on the same port and starts NOT_SERVING;
-    the caller marks it SERVING once the run is ready.
+    the caller marks it SERVING once the run is ready. Raises ListenError, saying why, when
+    ``address`` cannot be listened on.
     """
+    _check_listen_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[
@@ -268,7 +270,6 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     set_health(health_servicer, serving=False)
-    _check_listen_address(address)
     try:
         port = (server.add_secure_port(address, credentials) if credentials
                 else server.add_insecure_port(address))

@@ -197,3 +197,21 @@ def test_client_with_an_unusable_shard(tmp_path, kind, reason):
     assert len(errors) == 1 and f"cannot use shard: {shard}: {reason}" in errors[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "pickled" not in result.stderr
+
+
+def test_a_second_genfl_server_cannot_share_the_port():
+    """Two real GenFL gRPC servers in process: the second is refused (with gRPC's default
+    SO_REUSEPORT it used to bind too, and clients would have been split between the two)."""
+    from genfl_server.coordinator import Coordinator
+    from genfl_server.metrics import ServerMetrics
+    from genfl_server.service import FederatedLearningService, ListenError, start_grpc_server
+
+    def service():
+        return FederatedLearningService(Coordinator("run", expected_clients=1, dataset="mnist"), ServerMetrics())
+
+    first, port, _ = start_grpc_server(service(), "127.0.0.1:0", max_workers=2)
+    try:
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: address in use"):
+            start_grpc_server(service(), f"127.0.0.1:{port}", max_workers=2)
+    finally:
+        first.stop(grace=None)
