@@ -19,6 +19,9 @@ import grpc
 import numpy as np
 import pytest
 
+from genfl_server.coordinator import Coordinator
+from genfl_server.metrics import ServerMetrics
+from genfl_server.service import FederatedLearningService, ListenError, start_grpc_server
 from genfl_shared.partition import write_shard
 
 from conftest import dataset_dir
@@ -202,10 +205,6 @@ def test_client_with_an_unusable_shard(tmp_path, kind, reason):
 def test_a_second_genfl_server_cannot_share_the_port():
     """Two real GenFL gRPC servers in process: the second is refused (with gRPC's default
     SO_REUSEPORT it used to bind too, and clients would have been split between the two)."""
-    from genfl_server.coordinator import Coordinator
-    from genfl_server.metrics import ServerMetrics
-    from genfl_server.service import FederatedLearningService, ListenError, start_grpc_server
-
     def service():
         return FederatedLearningService(Coordinator("run", expected_clients=1, dataset="mnist"), ServerMetrics())
 
