@@ -20,7 +20,7 @@ import torch
 from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.config import PRESETS, RunConfig
-from genfl_shared.data import DATASETS, DatasetNotFoundError, load_dataset, to_float_images
+from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError, load_dataset, to_float_images
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import HELDOUT_FRACTION, training_pool
 from genfl_shared.runfiles import SUMMARY_JSON, write_json_atomic
@@ -106,7 +106,7 @@ def main(dataset, data_root, preset, train_subset, cvae_rounds, local_epochs, sy
         cfg = dataclasses.replace(cfg, train_subset=train_subset or None)
     try:
         run_centralised(dataset, data_root, cfg, out, torch.device(device))
-    except DatasetNotFoundError as error:
+    except (DatasetNotFoundError, DataFormatError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -23,7 +23,7 @@ import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.config import PRESETS
-from genfl_shared.data import DATASETS, DatasetNotFoundError
+from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
                                    wait_for_endpoint)
@@ -253,7 +253,7 @@ def main(dataset, data_root, download, clients, alpha, iid, seed, out, preset, c
     try:
         partition_dataset(dataset, data_root, config.clients, None if iid else alpha, seed,
                           out / "shards", train_subset=subset, download=download)
-    except (DatasetNotFoundError, PartitionError) as error:
+    except (DatasetNotFoundError, DataFormatError, PartitionError) as error:
         raise click.ClickException(str(error)) from None
     shards = [out / "shards" / shard_file_name(i) for i in range(config.clients)]
     log.info("partitioned %s into %d shards (%s) in %s", dataset, config.clients,

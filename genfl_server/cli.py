@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,17 +21,17 @@ import torch
 from genfl_shared.checkpoint import CheckpointError, load_checkpoint
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
 from genfl_shared.config import PRESETS, RunConfig
-from genfl_shared.data import DATASETS, load_dataset, to_float_images
+from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError, load_dataset, to_float_images
 from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, RegistrationTimeout
 from .engine import RoundEngine
 from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder
 from .runstate import RunState, RunStateError
 from .security import SecurityError, TokenAuthenticator, server_credentials
-from .service import FederatedLearningService, set_health, start_grpc_server
+from .service import FederatedLearningService, ListenError, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
 
@@ -56,6 +57,34 @@ def _limit_malloc_arenas() -> None:
 
 def _on_signal(signum, _frame):
     raise _Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+# -- exit codes (README, "genfl-server"): an expected failure is one "Error: ..." line, no traceback --
+EXIT_RUN_FAILED = 1  # the run failed, or an input file (data, checkpoint, run state, JSON) is unusable
+EXIT_CANNOT_LISTEN = 3  # --address cannot be listened on
+EXIT_CLIENTS_MISSING = 4  # fewer than --clients registered within --register-timeout
+_EXIT_CODES = {ListenError: EXIT_CANNOT_LISTEN, RegistrationTimeout: EXIT_CLIENTS_MISSING,
+               DatasetNotFoundError: EXIT_RUN_FAILED, DataFormatError: EXIT_RUN_FAILED}
+
+
+class _ExpectedFailure(click.ClickException):
+    """Printed by click as ``Error: <message>``, then exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _exit_codes(run):
+    """Turn the expected failures of ``run`` (see _EXIT_CODES) into one line and their exit code."""
+    @functools.wraps(run)
+    def run_with_exit_codes(**opts):
+        try:
+            return run(**opts)
+        except tuple(_EXIT_CODES) as error:
+            code = next(code for kind, code in _EXIT_CODES.items() if isinstance(error, kind))
+            raise _ExpectedFailure(str(error), code) from None
+    return run_with_exit_codes
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
@@ -132,6 +161,7 @@ def _on_signal(signum, _frame):
         help="Continue the interrupted run in --out from its last saved state (its settings are reused).")
 @log_level_option
 @log_format_option
+@_exit_codes
 def main(**opts) -> None:
     """Run the aggregation server: wait for the clients, run the federated phases, write results."""
     setup_logging(opts["log_level"], opts["log_format"], "server")
@@ -162,7 +192,7 @@ def main(**opts) -> None:
                 and opts["pretrained_checkpoint"] is None):
             raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
                                    "or --pretrained-checkpoint (or use --phase all, or --no-pretrain)")
-        partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
+        partition = _read_partition_info(opts["partition_info"]) if opts["partition_info"] else {}
         dataset = opts["dataset"] or partition.get("dataset")
         # The data split is the partitioner's business; record what it did, not a preset's value.
         config = dataclasses.replace(config, train_subset=partition.get("train_subset"))
@@ -239,7 +269,8 @@ def main(**opts) -> None:
     except (Exception, KeyboardInterrupt, _Stopped) as error:
         failure = error
         metrics.phase.state("failed")
-        log.error("run %s failed: %s", run_id, error, exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt)))
+        log.error("run %s failed: %s", run_id, error,
+                  exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt, RegistrationTimeout)))
     finally:
         set_health(health, serving=False)
         coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
@@ -249,8 +280,20 @@ def main(**opts) -> None:
         if opts["metrics_port"] is not None and opts["linger_seconds"]:
             log.info("run over; serving /metrics for %.0f s more", opts["linger_seconds"])
             time.sleep(opts["linger_seconds"])
+    if isinstance(failure, RegistrationTimeout):
+        raise failure  # after the shutdown above: _exit_codes makes it one line and its exit code
     if failure is not None:
-        sys.exit(1)
+        sys.exit(EXIT_RUN_FAILED)
+
+
+def _read_partition_info(path: Path) -> dict:
+    try:
+        partition = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise click.ClickException(f"--partition-info {path} is not a readable JSON file: {error}") from None
+    if not isinstance(partition, dict):
+        raise click.ClickException(f"--partition-info {path} must hold a JSON object (a partition.json)")
+    return partition
 
 
 def _device_name(device: torch.device) -> str:

@@ -35,6 +35,10 @@ class Rejected(Exception):
         self.reason = reason
 
 
+class RegistrationTimeout(TimeoutError):
+    """Fewer clients than the run needs registered before the registration deadline."""
+
+
 @dataclass
 class ClientInfo:
     client_id: str
@@ -179,8 +183,8 @@ class Coordinator:
             while len(self.clients) < self.expected_clients:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"only {len(self.clients)} of {self.expected_clients} clients "
-                                       f"registered within {timeout:.0f} s")
+                    raise RegistrationTimeout(f"only {len(self.clients)} of {self.expected_clients} clients "
+                                              f"registered within {timeout:g} s")
                 self._cond.wait(remaining)
             self.started = True
             return sorted(self.clients.values(), key=lambda c: c.client_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from concurrent import futures
 
@@ -213,6 +215,44 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.clients_connected.set(len(self._polling))
 
 
+class ListenError(OSError):
+    """The server cannot listen on the address it was given (in use, not this machine's, invalid)."""
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "address in use",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+def _check_listen_address(address: str) -> None:
+    """Raise ListenError saying why ``address`` (host:port) cannot be listened on, if it cannot.
+
+    Done with a plain socket before gRPC tries: gRPC only says "failed to bind" (after logging
+    the reason in its own format), and falls back to port 443 for an address without a port.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ListenError(f"cannot listen on {address}: not a host:port address (e.g. 0.0.0.0:50051)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:50051
+    try:
+        candidates = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise ListenError(f"cannot listen on {address}: unknown host {host!r} ({error})") from None
+    failures = []
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+                return  # gRPC listens as long as one resolved address can be bound
+            except OSError as error:
+                failures.append(error)
+    error = failures[0]
+    raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror or error)}")
+
+
 def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
                       credentials: grpc.ServerCredentials | None = None
                       ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -220,8 +260,10 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
 
     Every client holds one long-poll thread, so the pool must exceed the client count. The standard
     gRPC health service (for container probes) answers on the same port and starts NOT_SERVING;
-    the caller marks it SERVING once the run is ready.
+    the caller marks it SERVING once the run is ready. Raises ListenError, saying why, when
+    ``address`` cannot be listened on.
     """
+    _check_listen_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[
@@ -229,6 +271,8 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.bdp_probe", 0),
+            # Without this a second server on the same port binds too, and clients are split between them.
+            ("grpc.so_reuseport", 0),
         ],
     )
     # The generated registration, except that FetchTask also passes pre-serialized frames through.
@@ -247,10 +291,13 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     set_health(health_servicer, serving=False)
-    port = (server.add_secure_port(address, credentials) if credentials
-            else server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials
+                else server.add_insecure_port(address))
+    except RuntimeError as error:  # what grpcio raises when no address could be bound
+        raise ListenError(f"cannot listen on {address}: {error}") from None
+    if port == 0:  # what older grpcio returns instead
+        raise ListenError(f"cannot listen on {address}")
     server.start()
     return server, port, health_servicer
 

@@ -26,6 +26,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "DataFormatError",
+    "DatasetMismatchError",
     "load_dataset",
     "to_float_images",
     "dataset_digest",
@@ -46,6 +47,7 @@ class DatasetInfo:
     """Where a dataset's IDX files may live, besides directly in ``root``."""
 
     name: str
+    display_name: str  # as the dataset's authors write it, for messages
     # torchvision keeps raw files in root/<class name>/raw/ and this is also what download=True produces.
     torchvision_name: str
     # Conventional per-dataset folder names, so ``root`` may also be a folder holding several datasets.
@@ -53,9 +55,33 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", "MNIST", ("mnist",)),
-    "fmnist": DatasetInfo("fmnist", "FashionMNIST", ("fashion-mnist", "fmnist")),
+    "mnist": DatasetInfo("mnist", "MNIST", "MNIST", ("mnist",)),
+    "fmnist": DatasetInfo("fmnist", "Fashion-MNIST", "FashionMNIST", ("fashion-mnist", "fmnist")),
 }
+
+# MD5 of every official IDX file's *decompressed* content: (dataset, split, part) -> hex digest.
+# MD5 identifies files here (as torchvision does); it is no defence against a forged file.
+#
+# torchvision checks its downloads against the MD5s of the official .gz files (MNIST.resources,
+# FashionMNIST.resources in torchvision/datasets/mnist.py, e.g. f68b3c2d... for MNIST's
+# train-images-idx3-ubyte.gz). Such a digest recognises one compressed byte stream only: the
+# copies in the project's shared/data are recompressed (other gzip headers and deflate output),
+# so none of their .gz MD5s is torchvision's although their content is the official one. The
+# decompressed files' MD5s are published too (for MNIST by many loaders of LeCun's files; for
+# Fashion-MNIST in the `raw_data` tables of its loaders, and by `md5sum` run after `gunzip` on
+# the .gz files whose MD5s are torchvision's), and all eight below equal the MD5s of the
+# shared/data copies after gunzip. Checking decoded bytes covers .gz and plain files alike.
+_OFFICIAL_MD5 = {
+    ("mnist", "train", "images"): "6bbc9ace898e44ae57da46a324031adb",
+    ("mnist", "train", "labels"): "a25bea736e30d166cdddb491f175f624",
+    ("mnist", "test", "images"): "2646ac647ad5339dbf082846283269ea",
+    ("mnist", "test", "labels"): "27ae3e4e09519cfbb04c329615203637",
+    ("fmnist", "train", "images"): "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    ("fmnist", "train", "labels"): "9018921c3c673c538a1fc5bad174d6f9",
+    ("fmnist", "test", "images"): "8181f5470baa50b63fa0f6fddb340f0a",
+    ("fmnist", "test", "labels"): "15d484375f8d13e6eb1aabb0c3f46965",
+}
+_OFFICIAL_FILE_BY_MD5 = {digest: key for key, digest in _OFFICIAL_MD5.items()}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -64,6 +90,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DataFormatError(ValueError):
     """An IDX file exists but is corrupt, truncated or not the expected kind of file."""
+
+
+class DatasetMismatchError(DataFormatError):
+    """Well-formed IDX files that are not the official files of the dataset and split asked for
+    (another dataset's, another split's, or modified ones)."""
 
 
 def _idx_file_names(split: str) -> tuple[str, str]:
@@ -109,10 +140,9 @@ def _read_bytes(path: Path) -> bytearray:
         raise DataFormatError(f"{path}: corrupt gzip stream ({exc})") from exc
 
 
-def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
+def _parse_idx(path: Path, data: bytearray, expected_ndim: int) -> np.ndarray:
     """Parse one IDX file of unsigned bytes, checking magic number and size against the header."""
     # A bytearray gives numpy a writable buffer, so torch.from_numpy needs no extra copy.
-    data = _read_bytes(path)
     header_len = 4 + 4 * expected_ndim
     if len(data) < 4:
         raise DataFormatError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
@@ -146,8 +176,47 @@ def _download(info: DatasetInfo, root: Path, split: str) -> None:
         raise DatasetNotFoundError(f"downloading {info.name} into {root} failed: {exc}") from exc
 
 
+def _describe_official(key: tuple[str, str, str]) -> str:
+    dataset, split, part = key
+    return f"the {DATASETS[dataset].display_name} {split} {part}"
+
+
+def _verify_official(info: DatasetInfo, split: str, files: dict[str, tuple[Path, str]]) -> None:
+    """Refuse files whose decoded content is not the official dataset's ``split``.
+
+    ``files`` maps "images"/"labels" to (path, MD5 of the decoded file). The message says what
+    the files are instead when they are another official file (another dataset, another split).
+    """
+    problems = []
+    for part, (path, digest) in files.items():
+        wanted = (info.name, split, part)
+        if digest == _OFFICIAL_MD5[wanted]:
+            continue
+        actual = _OFFICIAL_FILE_BY_MD5.get(digest)
+        problems.append((path, wanted, actual, digest))
+    if not problems:
+        return
+    other_datasets = {actual[0] for _, _, actual, _ in problems if actual is not None}
+    if len(problems) == len(files) and len(other_datasets) == 1 and other_datasets != {info.name}:
+        other = DATASETS[other_datasets.pop()]
+        folders = sorted({str(path.parent) for path, _, _, _ in problems})
+        raise DatasetMismatchError(
+            f"{', '.join(folders)}: these are {other.display_name} files, not {info.display_name}; "
+            f"point the data root at the {info.display_name} files (or use --dataset {other.name})"
+        )
+    path, wanted, actual, digest = problems[0]
+    if actual is not None:
+        raise DatasetMismatchError(
+            f"{path} holds {_describe_official(actual)}, not {_describe_official(wanted)}")
+    raise DatasetMismatchError(
+        f"{path} is not {_describe_official(wanted)} file: the MD5 of its decoded content is {digest}, "
+        f"the official file's is {_OFFICIAL_MD5[wanted]} (modified, truncated or another dataset); "
+        "replace it with the official file"
+    )
+
+
 def load_dataset(
-    name: str, root: str | Path, split: str = "train", download: bool = False
+    name: str, root: str | Path, split: str = "train", download: bool = False, verify: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a dataset split as ``(images uint8 [N,28,28], labels int64 [N])``.
 
@@ -155,8 +224,10 @@ def load_dataset(
     layout (``root/MNIST/raw/...``, ``root/FashionMNIST/raw/...``), or a folder holding
     per-dataset subfolders (``root/mnist``, ``root/fashion-mnist``).
 
-    Note that MNIST and Fashion-MNIST use the same file names, so a folder of plain IDX
-    files is taken to be whichever dataset was asked for.
+    MNIST and Fashion-MNIST use the same file names, so with ``verify`` (the default) the decoded
+    files must be the official ones of ``name`` and ``split`` (published MD5s), otherwise
+    DatasetMismatchError says what they are. ``verify=False`` is for hand-made IDX files
+    (tests of the parser); nothing that reports results passes it.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -181,8 +252,9 @@ def load_dataset(
 
     images_path, labels_path = found
     log.info("loading %s %s split from %s", name, split, images_path.parent)
-    images = _read_idx(images_path, expected_ndim=3)
-    labels = _read_idx(labels_path, expected_ndim=1)
+    images_bytes, labels_bytes = _read_bytes(images_path), _read_bytes(labels_path)
+    images = _parse_idx(images_path, images_bytes, expected_ndim=3)
+    labels = _parse_idx(labels_path, labels_bytes, expected_ndim=1)
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataFormatError(
             f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
@@ -194,6 +266,11 @@ def load_dataset(
         )
     if labels.size and labels.max() >= NUM_CLASSES:
         raise DataFormatError(f"{labels_path}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
+    if verify:
+        _verify_official(info, split, {
+            "images": (images_path, hashlib.md5(images_bytes, usedforsecurity=False).hexdigest()),
+            "labels": (labels_path, hashlib.md5(labels_bytes, usedforsecurity=False).hexdigest()),
+        })
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -277,22 +277,65 @@ def _check_part(path: Path, arrays: dict[str, np.ndarray], part: str, allow_empt
         raise ShardError(f"{path}: {part}_labels outside 0..{NUM_CLASSES - 1}")
 
 
-def load_shard(path: str | Path) -> Shard:
-    """Load and validate one client's shard; any problem raises ShardError naming the file."""
-    path = Path(path)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or an empty zip
+_NOT_A_SHARD = "not a GenFL shard (.npz)"
+
+
+def _what_the_file_is(head: bytes) -> str:
+    """A guess at what a file that is not a zip is, from its first bytes (for the message)."""
+    for magic, kind in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                        (b"\x1f\x8b", "a gzip file"), (b"\x93NUMPY", "a single .npy array"),
+                        (b"\x80", "a Python pickle")):
+        if head.startswith(magic):
+            return kind
+    if not head:
+        return "an empty file"
+    # Text: no NUL bytes, and UTF-8 but for maybe a character cut off at the end of the sample.
+    if b"\x00" not in head and head.decode("utf-8", "replace")[:-1].count("\ufffd") == 0:
+        return "a text file"
+    return "not a zip archive"
+
+
+def _read_shard_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The members of a shard file as arrays; ShardError for anything that is not a whole .npz."""
+    if path.is_dir():
+        raise ShardError(f"{path}: is a directory, not a shard file")
     if not path.is_file():
         raise ShardError(f"{path}: shard file not found")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from exc
+    # Checked first: np.load takes anything that is not a zip or .npy for a pickle, and its refusal
+    # ("pickled data") would say nothing useful about a text file or an image.
+    if not head.startswith(_ZIP_MAGIC):
+        raise ShardError(f"{path}: {_NOT_A_SHARD}: {_what_the_file_is(head)}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _SHARD_KEYS if k not in npz.files]
             if missing:
-                raise ShardError(f"{path}: not a GenFL shard, missing {', '.join(missing)}")
-            arrays = {k: npz[k] for k in _SHARD_KEYS}
+                raise ShardError(f"{path}: {_NOT_A_SHARD}: missing {', '.join(missing)}")
+            return {k: npz[k] for k in _SHARD_KEYS}
     except ShardError:
         raise
-    except Exception as exc:  # zipfile, numpy header or pickle refusals: all mean "not a valid shard"
-        raise ShardError(f"{path}: cannot read shard ({type(exc).__name__}: {exc})") from exc
+    except zipfile.BadZipFile as exc:  # also a member whose CRC does not match
+        raise ShardError(f"{path}: {_NOT_A_SHARD}: truncated or damaged zip archive ({exc})") from exc
+    except EOFError as exc:
+        raise ShardError(f"{path}: {_NOT_A_SHARD}: truncated member ({exc})") from exc
+    except ValueError as exc:
+        # numpy's refusals: an object (pickled) array, a bad .npy header.
+        reason = ("holds pickled Python objects, which are never loaded" if "pickle" in str(exc)
+                  else f"a member is not a valid .npy array ({exc})")
+        raise ShardError(f"{path}: {_NOT_A_SHARD}: {reason}") from exc
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from exc
 
+
+def load_shard(path: str | Path) -> Shard:
+    """Load and validate one client's shard; any problem raises ShardError naming the file."""
+    path = Path(path)
+    arrays = _read_shard_arrays(path)
     meta_arr = arrays.pop("meta")
     if meta_arr.ndim != 0 or meta_arr.dtype.kind != "U":
         raise ShardError(

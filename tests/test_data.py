@@ -12,6 +12,7 @@ import torch
 from genfl_shared.data import (
     DATASETS,
     DataFormatError,
+    DatasetMismatchError,
     DatasetNotFoundError,
     dataset_digest,
     load_dataset,
@@ -119,7 +120,8 @@ def test_corrupt_files(tmp_path, corruption, expected):
     img_path, lab_path = tmp_path / "t10k-images-idx3-ubyte", tmp_path / "t10k-labels-idx1-ubyte"
     _write_idx(img_path, [0, 0, 8, 3], [3, 28, 28], images)
     _write_idx(lab_path, [0, 0, 8, 1], [3], labels)
-    load_dataset("mnist", tmp_path, split="test")  # the uncorrupted files load
+    # Hand-made files are not the official ones: only verify=False parses them.
+    load_dataset("mnist", tmp_path, split="test", verify=False)  # the uncorrupted files load
 
     if corruption == "bad_magic":
         _write_idx(img_path, [0, 0, 9, 3], [3, 28, 28], images)
@@ -133,8 +135,46 @@ def test_corrupt_files(tmp_path, corruption, expected):
     elif corruption == "bad_label":
         _write_idx(lab_path, [0, 0, 8, 1], [3], bytes([1, 2, 10]))
     with pytest.raises(DataFormatError, match=expected) as info:
-        load_dataset("mnist", tmp_path, split="test")
+        load_dataset("mnist", tmp_path, split="test", verify=False)
     assert str(tmp_path) in str(info.value)  # the message names the offending file
+
+
+def test_hand_made_files_are_not_the_official_dataset(tmp_path):
+    labels = bytes([1, 2, 3])
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", [0, 0, 8, 3], [3, 28, 28], bytes(3 * 28 * 28))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", [0, 0, 8, 1], [3], labels)
+    with pytest.raises(DatasetMismatchError, match="is not the MNIST test images file") as info:
+        load_dataset("mnist", tmp_path, split="test")
+    assert str(tmp_path / "t10k-images-idx3-ubyte") in str(info.value)
+    assert "2646ac647ad5339dbf082846283269ea" in str(info.value)  # the official file's MD5
+
+
+@pytest.mark.parametrize("decompress", [True, False], ids=["plain", "gz"])
+def test_other_dataset_is_refused_and_named(tmp_path, data_root, decompress):
+    _copy_test_split(data_root("mnist"), tmp_path, decompress=decompress)
+    with pytest.raises(DatasetMismatchError, match="these are MNIST files, not Fashion-MNIST"):
+        load_dataset("fmnist", tmp_path, split="test")
+    # The same files are accepted as what they are.
+    assert len(load_dataset("mnist", tmp_path, split="test")[1]) == 10000
+
+
+def test_other_split_is_refused_and_named(tmp_path, data_root):
+    # Test files renamed to look like the train split: right dataset, wrong split.
+    for name in TEST_FILES:
+        shutil.copy(data_root("fmnist") / f"{name}.gz", tmp_path / f"{name.replace('t10k', 'train')}.gz")
+    with pytest.raises(DatasetMismatchError,
+                       match="holds the Fashion-MNIST test images, not the Fashion-MNIST train images"):
+        load_dataset("fmnist", tmp_path, split="train")
+
+
+def test_one_changed_pixel_is_refused(tmp_path, data_root):
+    _copy_test_split(data_root("mnist"), tmp_path, decompress=True)
+    images = tmp_path / "t10k-images-idx3-ubyte"
+    data = bytearray(images.read_bytes())
+    data[16 + 14 * 28 + 14] ^= 0xFF  # one pixel of the first image
+    images.write_bytes(bytes(data))
+    with pytest.raises(DatasetMismatchError, match="is not the MNIST test images file"):
+        load_dataset("mnist", tmp_path, split="test")
 
 
 def test_download_uses_torchvision(tmp_path, monkeypatch, data_root):

@@ -261,8 +261,13 @@ def _raw_npz(path, arrays, meta=json.dumps(GOOD_META)):
     "problem, expected",
     [
         ("missing_file", "not found"),
-        ("not_zip", "cannot read shard"),
-        ("missing_key", "missing heldout_labels"),
+        ("not_zip", r"not a GenFL shard \(\.npz\): a text file"),
+        ("png", r"not a GenFL shard \(\.npz\): a PNG image"),
+        ("empty", r"not a GenFL shard \(\.npz\): an empty file"),
+        ("directory", "is a directory, not a shard file"),
+        ("truncated", r"not a GenFL shard \(\.npz\): truncated or damaged zip archive"),
+        ("damaged_member", r"not a GenFL shard \(\.npz\): truncated or damaged zip archive"),
+        ("missing_key", r"not a GenFL shard \(\.npz\): missing heldout_labels"),
         ("float_images", "train_images must be uint8"),
         ("wrong_shape", r"heldout_images must be uint8 \[n,28,28\]"),
         ("int32_labels", "train_labels must be int64"),
@@ -270,7 +275,7 @@ def _raw_npz(path, arrays, meta=json.dumps(GOOD_META)):
         ("empty_train", "train part is empty"),
         ("count_mismatch", "5 train images but 4 train labels"),
         ("bad_meta", "meta is not valid JSON"),
-        ("pickled_object", "cannot read shard"),
+        ("pickled_object", r"not a GenFL shard \(\.npz\): holds pickled Python objects"),
     ],
 )
 def test_load_shard_errors(tmp_path, problem, expected):
@@ -278,6 +283,20 @@ def test_load_shard_errors(tmp_path, problem, expected):
     arrays = _good_arrays()
     if problem == "not_zip":
         path.write_bytes(b"definitely not a zip file")
+    elif problem == "png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    elif problem == "empty":
+        path.write_bytes(b"")
+    elif problem == "directory":
+        path.mkdir()
+    elif problem == "truncated":
+        write_shard(path, **arrays, meta=GOOD_META)
+        path.write_bytes(path.read_bytes()[:-200])
+    elif problem == "damaged_member":
+        write_shard(path, **arrays, meta=GOOD_META)
+        data = bytearray(path.read_bytes())
+        data[200] ^= 0xFF  # inside the first member's array data: its CRC no longer matches
+        path.write_bytes(bytes(data))
     elif problem == "missing_key":
         del arrays["heldout_labels"]
         _raw_npz(path, arrays)
