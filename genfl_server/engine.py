@@ -20,6 +20,7 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
 
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
+from .guard import RoundGuard, UpdateGuard
 from .metrics import ServerMetrics
 from .results import RunRecorder
 from .service import task_frame
@@ -53,7 +54,7 @@ def weighted_mean(results: list[TaskResult], key: str) -> float | None:
 class RoundEngine:
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, recorder: RunRecorder, *,
                  seed: int, round_timeout: float | None = None, min_clients: int | None = None,
-                 round_retries: int = 2, deterministic: bool = False):
+                 round_retries: int = 2, deterministic: bool = False, guard: UpdateGuard | None = None):
         self.coordinator = coordinator
         self.metrics = metrics
         self.recorder = recorder
@@ -64,7 +65,9 @@ class RoundEngine:
         # Deterministic mode sums updates in client order instead of arrival order (float addition
         # is not associative), at the cost of holding every update of a round in memory.
         self.deterministic = deterministic
+        self.guard = guard if guard is not None else UpdateGuard()
         self.clients: list[ClientInfo] = []
+        self.last_round_guard: RoundGuard | None = None  # the accepted round's distances (measurements)
 
     def wait_for_clients(self, timeout: float | None) -> None:
         log.info("waiting for %d clients", self.coordinator.expected_clients)
@@ -73,15 +76,16 @@ class RoundEngine:
 
     # -- one step over every client -----------------------------------------------------------
     def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
-                   config: dict, *, on_update=None) -> list[TaskResult]:
-        """One task per registered client; returns the results that arrived by the deadline.
+                   config: dict, *, on_update=None, clients: list[ClientInfo] | None = None) -> list[TaskResult]:
+        """One task per client (``clients``, default every registered one); returns the results that
+        arrived by the deadline.
 
         A client that dropped out still gets its task: if it comes back in time it answers, and
         otherwise it takes part again from the next step on.
         """
         payload = encode_state_dict(state, wrap=task_frame)  # serialized once, sent to every client
         tasks = []
-        for client in self.clients:
+        for client in self.clients if clients is None else clients:
             # Per-client, per-round seeds: repeatable whatever order the clients run in.
             task_config = dict(config, seed=derive_seed(self.seed, phase, rnd, client.client_id,
                                                         pb.TaskType.Name(task_type)))
@@ -94,45 +98,83 @@ class RoundEngine:
                         len(batch.results), len(tasks), self.round_timeout, ", ".join(missing))
         return sorted(batch.results.values(), key=lambda r: r.task.client_id)
 
-    def _required(self) -> int:
-        return len(self.clients) if self.min_clients is None else min(self.min_clients, len(self.clients))
+    def _required(self, asked: int | None = None) -> int:
+        """Results a step needs from the ``asked`` clients (default: all registered)."""
+        asked = len(self.clients) if asked is None else asked
+        return asked if self.min_clients is None else min(self.min_clients, asked)
 
-    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn) -> list[TaskResult]:
+    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn, asked: int | None = None
+                      ) -> list[TaskResult]:
         """Run a step until at least the required number of clients answered (bounded retries)."""
+        required = self._required(asked)
         for attempt in range(1 + self.round_retries):
             results = attempt_fn()
-            if len(results) >= self._required():
+            if len(results) >= required:
                 return results
             log.warning("%s round %d: %s got %d results, %d required; %s", phase, rnd, step, len(results),
-                        self._required(), "retrying" if attempt < self.round_retries else "giving up")
-        raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {self._required()} results "
+                        required, "retrying" if attempt < self.round_retries else "giving up")
+        raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {required} results "
                           f"in {1 + self.round_retries} attempts of {self.round_timeout} s")
 
     def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict,
             strategy: Strategy) -> tuple[State, float | None]:
-        """One round of local training and aggregation; returns (new state, mean train loss)."""
+        """One round of local training and aggregation; returns (new state, mean train loss).
 
-        held: dict[str, tuple[int, Mapping[str, torch.Tensor]]] = {}
+        The round is redone without every client its RoundGuard names (an update beyond the norm
+        bounds, or the likeliest cause of a non-finite or absurd aggregate), until it is clean:
+        a bad aggregate never becomes the global model.
+        """
+        excluded: dict[str, str] = {}
+        while True:
+            clients = [c for c in self.clients if c.client_id not in excluded]
+            if not clients:
+                raise RoundFailed(f"{phase} round {rnd}: every client's update was rejected ({excluded})")
+            carried = strategy.state_dict()  # FedAvgM's velocity, restored if the aggregate is refused
+            round_guard, results = self._fit_once(phase, rnd, state, config, strategy, clients)
+            offenders = round_guard.offenders()
+            if not offenders:
+                new_state = strategy.finish()
+                offenders = round_guard.check_aggregate(new_state)
+                if not offenders:
+                    self.last_round_guard = round_guard
+                    return new_state, weighted_mean(results, "loss")
+                strategy.load_state_dict(carried)
+            for client_id, reason in sorted(offenders.items()):
+                self.metrics.updates_rejected.labels(reason).inc()
+                log.error("%s round %d: update of client %s rejected (%s: distance %.4g, round median %.4g); "
+                          "redoing the round without it", phase, rnd, client_id, reason,
+                          round_guard.distances.get(client_id, float("nan")), round_guard.median_distance())
+            excluded.update(offenders)
+
+    def _fit_once(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict,
+                  strategy: Strategy, clients: list[ClientInfo]) -> tuple[RoundGuard, list[TaskResult]]:
+        """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet)."""
+        held: dict[str, tuple[float, Mapping[str, torch.Tensor]]] = {}
+        round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
 
         def fold_in(task, num_samples, update):
+            weight, update = round_guard.admit(task.client_id, num_samples, update)
             if self.deterministic:
-                held[task.client_id] = (num_samples, update)
+                held[task.client_id] = (weight, update)
                 return
             started = time.perf_counter()
-            strategy.accumulate(update, num_samples)
+            strategy.accumulate(update, weight)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
         def attempt():
+            nonlocal round_guard
             strategy.begin(state)  # a retried round starts a fresh sum
+            round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
             held.clear()
-            results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in)
+            results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, config, on_update=fold_in,
+                                      clients=clients)
             for client_id in sorted(held):
                 strategy.accumulate(held[client_id][1], held[client_id][0])
+            held.clear()
             return results
 
-        results = self._with_retries("training", phase, rnd, attempt)
-        held.clear()
-        return strategy.finish(), weighted_mean(results, "loss")
+        results = self._with_retries("training", phase, rnd, attempt, asked=len(clients))
+        return round_guard, results
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], config: dict) -> EvalReport:
         """Every client evaluates ``state`` on its held-out part."""
