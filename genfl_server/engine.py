@@ -67,7 +67,6 @@ class RoundEngine:
         self.deterministic = deterministic
         self.guard = guard if guard is not None else UpdateGuard()
         self.clients: list[ClientInfo] = []
-        self.last_round_guard: RoundGuard | None = None  # the accepted round's distances (measurements)
 
     def wait_for_clients(self, timeout: float | None) -> None:
         log.info("waiting for %d clients", self.coordinator.expected_clients)
@@ -136,7 +135,6 @@ class RoundEngine:
                 new_state = strategy.finish()
                 offenders = round_guard.check_aggregate(new_state)
                 if not offenders:
-                    self.last_round_guard = round_guard
                     return new_state, weighted_mean(results, "loss")
                 strategy.load_state_dict(carried)
             for client_id, reason in sorted(offenders.items()):

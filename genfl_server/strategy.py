@@ -10,9 +10,12 @@ they hold all K of them until ``finish()``.
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 
@@ -233,7 +236,8 @@ class TrimmedMean(_HoldsRound):
 class Krum(_HoldsRound):
     """(Multi-)Krum (Blanchard et al. 2017): each update is scored by the summed squared distance to
     its K - F - 2 nearest others; the mean of the ``select`` best-scored updates becomes the model
-    (select = 1: Krum). Needs K > 2F + 2 updates to tolerate F Byzantine clients."""
+    (select = 1: Krum). Tolerating F Byzantine clients needs K > 2F + 2 updates; a round with fewer
+    tolerates (K - 3) // 2, with a warning."""
 
     name = "krum"
 
@@ -246,15 +250,20 @@ class Krum(_HoldsRound):
 
     def finish(self) -> State:
         k = len(self._updates)
-        if k <= 2 * self.byzantine + 2:
-            raise ValueError(f"Krum with {self.byzantine} Byzantine clients needs more than "
-                             f"{2 * self.byzantine + 2} updates, got {k}")
-        if self.select > k - self.byzantine:
-            raise ValueError(f"Krum cannot select {self.select} of {k} updates with {self.byzantine} Byzantine")
+        byzantine = self.byzantine
+        if k <= 2 * byzantine + 2:
+            # Fewer updates than planned (clients missing, or rejected by the update guard, which
+            # leaves fewer hostile ones too): tolerate as many as this round's count allows.
+            byzantine = (k - 3) // 2
+            if byzantine < 0:
+                raise ValueError(f"Krum needs at least 3 updates, got {k}")
+            log.warning("Krum: %d updates tolerate %d Byzantine clients, not %d", k, byzantine, self.byzantine)
+        if self.select > k - byzantine:
+            raise ValueError(f"Krum cannot select {self.select} of {k} updates with {byzantine} Byzantine")
         flat = torch.stack([torch.cat([u[n].to(torch.float64).reshape(-1) for n, ref in self._global.items()
                                        if ref.is_floating_point()]) for u in self._updates])
         distances = torch.cdist(flat, flat).pow(2)
-        neighbours = k - self.byzantine - 2
+        neighbours = k - byzantine - 2
         # Each row's smallest entry is its zero distance to itself: skip it.
         scores = distances.sort(dim=1).values[:, 1:neighbours + 1].sum(dim=1)
         self.chosen = scores.argsort()[:self.select].tolist()

@@ -135,7 +135,7 @@ class Outcome:
 
 
 def run_federation(tmp_path: Path, bots: list[Bot], *, guard: UpdateGuard | None = None, rounds: int = 1,
-                   max_client_samples: int | None = DEFAULT_MAX_CLIENT_SAMPLES) -> Outcome:
+                   max_client_samples: int | None = DEFAULT_MAX_CLIENT_SAMPLES, strategy: str = "fedavg") -> Outcome:
     """One federated phase of ``rounds`` rounds over the bots; the final global state."""
     coordinator = Coordinator(RUN_ID, expected_clients=len(bots), dataset=DATASET, poll_timeout=2.0,
                               max_client_samples=max_client_samples)
@@ -153,7 +153,8 @@ def run_federation(tmp_path: Path, bots: list[Bot], *, guard: UpdateGuard | None
         for thread in threads:
             thread.start()
         engine.wait_for_clients(timeout=30)
-        state = engine.run_rounds("classifier", template(), rounds=rounds, train_config={}, eval_config={})
+        state = engine.run_rounds("classifier", template(), rounds=rounds, train_config={}, eval_config={},
+                                  strategy=strategy)
         recorder.write_summary()
     finally:
         coordinator.shutdown(reason="test over")
@@ -204,6 +205,20 @@ def test_huge_update_without_norm_bounds_is_caught_by_the_aggregate_check(tmp_pa
     assert outcome.rejected("bad_aggregate") == 1
     for name, value in outcome.state.items():
         torch.testing.assert_close(value, expected_honest_round(HONEST)[name])
+
+
+@pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "krum"])
+@pytest.mark.parametrize("bounds", ["off", "default"])
+def test_robust_strategies_over_grpc_keep_the_model_near_the_honest_updates(tmp_path, strategy, bounds):
+    # Bounds off: the strategy alone must resist. Default bounds: mallory is dropped first and Krum
+    # runs on the 4 updates left.
+    guard = UpdateGuard(norm_factor=None, max_weight_share=None) if bounds == "off" else None
+    outcome = run_federation(tmp_path, [*map(honest, ["alice", "bob", "carol", "dave"]), Bot("mallory", huge)],
+                             guard=guard, strategy=strategy)
+    start = template()
+    for name in ("layer.weight", "layer.bias"):
+        assert float((outcome.state[name] - start[name]).abs().max()) < 5 * STEP, name
+    assert outcome.rejected("update_norm_adaptive") == (0 if bounds == "off" else 1)
 
 
 def _boosted(weights, task):  # model replacement: the honest step scaled a thousandfold
