@@ -86,6 +86,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--distributions", default="iid,0.1,0.01", help="comma-separated: iid or an alpha")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS["quick"]
@@ -95,7 +96,7 @@ if __name__ == "__main__":
     started = time.perf_counter()
     total_flagged = 0
     worst = 0.0
-    for distribution in ("iid", "0.1", "0.01"):
+    for distribution in args.distributions.split(","):
         result = measure(distribution, images, labels, args, cfg)
         total_flagged += result["flagged"] + result["cut"]
         worst = max(worst, result["ratio"])
