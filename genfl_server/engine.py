@@ -229,9 +229,9 @@ class RoundEngine:
                                  (self.metrics.train_loss, train_loss)):
                 if value is not None:
                     gauge.labels(phase).set(value)
-            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %.4g (%.2f s)",
+            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %s (%.2f s)",
                      phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(test.get("accuracy")),
-                     _fmt(train_loss), report.weighted_loss, seconds)
+                     _fmt(train_loss), _fmt(report.weighted_loss), seconds)
         set_log_context(round=None)
         return state
 
