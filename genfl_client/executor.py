@@ -113,4 +113,7 @@ class TaskExecutor:
         else:
             result = evaluate_classifier(model, x, y, device=self.device)
             metrics = {"loss": result["loss"], "accuracy": result["accuracy"]}
+        if not math.isfinite(metrics["loss"]):
+            # A diverged model's loss is no number: reported as missing (the server refuses NaN).
+            del metrics["loss"]
         return TaskOutcome(result["samples"], metrics, None)

@@ -26,6 +26,7 @@ from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
 
 from .coordinator import Coordinator, RegistrationTimeout
 from .engine import RoundEngine
+from .guard import UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder
@@ -120,13 +121,33 @@ def _exit_codes(run):
 @option("--cas-epochs", type=click.IntRange(0), default=None,
         help="Epochs of the CAS classifier on synthetic data; 0 skips CAS [preset: 20].")
 @option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: 5]")
-@option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm"]), default=None,
-        help="Aggregation: FedAvg, FedProx (clients add a proximal term) or FedAvgM (server momentum) "
-             "[preset: fedavg].")
+@option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum"]),
+        default=None,
+        help="Aggregation: FedAvg, FedProx (clients add a proximal term), FedAvgM (server momentum), or "
+             "the robust ones, which hold every update of a round: coordinate-wise median, trimmed mean, "
+             "(multi-)Krum [preset: fedavg].")
 @option("--prox-mu", type=click.FloatRange(0), default=None, help="FedProx proximal weight mu [0.01].")
 @option("--fedavgm-momentum", type=click.FloatRange(0, 1), default=None, help="FedAvgM server momentum [0.9].")
 @option("--fedavgm-lr", type=click.FloatRange(min=0, min_open=True), default=None,
         help="FedAvgM server learning rate [1.0].")
+@option("--trim-fraction", type=click.FloatRange(0, 0.5, max_open=True), default=None,
+        help="Trimmed mean: share of the values dropped at each end, per weight [0.2].")
+@option("--krum-byzantine", type=click.IntRange(0), default=None,
+        help="Krum: Byzantine clients tolerated, F (needs more than 2F + 2 clients) [1].")
+@option("--krum-select", type=click.IntRange(1), default=None,
+        help="Krum: best-scored updates averaged, M (1: Krum; more: multi-Krum) [1].")
+@option("--max-update-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Reject (or with --clip-updates, clip) an update farther than this from the global model "
+             "(L2 norm of w_client - w_global) [no fixed bound].")
+@option("--clip-updates", is_flag=True, default=False,
+        help="Beyond --max-update-norm, scale the update's step down to the bound instead of rejecting it.")
+@option("--update-norm-factor", type=click.FloatRange(0), default=None,
+        help="Adaptive bound: redo a round without any update farther than this many times the round's "
+             "median distance (from 3 updates; 0: off) [10].")
+@option("--max-client-samples", type=click.IntRange(0), default=None,
+        help="Most training samples one client may register (0: no limit) [60000].")
+@option("--max-client-weight-share", type=click.FloatRange(0, 1, min_open=True), default=None,
+        help="Largest share of the FedAvg weight one client may hold, from 3 clients on (1: no cap) [0.5].")
 @option("--no-binarize", is_flag=True, default=False, help="Keep grey levels (the paper binarises at 0.5).")
 @option("--seed", type=int, default=0, help="Run seed: model init, client shuffling, synthetic data.")
 @option("--device", default="cpu", help="Torch device for server-side work (cpu, cuda, cuda:1).")
@@ -231,7 +252,8 @@ def main(**opts) -> None:
         metrics_port = metrics.serve(opts["metrics_port"])
         log.info("Prometheus metrics on :%d/metrics", metrics_port)
     run_id = opts["run_id"] or uuid.uuid4().hex[:12]
-    coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset)
+    coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset,
+                              max_client_samples=config.max_client_samples or None)
     service = FederatedLearningService(coordinator, metrics, authenticator=authenticator)
     server, port, health = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16,
                                              credentials=credentials)
@@ -250,7 +272,7 @@ def main(**opts) -> None:
         run_state.save(recorder_state=recorder.export())  # resumable from the very start
     engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"],
                          min_clients=opts["min_fit_clients"], round_retries=opts["round_retries"],
-                         deterministic=config.deterministic)
+                         deterministic=config.deterministic, guard=update_guard(config))
     ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set, run_state)
     signal.signal(signal.SIGTERM, _on_signal)
     failure = None
@@ -339,8 +361,19 @@ def _config(opts) -> RunConfig:
         binarize=False if opts["no_binarize"] else None, seed=opts["seed"],
         deterministic=opts["deterministic"] or None,
         strategy=opts["strategy"], prox_mu=opts["prox_mu"], fedavgm_momentum=opts["fedavgm_momentum"],
-        fedavgm_lr=opts["fedavgm_lr"],
+        fedavgm_lr=opts["fedavgm_lr"], trim_fraction=opts["trim_fraction"],
+        krum_byzantine=opts["krum_byzantine"], krum_select=opts["krum_select"],
+        max_update_norm=opts["max_update_norm"], clip_updates=opts["clip_updates"] or None,
+        update_norm_factor=opts["update_norm_factor"], max_client_samples=opts["max_client_samples"],
+        max_client_weight_share=opts["max_client_weight_share"],
     )
+
+
+def update_guard(config: RunConfig) -> UpdateGuard:
+    """The run's update bounds; 0 (factor) and 1 (share) switch a bound off."""
+    share = config.max_client_weight_share
+    return UpdateGuard(max_update_norm=config.max_update_norm, norm_factor=config.update_norm_factor or None,
+                       clip=config.clip_updates, max_weight_share=None if share is None or share >= 1 else share)
 
 
 if __name__ == "__main__":

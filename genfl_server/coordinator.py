@@ -23,6 +23,8 @@ from genfl_shared.codec import Payload
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings
 
+from .guard import check_registered_samples
+
 log = logging.getLogger(__name__)
 
 
@@ -132,8 +134,9 @@ class TaskBatch:
 
 class Coordinator:
     def __init__(self, run_id: str, *, expected_clients: int, dataset: str | None,
-                 poll_timeout: float = 30.0):
+                 poll_timeout: float = 30.0, max_client_samples: int | None = None):
         self.run_id = run_id
+        self.max_client_samples = max_client_samples  # None: any count (guard.check_registered_samples)
         self.expected_clients = expected_clients
         self.dataset = dataset
         self.poll_timeout = poll_timeout
@@ -157,6 +160,7 @@ class Coordinator:
         if request.num_train_samples <= 0:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
                            f"client {cid!r} reports {request.num_train_samples} training samples")
+        check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
         if self.dataset and request.dataset and request.dataset != self.dataset:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset",
                            f"client {cid!r} holds {request.dataset!r} data but this run trains on {self.dataset!r}")

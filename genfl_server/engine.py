@@ -25,6 +25,7 @@ from genfl_shared.seeding import derive_seed
 from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
 
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
+from .guard import RoundGuard, UpdateGuard
 from .metrics import ServerMetrics
 from .results import RunRecorder
 from .service import task_frame
@@ -64,7 +65,7 @@ def weighted_mean(results: list[TaskResult], key: str) -> float | None:
 class RoundEngine:
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, recorder: RunRecorder, *,
                  seed: int, round_timeout: float | None = None, min_clients: int | None = None,
-                 round_retries: int = 2, deterministic: bool = False):
+                 round_retries: int = 2, deterministic: bool = False, guard: UpdateGuard | None = None):
         self.coordinator = coordinator
         self.metrics = metrics
         self.recorder = recorder
@@ -75,6 +76,7 @@ class RoundEngine:
         # Deterministic mode sums updates in client order instead of arrival order (float addition
         # is not associative), at the cost of holding every update of a round in memory.
         self.deterministic = deterministic
+        self.guard = guard if guard is not None else UpdateGuard()
         self.clients: list[ClientInfo] = []
 
     def wait_for_clients(self, timeout: float | None) -> None:
@@ -84,8 +86,10 @@ class RoundEngine:
 
     # -- one step over every client -----------------------------------------------------------
     def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
-                   settings: TaskSettings, *, on_update=None) -> StepResults:
-        """One task per registered client; returns the results (and the clients' errors) that
+                   settings: TaskSettings, *, on_update=None, clients: list[ClientInfo] | None = None
+                   ) -> StepResults:
+        """One task per client (``clients``, default every registered one); returns the results (and
+        the clients' errors) that
         arrived by the deadline.
 
         A client that dropped out still gets its task: if it comes back in time it answers, and
@@ -93,7 +97,7 @@ class RoundEngine:
         """
         payload = encode_state_dict(state, wrap=task_frame)  # serialized once, sent to every client
         tasks = []
-        for client in self.clients:
+        for client in self.clients if clients is None else clients:
             # Per-client, per-round seeds: repeatable whatever order the clients run in.
             client_settings = replace(settings, seed=derive_seed(self.seed, phase, rnd, client.client_id,
                                                                  pb.TaskType.Name(task_type)))
@@ -111,54 +115,94 @@ class RoundEngine:
         return StepResults(sorted(batch.results.values(), key=lambda r: r.task.client_id),
                            dict(sorted(errors.items())))
 
-    def _required(self) -> int:
-        return len(self.clients) if self.min_clients is None else min(self.min_clients, len(self.clients))
+    def _required(self, asked: int | None = None) -> int:
+        """Results a step needs from the ``asked`` clients (default: all registered)."""
+        asked = len(self.clients) if asked is None else asked
+        return asked if self.min_clients is None else min(self.min_clients, asked)
 
-    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn) -> list[TaskResult]:
-        """Run a step until at least the required number of clients answered (bounded retries).
+    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn, asked: int | None = None
+                      ) -> list[TaskResult]:
+        """Run a step until at least the required number of the ``asked`` clients answered (bounded
+        retries).
 
         A retry sends the same settings and weights again, so it cannot cure a client's task error:
         when the clients that did not report one are too few, the step fails at once."""
+        asked = len(self.clients) if asked is None else asked
+        required = self._required(asked)
+        why = ""
         for attempt in range(1 + self.round_retries):
             step_results = attempt_fn()
             results, errors = step_results.results, step_results.errors
-            if len(results) >= self._required():
+            if len(results) >= required:
                 return results
             why = "".join(f"; client {cid} could not execute its task: {message}"
                           for cid, message in errors.items())
-            if len(self.clients) - len(errors) < self._required():
+            if asked - len(errors) < required:
                 raise RoundFailed(f"{phase} round {rnd}: {step} got {len(results)} results, "
-                                  f"{self._required()} required{why}")
+                                  f"{required} required{why}")
             log.warning("%s round %d: %s got %d results, %d required%s; %s", phase, rnd, step, len(results),
-                        self._required(), why, "retrying" if attempt < self.round_retries else "giving up")
-        raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {self._required()} results "
+                        required, why, "retrying" if attempt < self.round_retries else "giving up")
+        raise RoundFailed(f"{phase} round {rnd}: {step} got fewer than {required} results "
                           f"in {1 + self.round_retries} attempts of {self.round_timeout} s{why}")
 
     def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
             strategy: Strategy) -> tuple[State, float | None]:
-        """One round of local training and aggregation; returns (new state, mean train loss)."""
+        """One round of local training and aggregation; returns (new state, mean train loss).
 
-        held: dict[str, tuple[int, Mapping[str, torch.Tensor]]] = {}
+        The round is redone without every client its RoundGuard names (an update beyond the norm
+        bounds, or the likeliest cause of a non-finite or absurd aggregate), until it is clean:
+        a bad aggregate never becomes the global model.
+        """
+        excluded: dict[str, str] = {}
+        while True:
+            clients = [c for c in self.clients if c.client_id not in excluded]
+            if not clients:
+                raise RoundFailed(f"{phase} round {rnd}: every client's update was rejected ({excluded})")
+            carried = strategy.state_dict()  # FedAvgM's velocity, restored if the aggregate is refused
+            round_guard, results = self._fit_once(phase, rnd, state, settings, strategy, clients)
+            offenders = round_guard.offenders()
+            if not offenders:
+                new_state = strategy.finish()
+                offenders = round_guard.check_aggregate(new_state)
+                if not offenders:
+                    return new_state, weighted_mean(results, "loss")
+                strategy.load_state_dict(carried)
+            for client_id, reason in sorted(offenders.items()):
+                self.metrics.updates_rejected.labels(reason).inc()
+                log.error("%s round %d: update of client %s rejected (%s: distance %.4g, round median %.4g); "
+                          "redoing the round without it", phase, rnd, client_id, reason,
+                          round_guard.distances.get(client_id, float("nan")), round_guard.median_distance())
+            excluded.update(offenders)
+
+    def _fit_once(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
+                  strategy: Strategy, clients: list[ClientInfo]) -> tuple[RoundGuard, list[TaskResult]]:
+        """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet)."""
+        held: dict[str, tuple[float, Mapping[str, torch.Tensor]]] = {}
+        round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
 
         def fold_in(task, num_samples, update):
+            weight, update = round_guard.admit(task.client_id, num_samples, update)
             if self.deterministic:
-                held[task.client_id] = (num_samples, update)
+                held[task.client_id] = (weight, update)
                 return
             started = time.perf_counter()
-            strategy.accumulate(update, num_samples)
+            strategy.accumulate(update, weight)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
         def attempt():
+            nonlocal round_guard
             strategy.begin(state)  # a retried round starts a fresh sum
+            round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
             held.clear()
-            step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings, on_update=fold_in)
+            step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings, on_update=fold_in,
+                                           clients=clients)
             for client_id in sorted(held):
                 strategy.accumulate(held[client_id][1], held[client_id][0])
+            held.clear()
             return step_results
 
-        results = self._with_retries("training", phase, rnd, attempt)
-        held.clear()
-        return strategy.finish(), weighted_mean(results, "loss")
+        results = self._with_retries("training", phase, rnd, attempt, asked=len(clients))
+        return round_guard, results
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
                  settings: EvaluateTask) -> EvalReport:
@@ -214,9 +258,9 @@ class RoundEngine:
                                  (self.metrics.train_loss, train_loss)):
                 if value is not None:
                     gauge.labels(phase).set(value)
-            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %.4g (%.2f s)",
+            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %s (%.2f s)",
                      phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(test.get("accuracy")),
-                     _fmt(train_loss), report.weighted_loss, seconds)
+                     _fmt(train_loss), _fmt(report.weighted_loss), seconds)
         set_log_context(round=None)
         return state
 

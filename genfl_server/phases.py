@@ -55,7 +55,8 @@ class PhaseContext:
 def phase_strategy(cfg: RunConfig) -> Strategy:
     """A fresh aggregation strategy for one federated phase."""
     return build_strategy(cfg.strategy, prox_mu=cfg.prox_mu, server_lr=cfg.fedavgm_lr,
-                          momentum=cfg.fedavgm_momentum)
+                          momentum=cfg.fedavgm_momentum, trim_fraction=cfg.trim_fraction,
+                          krum_byzantine=cfg.krum_byzantine, krum_select=cfg.krum_select)
 
 
 def train_task(cfg: RunConfig, model: str) -> TrainTask:

@@ -32,7 +32,7 @@ class RunRecorder:
     def _append(self, event: dict) -> None:
         self.events.append(event)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(event, sort_keys=True) + "\n")
+            f.write(_json_line(event))
 
     def export(self) -> dict[str, Any]:
         """What a run state saves, so a resumed run reports the rounds before the crash."""
@@ -43,7 +43,7 @@ class RunRecorder:
         recorded after the last save is dropped, it will be run again)."""
         self.summary.update(saved["summary"])
         self.events = list(saved["events"])
-        self.metrics_path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in self.events))
+        self.metrics_path.write_text("".join(_json_line(e) for e in self.events))
 
     def set(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -60,3 +60,9 @@ class RunRecorder:
         }
         write_json_atomic(self.summary_path, self.summary)
         return self.summary_path
+
+
+def _json_line(event: dict) -> str:
+    # Strict JSON: a NaN would make the line unreadable to JSON tools (validated client metrics
+    # keep NaN out; if one slips through, the run fails here instead of writing it).
+    return json.dumps(event, sort_keys=True, allow_nan=False) + "\n"

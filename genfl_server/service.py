@@ -17,6 +17,7 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
+from .guard import validated_metrics
 from .metrics import ServerMetrics
 from .security import TokenAuthenticator, bearer_token
 
@@ -157,7 +158,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             elif next(request_iterator, None) is not None:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                "an evaluation result carries no weights")
-            metrics = {k: float(v) for k, v in header.metrics.items()}
+            metrics = validated_metrics(header.metrics)
             result = TaskResult(task, int(header.num_samples), metrics)
             if not context.is_active():
                 # gRPC ends the request iterator quietly when a message does not parse (and aborts

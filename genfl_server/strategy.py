@@ -2,16 +2,21 @@
 
 A strategy sees a round as ``begin(global_state)``, then ``accumulate(update, num_samples)`` once
 per accepted update (in arrival order, from gRPC threads, serialised by the caller), then
-``finish() -> new global state``. Updates are folded into a running sum as they arrive, so the
-server holds one model's worth of accumulator, never K updates.
+``finish() -> new global state``. FedAvg and its variants fold updates into a running sum as they
+arrive, so the server holds one model's worth of accumulator, never K updates. The robust
+strategies (coordinate-wise median, trimmed mean, Krum) need every update of a round at once:
+they hold all K of them until ``finish()``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 
@@ -31,7 +36,7 @@ class Strategy(Protocol):
 
     def begin(self, global_state: Mapping[str, torch.Tensor]) -> None: ...
 
-    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None: ...
+    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: float) -> None: ...
 
     def finish(self) -> State: ...
 
@@ -42,13 +47,12 @@ class Strategy(Protocol):
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Float tensors sum in their own precision (float32 for these models: the rounding error of a
-    # weighted mean of a few dozen float32 values is far below training noise, and it keeps the
-    # accumulator at one model's size). Half precisions widen to float32; integer buffers such as
-    # BatchNorm's num_batches_tracked sum exactly in float64 and are rounded back to integers.
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype if dtype.is_floating_point else torch.float64
+    # Every entry sums in float64: a sum of float32 values can overflow to Inf (a hostile client
+    # sending 3e38 everywhere would make the mean Inf), while float64 holds any float32 value times
+    # any sample count. Integer buffers such as BatchNorm's num_batches_tracked sum exactly too and
+    # are rounded back to integers. Costs two float32 models of accumulator, still one per round.
+    del dtype
+    return torch.float64
 
 
 class FedAvg:
@@ -68,7 +72,7 @@ class FedAvg:
         self._sum = {k: torch.zeros(v.shape, dtype=_accumulator_dtype(v.dtype)) for k, v in global_state.items()}
         self._total_samples = 0
 
-    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
+    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: float) -> None:
         if self._sum is None:
             raise RuntimeError("accumulate() before begin()")
         if num_samples <= 0:
@@ -160,7 +164,127 @@ class FedAvgM(FedAvg):
         return result
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM}
+class _HoldsRound:
+    """Base of the robust strategies: holds every update of the round (K models of memory) because
+    a median, a trimmed mean or Krum's distances need them all at once. Sample counts are not
+    used: a client's claimed count is exactly what a hostile client would inflate."""
+
+    client_config = ClientTrainSettings()
+
+    def __init__(self) -> None:
+        self._global: State | None = None
+        self._updates: list[Mapping[str, torch.Tensor]] = []
+
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        self._global = dict(global_state)
+        self._updates = []
+
+    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: float) -> None:
+        if self._global is None:
+            raise RuntimeError("accumulate() before begin()")
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self._updates.append(update)
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state between rounds, got {sorted(state)[:3]}")
+
+    def finish(self) -> State:
+        if self._global is None:
+            raise RuntimeError("finish() before begin()")
+        if not self._updates:
+            raise RuntimeError("no update was accumulated this round")
+        result = {}
+        for name, reference in self._global.items():
+            stacked = torch.stack([u[name].to(torch.float64) for u in self._updates])
+            combined = self._combine(name, stacked)
+            if not reference.is_floating_point():
+                combined = combined.round()
+            result[name] = combined.to(reference.dtype)
+        self._updates = []
+        return result
+
+    def _combine(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CoordinateMedian(_HoldsRound):
+    """Coordinate-wise median (Yin et al. 2018): each weight is the median of the clients' values
+    (the mean of the two middle ones for an even count); robust to fewer than half bad clients."""
+
+    name = "median"
+
+    def _combine(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        ordered = stacked.sort(dim=0).values
+        k = ordered.shape[0]
+        return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+
+
+class TrimmedMean(_HoldsRound):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): per weight, drop the ``trim_fraction`` largest
+    and smallest client values and average the rest."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, trim_fraction: float = 0.2) -> None:
+        super().__init__()
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim fraction must be in [0, 0.5), got {trim_fraction}")
+        self.trim_fraction = trim_fraction
+
+    def _combine(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        k = stacked.shape[0]
+        cut = int(self.trim_fraction * k)
+        return stacked.sort(dim=0).values[cut:k - cut].mean(dim=0)
+
+
+class Krum(_HoldsRound):
+    """(Multi-)Krum (Blanchard et al. 2017): each update is scored by the summed squared distance to
+    its K - F - 2 nearest others; the mean of the ``select`` best-scored updates becomes the model
+    (select = 1: Krum). Tolerating F Byzantine clients needs K > 2F + 2 updates; a round with fewer
+    tolerates (K - 3) // 2, with a warning."""
+
+    name = "krum"
+
+    def __init__(self, byzantine: int = 1, select: int = 1) -> None:
+        super().__init__()
+        if byzantine < 0 or select < 1:
+            raise ValueError(f"Krum needs byzantine >= 0 and select >= 1, got {byzantine}, {select}")
+        self.byzantine, self.select = byzantine, select
+        self.chosen: list[int] = []  # indices (arrival order) of the updates last selected
+
+    def finish(self) -> State:
+        k = len(self._updates)
+        byzantine = self.byzantine
+        if k <= 2 * byzantine + 2:
+            # Fewer updates than planned (clients missing, or rejected by the update guard, which
+            # leaves fewer hostile ones too): tolerate as many as this round's count allows.
+            byzantine = (k - 3) // 2
+            if byzantine < 0:
+                raise ValueError(f"Krum needs at least 3 updates, got {k}")
+            log.warning("Krum: %d updates tolerate %d Byzantine clients, not %d", k, byzantine, self.byzantine)
+        if self.select > k - byzantine:
+            raise ValueError(f"Krum cannot select {self.select} of {k} updates with {byzantine} Byzantine")
+        flat = torch.stack([torch.cat([u[n].to(torch.float64).reshape(-1) for n, ref in self._global.items()
+                                       if ref.is_floating_point()]) for u in self._updates])
+        distances = torch.cdist(flat, flat).pow(2)
+        neighbours = k - byzantine - 2
+        # Each row's smallest entry is its zero distance to itself: skip it.
+        scores = distances.sort(dim=1).values[:, 1:neighbours + 1].sum(dim=1)
+        self.chosen = scores.argsort()[:self.select].tolist()
+        self._updates = [self._updates[i] for i in self.chosen]
+        return super().finish()
+
+    def _combine(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.mean(dim=0)
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
+              "median": CoordinateMedian, "trimmed_mean": TrimmedMean, "krum": Krum}
 
 
 def build_strategy(name: str, **params) -> Strategy:
@@ -173,4 +297,8 @@ def build_strategy(name: str, **params) -> Strategy:
         return FedProx(mu=params.get("prox_mu", 0.01))
     if cls is FedAvgM:
         return FedAvgM(server_lr=params.get("server_lr", 1.0), momentum=params.get("momentum", 0.9))
+    if cls is TrimmedMean:
+        return TrimmedMean(trim_fraction=params.get("trim_fraction", 0.2))
+    if cls is Krum:
+        return Krum(byzantine=params.get("krum_byzantine", 1), select=params.get("krum_select", 1))
     return cls()

@@ -24,10 +24,19 @@ class RunConfig:
     cvae_lr: float = 1e-3
     classifier_lr: float = 1e-3
     classifier_momentum: float = 0.5
-    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm
+    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | median | trimmed_mean | krum
     prox_mu: float = 0.01  # FedProx proximal weight
     fedavgm_lr: float = 1.0  # FedAvgM server learning rate
     fedavgm_momentum: float = 0.9  # FedAvgM server momentum
+    trim_fraction: float = 0.2  # trimmed mean: share of values dropped at each end
+    krum_byzantine: int = 1  # Krum: Byzantine clients tolerated
+    krum_select: int = 1  # Krum: updates averaged (1: Krum, more: multi-Krum)
+    # Hostile-client bounds (genfl_server/guard.py); none of them binds on an honest run.
+    max_update_norm: float | None = None  # bound on ||w_client - w_global||
+    update_norm_factor: float | None = 10.0  # adaptive bound: factor x the round's median distance
+    clip_updates: bool = False  # beyond max_update_norm: clip the step instead of rejecting the update
+    max_client_samples: int | None = 60_000  # training samples one client may register
+    max_client_weight_share: float | None = 0.5  # FedAvg weight share of one client (from 3 clients)
     # Server-side synthetic data
     synthetic_samples: int = 60_000
     cas_epochs: int = 20

@@ -47,8 +47,9 @@ def atomic_write(path: Path, mode: str = "w", permissions: int = 0o666) -> Itera
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON, pretty-printed, keys sorted, written atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    """Strict JSON (NaN or Inf raise ValueError: other JSON readers refuse them), pretty-printed,
+    keys sorted, written atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
     with atomic_write(path) as f:
         f.write(text)
 
