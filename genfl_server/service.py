@@ -14,10 +14,10 @@ from genfl_shared.codec import (TRANSPORT_OPTIONS, CodecError, PayloadAssembler,
                                  state_dict_nbytes)
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .metrics import ServerMetrics
-from .security import TokenAuthenticator, bearer_token
 
 log = logging.getLogger(__name__)
 

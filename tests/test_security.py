@@ -24,9 +24,9 @@ from genfl_client.cli import _credentials, _read_token
 from genfl_server.cli import _security
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
-from genfl_server.security import (SecurityError, TokenAuthenticator, bearer_token, hash_token, load_tokens,
-                                   make_tokens, server_credentials)
 from genfl_server.service import FederatedLearningService, start_grpc_server
+from genfl_shared.security import (SecurityError, TokenAuthenticator, bearer_metadata, bearer_token, hash_token,
+                                   load_tokens, make_tokens, read_token_file, server_credentials)
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
@@ -251,6 +251,38 @@ def test_a_tokens_file_with_anything_but_hashes_is_refused(tmp_path, entry):
         _security(_opts(tokens_file=path))
 
 
+def test_the_documented_entry_point_runs_the_token_tools(tmp_path):
+    """README: ``python -m genfl_server.security make-tokens`` / ``hash-token`` (the tools live in
+    genfl_shared.security)."""
+    made = subprocess.run([sys.executable, "-m", "genfl_server.security", "make-tokens", "--clients", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60, env=_env())
+    assert made.returncode == 0, made.stderr
+    hashed = subprocess.run([sys.executable, "-m", "genfl_server.security", "hash-token",
+                             str(tmp_path / "client-000.token")], capture_output=True, text=True, timeout=60,
+                            env=_env())
+    assert hashed.returncode == 0, hashed.stderr
+    assert hashed.stdout.strip() == json.loads((tmp_path / "tokens.json").read_text())["client-000"]
+    usage = subprocess.run([sys.executable, "-m", "genfl_server.security", "--help"], capture_output=True,
+                           text=True, timeout=60, env=_env())
+    assert "python -m genfl_server.security" in usage.stdout
+
+
+def test_token_file_round_trips_through_bearer_metadata(tmp_path, caplog):
+    path = tmp_path / "client.token"
+    path.write_text("s3cret-token\n")
+    path.chmod(0o644)
+    token = read_token_file(path)
+    assert token == "s3cret-token"
+    assert "readable by others" in caplog.text  # and chmod 600 silences it
+    caplog.clear()
+    path.chmod(0o600)
+    assert read_token_file(path) == token and "readable by others" not in caplog.text
+    assert bearer_token(bearer_metadata(token)) == token
+    path.write_text("two tokens\n")
+    with pytest.raises(SecurityError, match="must hold one token"):
+        read_token_file(path)
+
+
 def test_bearer_token_parsing():
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("x-other", "1"), ("authorization", "bearer  abc ")]) == "abc"
@@ -272,7 +304,7 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
     stub = pb_grpc.FederatedLearningStub(channel)
 
     def auth(token):
-        return None if token is None else (("authorization", f"Bearer {token}"),)
+        return None if token is None else bearer_metadata(token)
 
     def rejected():
         return metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
