@@ -32,12 +32,17 @@ def free_port() -> int:
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, *, interval: float = 0.05,
-               details: Callable[[], str] | None = None) -> T:
+               details: Callable[[], str] | None = None,
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
     """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass
-    (AssertionError naming ``what``, followed by ``details()``, e.g. the processes' logs)."""
+    (AssertionError naming ``what``, followed by ``details()``, e.g. the processes' logs). An
+    exception in ``ignore`` (say, a port that does not answer yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except ignore:
+            value = None
         if value:
             return value
         if time.monotonic() >= deadline:

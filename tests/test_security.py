@@ -20,11 +20,11 @@ import grpc
 import pytest
 
 from conftest import dataset_dir
+from helpers import loopback_server, start_server
 from genfl_client.cli import _credentials, _read_token
 from genfl_server.cli import _security
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
-from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_shared.security import (SecurityError, TokenAuthenticator, bearer_metadata, bearer_token, hash_token,
                                    load_tokens, make_tokens, read_token_file, server_credentials)
 from genfl_shared.proto import genfl_pb2 as pb
@@ -98,14 +98,9 @@ class Processes:
 
     def server(self, *args: str) -> str:
         """Start the server; returns its address once it listens."""
-        out = self.dir / "run"
-        proc = self.start("server", "genfl_server.cli", *RUN, "--out", str(out), *args)
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while not (out / "endpoint.json").exists():
-            assert proc.poll() is None, f"server exited: {self.output('server')}"
-            assert time.monotonic() < deadline, "server did not start listening"
-            time.sleep(0.1)
-        return json.loads((out / "endpoint.json").read_text())["address"]
+        self.procs["server"], endpoint = start_server(self.dir / "run", *RUN, *args, log=self.dir / "server.log",
+                                                      env=_env(), timeout=PROCESS_TIMEOUT)
+        return endpoint["address"]
 
     def client(self, name: str, address: str, shard: Path, *args: str) -> subprocess.Popen:
         return self.start(name, "genfl_client.cli", "--server", address, "--shard", str(shard), "--threads", "1",
@@ -297,41 +292,38 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
     tokens = make_tokens(tmp_path, ["alice", "bob"])
     coordinator = Coordinator("run", expected_clients=2, dataset="mnist", poll_timeout=5)
     metrics = ServerMetrics()
-    service = FederatedLearningService(coordinator, metrics, authenticator=TokenAuthenticator.from_file(
-        tmp_path / "tokens.json"))
-    server, port, _ = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.FederatedLearningStub(channel)
+    authenticator = TokenAuthenticator.from_file(tmp_path / "tokens.json")
+    with loopback_server(coordinator, metrics, authenticator=authenticator) as (channel, _port):
+        stub = pb_grpc.FederatedLearningStub(channel)
 
-    def auth(token):
-        return None if token is None else bearer_metadata(token)
+        def auth(token):
+            return None if token is None else bearer_metadata(token)
 
-    def rejected():
-        return metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
-                                                 {"reason": "unauthenticated"}) or 0.0
+        def rejected():
+            return metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
+                                                     {"reason": "unauthenticated"}) or 0.0
 
-    def refused(call, *args, **kwargs):
-        before = rejected()
-        with pytest.raises(grpc.RpcError) as info:
-            result = call(*args, **kwargs)
-            if hasattr(result, "__next__"):
-                next(result)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
-        assert rejected() == before + 1
-        return info.value.details()
+        def refused(call, *args, **kwargs):
+            before = rejected()
+            with pytest.raises(grpc.RpcError) as info:
+                result = call(*args, **kwargs)
+                if hasattr(result, "__next__"):
+                    next(result)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            assert rejected() == before + 1
+            return info.value.details()
 
-    def register(token):
-        return stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=10, num_heldout_samples=5,
-                                                dataset="mnist"), timeout=10, metadata=auth(token))
+        def register(token):
+            return stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=10, num_heldout_samples=5,
+                                                    dataset="mnist"), timeout=10, metadata=auth(token))
 
-    def fetch(token):
-        return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice"), timeout=10,
-                              metadata=auth(token))
+        def fetch(token):
+            return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice"), timeout=10,
+                                  metadata=auth(token))
 
-    def submit(header, token):
-        return stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=10, metadata=auth(token))
+        def submit(header, token):
+            return stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=10, metadata=auth(token))
 
-    try:
         assert "requires a client token" in refused(register, None)
         assert "invalid token for client 'alice'" in refused(register, "guess")
         refused(register, tokens["bob"])
@@ -351,10 +343,6 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
         refused(submit, result, tokens["bob"])
         assert not batch.results
         assert submit(result, tokens["alice"]).accepted and task.task_id in batch.results
-    finally:
-        coordinator.shutdown()
-        channel.close()
-        server.stop(0).wait(5)
 
 
 # -- option checks ----------------------------------------------------------------------------------
