@@ -7,7 +7,6 @@ Not a benchmark itself. Every script imports it as ``_common`` (``python benchma
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -139,23 +138,6 @@ class ProcessGroup:
         self.stop_all()
 
 
-def wait_for_file(path: Path, timeout: float, procs: Sequence[subprocess.Popen] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before {path} appeared")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
-        time.sleep(0.02)
-
-
-def read_endpoint(out_dir: Path, timeout: float, procs: Sequence[subprocess.Popen] = ()) -> dict:
-    path = out_dir / "endpoint.json"
-    wait_for_file(path, timeout, procs)
-    return json.loads(path.read_text())
-
-
 def wait_all(procs: Sequence[subprocess.Popen], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     for proc in procs:
@@ -207,16 +189,6 @@ class CpuTracker:
 
     def snapshot(self) -> dict[int, float]:
         return dict(self.seconds)
-
-
-def round_records(metrics_path: Path) -> list[dict]:
-    records = []
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            if entry.get("event") == "round":
-                records.append(entry)
-    return records
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 import _common as c
+from genfl_shared.runfiles import METRICS_JSONL, round_events, wait_for_endpoint
 
 TARGET_MODELS = 3.0
 
@@ -145,7 +146,7 @@ def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = 
                                     "--clients", str(clients), "--local-epochs", "0",
                                     "--address", "127.0.0.1:0", "--out", str(out), "--threads", "1",
                                     "--log-level", "warning"], work / "server.log")
-    endpoint = c.read_endpoint(out, 60, [server])
+    endpoint = wait_for_endpoint(out, 60, [server])
     ctx = mp.get_context("spawn")
     gate, registered, errors = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
     downloaded, submit_gate = ctx.Value("i", 0), (ctx.Event() if split else None)
@@ -173,7 +174,7 @@ def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = 
         poller.start()
         started = time.perf_counter()
         gate.set()  # the 50th client registers: the round starts
-        metrics = out / "metrics.jsonl"
+        metrics = out / METRICS_JSONL
         deadline = time.monotonic() + 120
         broadcast_kb = None
         if split:
@@ -186,14 +187,14 @@ def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = 
             after_broadcast_kb = _status_kb(server.pid, "VmRSS")
             hwm_ok = _reset_hwm(server.pid) and hwm_ok
             submit_gate.set()
-        while not (metrics.exists() and c.round_records(metrics)):
+        while not round_events(metrics):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"the round did not finish\n{c.tail(work / 'server.log')}")
             time.sleep(0.005)
         round_kb_hwm = _status_kb(server.pid, "VmHWM") if hwm_ok else 0
         poller.stop()
         round_wall = time.perf_counter() - started
-        record = c.round_records(metrics)[0]
+        record = round_events(metrics)[0]
         c.wait_all([server], 60, "the server")
         for worker in workers:
             worker.join(30)

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 import _common as c
+from genfl_shared.runfiles import METRICS_JSONL, read_events, wait_for_endpoint
 
 PHASES = ("cvae", "classifier")
 
@@ -55,7 +56,7 @@ def run_direct(data_root: Path, clients: int, alpha: float, out: Path, procs: c.
                                     "--test-data", str(data_root), "--partition-info", str(shards / "partition.json"),
                                     "--address", "127.0.0.1:0", "--out", str(run), "--log-level", "warning"],
                          out / "server.log")
-    address = c.read_endpoint(run, 60, [server])["address"]
+    address = wait_for_endpoint(run, 60, [server])["address"]
     client_procs = [procs.start(f"client-{i}", [c.tool("genfl-client"), "--server", address, "--shard",
                                                 str(shards / f"client-{i:03d}.npz"), "--threads", "1",
                                                 "--log-level", "warning"], out / f"client-{i}.log")
@@ -89,7 +90,7 @@ def main(data_root: Path, clients: int, alpha: float, direct: bool, timeout: flo
         with c.ProcessGroup() as procs:
             (run_launch if use_launch else run_direct)(data_root, clients, alpha, tmp, procs, timeout)
         wall = time.perf_counter() - started
-        events = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
+        events = read_events(tmp / "run" / METRICS_JSONL)
         summary = json.loads((tmp / "run" / "summary.json").read_text())
     how = "genfl-launch" if use_launch else "partition/server/clients"
     print(f"  driven by {how}; {clients} clients, alpha {alpha}, preset quick", flush=True)

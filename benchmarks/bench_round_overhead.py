@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 import _common as c
+from genfl_shared.runfiles import METRICS_JSONL, round_events, wait_for_endpoint
 
 TARGET_SECONDS = 0.3
 
@@ -43,7 +44,7 @@ def run_phase(label: str, server_args: list[str], shards: Path, clients: int, ro
                                         "--rounds", str(rounds), "--local-epochs", "0", "--threads", "1",
                                         "--address", "127.0.0.1:0", "--out", str(out), "--log-level", "warning"],
                              work / f"{label}-server.log")
-        address = c.read_endpoint(out, 60, [server])["address"]
+        address = wait_for_endpoint(out, 60, [server])["address"]
         client_procs = [procs.start(f"client-{i}", [c.tool("genfl-client"), "--server", address,
                                                     "--shard", str(shards / f"client-{i:03d}.npz"),
                                                     "--threads", "1", "--log-level", "warning"],
@@ -51,12 +52,12 @@ def run_phase(label: str, server_args: list[str], shards: Path, clients: int, ro
                         for i in range(clients)]
         started = time.perf_counter()
         cpu = c.CpuTracker([server, *client_procs])
-        metrics = out / "metrics.jsonl"
+        metrics = out / METRICS_JSONL
         marks: dict[int, tuple[float, dict[int, float]]] = {}  # rounds done -> (time, CPU seconds)
 
         def mark() -> None:
             # CPU at the end of round 1 and of the last round: the steady state, without start-up.
-            done = len(c.round_records(metrics)) if metrics.exists() else 0
+            done = len(round_events(metrics))
             if done in (1, rounds) and done not in marks:
                 marks[done] = (time.perf_counter(), cpu.snapshot())
 
@@ -68,7 +69,7 @@ def run_phase(label: str, server_args: list[str], shards: Path, clients: int, ro
         if server.returncode != 0 or any(p.returncode != 0 for p in client_procs):
             raise RuntimeError(f"{label}: server exit {server.returncode}, client exits "
                                f"{[p.returncode for p in client_procs]}\n{c.tail(work / f'{label}-server.log')}")
-    records = c.round_records(metrics)
+    records = round_events(metrics)
     if len(records) != rounds:
         raise RuntimeError(f"{label}: {len(records)} round records, expected {rounds}")
     print(f"  {label}: {rounds} rounds, process start to exit {wall:.1f} s; per-round s: "

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
-import ssl
-import stat
 import sys
 import time
 from pathlib import Path
@@ -18,6 +14,7 @@ import torch
 
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
 from genfl_shared.partition import ShardError, load_shard
+from genfl_shared.security import SecurityError, SecurityOptionsError, channel_credentials, read_token_file
 
 from .executor import TaskExecutor
 from .metrics import ClientMetrics
@@ -101,59 +98,22 @@ def main(server, shard, client_id, device, threads, max_reconnect_seconds, ca, t
     sys.exit(code)
 
 
-def _no_password() -> bytes:  # an encrypted key must fail, never prompt on a terminal
-    return b""
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise click.BadParameter(f"cannot read {path}: {error.strerror or error}", param_hint=what) from None
-    if b"-----BEGIN " not in data:
-        raise click.BadParameter(f"{path} is not a PEM file (no '-----BEGIN' line)", param_hint=what)
-    return data
-
-
 def _credentials(ca: Path | None, cert: Path | None, key: Path | None,
                  server_name: str | None) -> grpc.ChannelCredentials | None:
     """TLS channel credentials from the options (checked with the ssl module), or None: plaintext."""
-    if (cert is None) != (key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    if ca is None and cert is None:
-        if server_name is not None:
-            raise click.UsageError("--tls-server-name needs TLS (--ca or --tls-cert)")
-        return None
-    ca_pem = cert_pem = key_pem = None
-    if ca is not None:
-        ca_pem = _read_pem(ca, "--ca")
-        try:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.load_verify_locations(cafile=str(ca))
-        except (ssl.SSLError, OSError, ValueError) as error:
-            raise click.BadParameter(f"{ca} is not a usable CA certificate: {error}", param_hint="--ca") from None
-    if cert is not None:
-        cert_pem, key_pem = _read_pem(cert, "--tls-cert"), _read_pem(key, "--tls-key")
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key), password=_no_password)
-        except (ssl.SSLError, OSError, ValueError) as error:
-            raise click.UsageError(f"--tls-cert {cert} and --tls-key {key} are unusable together (the key must "
-                                   f"be the certificate's, PEM, unencrypted): {error}") from None
-    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+    try:
+        return channel_credentials(ca, cert, key, server_name)
+    except SecurityOptionsError as error:
+        raise click.UsageError(str(error)) from None
+    except SecurityError as error:
+        raise click.BadParameter(str(error), param_hint="--ca / --tls-cert / --tls-key") from None
 
 
 def _read_token(path: Path) -> str:
     try:
-        token = path.read_text().strip()
-        mode = os.stat(path).st_mode
-    except (OSError, UnicodeDecodeError) as error:
-        raise click.BadParameter(f"cannot read {path}: {error}", param_hint="--token-file") from None
-    if not token or len(token) > 1024 or not re.fullmatch(r"[\x21-\x7e]+", token):
-        raise click.BadParameter(f"{path} must hold one token: 1-1024 visible ASCII characters",
-                                 param_hint="--token-file")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("token file %s is readable by others (mode %o); chmod 600 it", path, stat.S_IMODE(mode))
-    return token
+        return read_token_file(path)
+    except SecurityError as error:
+        raise click.BadParameter(str(error), param_hint="--token-file") from None
 
 
 if __name__ == "__main__":

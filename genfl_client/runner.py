@@ -20,6 +20,7 @@ from genfl_shared.cli import set_log_context
 from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.security import bearer_metadata
 
 from .executor import TaskError, TaskExecutor
 from .metrics import ClientMetrics
@@ -82,7 +83,7 @@ class ClientRunner:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         self.tls = credentials is not None
         # Sent with every RPC; the server checks it against the client id the request names.
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.metadata = bearer_metadata(token) if token else None
         self.channel = (grpc.secure_channel(server, credentials, options) if credentials
                         else grpc.insecure_channel(server, options))
         self.stub = pb_grpc.FederatedLearningStub(self.channel)

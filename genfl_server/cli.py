@@ -23,6 +23,7 @@ from genfl_shared.cli import log_format_option, log_level_option, option, setup_
 from genfl_shared.config import PRESETS, RunConfig
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError, load_dataset, to_float_images
 from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
+from genfl_shared.security import SecurityError, SecurityOptionsError, server_security
 
 from .coordinator import Coordinator, RegistrationTimeout
 from .engine import RoundEngine
@@ -31,7 +32,6 @@ from .metrics import ServerMetrics
 from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
 from .results import RunRecorder
 from .runstate import RunState, RunStateError
-from .security import SecurityError, TokenAuthenticator, server_credentials
 from .service import FederatedLearningService, ListenError, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
@@ -327,25 +327,12 @@ def _device_name(device: torch.device) -> str:
 
 def _security(opts):
     """(gRPC server credentials or None, TokenAuthenticator or None) from the security options."""
-    cert, key, client_ca = opts["tls_cert"], opts["tls_key"], opts["client_ca"]
-    if (cert is None) != (key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    if client_ca is not None and cert is None:
-        raise click.UsageError("--client-ca (mutual TLS) needs TLS: also pass --tls-cert and --tls-key")
-    credentials = authenticator = None
     try:
-        if cert is not None:
-            credentials = server_credentials(cert, key, client_ca)
-        if opts["tokens_file"] is not None:
-            authenticator = TokenAuthenticator.from_file(opts["tokens_file"])
+        return server_security(opts["tls_cert"], opts["tls_key"], opts["client_ca"], opts["tokens_file"])
+    except SecurityOptionsError as error:
+        raise click.UsageError(str(error)) from None
     except SecurityError as error:
         raise click.ClickException(str(error)) from None
-    if authenticator is not None:
-        log.info("client tokens required (%d clients in %s)", len(authenticator.client_ids), opts["tokens_file"])
-        if credentials is None:
-            log.warning("--tokens-file without TLS: tokens cross the network in plaintext; "
-                        "add --tls-cert/--tls-key")
-    return credentials, authenticator
 
 
 def _config(opts) -> RunConfig:

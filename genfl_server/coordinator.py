@@ -3,11 +3,14 @@ client holds, and which results are still awaited.
 
 The engine posts a batch of tasks (one per client) and waits; gRPC threads hand tasks to long-polling
 clients and feed results back into the batch. One condition variable wakes waiting pollers the
-moment a task is posted, so task delivery costs no polling interval.
+moment a task is posted (so task delivery costs no polling interval); one per batch wakes the engine
+as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
+one TaskTable, which alone decides whether a result is a duplicate or late.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
 import logging
@@ -78,58 +81,102 @@ class TaskResult:
 UpdateHook = Callable[[Task, int, Mapping[str, torch.Tensor]], None]
 
 
+class TaskState(enum.Enum):
+    """Where a task is in its life-cycle: PENDING -> DELIVERED -> DONE or CLOSED."""
+
+    PENDING = "pending"      # posted, not yet handed to its client
+    DELIVERED = "delivered"  # handed out at least once (and again on each poll until answered)
+    DONE = "done"            # a result was accepted: another one is a duplicate
+    CLOSED = "closed"        # withdrawn unanswered (deadline passed): a result now is late
+
+    @property
+    def open(self) -> bool:
+        return self in (TaskState.PENDING, TaskState.DELIVERED)
+
+
 class TaskBatch:
-    """The tasks of one step (a round's training, or an evaluation) and their results."""
+    """The tasks of one step (a round's training, or an evaluation) and their accepted results.
+
+    Its tasks' states live in the Coordinator's task table. The batch's own lock makes accepting a
+    result and folding its update in one step, and lets closing the batch wait for a fold under way
+    (so the engine never reads a half-folded aggregate), without holding up other clients' polls.
+    """
 
     def __init__(self, tasks: list[Task], *, template: Mapping[str, torch.Tensor] | None,
                  on_update: UpdateHook | None):
         self.tasks = {t.task_id: t for t in tasks}
         self.template = template
-        self._on_update = on_update
+        self.on_update = on_update
         self.results: dict[str, TaskResult] = {}
         self.failures: dict[str, str] = {}  # task_id -> the client's error: it could not run the task
-        self._cond = threading.Condition()
-        self.closed = False
+        self.completed = threading.Condition()  # the batch's lock; notified on every answer
 
-    def deliver(self, result: TaskResult, update: Mapping[str, torch.Tensor] | None) -> None:
-        """Record one result (and fold its update in) exactly once; raises Rejected otherwise."""
-        with self._cond:
-            task = result.task
-            self._check_open(task)
-            if update is not None and self._on_update is not None:
-                self._on_update(task, result.num_samples, update)
-            self.results[task.task_id] = result
-            self._cond.notify_all()
+    @property
+    def complete(self) -> bool:
+        """Every task answered: with a result, or with the client's error."""
+        return len(self.results) + len(self.failures) == len(self.tasks)
 
-    def fail(self, task: Task, message: str) -> None:
-        """Record that the client could not execute ``task`` (once, instead of a result)."""
-        with self._cond:
-            self._check_open(task)
-            self.failures[task.task_id] = message
-            self._cond.notify_all()
-
-    def _check_open(self, task: Task) -> None:
-        if self.closed:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
-                           f"task {task.task_id} (round {task.round}) closed before this result arrived")
-        if task.task_id in self.results or task.task_id in self.failures:
-            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
-                           f"a result for task {task.task_id} was already accepted")
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every task has a result or an error (True) or the timeout passes (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while len(self.results) + len(self.failures) < len(self.tasks):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+        """Block until every task is answered (True) or the timeout passes (False)."""
+        with self.completed:
+            return self.completed.wait_for(lambda: self.complete, timeout)
 
-    def close(self) -> None:
-        with self._cond:
-            self.closed = True
+
+class TaskTable:
+    """Every task of the run and its state: the one place that decides whether a result may still
+    be accepted (else duplicate, late or unknown). Callers hold the Coordinator's lock.
+
+    An open task is kept with its batch (and so its payload); a finished one only by id and state.
+    Lock order: a batch's lock before the Coordinator's.
+    """
+
+    def __init__(self):
+        self._states: dict[str, TaskState] = {}
+        self._open: dict[str, tuple[Task, TaskBatch]] = {}
+        self._current: dict[str, Task] = {}  # client_id -> the open task it must do now
+
+    def post(self, batch: TaskBatch) -> None:
+        for task in batch.tasks.values():
+            self._states[task.task_id] = TaskState.PENDING
+            self._open[task.task_id] = (task, batch)
+            self._current[task.client_id] = task
+
+    def current(self, client_id: str) -> Task | None:
+        """The open task the client must do now, or None."""
+        return self._current.get(client_id)
+
+    def hand_out(self, client_id: str) -> Task | None:
+        """The client's current task, marked delivered (the caller sends it), or None."""
+        task = self._current.get(client_id)
+        if task is not None:
+            self._states[task.task_id] = TaskState.DELIVERED
+        return task
+
+    def accepting(self, task_id: str) -> tuple[Task, TaskBatch]:
+        """The open task ``task_id`` and its batch; raises Rejected when a result for it cannot be
+        accepted (any more)."""
+        state = self._states.get(task_id)
+        if state is TaskState.DONE:
+            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
+                           f"a result for task {task_id} was already accepted")
+        if state is TaskState.CLOSED:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
+                           f"task {task_id} closed before this result arrived")
+        if state is None:
+            raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_task", f"no task {task_id!r} was handed out")
+        return self._open[task_id]
+
+    def settle(self, task: Task, state: TaskState) -> None:
+        """End an open task's life: DONE (result accepted) or CLOSED (withdrawn unanswered)."""
+        assert not state.open and self._states[task.task_id].open, (task.task_id, state)
+        self._states[task.task_id] = state
+        del self._open[task.task_id]
+        if self._current.get(task.client_id) is task:
+            del self._current[task.client_id]
+
+    def state(self, task_id: str) -> TaskState | None:
+        return self._states.get(task_id)
 
 
 class Coordinator:
@@ -141,11 +188,9 @@ class Coordinator:
         self.dataset = dataset
         self.poll_timeout = poll_timeout
         self.clients: dict[str, ClientInfo] = {}
-        self._pending: dict[str, Task] = {}              # client_id -> task it must do now
-        self._open: dict[str, tuple[Task, TaskBatch]] = {}  # task_id -> (task, batch)
-        self._finished: set[str] = set()                  # task ids with an accepted result
-        self._closed: set[str] = set()                    # task ids whose batch closed unanswered
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # registrations, posted tasks, shutdown
+        self._tasks = TaskTable()
         self._task_ids = itertools.count(1)
         self._shutdown: pb.TaskHeader | None = None
         self.shutdown_delivered: set[str] = set()
@@ -182,14 +227,10 @@ class Coordinator:
         return info
 
     def wait_for_clients(self, timeout: float | None) -> list[ClientInfo]:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self.clients) < self.expected_clients:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise RegistrationTimeout(f"only {len(self.clients)} of {self.expected_clients} clients "
-                                              f"registered within {timeout:g} s")
-                self._cond.wait(remaining)
+            if not self._cond.wait_for(lambda: len(self.clients) >= self.expected_clients, timeout):
+                raise RegistrationTimeout(f"only {len(self.clients)} of {self.expected_clients} clients "
+                                          f"registered within {timeout:g} s")
             self.started = True
             return sorted(self.clients.values(), key=lambda c: c.client_id)
 
@@ -216,40 +257,34 @@ class Coordinator:
         """Post one task per client and wake their pollers at once."""
         batch = TaskBatch(tasks, template=template, on_update=on_update)
         with self._cond:
-            for task in tasks:
-                self._pending[task.client_id] = task
-                self._open[task.task_id] = (task, batch)
+            self._tasks.post(batch)
             self._cond.notify_all()
         return batch
 
     def close(self, batch: TaskBatch) -> None:
         """Withdraw a batch's unanswered tasks (deadline passed): their results will count as late."""
-        batch.close()
-        with self._cond:
-            for task_id, task in batch.tasks.items():
-                if self._open.pop(task_id, None) is not None:
-                    self._closed.add(task_id)
-                if self._pending.get(task.client_id) is task:
-                    del self._pending[task.client_id]
+        with batch.completed, self._lock:
+            for task in batch.tasks.values():
+                if self._tasks.state(task.task_id).open:
+                    self._tasks.settle(task, TaskState.CLOSED)
+
+    def task_state(self, task_id: str) -> TaskState | None:
+        """Where task ``task_id`` is in its life-cycle (None: no such task was posted)."""
+        with self._lock:
+            return self._tasks.state(task_id)
 
     def next_task(self, client_id: str, timeout: float, is_active: Callable[[], bool] = lambda: True
                   ) -> Task | pb.TaskHeader | None:
         """The client's current task (re-delivered until answered), the shutdown header, or None
         when nothing came within ``timeout``."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while True:
-                if self._shutdown is not None:
-                    self.shutdown_delivered.add(client_id)
-                    self._cond.notify_all()
-                    return self._shutdown
-                task = self._pending.get(client_id)
-                if task is not None:
-                    return task
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not is_active():
-                    return None
-                self._cond.wait(remaining)
+            self._cond.wait_for(lambda: (self._shutdown is not None or self._tasks.current(client_id) is not None
+                                         or not is_active()), timeout)
+            if self._shutdown is not None:
+                self.shutdown_delivered.add(client_id)
+                self._cond.notify_all()
+                return self._shutdown
+            return self._tasks.hand_out(client_id)
 
     def wake(self) -> None:
         with self._cond:
@@ -259,18 +294,8 @@ class Coordinator:
         """Match a result header to the task it answers; raise Rejected with the precise reason."""
         self.check_run(header.run_id)
         info = self.client(header.client_id)
-        with self._cond:
-            entry = self._open.get(header.task_id)
-            if entry is None:
-                if header.task_id in self._finished:
-                    raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
-                                   f"a result for task {header.task_id} was already accepted")
-                if header.task_id in self._closed:
-                    raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
-                                   f"task {header.task_id} closed before this result arrived")
-                raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_task",
-                               f"no task {header.task_id!r} was handed out")
-        task, batch = entry
+        with self._lock:
+            task, batch = self._tasks.accepting(header.task_id)
         if task.client_id != header.client_id:
             raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "wrong_client",
                            f"task {task.task_id} belongs to another client")
@@ -293,21 +318,30 @@ class Coordinator:
 
     def finish(self, result: TaskResult, batch: TaskBatch,
                update: Mapping[str, torch.Tensor] | None) -> None:
-        batch.deliver(result, update)
-        self._retire(result.task)
+        """Accept one result (and fold its update in) exactly once; raises Rejected when the task
+        was answered or closed since ``open_task`` (the upload takes a while)."""
+        task = result.task
+        with batch.completed:
+            with self._lock:
+                self._tasks.accepting(task.task_id)
+            # Folded under the batch's lock only, so other clients' polls do not wait for it; the
+            # task cannot be settled meanwhile, as settling a batch's task takes the batch's lock.
+            if update is not None and batch.on_update is not None:
+                batch.on_update(task, result.num_samples, update)
+            batch.results[task.task_id] = result
+            with self._lock:
+                self._tasks.settle(task, TaskState.DONE)
+            batch.completed.notify_all()
 
     def fail(self, task: Task, batch: TaskBatch, message: str) -> None:
-        """The client reported that it cannot execute ``task``: the task is answered (not
-        re-delivered), and the batch counts it as failed."""
-        batch.fail(task, message)
-        self._retire(task)
-
-    def _retire(self, task: Task) -> None:
-        with self._cond:
-            self._open.pop(task.task_id, None)
-            self._finished.add(task.task_id)
-            if self._pending.get(task.client_id) is task:
-                del self._pending[task.client_id]
+        """The client reported that it cannot execute ``task``: the task is answered (not handed
+        out again, a second answer is a duplicate), and the batch counts it as failed."""
+        with batch.completed:
+            with self._lock:
+                self._tasks.accepting(task.task_id)
+                self._tasks.settle(task, TaskState.DONE)
+            batch.failures[task.task_id] = message
+            batch.completed.notify_all()
 
     # -- end of run ---------------------------------------------------------------------------
     def shutdown(self, *, failed: bool = False, reason: str = "") -> None:
@@ -319,11 +353,5 @@ class Coordinator:
 
     def wait_shutdown_delivered(self, timeout: float) -> bool:
         """Give every registered client the chance to hear that the run is over."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while not set(self.clients) <= self.shutdown_delivered:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            return self._cond.wait_for(lambda: set(self.clients) <= self.shutdown_delivered, timeout)

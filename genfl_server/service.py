@@ -15,11 +15,11 @@ from genfl_shared.codec import (TRANSPORT_OPTIONS, CodecError, PayloadAssembler,
                                  state_dict_nbytes)
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .guard import validated_metrics
 from .metrics import ServerMetrics
-from .security import TokenAuthenticator, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def task_frame(index: int, data: bytes) -> bytes:
 def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
-SERVICE_NAME = "genfl.v1.FederatedLearning"
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
+SERVICE_NAME = _SERVICE.full_name  # genfl.v1.FederatedLearning
 
 _CODEC_STATUS = {
     "digest_mismatch": grpc.StatusCode.DATA_LOSS,
@@ -254,6 +256,42 @@ def _check_listen_address(address: str) -> None:
     raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror or error)}")
 
 
+def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated registration's handler table, except that FetchTask also passes pre-serialized
+    frames (``task_frame``) through; written out, so :func:`check_serves_every_method` guards it."""
+    return {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            service.Register, request_deserializer=pb.RegisterRequest.FromString,
+            response_serializer=pb.RegisterReply.SerializeToString),
+        "FetchTask": grpc.unary_stream_rpc_method_handler(
+            service.FetchTask, request_deserializer=pb.FetchTaskRequest.FromString,
+            response_serializer=_serialize_task_message),
+        "SubmitResult": grpc.stream_unary_rpc_method_handler(
+            service.SubmitResult, request_deserializer=pb.ResultMessage.FromString,
+            response_serializer=pb.SubmitReply.SerializeToString),
+    }
+
+
+class UnservedMethodError(RuntimeError):
+    """The handler table and the proto's service disagree: an RPC would go unserved (UNIMPLEMENTED)."""
+
+
+def check_serves_every_method(handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Raise UnservedMethodError unless ``handlers`` serves exactly the methods of the proto's
+    service, each with the proto's streaming kind."""
+    methods = {m.name: m for m in _SERVICE.methods}
+    problems = [f"{name} is not served" for name in sorted(methods.keys() - handlers.keys())]
+    problems += [f"{name} is not in the proto" for name in sorted(handlers.keys() - methods.keys())]
+    for name in sorted(methods.keys() & handlers.keys()):
+        method, handler = methods[name], handlers[name]
+        if (handler.request_streaming, handler.response_streaming) != (method.client_streaming,
+                                                                       method.server_streaming):
+            problems.append(f"{name} is served with other streaming than the proto declares")
+    if problems:
+        raise UnservedMethodError(f"the handlers of {SERVICE_NAME} do not match proto/genfl.proto: "
+                                  + "; ".join(problems))
+
+
 def start_grpc_server(service: FederatedLearningService, address: str, *, max_workers: int,
                       credentials: grpc.ServerCredentials | None = None
                       ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -276,18 +314,8 @@ def start_grpc_server(service: FederatedLearningService, address: str, *, max_wo
             ("grpc.so_reuseport", 0),
         ],
     )
-    # The generated registration, except that FetchTask also passes pre-serialized frames through.
-    handlers = {
-        "Register": grpc.unary_unary_rpc_method_handler(
-            service.Register, request_deserializer=pb.RegisterRequest.FromString,
-            response_serializer=pb.RegisterReply.SerializeToString),
-        "FetchTask": grpc.unary_stream_rpc_method_handler(
-            service.FetchTask, request_deserializer=pb.FetchTaskRequest.FromString,
-            response_serializer=_serialize_task_message),
-        "SubmitResult": grpc.stream_unary_rpc_method_handler(
-            service.SubmitResult, request_deserializer=pb.ResultMessage.FromString,
-            response_serializer=pb.SubmitReply.SerializeToString),
-    }
+    handlers = method_handlers(service)
+    check_serves_every_method(handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

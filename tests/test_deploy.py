@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from genfl_shared.partition import shard_file_name
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -379,12 +379,6 @@ def test_entrypoint_once_client_idles_and_forwards_sigterm(stubs):
         assert "genfl-client got TERM" in log.read_text()
     finally:
         proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_health_helper_probe_and_idle():

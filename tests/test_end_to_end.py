@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import dataset_dir
+from genfl_shared.runfiles import METRICS_JSONL, read_events
+from helpers import free_port, start_server, wait_until
 
 SUMMARY_FIELDS = {"dataset", "alpha", "clients", "seed", "pretrain", "cas", "cas_federated", "rounds", "final"}
 ROUND_FIELDS = {"phase", "round", "weighted_client_accuracy", "test_accuracy", "train_loss", "seconds"}
@@ -53,7 +55,7 @@ def test_summary_has_every_field(full_run):
     assert 0 <= summary["cas"] <= 1 and 0 <= summary["cas_federated"] <= 1
     assert {"weighted_client_accuracy", "test_accuracy"} <= summary["final"].keys()
     # metrics.jsonl has one line per round, plus the server-side steps
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_events(out / METRICS_JSONL)
     assert sum(e["event"] == "round" for e in events) == 6
     assert {"synthetic", "cas", "pretrain"} <= {e["event"] for e in events}
 
@@ -92,14 +94,6 @@ def test_client_exits_nonzero_for_a_corrupt_shard(tmp_path):
     assert result.returncode != 0 and "client-000.npz" in result.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_client_waits_for_a_late_server_then_fails_cleanly_on_the_wrong_dataset(tmp_path, data_root):
     """The client keeps retrying while the server is down; once up, the server refuses its dataset
     and the client exits non-zero with the server's reason."""
@@ -107,7 +101,7 @@ def test_client_waits_for_a_late_server_then_fails_cleanly_on_the_wrong_dataset(
     part = run_cli("genfl_shared.partition_cli", "--dataset", "mnist", "--data-root", str(data_root("mnist")),
                    "--clients", "1", "--iid", "--train-subset", "200", "--seed", "0", "--out", str(shards))
     assert part.returncode == 0, part.stderr
-    port = _free_port()
+    port = free_port()
     client = subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", f"127.0.0.1:{port}",
                                "--shard", str(shards / "client-000.npz")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -161,9 +155,10 @@ def test_ctrl_c_stops_every_child(tmp_path, data_root):
             children |= _children(launch.pid)
             time.sleep(0.2)
         assert len(children) == 3, "launcher did not start a server and 2 clients"
-        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-            assert time.monotonic() < deadline and launch.poll() is None
-            time.sleep(0.2)  # wait until rounds are running
+        # Wait until rounds are running.
+        wait_until(lambda: read_events(tmp_path / METRICS_JSONL) or launch.poll() is not None,
+                   deadline - time.monotonic(), "the first round", interval=0.2)
+        assert launch.poll() is None
         launch.send_signal(signal.SIGINT)
         output, _ = launch.communicate(timeout=30)
         assert launch.returncode == 130, output
@@ -183,17 +178,11 @@ def test_fedprox_and_fedavgm_runs_complete(tmp_path, data_root):
     assert part.returncode == 0, part.stderr
     for strategy, extra in (("fedprox", ["--prox-mu", "0.1"]), ("fedavgm", ["--fedavgm-momentum", "0.5"])):
         out = tmp_path / strategy
-        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--rounds", "2",
-                                   "--clients", "2", "--address", "127.0.0.1:0", "--out", str(out),
-                                   "--strategy", strategy, *extra], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)
+        server, endpoint = start_server(out, "--phase", "cvae", "--rounds", "2", "--clients", "2", "--address",
+                                        "127.0.0.1:0", "--strategy", strategy, *extra)
         clients = []
         try:
-            deadline = time.monotonic() + 60
-            while not (out / "endpoint.json").exists():
-                assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.1)
-            address = json.loads((out / "endpoint.json").read_text())["address"]
+            address = endpoint["address"]
             clients = [subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
                                          str(shards / f"client-00{i}.npz"), "--threads", "1"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for i in range(2)]

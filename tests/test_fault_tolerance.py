@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import dataset_dir
+from helpers import run_rounds, start_server, wait_until
 
 CLIENTS = 4
 ROUNDS = 6
-
-
-def _events(path):
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [e for e in events if e.get("event") == "round"]
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_path):
@@ -43,12 +21,10 @@ def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_
                           capture_output=True, text=True, timeout=120)
     assert part.returncode == 0, part.stderr
     out = tmp_path / "run"
-    server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--clients",
-                               str(CLIENTS), "--rounds", str(ROUNDS), "--address", "127.0.0.1:0", "--out", str(out),
-                               "--round-timeout", "6", "--min-fit-clients", "3"],
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
-    _wait(lambda: (out / "endpoint.json").exists(), 60, "the server to listen")
-    address = json.loads((out / "endpoint.json").read_text())["address"]
+    server, endpoint = start_server(out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(ROUNDS),
+                                    "--address", "127.0.0.1:0", "--round-timeout", "6", "--min-fit-clients", "3",
+                                    log=tmp_path / "server.log")
+    address = endpoint["address"]
 
     def start_client(i):
         return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
@@ -58,13 +34,12 @@ def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_
     clients = [start_client(i) for i in range(CLIENTS)]
     victim = CLIENTS - 1
     try:
-        metrics = out / "metrics.jsonl"
-        _wait(lambda: len(_events(metrics)) >= 1, 120, "round 1")
+        wait_until(lambda: len(run_rounds(out)) >= 1, 120, "round 1", interval=0.1)
         clients[victim].send_signal(signal.SIGKILL)
         clients[victim].wait()
         # A round completes without the victim once the deadline passes (3 of 4 >= min-fit-clients).
-        _wait(lambda: any(e["clients"] == CLIENTS - 1 for e in _events(metrics)), 60,
-              "a round aggregated without the killed client")
+        wait_until(lambda: any(e["clients"] == CLIENTS - 1 for e in run_rounds(out)), 60,
+                   "a round aggregated without the killed client", interval=0.1)
         clients[victim] = start_client(victim)  # comes back under the same identity
         assert server.wait(180) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
@@ -73,7 +48,7 @@ def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    rounds = _events(out / "metrics.jsonl")
+    rounds = run_rounds(out)
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert rounds[0]["clients"] == CLIENTS
     assert any(r["clients"] == CLIENTS - 1 for r in rounds)

@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import random
-import subprocess
-import sys
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -28,7 +26,6 @@ from hypothesis import strategies as st
 
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
-from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_server.strategy import FedAvg
 from genfl_shared.codec import (CHUNK_SIZE, DTYPES, MAX_MESSAGE_BYTES, CodecError, PayloadAssembler, check_matches_template,
                                 decode_payload, encode_state_dict, state_dict_nbytes)
@@ -36,6 +33,7 @@ from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TrainTask
+from helpers import loopback_server, run_rounds, start_server
 
 
 def fuzz_settings(max_examples: int) -> settings:
@@ -549,26 +547,17 @@ def cvae_template():
 
 
 @contextmanager
-def loopback_server():
+def fuzzed_server():
+    """(coordinator, metrics, channel) of a two-client run served on loopback."""
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=0.5)
     metrics = ServerMetrics()
-    service = FederatedLearningService(coordinator, metrics)
-    server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    try:
-        grpc.channel_ready_future(channel).result(timeout=10)
+    with loopback_server(coordinator, metrics) as (channel, _port):
         yield coordinator, metrics, channel
-    finally:
-        coordinator.shutdown(reason="test over")
-        channel.close()
-        stopped = server.stop(grace=1).wait(10)
-    assert stopped, "the gRPC server did not stop within 10 s of stop(grace=1)"
 
 
 def test_loopback_server_survives_fuzzed_rpcs(cvae_template):
     template = cvae_template
-    with loopback_server() as (coordinator, metrics, channel):
+    with fuzzed_server() as (coordinator, metrics, channel):
         stub = pb_grpc.FederatedLearningStub(channel)
         for cid, (train, heldout) in SAMPLES.items():
             stub.Register(pb.RegisterRequest(client_id=cid, num_train_samples=train, num_heldout_samples=heldout,
@@ -629,7 +618,7 @@ def test_result_aborted_by_an_unparsable_trailing_message_is_not_accepted():
     failed), and the server must still stop promptly: a handler that returns normally on such a
     call could leave grpc's server.stop() waiting, in about half of the runs, for ever."""
     template = {"w": torch.zeros(4)}
-    with loopback_server() as (coordinator, _metrics, channel):
+    with fuzzed_server() as (coordinator, _metrics, channel):
         stub = pb_grpc.FederatedLearningStub(channel)
         for cid, (train, heldout) in SAMPLES.items():
             stub.Register(pb.RegisterRequest(client_id=cid, num_train_samples=train, num_heldout_samples=heldout,
@@ -661,19 +650,11 @@ def test_result_aborted_by_an_unparsable_trailing_message_is_not_accepted():
 def test_server_process_survives_fuzz_and_completes_its_run(tmp_path, cvae_template):
     out = tmp_path / "run"
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--clients", "1", "--phase", "cvae",
-                                   "--rounds", "1", "--address", "127.0.0.1:0", "--out", str(out),
-                                   "--register-timeout", "60", "--local-epochs", "1"],
-                                  stdout=log_file, stderr=subprocess.STDOUT)
+    server, endpoint = start_server(out, "--clients", "1", "--phase", "cvae", "--rounds", "1", "--address",
+                                    "127.0.0.1:0", "--register-timeout", "60", "--local-epochs", "1", log=log_path)
     channel = None
     try:
-        deadline = time.monotonic() + 60
-        while not (out / "endpoint.json").exists():
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not listen within 60 s"
-            time.sleep(0.1)
-        address = json.loads((out / "endpoint.json").read_text())["address"]
+        address = endpoint["address"]
         channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         grpc.channel_ready_future(channel).result(timeout=20)
         stub = pb_grpc.FederatedLearningStub(channel)
@@ -714,8 +695,7 @@ def test_server_process_survives_fuzz_and_completes_its_run(tmp_path, cvae_templ
             assert final.type == pb.TASK_TYPE_IDLE and time.monotonic() < deadline, final
         assert json.loads(final.config_json)["status"] == "completed"
         assert server.wait(60) == 0, log_path.read_text()[-3000:]
-        rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rounds if r.get("event") == "round"] == [1]
+        assert [r["round"] for r in run_rounds(out)] == [1]
     finally:
         if channel is not None:
             channel.close()

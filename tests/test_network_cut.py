@@ -9,17 +9,16 @@ instead of skipping it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import dataset_dir
+from helpers import run_rounds, start_server, wait_until
 
 CLIENTS = 2
 ROUNDS = 5
@@ -105,29 +104,6 @@ class CutLab:
         return problems
 
 
-def _rounds(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rounds = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line being written
-        if event.get("event") == "round":
-            rounds.append(event)
-    return rounds
-
-
-def _wait(predicate, deadline: Deadline, cap: float, what: str, logs) -> None:
-    end = time.monotonic() + deadline.left(cap)
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n{logs()}")
-
-
 def test_client_link_cut_mid_round_then_restored_run_finishes(tmp_path):
     deadline = Deadline(TEST_DEADLINE)
     link = CutLab(CLIENTS)
@@ -149,17 +125,12 @@ def test_client_link_cut_mid_round_then_restored_run_finishes(tmp_path):
         out = tmp_path / "run"
         # 0.0.0.0: the server answers on every host-side veth address; the clients can reach nothing
         # but their own link, so all their traffic crosses it.
-        with open(log_paths[0], "w") as server_log:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--clients", str(CLIENTS),
-                 "--rounds", str(ROUNDS), "--address", "0.0.0.0:0", "--out", str(out), "--local-epochs", "2",
-                 "--round-timeout", "20", "--min-fit-clients", "1", "--register-timeout", "60"],
-                stdout=server_log, stderr=subprocess.STDOUT))
-        server = procs[0]
-        _wait(lambda: (out / "endpoint.json").exists() or server.poll() is not None, deadline, 60,
-              "the server to listen", logs)
-        assert server.poll() is None, logs()
-        port = json.loads((out / "endpoint.json").read_text())["port"]
+        server, endpoint = start_server(
+            out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--address", "0.0.0.0:0",
+            "--local-epochs", "2", "--round-timeout", "20", "--min-fit-clients", "1", "--register-timeout", "60",
+            log=log_paths[0], timeout=deadline.left(60))
+        procs.append(server)
+        port = endpoint["port"]
 
         for i in range(CLIENTS):
             with open(log_paths[1 + i], "w") as client_log:
@@ -170,17 +141,15 @@ def test_client_link_cut_mid_round_then_restored_run_finishes(tmp_path):
                     stdout=client_log, stderr=subprocess.STDOUT))
         clients = procs[1:]
 
-        metrics = out / "metrics.jsonl"
-        _wait(lambda: len(_rounds(metrics)) >= 1, deadline, 60, "round 1", logs)
-        first = _rounds(metrics)[0]
+        first = wait_until(lambda: run_rounds(out), deadline.left(60), "round 1", details=logs)[0]
         assert sorted(first["per_client"]) == [f"client-00{i}" for i in range(CLIENTS)], first
         # Round 2 is under way: cut the last client's link, then restore it.
         victim = CLIENTS - 1
         link.set_host_link(victim, "down")
-        cut_at = len(_rounds(metrics))
+        cut_at = len(run_rounds(out))
         time.sleep(CUT_SECONDS)
         link.set_host_link(victim, "up")
-        restored_at = len(_rounds(metrics))
+        restored_at = len(run_rounds(out))
         assert all(p.poll() is None for p in procs), "a process died during the cut\n" + logs()
 
         assert server.wait(deadline.left(90)) == 0, logs()
@@ -194,7 +163,7 @@ def test_client_link_cut_mid_round_then_restored_run_finishes(tmp_path):
         problems = link.destroy()
     assert not problems, f"test network not fully removed: {problems}"
 
-    rounds = _rounds(out / "metrics.jsonl")
+    rounds = run_rounds(out)
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)), rounds
     assert cut_at < ROUNDS, "the run ended before the cut: nothing was tested"
     victim_id = f"client-00{victim}"

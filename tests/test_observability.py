@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,15 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import dataset_dir
+from helpers import free_port, wait_until
 
 ROUNDS = 2
 CLIENTS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5) -> str:
@@ -34,16 +27,8 @@ def http_get(url: str, timeout: float = 5) -> str:
 
 
 def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError, grpc.RpcError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Wait for an endpoint that may not answer yet (refused, not found, not parsed)."""
+    return wait_until(predicate, timeout, what, interval=0.2, ignore=(OSError, ValueError, KeyError, grpc.RpcError))
 
 
 def require(tool: str) -> str:

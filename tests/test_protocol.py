@@ -17,15 +17,17 @@ import grpc
 import pytest
 import torch
 
-from genfl_server.coordinator import Coordinator
+from genfl_server.coordinator import Coordinator, Rejected, TaskResult, TaskState
 from genfl_server.metrics import ServerMetrics
-from genfl_server.service import FederatedLearningService, start_grpc_server
+from genfl_server.service import (SERVICE_NAME, FederatedLearningService, UnservedMethodError,
+                                  check_serves_every_method, method_handlers)
 from genfl_server.strategy import FedAvg
-from genfl_shared.codec import CHUNK_SIZE, MAX_MESSAGE_BYTES, PayloadAssembler, encode_state_dict
+from genfl_shared.codec import CHUNK_SIZE, PayloadAssembler, encode_state_dict
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TrainTask
+from helpers import loopback_server, wait_until
 
 RUN_ID = "run-test"
 DATASET = "mnist"
@@ -54,17 +56,8 @@ class Server:
 def server():
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=POLL_TIMEOUT)
     metrics = ServerMetrics()
-    service = FederatedLearningService(coordinator, metrics)
-    grpc_server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    try:
-        grpc.channel_ready_future(channel).result(timeout=10)
+    with loopback_server(coordinator, metrics) as (channel, port):
         yield Server(coordinator, metrics, pb_grpc.FederatedLearningStub(channel), port)
-    finally:
-        coordinator.shutdown(reason="test over")  # releases any poll still waiting
-        channel.close()
-        grpc_server.stop(grace=1).wait(5)
 
 
 # -- hand-made client helpers ---------------------------------------------------------------------
@@ -132,13 +125,6 @@ def perturbed(state, seed: int, scale: float = 0.01):
             for k, v in state.items()}
 
 
-def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 class Poller(threading.Thread):
     """A FetchTask running in the background, started before the server has anything to send."""
 
@@ -164,7 +150,7 @@ def start_poller(srv: Server, client_id: str) -> Poller:
     poller = Poller(srv.stub, client_id)
     poller.start()
     # The poll is open on the server (counted as connected) and then waiting on the condition.
-    wait_until(lambda: srv.sample("genfl_clients_connected") >= 1)
+    wait_until(lambda: srv.sample("genfl_clients_connected") >= 1, 5.0, "the poll to arrive", interval=0.01)
     time.sleep(0.2)
     assert poller.outcome is None, "the poll must be waiting before anything is dispatched"
     return poller
@@ -405,3 +391,106 @@ def test_shutdown_releases_a_waiting_poll(server: Server):
     header, _, seconds = fetch(server.stub, "bob")  # later polls hear it at once
     assert header.type == pb.TASK_TYPE_SHUTDOWN and seconds < PROMPT
     assert server.coordinator.wait_shutdown_delivered(1.0)
+
+
+# -- one task life-cycle ----------------------------------------------------------------------------
+
+def test_task_life_cycle_decides_duplicate_and_late_in_one_place():
+    """pending -> delivered -> done or closed; a result that passed open_task is still refused when
+    its task was answered or closed during the upload, with the same status as an immediate one."""
+    coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=0.1)
+    for cid, (train, heldout) in SAMPLES.items():
+        coordinator.register(pb.RegisterRequest(client_id=cid, num_train_samples=train,
+                                                num_heldout_samples=heldout, dataset=DATASET))
+    folded = []
+    tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, {}, None) for cid in SAMPLES]
+    batch = coordinator.dispatch(tasks, template={}, on_update=lambda task, n, _u: folded.append(task.client_id))
+    alice, bob = tasks
+    assert coordinator.task_state(alice.task_id) is TaskState.PENDING
+    assert coordinator.next_task("alice", 0.1) is alice
+    assert coordinator.task_state(alice.task_id) is TaskState.DELIVERED
+    assert coordinator.next_task("alice", 0.1) is alice  # re-delivered until answered
+
+    def header(task):
+        return pb.ResultHeader(run_id=RUN_ID, task_id=task.task_id, client_id=task.client_id, phase="cvae",
+                               round=1, type=pb.TASK_TYPE_TRAIN, num_samples=10)
+
+    def refused(call, *args):
+        with pytest.raises(Rejected) as info:
+            call(*args)
+        return info.value.code, info.value.reason
+
+    # Two uploads of alice's result pass open_task; the first accepted makes the second a duplicate.
+    first, second = coordinator.open_task(header(alice)), coordinator.open_task(header(alice))
+    coordinator.finish(TaskResult(alice, 10, {}), first[1], {"w": torch.zeros(1)})
+    assert coordinator.task_state(alice.task_id) is TaskState.DONE
+    duplicate = (grpc.StatusCode.ALREADY_EXISTS, "duplicate")
+    assert refused(coordinator.finish, TaskResult(alice, 10, {}), second[1], {"w": torch.zeros(1)}) == duplicate
+    assert refused(coordinator.open_task, header(alice)) == duplicate
+    assert coordinator.next_task("alice", 0.1) is None  # nothing left to do
+    # Bob's upload passes open_task, then the deadline closes the batch: late, and never folded.
+    _, bob_batch = coordinator.open_task(header(bob))
+    assert not batch.wait(0.05)
+    coordinator.close(batch)
+    assert coordinator.task_state(bob.task_id) is TaskState.CLOSED
+    assert coordinator.task_state(alice.task_id) is TaskState.DONE  # an answered task stays answered
+    late = (grpc.StatusCode.FAILED_PRECONDITION, "late")
+    assert refused(coordinator.finish, TaskResult(bob, 10, {}), bob_batch, {"w": torch.zeros(1)}) == late
+    assert refused(coordinator.open_task, header(bob)) == late
+    assert folded == ["alice"] and list(batch.results) == [alice.task_id]
+    assert coordinator.next_task("bob", 0.1) is None
+    unknown = header(bob)
+    unknown.task_id = "never-handed-out"
+    assert refused(coordinator.open_task, unknown) == (grpc.StatusCode.NOT_FOUND, "unknown_task")
+
+
+# -- every RPC of the proto is served ---------------------------------------------------------------
+
+def _handlers() -> dict:
+    coordinator = Coordinator(RUN_ID, expected_clients=1, dataset=DATASET)
+    return method_handlers(FederatedLearningService(coordinator, ServerMetrics()))
+
+
+def test_the_handler_table_serves_every_method_of_the_proto():
+    proto_methods = {m.name for m in pb.DESCRIPTOR.services_by_name["FederatedLearning"].methods}
+    assert set(_handlers()) == proto_methods
+    check_serves_every_method(_handlers())  # what start_grpc_server checks before it serves
+
+
+@pytest.mark.parametrize("method", ["Register", "FetchTask", "SubmitResult"])
+def test_a_method_left_unserved_stops_the_start(method):
+    handlers = _handlers()
+    del handlers[method]
+    with pytest.raises(UnservedMethodError, match=f"{method} is not served"):
+        check_serves_every_method(handlers)
+
+
+def test_a_method_served_with_the_wrong_streaming_stops_the_start():
+    handlers = _handlers()
+    fetch_task = handlers["FetchTask"]
+    handlers["FetchTask"] = grpc.unary_unary_rpc_method_handler(fetch_task.unary_stream)
+    with pytest.raises(UnservedMethodError, match="FetchTask is served with other streaming"):
+        check_serves_every_method(handlers)
+    handlers = dict(_handlers(), Extra=fetch_task)
+    with pytest.raises(UnservedMethodError, match="Extra is not in the proto"):
+        check_serves_every_method(handlers)
+
+
+def test_no_method_of_the_proto_answers_unimplemented(server: Server):
+    """Every method of the proto's service, called on a real server with an empty request, gets a
+    real answer or a refusal, never UNIMPLEMENTED (an RPC added to the proto but not served)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    for method in pb.DESCRIPTOR.services_by_name["FederatedLearning"].methods:
+        path = f"/{SERVICE_NAME}/{method.name}"
+        kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
+            (method.client_streaming, method.server_streaming)]
+        call = kind(path, request_serializer=None, response_deserializer=None)
+        request = iter([b""]) if method.client_streaming else b""
+        try:
+            reply = call(request, timeout=RPC_TIMEOUT)
+            if method.server_streaming:
+                list(reply)
+        except grpc.RpcError as error:
+            assert error.code() != grpc.StatusCode.UNIMPLEMENTED, f"{method.name} is not served"
+    channel.close()

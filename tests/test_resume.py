@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from conftest import dataset_dir
+from helpers import free_port, run_rounds, wait_until
 
 CLIENTS = 2
 SERVER_ARGS = ["--phase", "all", "--clients", str(CLIENTS), "--cvae-rounds", "2", "--classifier-rounds", "3",
@@ -22,20 +22,8 @@ SERVER_ARGS = ["--phase", "all", "--clients", str(CLIENTS), "--cvae-rounds", "2"
                "--deterministic", "--threads", "1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rounds(path):
-    events = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [(e["phase"], e["round"]) for e in events if e.get("event") == "round"]
+def _rounds(out):
+    return [(e["phase"], e["round"]) for e in run_rounds(out)]
 
 
 def _spawn(log, *args):
@@ -43,7 +31,7 @@ def _spawn(log, *args):
 
 
 def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
-    out, port = tmp_path / name, _free_port()
+    out, port = tmp_path / name, free_port()
     address = f"127.0.0.1:{port}"
     server_cmd = ["genfl_server.cli", *SERVER_ARGS, "--strategy", strategy, "--address", address, "--out", str(out)]
     server = _spawn(tmp_path / f"{name}-server.log", *server_cmd)
@@ -52,10 +40,9 @@ def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
     procs = [server, *clients]
     try:
         if kill_after is not None:
-            deadline = time.monotonic() + 240
-            while kill_after not in _rounds(out / "metrics.jsonl"):
-                assert time.monotonic() < deadline and server.poll() is None, "run did not get far enough"
-                time.sleep(0.05)
+            wait_until(lambda: kill_after in _rounds(out) or server.poll() is not None, 240,
+                       f"{kill_after} to be recorded")
+            assert server.poll() is None, "the server exited before the run got far enough"
             server.send_signal(signal.SIGKILL)
             server.wait()
             time.sleep(1.0)  # the clients notice and start retrying
@@ -91,7 +78,7 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
     expected = [("cvae", 1), ("cvae", 2), ("classifier", 1), ("classifier", 2), ("classifier", 3)]
-    assert _rounds(resumed / "metrics.jsonl") == expected
+    assert _rounds(resumed) == expected
     summary = json.loads((resumed / "summary.json").read_text())
     assert [(r["phase"], r["round"]) for r in summary["rounds"]] == expected
     ref_summary = json.loads((reference / "summary.json").read_text())

@@ -20,13 +20,13 @@ import grpc
 import pytest
 
 from conftest import dataset_dir
+from helpers import loopback_server, start_server
 from genfl_client.cli import _credentials, _read_token
 from genfl_server.cli import _security
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
-from genfl_server.security import (SecurityError, TokenAuthenticator, bearer_token, hash_token, load_tokens,
-                                   make_tokens, server_credentials)
-from genfl_server.service import FederatedLearningService, start_grpc_server
+from genfl_shared.security import (SecurityError, TokenAuthenticator, bearer_metadata, bearer_token, hash_token,
+                                   load_tokens, make_tokens, read_token_file, server_credentials)
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask
@@ -99,14 +99,9 @@ class Processes:
 
     def server(self, *args: str) -> str:
         """Start the server; returns its address once it listens."""
-        out = self.dir / "run"
-        proc = self.start("server", "genfl_server.cli", *RUN, "--out", str(out), *args)
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while not (out / "endpoint.json").exists():
-            assert proc.poll() is None, f"server exited: {self.output('server')}"
-            assert time.monotonic() < deadline, "server did not start listening"
-            time.sleep(0.1)
-        return json.loads((out / "endpoint.json").read_text())["address"]
+        self.procs["server"], endpoint = start_server(self.dir / "run", *RUN, *args, log=self.dir / "server.log",
+                                                      env=_env(), timeout=PROCESS_TIMEOUT)
+        return endpoint["address"]
 
     def client(self, name: str, address: str, shard: Path, *args: str) -> subprocess.Popen:
         return self.start(name, "genfl_client.cli", "--server", address, "--shard", str(shard), "--threads", "1",
@@ -252,6 +247,38 @@ def test_a_tokens_file_with_anything_but_hashes_is_refused(tmp_path, entry):
         _security(_opts(tokens_file=path))
 
 
+def test_the_documented_entry_point_runs_the_token_tools(tmp_path):
+    """README: ``python -m genfl_server.security make-tokens`` / ``hash-token`` (the tools live in
+    genfl_shared.security)."""
+    made = subprocess.run([sys.executable, "-m", "genfl_server.security", "make-tokens", "--clients", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60, env=_env())
+    assert made.returncode == 0, made.stderr
+    hashed = subprocess.run([sys.executable, "-m", "genfl_server.security", "hash-token",
+                             str(tmp_path / "client-000.token")], capture_output=True, text=True, timeout=60,
+                            env=_env())
+    assert hashed.returncode == 0, hashed.stderr
+    assert hashed.stdout.strip() == json.loads((tmp_path / "tokens.json").read_text())["client-000"]
+    usage = subprocess.run([sys.executable, "-m", "genfl_server.security", "--help"], capture_output=True,
+                           text=True, timeout=60, env=_env())
+    assert "python -m genfl_server.security" in usage.stdout
+
+
+def test_token_file_round_trips_through_bearer_metadata(tmp_path, caplog):
+    path = tmp_path / "client.token"
+    path.write_text("s3cret-token\n")
+    path.chmod(0o644)
+    token = read_token_file(path)
+    assert token == "s3cret-token"
+    assert "readable by others" in caplog.text  # and chmod 600 silences it
+    caplog.clear()
+    path.chmod(0o600)
+    assert read_token_file(path) == token and "readable by others" not in caplog.text
+    assert bearer_token(bearer_metadata(token)) == token
+    path.write_text("two tokens\n")
+    with pytest.raises(SecurityError, match="must hold one token"):
+        read_token_file(path)
+
+
 def test_bearer_token_parsing():
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("x-other", "1"), ("authorization", "bearer  abc ")]) == "abc"
@@ -266,41 +293,38 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
     tokens = make_tokens(tmp_path, ["alice", "bob"])
     coordinator = Coordinator("run", expected_clients=2, dataset="mnist", poll_timeout=5)
     metrics = ServerMetrics()
-    service = FederatedLearningService(coordinator, metrics, authenticator=TokenAuthenticator.from_file(
-        tmp_path / "tokens.json"))
-    server, port, _ = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.FederatedLearningStub(channel)
+    authenticator = TokenAuthenticator.from_file(tmp_path / "tokens.json")
+    with loopback_server(coordinator, metrics, authenticator=authenticator) as (channel, _port):
+        stub = pb_grpc.FederatedLearningStub(channel)
 
-    def auth(token):
-        return None if token is None else (("authorization", f"Bearer {token}"),)
+        def auth(token):
+            return None if token is None else bearer_metadata(token)
 
-    def rejected():
-        return metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
-                                                 {"reason": "unauthenticated"}) or 0.0
+        def rejected():
+            return metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
+                                                     {"reason": "unauthenticated"}) or 0.0
 
-    def refused(call, *args, **kwargs):
-        before = rejected()
-        with pytest.raises(grpc.RpcError) as info:
-            result = call(*args, **kwargs)
-            if hasattr(result, "__next__"):
-                next(result)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
-        assert rejected() == before + 1
-        return info.value.details()
+        def refused(call, *args, **kwargs):
+            before = rejected()
+            with pytest.raises(grpc.RpcError) as info:
+                result = call(*args, **kwargs)
+                if hasattr(result, "__next__"):
+                    next(result)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            assert rejected() == before + 1
+            return info.value.details()
 
-    def register(token):
-        return stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=10, num_heldout_samples=5,
-                                                dataset="mnist"), timeout=10, metadata=auth(token))
+        def register(token):
+            return stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=10, num_heldout_samples=5,
+                                                    dataset="mnist"), timeout=10, metadata=auth(token))
 
-    def fetch(token):
-        return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice"), timeout=10,
-                              metadata=auth(token))
+        def fetch(token):
+            return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice"), timeout=10,
+                                  metadata=auth(token))
 
-    def submit(header, token):
-        return stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=10, metadata=auth(token))
+        def submit(header, token):
+            return stub.SubmitResult(iter([pb.ResultMessage(header=header)]), timeout=10, metadata=auth(token))
 
-    try:
         assert "requires a client token" in refused(register, None)
         assert "invalid token for client 'alice'" in refused(register, "guess")
         refused(register, tokens["bob"])
@@ -321,10 +345,6 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
         refused(submit, result, tokens["bob"])
         assert not batch.results
         assert submit(result, tokens["alice"]).accepted and task.task_id in batch.results
-    finally:
-        coordinator.shutdown()
-        channel.close()
-        server.stop(0).wait(5)
 
 
 # -- option checks ----------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from genfl_experiments.poster import POSTER
 from genfl_experiments.reports import fmt_pct, load_results, mean_std
 from genfl_experiments.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
 from genfl_shared.checkpoint import load_checkpoint
+from genfl_shared.runfiles import METRICS_JSONL, round_events
+from helpers import wait_until
 
 TINY = ["--clients", "2", "--train-subset", "600", "--rounds", "2", "--synthetic-samples", "200",
         "--cas-epochs", "1", "--pretrain-epochs", "1", "--server-threads", "1", "--log-level", "warning"]
@@ -145,8 +147,7 @@ def test_every_cell_is_a_real_run_with_its_own_server_and_clients(small_sweep):
     partition = json.loads((group / "shards" / "partition.json").read_text())
     expected = {c["client_id"]: c["num_heldout"] for c in partition["clients"]}
     for arm in ("pretrained", "baseline"):
-        first_round = next(json.loads(line) for line in (group / arm / "metrics.jsonl").read_text().splitlines()
-                           if '"event": "round"' in line)
+        first_round = round_events(group / arm / METRICS_JSONL)[0]
         assert {cid: m["samples"] for cid, m in first_round["per_client"].items()} == expected, arm
 
 
@@ -247,18 +248,14 @@ def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
             str(tmp_path), "--preset", "quick", "--alphas", "iid", "--repeats", "1", "--arms", "baseline",
             "--no-centralised", *TINY, "--classifier-rounds", "4", "--log-level", "info"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "runs" / "iid" / "seed0" / "baseline" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"event": "round"') >= 2:
-            break
-        time.sleep(0.2)
+    metrics = tmp_path / "runs" / "iid" / "seed0" / "baseline" / METRICS_JSONL
+    wait_until(lambda: len(round_events(metrics)) >= 2 or proc.poll() is not None, 300, "two rounds of the cell",
+               interval=0.2)
     assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    first = [json.loads(line) for line in metrics.read_text().splitlines()]
-    done = [e for e in first if e["event"] == "round"]
+    done = round_events(metrics)
     assert 2 <= len(done) < 4
     assert not (metrics.parent / "cell.json").exists()
 
