@@ -140,21 +140,16 @@ def test_server_gives_up_when_clients_do_not_register(tmp_path):
 
 # -- input files -----------------------------------------------------------------------------
 
-def test_server_partition_info_that_is_not_json(tmp_path):
-    info = tmp_path / "partition.json"
-    info.write_text("dataset: mnist\n")
-    result = server("--address", "127.0.0.1:0", "--partition-info", str(info), out=tmp_path / "run")
+@pytest.mark.parametrize("option, text, message", [
+    ("--partition-info", "dataset: mnist\n", "Error: --partition-info {path} is not a readable JSON file"),
+    ("--tokens-file", "client-000 secret\n", "Error: tokens file {path} is not JSON"),
+])
+def test_server_input_file_that_is_not_json(tmp_path, option, text, message):
+    path = tmp_path / "input.json"
+    path.write_text(text)
+    result = server("--address", "127.0.0.1:0", option, str(path), out=tmp_path / "run")
     assert result.returncode == EXIT_FAILED, result.stderr
-    assert f"Error: --partition-info {info} is not a readable JSON file" in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-
-
-def test_server_tokens_file_that_is_not_json(tmp_path):
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text("client-000 secret\n")
-    result = server("--address", "127.0.0.1:0", "--tokens-file", str(tokens), out=tmp_path / "run")
-    assert result.returncode == EXIT_FAILED, result.stderr
-    assert f"Error: tokens file {tokens} is not JSON" in result.stderr
+    assert message.format(path=path) in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 

@@ -28,7 +28,7 @@ from genfl_server.engine import RoundEngine, RoundFailed
 from genfl_server.metrics import ServerMetrics
 from genfl_server.phases import eval_task, train_task
 from genfl_server.results import RunRecorder
-from genfl_server.service import MAX_CLIENT_ERROR_CHARS, FederatedLearningService, start_grpc_server
+from genfl_server.service import MAX_CLIENT_ERROR_CHARS
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.config import PRESETS
 from genfl_shared.models import initial_state
@@ -36,6 +36,7 @@ from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_json
+from helpers import loopback_server
 
 TRAIN = dict(model="classifier", epochs=2, batch_size=16, optimizer="sgd", lr=0.01, sgd_momentum=0.5,
              binarize=False, prox_mu=0.1, deterministic=True, seed=12345)
@@ -179,31 +180,29 @@ def live(tmp_path):
     """A real gRPC server with a round engine, and one real client serving tasks in a thread."""
     coordinator = Coordinator("run-tasks", expected_clients=1, dataset="mnist", poll_timeout=5.0)
     metrics = ServerMetrics()
-    grpc_server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics),
-                                                   "127.0.0.1:0", max_workers=8)
     engine = RoundEngine(coordinator, metrics, RunRecorder(tmp_path, run_id="run-tasks"), seed=3,
                          round_timeout=120.0, round_retries=2)
     shard = _shard("alice")
-    runner = ClientRunner(f"127.0.0.1:{port}", "alice", TaskExecutor(shard, torch.device("cpu")),
-                          ClientMetrics("alice"), dataset="mnist")
     outcome: dict = {}
+    with loopback_server(coordinator, metrics) as (_channel, port):
+        runner = ClientRunner(f"127.0.0.1:{port}", "alice", TaskExecutor(shard, torch.device("cpu")),
+                              ClientMetrics("alice"), dataset="mnist")
 
-    def serve():
+        def serve():
+            try:
+                outcome["exit_code"] = runner.run()
+            except BaseException as error:  # surfaced by the test, not lost in the thread
+                outcome["error"] = error
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
         try:
-            outcome["exit_code"] = runner.run()
-        except BaseException as error:  # surfaced by the test, not lost in the thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        engine.wait_for_clients(timeout=30)
-        yield engine, metrics, shard, thread, outcome
-    finally:
-        coordinator.shutdown(failed=True, reason="test over")
-        thread.join(30)
-        runner.close()
-        grpc_server.stop(grace=1).wait(5)
+            engine.wait_for_clients(timeout=30)
+            yield engine, metrics, shard, thread, outcome
+        finally:
+            coordinator.shutdown(failed=True, reason="test over")
+            thread.join(30)
+            runner.close()
 
 
 def _task_errors(metrics: ServerMetrics) -> float:
@@ -249,19 +248,12 @@ def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(liv
 def bare(tmp_path):
     coordinator = Coordinator("run-wire", expected_clients=1, dataset="mnist", poll_timeout=5.0)
     metrics = ServerMetrics()
-    grpc_server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics),
-                                                   "127.0.0.1:0", max_workers=8)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.FederatedLearningStub(channel)
-    stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=40, num_heldout_samples=10,
-                                     dataset="mnist"), timeout=20)
-    coordinator.wait_for_clients(timeout=5)
-    try:
+    with loopback_server(coordinator, metrics) as (channel, _port):
+        stub = pb_grpc.FederatedLearningStub(channel)
+        stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=40, num_heldout_samples=10,
+                                         dataset="mnist"), timeout=20)
+        coordinator.wait_for_clients(timeout=5)
         yield coordinator, metrics, stub
-    finally:
-        coordinator.shutdown(reason="test over")
-        channel.close()
-        grpc_server.stop(grace=1).wait(5)
 
 
 def _train_batch(coordinator):
