@@ -1,36 +1,32 @@
-"""``genfl-server``: the aggregation server of one federated run."""
+"""``genfl-server``: the aggregation server of one federated run.
+
+``main`` resolves the options (``resolve_settings``: a new run's preset and options, or a resumed
+run's saved settings) and drives a ``ServerApp`` (app.py); the method itself is
+``phases.run_method``.
+"""
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import json
 import logging
-import os
-import platform
 import signal
 import sys
-import time
-import uuid
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
-import torch
+from click.core import ParameterSource
 
-from genfl_shared.checkpoint import CheckpointError, load_checkpoint
+from genfl_shared.checkpoint import CheckpointError
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, RunConfig
-from genfl_shared.data import DATASETS, load_dataset, to_float_images
-from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
+from genfl_shared.config import PRESETS, ROUNDS, RunConfig, SERVER_FIELDS, given_run_options, resolve_config, run_options
+from genfl_shared.data import DATASETS
 
-from .coordinator import Coordinator
-from .engine import RoundEngine
-from .metrics import ServerMetrics
-from .phases import PhaseContext, classifier_phase, cvae_phase, initial_state, synthetic_pretraining
-from .results import RunRecorder
+from .app import (PATH_SETTINGS, RESULT_SETTINGS, ServerApp, ServerSettings, configure_torch, new_run_state,
+                  read_partition_info, settings_from_saved)
 from .runstate import RunState, RunStateError
 from .security import SecurityError, TokenAuthenticator, server_credentials
-from .service import FederatedLearningService, set_health, start_grpc_server
 
 log = logging.getLogger("genfl_server")
 
@@ -59,19 +55,15 @@ def _on_signal(signum, _frame):
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
+@click.pass_context
 @option("--phase", type=click.Choice(["cvae", "classifier", "all"]), default="all",
         help="cvae: federated CVAE only; classifier: synthetic pre-training + federated classifier "
              "(needs a CVAE from --cvae-checkpoint unless --no-pretrain); all: both, same clients.")
 @option("--address", default="0.0.0.0:50051", help="host:port to listen on (port 0 picks a free port, "
         "written to OUT/endpoint.json).")
-@option("--clients", type=click.IntRange(1), default=None, help="Clients to wait for [preset: 10].")
-@option("--rounds", type=click.IntRange(0), default=None,
-        help="Rounds of each federated phase run (overrides both --cvae-rounds and --classifier-rounds).")
-@option("--cvae-rounds", type=click.IntRange(0), default=None, help="[preset: 20]")
-@option("--classifier-rounds", type=click.IntRange(0), default=None, help="[preset: 10]")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
-        help="Defaults for every setting below; explicit options override it.")
+        help="Defaults for every run setting; explicit options override it.")
 @option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
         help="Dataset of the run; clients holding another are refused. Needed with --test-data.")
 @option("--test-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -83,23 +75,6 @@ def _on_signal(signum, _frame):
 @option("--pretrained-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
         help="--phase classifier: start from this already pre-trained classifier (skips sampling, CAS "
         "and pre-training; genfl-sweep shares one pre-training between its arms).")
-@option("--pretrain/--no-pretrain", default=True, help="Pre-train the classifier on synthetic data "
-        "(--no-pretrain: the baseline, seeded random start).")
-@option("--local-epochs", type=click.IntRange(0), default=None, help="Local epochs per round [preset: 2].")
-@option("--batch-size", type=click.IntRange(1), default=None, help="Local batch size [preset: 32].")
-@option("--synthetic-samples", type=click.IntRange(10), default=None, help="[preset: 60000]")
-@option("--cas-epochs", type=click.IntRange(0), default=None,
-        help="Epochs of the CAS classifier on synthetic data; 0 skips CAS [preset: 20].")
-@option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: 5]")
-@option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm"]), default=None,
-        help="Aggregation: FedAvg, FedProx (clients add a proximal term) or FedAvgM (server momentum) "
-             "[preset: fedavg].")
-@option("--prox-mu", type=click.FloatRange(0), default=None, help="FedProx proximal weight mu [0.01].")
-@option("--fedavgm-momentum", type=click.FloatRange(0, 1), default=None, help="FedAvgM server momentum [0.9].")
-@option("--fedavgm-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-        help="FedAvgM server learning rate [1.0].")
-@option("--no-binarize", is_flag=True, default=False, help="Keep grey levels (the paper binarises at 0.5).")
-@option("--seed", type=int, default=0, help="Run seed: model init, client shuffling, synthetic data.")
 @option("--device", default="cpu", help="Torch device for server-side work (cpu, cuda, cuda:1).")
 @option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
 @option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -125,139 +100,131 @@ def _on_signal(signum, _frame):
 @option("--linger-seconds", type=click.FloatRange(0), default=0.0,
         help="Keep serving /metrics this long after the run ends, so Prometheus scrapes the final values.")
 @option("--run-id", default=None, help="Run identifier (default: random).")
-@option("--deterministic", is_flag=True, default=False,
-        help="Bit-reproducible runs: deterministic kernels and updates summed in client order (holds "
-             "a round's updates in memory). With fixed seeds, a resumed run ends with the same weights.")
 @option("--resume", is_flag=True, default=False,
-        help="Continue the interrupted run in --out from its last saved state (its settings are reused).")
+        help="Continue the interrupted run in --out from its last saved state. Every setting that "
+             "changes results is reused; giving one with another value is refused.")
+@run_options(ROUNDS, *SERVER_FIELDS)
 @log_level_option
 @log_format_option
-def main(**opts) -> None:
+def main(ctx: click.Context, **opts) -> None:
     """Run the aggregation server: wait for the clients, run the federated phases, write results."""
     setup_logging(opts["log_level"], opts["log_format"], "server")
     _limit_malloc_arenas()
+    explicit = {name for name in ctx.params
+                if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    settings, run_state = resolve_settings(opts, explicit)
     credentials, authenticator = _security(opts)
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
-    out: Path = opts["out"]
-    out.mkdir(parents=True, exist_ok=True)
-    if opts["resume"]:
-        # Everything about the run comes from its saved state; only where to listen comes from here.
-        try:
-            run_state = RunState.load(out)
-        except RunStateError as error:
-            raise click.ClickException(str(error)) from None
-        run_fields = run_state.progress["run"]
-        config = RunConfig(**run_fields["config"])
-        phase, dataset = run_fields["phase"], run_fields["dataset"]
-        log.info("resuming run in %s: %s", out, {k: v for k, v in run_state.progress["completed_rounds"].items()})
-    else:
-        config = _config(opts)
-        phase = opts["phase"]
-        if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretrain
-                                                          or opts["cvae_checkpoint"] is not None):
-            raise click.UsageError("--pretrained-checkpoint goes with --phase classifier, without "
-                                   "--no-pretrain and without --cvae-checkpoint")
-        if (phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None
-                and opts["pretrained_checkpoint"] is None):
-            raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
-                                   "or --pretrained-checkpoint (or use --phase all, or --no-pretrain)")
-        partition = json.loads(opts["partition_info"].read_text()) if opts["partition_info"] else {}
-        dataset = opts["dataset"] or partition.get("dataset")
-        # The data split is the partitioner's business; record what it did, not a preset's value.
-        config = dataclasses.replace(config, train_subset=partition.get("train_subset"))
-        run_fields = {"dataset": dataset, "alpha": partition.get("alpha"), "clients": config.clients,
-                      "seed": config.seed, "pretrain": config.pretrain, "phase": phase, "preset": opts["preset"],
-                      "config": config.to_dict()}
-        run_state = RunState.in_dir(out)
-        run_state.progress["run"] = run_fields
-        try:
-            if opts["pretrained_checkpoint"] is not None:
-                # synthetic_pretraining() finds it as if resumed after that step.
-                run_state.tensors["pretrained"] = load_checkpoint(opts["pretrained_checkpoint"], "classifier")
-                run_fields["pretrained_checkpoint"] = str(opts["pretrained_checkpoint"])
-            elif phase == "classifier" and config.pretrain:
-                run_state.tensors["cvae"] = load_checkpoint(opts["cvae_checkpoint"], "cvae")
-        except CheckpointError as error:
-            raise click.ClickException(str(error)) from None
-    if authenticator is not None and len(authenticator.client_ids) < config.clients:
+    if authenticator is not None and len(authenticator.client_ids) < settings.config.clients:
         raise click.ClickException(f"{opts['tokens_file']} holds tokens for {len(authenticator.client_ids)} "
-                                   f"clients, but the run waits for {config.clients}")
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
-        torch.use_deterministic_algorithms(True)
-    device = torch.device(opts["device"])
-    test_set = None
-    if opts["test_data"] is not None:
-        if dataset is None:
-            raise click.UsageError("--test-data needs --dataset (or --partition-info)")
-        images, labels = load_dataset(dataset, opts["test_data"], "test")
-        test_set = (to_float_images(images, binarize=config.binarize).to(device), labels.to(device))
-        log.info("test set: %d %s images from %s", len(labels), dataset, opts["test_data"])
-
-    metrics = ServerMetrics()
-    metrics_port = None
-    if opts["metrics_port"] is not None:
-        metrics_port = metrics.serve(opts["metrics_port"])
-        log.info("Prometheus metrics on :%d/metrics", metrics_port)
-    run_id = opts["run_id"] or uuid.uuid4().hex[:12]
-    coordinator = Coordinator(run_id, expected_clients=config.clients, dataset=dataset)
-    service = FederatedLearningService(coordinator, metrics, authenticator=authenticator)
-    server, port, health = start_grpc_server(service, opts["address"], max_workers=2 * config.clients + 16,
-                                             credentials=credentials)
-    set_health(health, serving=True)  # listening, with its data (test set, checkpoint) loaded
-    host = opts["address"].rsplit(":", 1)[0]
-    write_json_atomic(out / ENDPOINT_JSON, {"address": f"{host}:{port}", "port": port, "run_id": run_id,
-                                              "metrics_port": metrics_port})
-    log.info("run %s listening on %s:%d (%s%s) for %d clients", run_id, host, port,
-             "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext",
-             ", client tokens required" if authenticator else "", config.clients)
-
-    recorder = RunRecorder(out, run_id=run_id, device=str(device), device_name=_device_name(device), **run_fields)
-    if opts["resume"] and "recorder" in run_state.progress:
-        recorder.restore(run_state.progress["recorder"])
-    elif not opts["resume"]:
-        run_state.save(recorder_state=recorder.export())  # resumable from the very start
-    engine = RoundEngine(coordinator, metrics, recorder, seed=config.seed, round_timeout=opts["round_timeout"],
-                         min_clients=opts["min_fit_clients"], round_retries=opts["round_retries"],
-                         deterministic=config.deterministic)
-    ctx = PhaseContext(engine, recorder, metrics, config, out, device, test_set, run_state)
+                                   f"clients, but the run waits for {settings.config.clients}")
+    configure_torch(settings)
+    transport = "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext"
+    app = ServerApp(settings, run_state, credentials=credentials, authenticator=authenticator, transport=transport)
     signal.signal(signal.SIGTERM, _on_signal)
+    # Errors -> exit codes: here, and only here. A failed run has told its clients why (app.stop).
     failure = None
     try:
-        engine.wait_for_clients(opts["register_timeout"])
-        cvae_state = run_state.tensors.get("cvae")
-        if phase in ("cvae", "all"):
-            cvae_state = cvae_phase(ctx)
-        if phase in ("classifier", "all"):
-            start = synthetic_pretraining(ctx, cvae_state) if config.pretrain else initial_state("classifier",
-                                                                                                 config.seed)
-            classifier_phase(ctx, start)
-        summary = recorder.write_summary()
-        metrics.phase.state("done")
-        log.info("run %s complete; summary in %s", run_id, summary)
+        app.start()
+        app.run()
     except (Exception, KeyboardInterrupt, _Stopped) as error:
         failure = error
-        metrics.phase.state("failed")
-        log.error("run %s failed: %s", run_id, error, exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt)))
+        log.error("run %s failed: %s", app.run_id, error, exc_info=not isinstance(error, (_Stopped, KeyboardInterrupt)))
     finally:
-        set_health(health, serving=False)
-        coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
-        if not coordinator.wait_shutdown_delivered(timeout=10.0):
-            log.warning("not every client heard that the run ended")
-        server.stop(grace=2).wait(timeout=10)  # bounded: a stuck stream must not hang the exit
-        if opts["metrics_port"] is not None and opts["linger_seconds"]:
-            log.info("run over; serving /metrics for %.0f s more", opts["linger_seconds"])
-            time.sleep(opts["linger_seconds"])
+        app.stop(failure)
     if failure is not None:
         sys.exit(1)
 
 
-def _device_name(device: torch.device) -> str:
-    """What ran the server-side work, for reports (e.g. 'NVIDIA H100 80GB HBM3')."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+def resolve_settings(opts: dict[str, Any], explicit: set[str]) -> tuple[ServerSettings, RunState]:
+    """The run these options describe: a new one (preset + explicit options), or with --resume the
+    saved run in --out (an explicit option that changes results must then match the saved value)."""
+    opts = dict(opts)
+    given = given_run_options(opts)
+    out: Path = opts["out"].resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    changeable = {"address": opts["address"], "round_retries": opts["round_retries"],
+                  "register_timeout": opts["register_timeout"], "metrics_port": opts["metrics_port"],
+                  "linger_seconds": opts["linger_seconds"], "run_id": opts["run_id"]}
+    if opts["resume"]:
+        try:
+            run_state = RunState.load(out)
+        except RunStateError as error:
+            raise click.ClickException(str(error)) from None
+        saved = _saved_settings(run_state, opts, explicit)
+        _refuse_changes(saved, given, opts, explicit)
+        settings = settings_from_saved(saved, out=out, resume=True, **changeable)
+        log.info("resuming run in %s: %s", out, dict(run_state.progress["completed_rounds"]))
+        return settings, run_state
+    settings = _new_settings(opts, given, out, changeable)
+    try:
+        return settings, new_run_state(settings)
+    except CheckpointError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _server_option(opts: dict[str, Any], name: str) -> Any:
+    value = opts[name]
+    return value.resolve() if isinstance(value, Path) else value
+
+
+def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
+    config = resolve_config(opts["preset"], given)
+    phase = opts["phase"]
+    if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretrain
+                                                      or opts["cvae_checkpoint"] is not None):
+        raise click.UsageError("--pretrained-checkpoint goes with --phase classifier, without "
+                               "--no-pretrain and without --cvae-checkpoint")
+    if (phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None
+            and opts["pretrained_checkpoint"] is None):
+        raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
+                               "or --pretrained-checkpoint (or use --phase all, or --no-pretrain)")
+    partition = read_partition_info(opts["partition_info"])
+    dataset = opts["dataset"] or partition.get("dataset")
+    if opts["test_data"] is not None and dataset is None:
+        raise click.UsageError("--test-data needs --dataset (or --partition-info)")
+    # The data split is the partitioner's business; record what it did, not a preset's value.
+    config = replace(config, train_subset=partition.get("train_subset"))
+    paths = {name: _server_option(opts, name) for name in PATH_SETTINGS}
+    return ServerSettings(out=out, phase=phase, preset=opts["preset"], config=config, dataset=dataset,
+                          alpha=partition.get("alpha"), device=opts["device"], threads=opts["threads"],
+                          round_timeout=opts["round_timeout"], min_fit_clients=opts["min_fit_clients"],
+                          resume=False, **paths, **changeable)
+
+
+def _saved_settings(run_state: RunState, opts, explicit: set[str]) -> dict[str, Any]:
+    """The saved settings; a run state from before settings were saved holds only the run's
+    config, phase, dataset and preset: the rest then comes from this command line, as it used to."""
+    if "settings" in run_state.progress:
+        return dict(run_state.progress["settings"])
+    run = run_state.progress["run"]
+    saved = {name: _server_option(opts, name) for name in RESULT_SETTINGS if name in opts}
+    saved.update(phase=run["phase"], preset=run.get("preset", "paper"), dataset=run["dataset"],
+                 alpha=run.get("alpha"), config=run["config"],
+                 pretrained_checkpoint=run.get("pretrained_checkpoint"))
+    return {k: str(v) if isinstance(v, Path) else v for k, v in saved.items()}
+
+
+def _refuse_changes(saved: dict[str, Any], given: dict[str, Any], opts, explicit: set[str]) -> None:
+    """--resume continues the saved run: an option that changes results must not differ from it."""
+    config = RunConfig.from_dict(saved["config"])
+    conflicts = []
+    for name, value in given.items():
+        if value is None or name == "train_subset":
+            continue
+        fields = ("cvae_rounds", "classifier_rounds") if name == ROUNDS else (name,)
+        for field_name in fields:
+            if getattr(config, field_name) != value:
+                conflicts.append((name, value, getattr(config, field_name)))
+    for name in RESULT_SETTINGS:
+        if name in opts and name in explicit:
+            value = _server_option(opts, name)
+            value = str(value) if isinstance(value, Path) else value
+            if value != saved.get(name):
+                conflicts.append((name, value, saved.get(name)))
+    if conflicts:
+        name, value, old = conflicts[0]
+        raise click.UsageError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
+                               f"({old}); --resume reuses every setting that changes results: leave it out")
 
 
 def _security(opts):
@@ -282,22 +249,6 @@ def _security(opts):
                         "add --tls-cert/--tls-key")
     return credentials, authenticator
 
-
-def _config(opts) -> RunConfig:
-    preset = PRESETS[opts["preset"]]
-    rounds = opts["rounds"]
-    return preset.override(
-        clients=opts["clients"],
-        cvae_rounds=opts["cvae_rounds"] if opts["cvae_rounds"] is not None else rounds,
-        classifier_rounds=opts["classifier_rounds"] if opts["classifier_rounds"] is not None else rounds,
-        local_epochs=opts["local_epochs"], batch_size=opts["batch_size"],
-        synthetic_samples=opts["synthetic_samples"], cas_epochs=opts["cas_epochs"],
-        pretrain_epochs=opts["pretrain_epochs"], pretrain=opts["pretrain"],
-        binarize=False if opts["no_binarize"] else None, seed=opts["seed"],
-        deterministic=opts["deterministic"] or None,
-        strategy=opts["strategy"], prox_mu=opts["prox_mu"], fedavgm_momentum=opts["fedavgm_momentum"],
-        fedavgm_lr=opts["fedavgm_lr"],
-    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,19 @@ class Strategy(Protocol):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
+# name -> strategy class; every --strategy/--strategies choice list and label derives from it.
+STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(cls: type) -> type:
+    """Class decorator: make a strategy available by its ``name`` (with its ``label`` in reports).
+    The class builds itself from the run's settings with ``from_settings(**settings)``."""
+    if cls.name in STRATEGIES:
+        raise ValueError(f"strategy {cls.name!r} registered twice")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     # Float tensors sum in their own precision (float32 for these models: the rounding error of a
     # weighted mean of a few dozen float32 values is far below training noise, and it keeps the
@@ -42,12 +55,18 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float64
 
 
+@register_strategy
 class FedAvg:
     """FedAvg (McMahan et al. 2017): the sample-weighted mean of every state_dict entry,
     BatchNorm running statistics and counters included; integer entries stay integer."""
 
     name = "fedavg"
+    label = "FedAvg"
     client_config: dict = {}
+
+    @classmethod
+    def from_settings(cls, **settings) -> "FedAvg":
+        return cls()
 
     def __init__(self) -> None:
         self._sum: State | None = None
@@ -98,11 +117,17 @@ class FedAvg:
         return result
 
 
+@register_strategy
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020): FedAvg on the server; each client adds (mu/2)·||w - w_global||²
     to its local objective, which limits client drift on skewed data."""
 
     name = "fedprox"
+    label = "FedProx"
+
+    @classmethod
+    def from_settings(cls, *, prox_mu: float = 0.01, **_) -> "FedProx":
+        return cls(mu=prox_mu)
 
     def __init__(self, mu: float = 0.01) -> None:
         super().__init__()
@@ -111,6 +136,7 @@ class FedProx(FedAvg):
         self.client_config = {"prox_mu": mu}
 
 
+@register_strategy
 class FedAvgM(FedAvg):
     """FedAvgM (Hsu et al. 2019): server momentum on the FedAvg pseudo-gradient.
 
@@ -120,6 +146,11 @@ class FedAvgM(FedAvg):
     """
 
     name = "fedavgm"
+    label = "FedAvgM"
+
+    @classmethod
+    def from_settings(cls, *, fedavgm_lr: float = 1.0, fedavgm_momentum: float = 0.9, **_) -> "FedAvgM":
+        return cls(server_lr=fedavgm_lr, momentum=fedavgm_momentum)
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
@@ -151,17 +182,20 @@ class FedAvgM(FedAvg):
         return result
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM}
+def strategy_names() -> list[str]:
+    """Registered strategy names, in registration order (FedAvg first)."""
+    return list(STRATEGIES)
 
 
-def build_strategy(name: str, **params) -> Strategy:
-    """A strategy by name; ``params`` holds its settings (unused ones are ignored)."""
+def strategy_labels() -> dict[str, str]:
+    """{name: human-readable label}, e.g. {"fedavgm": "FedAvgM"}, in registration order."""
+    return {name: cls.label for name, cls in STRATEGIES.items()}
+
+
+def build_strategy(name: str, **settings) -> Strategy:
+    """A strategy by name; ``settings`` holds the run's strategy settings (unused ones are ignored)."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
-    if cls is FedProx:
-        return FedProx(mu=params.get("prox_mu", 0.01))
-    if cls is FedAvgM:
-        return FedAvgM(server_lr=params.get("server_lr", 1.0), momentum=params.get("momentum", 0.9))
-    return cls()
+    return cls.from_settings(**settings)
