@@ -20,7 +20,8 @@ from click.core import ParameterSource
 
 from genfl_shared.checkpoint import CheckpointError
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, ROUNDS, RunConfig, SERVER_FIELDS, given_run_options, resolve_config, run_options
+from genfl_shared.config import (PRESETS, ROUNDS, SERVER_FIELDS, RunConfig, given_run_options, option_tokens,
+                                 resolve_config, run_options)
 from genfl_shared.data import DATASETS
 
 from .app import (PATH_SETTINGS, RESULT_SETTINGS, ServerApp, ServerSettings, configure_torch, new_run_state,
@@ -150,7 +151,7 @@ def resolve_settings(opts: dict[str, Any], explicit: set[str]) -> tuple[ServerSe
             run_state = RunState.load(out)
         except RunStateError as error:
             raise click.ClickException(str(error)) from None
-        saved = _saved_settings(run_state, opts, explicit)
+        saved = _saved_settings(run_state, opts)
         _refuse_changes(saved, given, opts, explicit)
         settings = settings_from_saved(saved, out=out, resume=True, **changeable)
         log.info("resuming run in %s: %s", out, dict(run_state.progress["completed_rounds"]))
@@ -191,7 +192,7 @@ def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
                           resume=False, **paths, **changeable)
 
 
-def _saved_settings(run_state: RunState, opts, explicit: set[str]) -> dict[str, Any]:
+def _saved_settings(run_state: RunState, opts) -> dict[str, Any]:
     """The saved settings; a run state from before settings were saved holds only the run's
     config, phase, dataset and preset: the rest then comes from this command line, as it used to."""
     if "settings" in run_state.progress:
@@ -207,24 +208,25 @@ def _saved_settings(run_state: RunState, opts, explicit: set[str]) -> dict[str, 
 def _refuse_changes(saved: dict[str, Any], given: dict[str, Any], opts, explicit: set[str]) -> None:
     """--resume continues the saved run: an option that changes results must not differ from it."""
     config = RunConfig.from_dict(saved["config"])
-    conflicts = []
+    conflicts = []  # (the option as given, the saved value)
     for name, value in given.items():
-        if value is None or name == "train_subset":
+        if value is None:
             continue
-        fields = ("cvae_rounds", "classifier_rounds") if name == ROUNDS else (name,)
-        for field_name in fields:
-            if getattr(config, field_name) != value:
-                conflicts.append((name, value, getattr(config, field_name)))
+        if name == ROUNDS:
+            if (config.cvae_rounds, config.classifier_rounds) != (value, value):
+                conflicts.append((f"--rounds {value}", f"{config.cvae_rounds} and {config.classifier_rounds}"))
+        elif getattr(config, name) != value:
+            conflicts.append((" ".join(option_tokens(name, value)), " ".join(option_tokens(name, getattr(config, name)))))
     for name in RESULT_SETTINGS:
         if name in opts and name in explicit:
             value = _server_option(opts, name)
             value = str(value) if isinstance(value, Path) else value
             if value != saved.get(name):
-                conflicts.append((name, value, saved.get(name)))
+                conflicts.append((f"--{name.replace('_', '-')} {value}", saved.get(name)))
     if conflicts:
-        name, value, old = conflicts[0]
-        raise click.UsageError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
-                               f"({old}); --resume reuses every setting that changes results: leave it out")
+        given_text, saved_value = conflicts[0]
+        raise click.UsageError(f"{given_text} differs from the run being resumed ({saved_value}); --resume "
+                               "reuses every setting that changes results: leave it out")
 
 
 def _security(opts):
