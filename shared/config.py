@@ -64,8 +64,8 @@ class RunConfig:
     classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)
     sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", click.FloatRange(0),
                                    deprecated=("--classifier-momentum",))
-    strategy: str = _setting("fedavg", "Aggregation: FedAvg, FedProx (clients add a proximal term) or FedAvgM "
-                             "(server momentum).", _strategy_choice)
+    strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
+                             "each).", _strategy_choice)
     prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
     fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE)
     fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1))
@@ -204,8 +204,9 @@ def run_options(*names: str, preset_notes: bool = True) -> Callable:
         else:
             decorators.append(option(_flag(name), name, type=meta.click_type(), default=None, help=help_text))
         for old in meta.deprecated:
-            decorators.append(click.option(old, _deprecated_name(old), type=meta.click_type(), default=None,
-                                           hidden=True, help=f"Deprecated spelling of {_flag(name)}."))
+            # Also read from its old GENFL_* variable, so a stale container setting still works (and warns).
+            decorators.append(option(old, _deprecated_name(old), type=meta.click_type(), default=None,
+                                     hidden=True, help=f"Deprecated spelling of {_flag(name)}."))
 
     def apply(command):
         for decorator in reversed(decorators):

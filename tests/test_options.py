@@ -25,6 +25,7 @@ from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, RunConfig,
 COMMANDS = {"genfl-server": server_cli.main, "genfl-launch": launch.main, "genfl-sweep": sweep_cli.main,
             "genfl-centralised": centralised.main, "genfl-partition": partition_cli.main}
 RUN_OPTION_NAMES = RunConfig.field_names() | {ROUNDS}
+FIELD_HELP = {f.name: f.metadata["option"].help for f in dataclasses.fields(RunConfig)}
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
@@ -43,10 +44,8 @@ def test_every_cli_spells_each_run_option_the_same():
         for name, param in _run_params(command).items():
             seen.setdefault(name, {})[command_name] = _spelling(param)
             assert param.envvar == "GENFL_" + name.upper()
-            meta = dataclasses.fields(RunConfig)[[f.name for f in dataclasses.fields(RunConfig)].index(name)] \
-                if name != ROUNDS else None
-            if meta is not None:
-                assert param.help.startswith(meta.metadata["option"].help), (command_name, name)
+            if name != ROUNDS:
+                assert param.help.startswith(FIELD_HELP[name]), (command_name, name)
     for name, spellings in seen.items():
         assert len(set(spellings.values())) == 1, f"{name} differs between CLIs: {spellings}"
     # The options that had drifted are now shared by every CLI that takes them.
@@ -147,7 +146,7 @@ def test_sweep_servers_get_the_options_recorded_sweeps_were_run_with():
     assert [list(o) for o in PRESETS["quick"].to_options(FIXED_SERVER_FIELDS)] == recorded["server_options"]
 
 
-def test_deprecated_spellings_work_and_warn(tmp_path, capsys):
+def test_deprecated_spellings_work_and_warn(tmp_path, capsys, monkeypatch):
     settings, _ = _resolve(_server_context("--out", str(tmp_path), "--server-lr", "0.01",
                                            "--classifier-momentum", "0.25", "--server-batch-size", "64"))
     assert (settings.config.pretrain_lr, settings.config.sgd_momentum, settings.config.pretrain_batch_size) == \
@@ -156,6 +155,10 @@ def test_deprecated_spellings_work_and_warn(tmp_path, capsys):
     for old, new in (("--server-lr", "--pretrain-lr"), ("--classifier-momentum", "--sgd-momentum"),
                      ("--server-batch-size", "--pretrain-batch-size")):
         assert f"{old} is deprecated" in err and f"use {new}" in err
+    monkeypatch.setenv("GENFL_SERVER_LR", "0.02")  # a container's old variable
+    settings, _ = _resolve(_server_context("--out", str(tmp_path)))
+    assert settings.config.pretrain_lr == 0.02 and "--server-lr is deprecated" in capsys.readouterr().err
+    monkeypatch.delenv("GENFL_SERVER_LR")
     with pytest.raises(click.UsageError, match="same option"):
         given_run_options(dict(_server_context("--out", str(tmp_path), "--server-lr", "0.01",
                                                "--pretrain-lr", "0.02").params))
