@@ -48,7 +48,7 @@ def local_training(kind: str, state, x, y, seed: int, cfg):
                    seed=seed, device="cpu")
     else:
         train_classifier(model, x, y, epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                         lr=cfg.classifier_lr, momentum=cfg.classifier_momentum, seed=seed, device="cpu")
+                         lr=cfg.classifier_lr, momentum=cfg.sgd_momentum, seed=seed, device="cpu")
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

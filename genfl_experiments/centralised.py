@@ -9,7 +9,6 @@ then samples and scores exactly like the server (same sample count, CAS epochs, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, RunConfig
+from genfl_shared.config import PRESETS, RunConfig, given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError, load_dataset, to_float_images
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import HELDOUT_FRACTION, training_pool
@@ -30,6 +29,9 @@ from genfl_shared.training import evaluate_classifier, train_cvae
 
 
 log = logging.getLogger("genfl_centralised")
+
+# The run settings that shape the centralised reference (the rest keep the preset's values).
+CENTRALISED_FIELDS = ("train_subset", "cvae_rounds", "local_epochs", "synthetic_samples", "cas_epochs", "seed")
 
 
 def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
@@ -84,26 +86,17 @@ def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, de
 @option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
 @option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @option("--preset", type=click.Choice(sorted(PRESETS)), default="paper")
-@option("--train-subset", type=click.IntRange(0), default=None, help="Images to use (0: all) [preset].")
-@option("--cvae-rounds", type=click.IntRange(1), default=None, help="Epochs = rounds x local epochs [preset].")
-@option("--local-epochs", type=click.IntRange(1), default=None)
-@option("--synthetic-samples", type=click.IntRange(10), default=None)
-@option("--cas-epochs", type=click.IntRange(1), default=None)
-@option("--seed", type=int, default=0)
+@run_options(*CENTRALISED_FIELDS)
 @option("--device", default="cpu")
 @option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @log_level_option
-def main(dataset, data_root, preset, train_subset, cvae_rounds, local_epochs, synthetic_samples, cas_epochs,
-         seed, device, threads, out, log_level):
+def main(dataset, data_root, preset, device, threads, out, log_level, **run_settings):
     """Train a CVAE on all the training data in one place and score its samples (CAS)."""
     setup_logging(log_level, "text", "centralised")
     if threads:
         torch.set_num_threads(threads)
-    cfg = PRESETS[preset].override(cvae_rounds=cvae_rounds, local_epochs=local_epochs, seed=seed,
-                                   synthetic_samples=synthetic_samples, cas_epochs=cas_epochs)
-    if train_subset is not None:
-        cfg = dataclasses.replace(cfg, train_subset=train_subset or None)
+    cfg = resolve_config(preset, given_run_options(run_settings))
     try:
         run_centralised(dataset, data_root, cfg, out, torch.device(device))
     except (DatasetNotFoundError, DataFormatError) as error:

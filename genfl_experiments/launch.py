@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS
+from genfl_shared.config import PRESETS, ROUNDS, given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
@@ -30,6 +30,10 @@ from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, E
 
 
 log = logging.getLogger("genfl_launch")
+
+# The run settings genfl-launch takes (the rest keep the preset's values).
+LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples",
+                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic")
 
 
 class LaunchError(RuntimeError):
@@ -215,80 +219,61 @@ def comparison_table(pretrained: dict, baseline: dict) -> str:
 @option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
         help="Folder with the dataset's IDX files (or torchvision's layout).")
 @option("--download", is_flag=True, help="Download the dataset with torchvision if missing (needs a network).")
-@option("--clients", type=click.IntRange(1), default=None, help="Client processes [preset: 10].")
 @option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
         help="Dirichlet concentration of the label split (smaller: more skewed).")
 @option("--iid", is_flag=True, help="Equal random split instead of Dirichlet.")
-@option("--seed", type=int, default=0, help="Seed of the partition and the run.")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @option("--preset", type=click.Choice(sorted(PRESETS)), default="quick",
         help="quick: minutes on a 2-core CPU (README lists the reductions); paper: the poster's setup.")
 @option("--compare", is_flag=True, help="Train the CVAE once, then the classifier phase with and "
         "without pre-training on the same shards (OUT/pretrained, OUT/baseline).")
-@option("--no-pretrain", is_flag=True, help="Without --compare: run the baseline (no synthetic pre-training).")
-@option("--train-subset", type=click.IntRange(0), default=None,
-        help="Use this many training images (0: all) [preset: quick 10000, paper all].")
-@option("--rounds", type=click.IntRange(0), default=None, help="Rounds of each federated phase.")
-@option("--cvae-rounds", type=click.IntRange(0), default=None)
-@option("--classifier-rounds", type=click.IntRange(0), default=None)
-@option("--local-epochs", type=click.IntRange(0), default=None, help="[preset: 2]")
-@option("--synthetic-samples", type=click.IntRange(10), default=None, help="[preset: quick 10000, paper 60000]")
-@option("--cas-epochs", type=click.IntRange(0), default=None, help="[preset: quick 2, paper 20]")
-@option("--pretrain-epochs", type=click.IntRange(0), default=None, help="[preset: quick 3, paper 5]")
+@run_options("train_subset", ROUNDS, *LAUNCH_FIELDS)
 @option("--device", default="cpu", help="Torch device of the server and the clients.")
 @option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
 @option("--timeout", type=click.FloatRange(0), default=0, help="Give up on a stage after this many "
         "seconds (0: never).")
 @log_level_option
-def main(dataset, data_root, download, clients, alpha, iid, seed, out, preset, compare, no_pretrain,
-         train_subset, rounds, cvae_rounds, classifier_rounds, local_epochs, synthetic_samples, cas_epochs,
-         pretrain_epochs, device, client_threads, timeout, log_level):
+def main(dataset, data_root, download, alpha, iid, out, preset, compare, device, client_threads, timeout,
+         log_level, **run_settings):
     """Partition the data and run one server and K client processes on this machine."""
     setup_logging(log_level, "text", "launch")
     if (alpha is None) == (not iid):
         raise click.UsageError("give exactly one of --alpha and --iid")
-    config = PRESETS[preset].override(clients=clients)
-    subset = config.train_subset if train_subset is None else (train_subset or None)
+    config = resolve_config(preset, given_run_options(run_settings))
+    if compare and config.pretrain is False:
+        raise click.UsageError("--compare runs both arms; leave out --no-pretrain")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        partition_dataset(dataset, data_root, config.clients, None if iid else alpha, seed,
-                          out / "shards", train_subset=subset, download=download)
+        partition_dataset(dataset, data_root, config.clients, None if iid else alpha, config.seed,
+                          out / "shards", train_subset=config.train_subset, download=download)
     except (DatasetNotFoundError, DataFormatError, PartitionError) as error:
         raise click.ClickException(str(error)) from None
     shards = [out / "shards" / shard_file_name(i) for i in range(config.clients)]
     log.info("partitioned %s into %d shards (%s) in %s", dataset, config.clients,
              "IID" if iid else f"alpha={alpha}", out / "shards")
 
-    common = ["--preset", preset, "--clients", str(config.clients), "--seed", str(seed), "--device", device,
-              "--dataset", dataset, "--test-data", str(data_root),
-              "--partition-info", str(out / "shards" / "partition.json"), "--log-level", log_level]
-    for flag, value in (("--rounds", rounds), ("--cvae-rounds", cvae_rounds),
-                        ("--classifier-rounds", classifier_rounds), ("--local-epochs", local_epochs),
-                        ("--synthetic-samples", synthetic_samples), ("--cas-epochs", cas_epochs),
-                        ("--pretrain-epochs", pretrain_epochs)):
-        if value is not None:
-            common += [flag, str(value)]
-    n_cvae = cvae_rounds if cvae_rounds is not None else rounds if rounds is not None else config.cvae_rounds
-    n_cls = (classifier_rounds if classifier_rounds is not None else rounds if rounds is not None
-             else config.classifier_rounds)
+    def server_args(phase: str, **changes) -> list[str]:
+        return ["--preset", preset, "--phase", phase, "--device", device, "--dataset", dataset,
+                "--test-data", str(data_root), "--partition-info", str(out / "shards" / "partition.json"),
+                "--log-level", log_level, *replace(config, **changes).to_argv()]
+
+    n_cvae, n_cls = config.cvae_rounds, config.classifier_rounds
     launcher = Launcher(shards, client_args=["--device", device, "--threads", str(client_threads),
                                              "--log-level", log_level], timeout=timeout or None)
     started = time.monotonic()
     try:
         if compare:
-            launcher.run_stage(Stage("cvae", out / "cvae", common + ["--phase", "cvae"], n_cvae))
+            launcher.run_stage(Stage("cvae", out / "cvae", server_args("cvae"), n_cvae))
             checkpoint = out / "cvae" / "cvae.pt"
-            pretrained = launcher.run_stage(Stage("pretrained", out / "pretrained", common + [
-                "--phase", "classifier", "--cvae-checkpoint", str(checkpoint)], n_cls))
-            baseline = launcher.run_stage(Stage("baseline", out / "baseline", common + [
-                "--phase", "classifier", "--no-pretrain"], n_cls))
+            pretrained = launcher.run_stage(Stage("pretrained", out / "pretrained", server_args(
+                "classifier", pretrain=True) + ["--cvae-checkpoint", str(checkpoint)], n_cls))
+            baseline = launcher.run_stage(Stage("baseline", out / "baseline", server_args(
+                "classifier", pretrain=False), n_cls))
             click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.clients} clients, "
-                       f"preset {preset}, seed {seed}: weighted client accuracy per classifier round\n")
+                       f"preset {preset}, seed {config.seed}: weighted client accuracy per classifier round\n")
             click.echo(comparison_table(pretrained, baseline))
         else:
-            summary = launcher.run_stage(Stage("run", out, common + ["--phase", "all"] +
-                                               (["--no-pretrain"] if no_pretrain else []),
-                                               n_cvae + n_cls))
+            summary = launcher.run_stage(Stage("run", out, server_args("all"), n_cvae + n_cls))
             click.echo("\n" + rounds_table(summary))
             click.echo(f"CAS {pct(summary.get('cas'))}, federated CAS {pct(summary.get('cas_federated'))}")
     except LaunchError as error:

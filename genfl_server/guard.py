@@ -25,6 +25,8 @@ from typing import Mapping
 import grpc
 import torch
 
+from genfl_shared.config import RunConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -42,15 +44,16 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 }
 MAX_METRICS = len(METRIC_RANGES)
 
-DEFAULT_MAX_CLIENT_SAMPLES = 60_000  # the training split of MNIST / Fashion-MNIST
+# The defaults are RunConfig's (the one source of run settings); why they are what they are:
+DEFAULT_MAX_CLIENT_SAMPLES = RunConfig.max_client_samples  # the training split of MNIST / Fashion-MNIST
 # No honest quick/paper split comes near half of all samples (at alpha = 0.01 over 10 clients the
 # largest share measured is 0.28; benchmarks/bench_honest_update_norms.py prints it); with fewer
 # than 3 clients a cap of 1/2 would bind on honest runs, so it applies from 3 clients on.
-DEFAULT_MAX_CLIENT_WEIGHT_SHARE = 0.5
+DEFAULT_MAX_CLIENT_WEIGHT_SHARE = RunConfig.max_client_weight_share
 MIN_CLIENTS_FOR_SHARE_CAP = 3
 # An update farther from the global model than this many times the round's median distance is
 # rejected; honest rounds measured stay below 3 (see the module docstring).
-DEFAULT_UPDATE_NORM_FACTOR = 10.0
+DEFAULT_UPDATE_NORM_FACTOR = RunConfig.update_norm_factor
 MIN_UPDATES_FOR_ADAPTIVE_BOUND = 3
 # No weight of these models comes near this; a larger aggregate value is a poisoned model even if
 # it is finite (float32 overflows to Inf only at 3.4e38, long after the model is useless).
@@ -129,6 +132,13 @@ class UpdateGuard:
     norm_factor: float | None = DEFAULT_UPDATE_NORM_FACTOR  # adaptive bound: factor x median distance
     clip: bool = False  # beyond max_update_norm: scale the step down to the bound instead of rejecting
     max_weight_share: float | None = DEFAULT_MAX_CLIENT_WEIGHT_SHARE
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "UpdateGuard":
+        """The run's bounds from its RunConfig; 0 (factor) and 1 (share) switch a bound off."""
+        share = config.max_client_weight_share
+        return cls(max_update_norm=config.max_update_norm, norm_factor=config.update_norm_factor or None,
+                   clip=config.clip_updates, max_weight_share=None if share is None or share >= 1 else share)
 
     def round(self, global_state: Mapping[str, torch.Tensor], sample_counts: Mapping[str, int]) -> "RoundGuard":
         return RoundGuard(self, global_state, capped_weights(sample_counts, self.max_weight_share))

@@ -1,4 +1,4 @@
-"""The method, phase by phase (see README.md, "The method"):
+"""The method, phase by phase (see README.md, "The method"); ``run_method`` runs them in order:
 
 1. ``cvae_phase``: the clients train a Conditional VAE with FedAvg.
 2. ``synthetic_pretraining``: the server alone samples labelled synthetic images from the global
@@ -54,9 +54,7 @@ class PhaseContext:
 
 def phase_strategy(cfg: RunConfig) -> Strategy:
     """A fresh aggregation strategy for one federated phase."""
-    return build_strategy(cfg.strategy, prox_mu=cfg.prox_mu, server_lr=cfg.fedavgm_lr,
-                          momentum=cfg.fedavgm_momentum, trim_fraction=cfg.trim_fraction,
-                          krum_byzantine=cfg.krum_byzantine, krum_select=cfg.krum_select)
+    return build_strategy(cfg.strategy, **cfg.to_dict())  # each strategy takes the settings it has
 
 
 def train_task(cfg: RunConfig, model: str) -> TrainTask:
@@ -66,7 +64,7 @@ def train_task(cfg: RunConfig, model: str) -> TrainTask:
         return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
                          lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize)
     return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                     lr=cfg.classifier_lr, sgd_momentum=cfg.classifier_momentum, binarize=cfg.binarize)
+                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize)
 
 
 def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
@@ -90,6 +88,23 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
     return ctx.engine.run_rounds(phase, start, rounds=rounds, train_task=train, eval_task=evaluate,
                                  strategy=strategy, test_fn=test_fn, start_round=done + 1,
                                  on_round_end=on_round_end)
+
+
+def run_method(ctx: PhaseContext, phase: str) -> State:
+    """The method: federated CVAE -> server-side synthetic pre-training -> federated classifier.
+
+    ``phase`` is "all", or "cvae" / "classifier" for one half (the classifier half then starts from
+    the CVAE or pre-trained weights the run state was given). Returns the last phase's weights."""
+    cvae = ctx.run_state.tensors.get("cvae")
+    if phase in ("cvae", "all"):
+        cvae = cvae_phase(ctx)
+    if phase == "cvae":
+        return cvae
+    if ctx.config.pretrain:
+        start = synthetic_pretraining(ctx, cvae)
+    else:
+        start = initial_state("classifier", ctx.config.seed)  # the baseline: a seeded random start
+    return classifier_phase(ctx, start)
 
 
 def cvae_phase(ctx: PhaseContext) -> State:

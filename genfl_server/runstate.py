@@ -2,7 +2,8 @@
 
 Written atomically (write, fsync, rename, fsync the folder) after every completed round and after
 each server-side step, as one weights-only file: the global weights of each phase, the pre-trained
-start, and a JSON record of progress and results so far. Client training seeds derive from
+start, and a JSON record of progress and results so far, with the settings that change results
+(``progress["settings"]``, see ``genfl_server.app.ServerSettings.saved``) that --resume reuses. Client training seeds derive from
 (run seed, phase, round, client), and synthetic data from the run seed, so no RNG state needs
 saving: redoing an interrupted round from its starting weights repeats it exactly.
 """

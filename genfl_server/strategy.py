@@ -46,6 +46,19 @@ class Strategy(Protocol):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
+# name -> strategy class; every --strategy/--strategies choice list and label derives from it.
+STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(cls: type) -> type:
+    """Class decorator: make a strategy available by its ``name`` (with its ``label`` in reports).
+    The class builds itself from the run's settings with ``from_settings(**settings)``."""
+    if cls.name in STRATEGIES:
+        raise ValueError(f"strategy {cls.name!r} registered twice")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     # Every entry sums in float64: a sum of float32 values can overflow to Inf (a hostile client
     # sending 3e38 everywhere would make the mean Inf), while float64 holds any float32 value times
@@ -55,12 +68,18 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
+@register_strategy
 class FedAvg:
     """FedAvg (McMahan et al. 2017): the sample-weighted mean of every state_dict entry,
     BatchNorm running statistics and counters included; integer entries stay integer."""
 
     name = "fedavg"
+    label = "FedAvg"
     client_config = ClientTrainSettings()
+
+    @classmethod
+    def from_settings(cls, **settings) -> "FedAvg":
+        return cls()
 
     def __init__(self) -> None:
         self._sum: State | None = None
@@ -111,11 +130,17 @@ class FedAvg:
         return result
 
 
+@register_strategy
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020): FedAvg on the server; each client adds (mu/2)·||w - w_global||²
     to its local objective, which limits client drift on skewed data."""
 
     name = "fedprox"
+    label = "FedProx"
+
+    @classmethod
+    def from_settings(cls, *, prox_mu: float = 0.01, **_) -> "FedProx":
+        return cls(mu=prox_mu)
 
     def __init__(self, mu: float = 0.01) -> None:
         super().__init__()
@@ -124,6 +149,7 @@ class FedProx(FedAvg):
         self.client_config = ClientTrainSettings(prox_mu=mu)
 
 
+@register_strategy
 class FedAvgM(FedAvg):
     """FedAvgM (Hsu et al. 2019): server momentum on the FedAvg pseudo-gradient.
 
@@ -133,6 +159,11 @@ class FedAvgM(FedAvg):
     """
 
     name = "fedavgm"
+    label = "FedAvgM"
+
+    @classmethod
+    def from_settings(cls, *, fedavgm_lr: float = 1.0, fedavgm_momentum: float = 0.9, **_) -> "FedAvgM":
+        return cls(server_lr=fedavgm_lr, momentum=fedavgm_momentum)
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
@@ -170,6 +201,10 @@ class _HoldsRound:
     used: a client's claimed count is exactly what a hostile client would inflate."""
 
     client_config = ClientTrainSettings()
+
+    @classmethod
+    def from_settings(cls, **settings) -> "_HoldsRound":
+        return cls()
 
     def __init__(self) -> None:
         self._global: State | None = None
@@ -212,11 +247,13 @@ class _HoldsRound:
         raise NotImplementedError
 
 
+@register_strategy
 class CoordinateMedian(_HoldsRound):
     """Coordinate-wise median (Yin et al. 2018): each weight is the median of the clients' values
     (the mean of the two middle ones for an even count); robust to fewer than half bad clients."""
 
     name = "median"
+    label = "Median"
 
     def _combine(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
         ordered = stacked.sort(dim=0).values
@@ -224,11 +261,17 @@ class CoordinateMedian(_HoldsRound):
         return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
 
 
+@register_strategy
 class TrimmedMean(_HoldsRound):
     """Coordinate-wise trimmed mean (Yin et al. 2018): per weight, drop the ``trim_fraction`` largest
     and smallest client values and average the rest."""
 
     name = "trimmed_mean"
+    label = "Trimmed mean"
+
+    @classmethod
+    def from_settings(cls, *, trim_fraction: float = 0.2, **_) -> "TrimmedMean":
+        return cls(trim_fraction=trim_fraction)
 
     def __init__(self, trim_fraction: float = 0.2) -> None:
         super().__init__()
@@ -242,6 +285,7 @@ class TrimmedMean(_HoldsRound):
         return stacked.sort(dim=0).values[cut:k - cut].mean(dim=0)
 
 
+@register_strategy
 class Krum(_HoldsRound):
     """(Multi-)Krum (Blanchard et al. 2017): each update is scored by the summed squared distance to
     its K - F - 2 nearest others; the mean of the ``select`` best-scored updates becomes the model
@@ -249,6 +293,11 @@ class Krum(_HoldsRound):
     tolerates (K - 3) // 2, with a warning."""
 
     name = "krum"
+    label = "Krum"
+
+    @classmethod
+    def from_settings(cls, *, krum_byzantine: int = 1, krum_select: int = 1, **_) -> "Krum":
+        return cls(byzantine=krum_byzantine, select=krum_select)
 
     def __init__(self, byzantine: int = 1, select: int = 1) -> None:
         super().__init__()
@@ -283,22 +332,20 @@ class Krum(_HoldsRound):
         return stacked.mean(dim=0)
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
-              "median": CoordinateMedian, "trimmed_mean": TrimmedMean, "krum": Krum}
+def strategy_names() -> list[str]:
+    """Registered strategy names, in registration order (FedAvg first)."""
+    return list(STRATEGIES)
 
 
-def build_strategy(name: str, **params) -> Strategy:
-    """A strategy by name; ``params`` holds its settings (unused ones are ignored)."""
+def strategy_labels() -> dict[str, str]:
+    """{name: human-readable label}, e.g. {"fedavgm": "FedAvgM"}, in registration order."""
+    return {name: cls.label for name, cls in STRATEGIES.items()}
+
+
+def build_strategy(name: str, **settings) -> Strategy:
+    """A strategy by name; ``settings`` holds the run's strategy settings (unused ones are ignored)."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
-    if cls is FedProx:
-        return FedProx(mu=params.get("prox_mu", 0.01))
-    if cls is FedAvgM:
-        return FedAvgM(server_lr=params.get("server_lr", 1.0), momentum=params.get("momentum", 0.9))
-    if cls is TrimmedMean:
-        return TrimmedMean(trim_fraction=params.get("trim_fraction", 0.2))
-    if cls is Krum:
-        return Krum(byzantine=params.get("krum_byzantine", 1), select=params.get("krum_select", 1))
-    return cls()
+    return cls.from_settings(**settings)

@@ -1,51 +1,111 @@
-"""Run settings and the two presets.
+"""Run settings, the two presets, and the one definition of every run option's CLI form.
 
 ``paper`` is exactly the poster's configuration. ``quick`` keeps every step of the method but
 shrinks the amounts so that ``genfl-launch --compare`` finishes in minutes on a 2-core CPU while
 still showing the pre-training effect at alpha = 0.1; README.md lists its reductions.
+
+Every ``RunConfig`` field carries its command-line form (``RunOption``): ``run_options(...)``
+turns fields into click options, so genfl-server, genfl-launch, genfl-sweep, genfl-centralised and
+genfl-partition spell, bound, document and read (GENFL_* variables) a setting the same way;
+``resolve_config`` is the one place where a preset and the explicitly given options become a
+``RunConfig``; ``RunConfig.to_argv`` is how tools that start a server pass settings on.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Mapping
+
+import click
+
+from .cli import option
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """The command-line form of a RunConfig field (``--<field-name>`` unless it is a boolean pair)."""
+
+    help: str
+    type: Any = None  # a click type, or a function returning one (called when the option is built)
+    deprecated: tuple[str, ...] = ()  # old spellings, still accepted for one release, with a warning
+
+    def click_type(self):
+        return self.type if self.type is None or isinstance(self.type, click.ParamType) else self.type()
+
+
+def _setting(default, help: str, type=None, **kwargs) -> Any:
+    return field(default=default, metadata={"option": RunOption(help, type, **kwargs)})
+
+
+def _strategy_choice() -> click.Choice:
+    # The registry lives with the strategies (genfl_server.strategy), which install with every tool.
+    from genfl_server.strategy import strategy_names
+
+    return click.Choice(strategy_names())
+
+
+_COUNT = click.IntRange(0)
+_POSITIVE = click.IntRange(1)
+_RATE = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # Data
-    clients: int = 10
-    train_subset: int | None = None  # use only this many training images (partitioning, launch)
-    binarize: bool = True
+    clients: int = _setting(10, "Number of federated clients.", _POSITIVE)
+    train_subset: int | None = _setting(None, "Use this many randomly chosen training images (0: all).", _COUNT)
+    binarize: bool = _setting(True, "Binarise images at 0.5 as the paper does (--no-binarize keeps grey levels).")
     # Federated rounds
-    cvae_rounds: int = 20
-    classifier_rounds: int = 10
-    local_epochs: int = 2
-    batch_size: int = 32
-    cvae_lr: float = 1e-3
-    classifier_lr: float = 1e-3
-    classifier_momentum: float = 0.5
-    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | median | trimmed_mean | krum
-    prox_mu: float = 0.01  # FedProx proximal weight
-    fedavgm_lr: float = 1.0  # FedAvgM server learning rate
-    fedavgm_momentum: float = 0.9  # FedAvgM server momentum
-    trim_fraction: float = 0.2  # trimmed mean: share of values dropped at each end
-    krum_byzantine: int = 1  # Krum: Byzantine clients tolerated
-    krum_select: int = 1  # Krum: updates averaged (1: Krum, more: multi-Krum)
+    cvae_rounds: int = _setting(20, "Rounds of the federated CVAE phase.", _COUNT)
+    classifier_rounds: int = _setting(10, "Rounds of the federated classifier phase.", _COUNT)
+    local_epochs: int = _setting(2, "Local epochs per round (0: clients only evaluate).", _COUNT)
+    batch_size: int = _setting(32, "Local batch size.", _POSITIVE)
+    cvae_lr: float = _setting(1e-3, "Clients' Adam learning rate for the CVAE.", _RATE)
+    classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)
+    sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", click.FloatRange(0),
+                                   deprecated=("--classifier-momentum",))
+    strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
+                             "each).", _strategy_choice)
+    prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
+    fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE)
+    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1))
+    # Robust strategies (they hold every update of a round)
+    trim_fraction: float = _setting(0.2, "Trimmed mean: share of the values dropped at each end, per weight.",
+                                    click.FloatRange(0, 0.5, max_open=True))
+    krum_byzantine: int = _setting(1, "Krum: Byzantine clients tolerated, F (needs more than 2F + 2 clients).",
+                                   _COUNT)
+    krum_select: int = _setting(1, "Krum: best-scored updates averaged, M (1: Krum; more: multi-Krum).",
+                                _POSITIVE)
     # Hostile-client bounds (genfl_server/guard.py); none of them binds on an honest run.
-    max_update_norm: float | None = None  # bound on ||w_client - w_global||
-    update_norm_factor: float | None = 10.0  # adaptive bound: factor x the round's median distance
-    clip_updates: bool = False  # beyond max_update_norm: clip the step instead of rejecting the update
-    max_client_samples: int | None = 60_000  # training samples one client may register
-    max_client_weight_share: float | None = 0.5  # FedAvg weight share of one client (from 3 clients)
+    max_update_norm: float | None = _setting(
+        None, "Reject (or with --clip-updates, clip) an update farther than this from the global model (L2 norm "
+        "of w_client - w_global; default: no fixed bound).", _RATE)
+    clip_updates: bool = _setting(False, "Beyond --max-update-norm, scale the update's step down to the bound "
+                                  "instead of rejecting it.")
+    update_norm_factor: float = _setting(
+        10.0, "Adaptive bound: redo a round without any update farther than this many times the round's median "
+        "distance (from 3 updates; 0: off).", click.FloatRange(0))
+    max_client_samples: int = _setting(60_000, "Most training samples one client may register (0: no limit).",
+                                       _COUNT)
+    max_client_weight_share: float = _setting(
+        0.5, "Largest share of the FedAvg weight one client may hold, from 3 clients on (1: no cap).",
+        click.FloatRange(0, 1, min_open=True))
     # Server-side synthetic data
-    synthetic_samples: int = 60_000
-    cas_epochs: int = 20
-    pretrain_epochs: int = 5
-    server_lr: float = 1e-3
-    server_batch_size: int = 32
-    pretrain: bool = True
-    seed: int = 0
-    deterministic: bool = False
+    synthetic_samples: int = _setting(60_000, "Class-balanced synthetic images sampled from the CVAE.",
+                                      click.IntRange(10))
+    cas_epochs: int = _setting(20, "Epochs of the CAS classifier on synthetic data (0: skip CAS).", _COUNT)
+    pretrain_epochs: int = _setting(5, "Epochs of synthetic pre-training.", _COUNT)
+    pretrain_lr: float = _setting(1e-3, "Server's Adam learning rate for CAS and pre-training.", _RATE,
+                                  deprecated=("--server-lr",))
+    pretrain_batch_size: int = _setting(32, "Server's batch size for CAS and pre-training.", _POSITIVE,
+                                        deprecated=("--server-batch-size",))
+    pretrain: bool = _setting(True, "Pre-train the classifier on synthetic data (--no-pretrain: the baseline, "
+                              "seeded random start).")
+    seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
+                         "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
+    deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
+                                   "client order (holds a round's updates in memory). With fixed seeds, a "
+                                   "resumed run ends with the same weights.")
 
     def override(self, **changes) -> "RunConfig":
         """Apply the options a user set explicitly (None means 'not given')."""
@@ -55,8 +115,40 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """A config from ``to_dict()`` output, also as saved before fields were renamed
+        (summary.json ``config`` of recorded sweeps, old run_state.pt)."""
+        values = {}
+        for key, value in data.items():
+            name = LEGACY_FIELD_NAMES.get(key, key)
+            if name not in cls.field_names():
+                raise ValueError(f"unknown run setting {key!r}")
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    def to_options(self, names: Iterable[str] | None = None) -> list[tuple[str, ...]]:
+        """These settings as command-line options, one tuple per field (``("--seed", "3")``,
+        ``("--no-pretrain",)``); ``names`` picks fields (default: all that a server takes)."""
+        chosen = SERVER_FIELDS if names is None else tuple(names)
+        # A setting that is None (e.g. no --max-update-norm) has no spelling: leaving it out gives
+        # the same None, as only fields whose default is None can be None.
+        return [option_tokens(name, getattr(self, name)) for name in chosen if getattr(self, name) is not None]
+
+    def to_argv(self, names: Iterable[str] | None = None) -> list[str]:
+        """``to_options`` flattened, for a child process's argument list."""
+        return [token for tokens in self.to_options(names) for token in tokens]
+
+
+# Saved files (summary.json configs, run_state.pt) written before the renames use these names.
+LEGACY_FIELD_NAMES = {"server_lr": "pretrain_lr", "server_batch_size": "pretrain_batch_size",
+                      "classifier_momentum": "sgd_momentum"}
+
+# The server records the partitioner's train_subset; it does not take one.
+SERVER_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "train_subset")
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -67,3 +159,122 @@ PRESETS: dict[str, RunConfig] = {
     "quick": RunConfig(train_subset=10_000, cvae_rounds=10, classifier_rounds=5,
                        synthetic_samples=10_000, cas_epochs=2, pretrain_epochs=3),
 }
+
+ROUNDS = "rounds"  # not a field: the default of both cvae_rounds and classifier_rounds
+_ROUNDS_HELP = "Rounds of each federated phase (the default of --cvae-rounds and --classifier-rounds)."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_bool(name: str) -> bool:
+    return _FIELDS[name].type in (bool, "bool")
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def option_tokens(name: str, value: Any) -> tuple[str, ...]:
+    """One setting as command-line tokens, spelled as ``run_options`` parses it."""
+    if name not in _FIELDS:
+        raise KeyError(f"not a run setting: {name!r}")
+    if _is_bool(name):
+        return (_flag(name) if value else "--no-" + name.replace("_", "-"),)
+    return (_flag(name), str(value))  # str() of a float round-trips exactly (repr)
+
+
+def argv_for(**values: Any) -> list[str]:
+    """Command-line tokens for the given settings, e.g. ``argv_for(strategy="fedprox", pretrain=False)``."""
+    return [token for name, value in values.items() for token in option_tokens(name, value)]
+
+
+def _shown(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "all" if name == "train_subset" and value is None else str(value)
+
+
+def _preset_note(name: str) -> str:
+    values = {preset: getattr(config, name) for preset, config in PRESETS.items()}
+    shown = {p: _shown(name, v) for p, v in values.items()}
+    if len(set(map(repr, values.values()))) == 1:
+        return f" [preset: {next(iter(shown.values()))}]"
+    return " [preset: " + ", ".join(f"{p} {v}" for p, v in sorted(shown.items())) + "]"
+
+
+def _deprecated_name(old_flag: str) -> str:
+    return "deprecated_" + old_flag[2:].replace("-", "_")
+
+
+def run_options(*names: str, preset_notes: bool = True) -> Callable:
+    """Decorator adding the click options of these RunConfig fields (and ``"rounds"``) to a command
+    (``preset_notes``: say each preset's value in the help; off for a command without presets).
+
+    Every option defaults to None ("not given", so the preset decides; see ``resolve_config``);
+    a boolean field is a ``--x/--no-x`` pair. Deprecated spellings are hidden options that
+    ``given_run_options`` folds into the new name with a warning."""
+    decorators = []
+    for name in names:
+        if name == ROUNDS:
+            decorators.append(option("--rounds", type=_COUNT, default=None, help=_ROUNDS_HELP))
+            continue
+        meta: RunOption = _FIELDS[name].metadata["option"]
+        help_text = meta.help + (_preset_note(name) if preset_notes else "")
+        if _is_bool(name):
+            decl = f"{_flag(name)}/--no-{name.replace('_', '-')}"
+            decorators.append(option(decl, name, default=None, help=help_text))
+        else:
+            decorators.append(option(_flag(name), name, type=meta.click_type(), default=None, help=help_text))
+        for old in meta.deprecated:
+            # Also read from its old GENFL_* variable, so a stale container setting still works (and warns).
+            decorators.append(option(old, _deprecated_name(old), type=meta.click_type(), default=None,
+                                     hidden=True, help=f"Deprecated spelling of {_flag(name)}."))
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+def given_run_options(params: dict[str, Any]) -> dict[str, Any]:
+    """Pop the run options (and their deprecated spellings) out of a command's parameters:
+    {field name or "rounds": value or None}. A deprecated spelling warns on stderr; giving both
+    spellings is an error."""
+    given: dict[str, Any] = {}
+    for name in (ROUNDS, *_FIELDS):
+        if name in params:
+            given[name] = params.pop(name)
+        if name == ROUNDS:
+            continue
+        for old in _FIELDS[name].metadata["option"].deprecated:
+            value = params.pop(_deprecated_name(old), None)
+            if value is None:
+                continue
+            click.echo(f"Warning: {old} is deprecated and will be removed; use {_flag(name)}", err=True)
+            if given.get(name) is not None:
+                raise click.UsageError(f"{old} and {_flag(name)} are the same option; give one")
+            given[name] = value
+    return given
+
+
+def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
+    """The preset, overridden by the options given explicitly (None: not given).
+
+    ``rounds`` is the default of both ``cvae_rounds`` and ``classifier_rounds``; ``train_subset``
+    0 means all the training images."""
+    if preset not in PRESETS:
+        raise click.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    changes = {k: v for k, v in given.items() if k != ROUNDS and v is not None}
+    unknown = set(changes) - set(_FIELDS)
+    if unknown:
+        raise KeyError(f"not run settings: {sorted(unknown)}")
+    rounds = given.get(ROUNDS)
+    if rounds is not None:
+        changes.setdefault("cvae_rounds", rounds)
+        changes.setdefault("classifier_rounds", rounds)
+    if changes.get("train_subset") == 0:
+        changes["train_subset"] = None
+    return replace(PRESETS[preset], **changes)

@@ -14,6 +14,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from .config import run_options
 from .data import DATASETS, NUM_CLASSES, DataFormatError
 from .partition import PartitionError, partition_dataset
 
@@ -46,23 +47,19 @@ def _source(ctx: click.Context, name: str) -> str:
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), required=True,
               envvar="GENFL_DATA_ROOT", show_envvar=True,
               help="Folder with the IDX files (or torchvision's MNIST/raw layout).")
-@click.option("--clients", type=click.IntRange(min=1), required=True,
-              envvar="GENFL_CLIENTS", show_envvar=True, help="Number of clients.")
+@run_options("clients", preset_notes=False)  # required: checked in main (run options default to None)
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
               envvar="GENFL_ALPHA", show_envvar=True,
               help="Dirichlet concentration; smaller = more label skew. Exclusive with --iid.")
 @click.option("--iid", is_flag=True, default=False,
               envvar="GENFL_IID", show_envvar=True, help="Uniform random split. Exclusive with --alpha.")
-@click.option("--seed", type=click.IntRange(min=0), default=0,
-              envvar="GENFL_SEED", show_envvar=True, help="Seed for every random choice.")
+@run_options("seed", preset_notes=False)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               envvar="GENFL_OUT", show_envvar=True, help="Output folder for shards and partition.json.")
 @click.option("--heldout-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.1,
               envvar="GENFL_HELDOUT_FRACTION", show_envvar=True,
               help="Fraction of each client's samples kept as its local held-out set.")
-@click.option("--train-subset", type=click.IntRange(min=1), default=None,
-              envvar="GENFL_TRAIN_SUBSET", show_envvar=True,
-              help="Use only this many randomly chosen training samples (quick runs).")
+@run_options("train_subset", preset_notes=False)
 @click.option("--min-samples", type=click.IntRange(min=0), default=40,
               envvar="GENFL_MIN_SAMPLES", show_envvar=True,
               help="Redraw the Dirichlet split until every client has at least this many samples.")
@@ -76,10 +73,10 @@ def main(
     ctx: click.Context,
     dataset: str,
     data_root: Path,
-    clients: int,
+    clients: int | None,
     alpha: float | None,
     iid: bool,
-    seed: int,
+    seed: int | None,
     out: Path,
     heldout_fraction: float,
     train_subset: int | None,
@@ -102,6 +99,9 @@ def main(
         )
     if alpha is None and not iid:
         raise click.UsageError("give exactly one of --alpha VALUE (Dirichlet split) or --iid.")
+    if clients is None:
+        raise click.UsageError("Missing option '--clients'.")
+    seed = 0 if seed is None else seed
 
     started = time.perf_counter()
     try:
@@ -113,7 +113,7 @@ def main(
             seed=seed,
             out_dir=out,
             heldout_fraction=heldout_fraction,
-            train_subset=train_subset,
+            train_subset=train_subset or None,  # 0: all, as in every tool
             min_samples=min_samples,
             download=download,
         )

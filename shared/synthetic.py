@@ -117,7 +117,7 @@ def train_on_synthetic(cfg: RunConfig, images, labels, *, epochs: int, purpose: 
         logger.info("%s on synthetic data: epoch %d/%d, loss %.4f (%.1f s)", purpose, epoch, epochs, loss,
                     time.perf_counter() - started)
 
-    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.server_batch_size,
-                     optimizer="adam", lr=cfg.server_lr, seed=derive_seed(cfg.seed, purpose), device=device,
+    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.pretrain_batch_size,
+                     optimizer="adam", lr=cfg.pretrain_lr, seed=derive_seed(cfg.seed, purpose), device=device,
                      progress=progress)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

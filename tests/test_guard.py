@@ -89,7 +89,7 @@ def test_default_bounds_never_touch_honest_updates(mnist, distribution):
                     train_cvae(model, x, y, epochs=1, batch_size=cfg.batch_size, lr=cfg.cvae_lr, seed=i, device="cpu")
                 else:
                     train_classifier(model, x, y, epochs=1, batch_size=cfg.batch_size, optimizer="sgd",
-                                     lr=cfg.classifier_lr, momentum=cfg.classifier_momentum, seed=i, device="cpu")
+                                     lr=cfg.classifier_lr, momentum=cfg.sgd_momentum, seed=i, device="cpu")
                 update = {k: v.detach() for k, v in model.state_dict().items()}
                 weight, admitted = round_guard.admit(client_id, len(part), update)
                 assert max(counts.values()) / sum(counts.values()) < DEFAULT_MAX_CLIENT_WEIGHT_SHARE

@@ -1,6 +1,7 @@
-"""Crash resume: SIGKILL the server mid-run, restart it with --resume; the clients reconnect by
-themselves and the run ends with bit-identical weights to an uninterrupted run (also with FedAvgM,
-whose server momentum must survive the crash)."""
+"""Crash resume: SIGKILL the server mid-run, restart it with only --resume --address --out; the
+clients reconnect by themselves and the run ends with bit-identical weights to an uninterrupted run
+(also with FedAvgM, whose server momentum must survive the crash), with its test set and thread
+count reused from the saved run state; a resume that would change a setting is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from helpers import free_port, run_rounds, wait_until
 CLIENTS = 2
 SERVER_ARGS = ["--phase", "all", "--clients", str(CLIENTS), "--cvae-rounds", "2", "--classifier-rounds", "3",
                "--synthetic-samples", "500", "--cas-epochs", "1", "--pretrain-epochs", "1", "--seed", "3",
-               "--deterministic", "--threads", "1"]
+               "--deterministic", "--threads", "1", "--dataset", "mnist"]
 
 
 def _rounds(out):
@@ -33,7 +34,8 @@ def _spawn(log, *args):
 def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
     out, port = tmp_path / name, free_port()
     address = f"127.0.0.1:{port}"
-    server_cmd = ["genfl_server.cli", *SERVER_ARGS, "--strategy", strategy, "--address", address, "--out", str(out)]
+    server_cmd = ["genfl_server.cli", *SERVER_ARGS, "--test-data", str(dataset_dir("mnist")), "--strategy", strategy,
+                  "--address", address, "--out", str(out)]
     server = _spawn(tmp_path / f"{name}-server.log", *server_cmd)
     clients = [_spawn(tmp_path / f"{name}-client-{i}.log", "genfl_client.cli", "--server", address, "--shard",
                       str(shards / f"client-00{i}.npz"), "--threads", "1") for i in range(CLIENTS)]
@@ -47,8 +49,13 @@ def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
             server.wait()
             time.sleep(1.0)  # the clients notice and start retrying
             assert all(c.poll() is None for c in clients), "clients must survive a server crash"
+            refused = subprocess.run([sys.executable, "-m", "genfl_server.cli", "--resume", "--address", address,
+                                      "--out", str(out), "--threads", "2"], capture_output=True, text=True,
+                                     timeout=120)
+            assert refused.returncode == 2 and "--threads 2 differs from the run being resumed (1)" in refused.stderr
+            # Only where to listen and where the run is: every other setting comes from its saved state.
             server = _spawn(tmp_path / f"{name}-server.log", "genfl_server.cli", "--resume", "--address", address,
-                            "--out", str(out), "--threads", "1")
+                            "--out", str(out))
             procs.append(server)
         assert server.wait(300) == 0, (tmp_path / f"{name}-server.log").read_text()[-3000:]
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
@@ -60,8 +67,11 @@ def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm"])
-def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy):
+# Killed after CVAE round 1, the resumed server still has to sample, score CAS on the test set and
+# pre-train (with the saved thread count); killed after classifier round 2, FedAvgM's velocity is
+# non-zero by then and round 3 needs it.
+@pytest.mark.parametrize("strategy, kill_after", [("fedavg", ("cvae", 1)), ("fedavgm", ("classifier", 2))])
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy, kill_after):
     shards = tmp_path / "shards"
     part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
                            "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--alpha", "0.5",
@@ -69,8 +79,7 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy
                           capture_output=True, text=True, timeout=120)
     assert part.returncode == 0, part.stderr
     reference = _run(tmp_path, "reference", shards, strategy=strategy)
-    # Killed after classifier round 2: FedAvgM's velocity is non-zero by then and round 3 needs it.
-    resumed = _run(tmp_path, "resumed", shards, strategy=strategy, kill_after=("classifier", 2))
+    resumed = _run(tmp_path, "resumed", shards, strategy=strategy, kill_after=kill_after)
 
     for name in ("cvae.pt", "pretrained_classifier.pt", "classifier.pt"):
         a = torch.load(reference / name, weights_only=True)["state_dict"]
@@ -83,4 +92,5 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy
     assert [(r["phase"], r["round"]) for r in summary["rounds"]] == expected
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert summary["final"] == ref_summary["final"] and summary["cas"] == ref_summary["cas"]
+    assert summary["cas"] is not None and summary["final"]["test_accuracy"] is not None  # the test set was reused
     assert "resuming run" in (tmp_path / "resumed-server.log").read_text()

@@ -149,7 +149,7 @@ def test_phase_settings_carry_the_run_config():
     cvae, classifier = train_task(cfg, "cvae"), train_task(cfg, "classifier")
     assert (cvae.optimizer, cvae.lr, cvae.sgd_momentum) == ("adam", cfg.cvae_lr, 0.0)
     assert (classifier.optimizer, classifier.lr, classifier.sgd_momentum) == (
-        "sgd", cfg.classifier_lr, cfg.classifier_momentum)
+        "sgd", cfg.classifier_lr, cfg.sgd_momentum)
     for task in (cvae, classifier):
         assert (task.epochs, task.batch_size, task.binarize, task.seed) == (
             cfg.local_epochs, cfg.batch_size, cfg.binarize, None)

@@ -23,16 +23,21 @@ import click
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
 
-from genfl_shared.config import PRESETS, RunConfig
+from genfl_server.strategy import strategy_names
+from genfl_shared.config import PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config, run_options
 from genfl_shared.runfiles import write_json_atomic
 
-from .plan import ARM_CHOICES, STRATEGY_LABELS, build_arms, parse_distributions, plan_cells
+from .plan import ARM_CHOICES, build_arms, parse_distributions, plan_cells
 from ..reports import write_reports
-from .run import SweepRunner, SweepSettings
+from .run import FIXED_SERVER_FIELDS, SweepRunner, SweepSettings
 
 log = logging.getLogger("genfl_sweep")
 
 SWEEP_JSON = "sweep.json"
+
+# The run settings genfl-sweep takes besides --seed (the rest keep the preset's values).
+SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
+                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
 
 
 def _interrupt(signum, _frame):
@@ -62,7 +67,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--alphas", default="iid,100,10,1,0.1,0.01",
         help="Label distributions: 'iid' and/or Dirichlet concentrations, comma-separated.")
 @option("--repeats", type=click.IntRange(1), default=5, help="Seeds per distribution: --seed, --seed+1, ...")
-@option("--seed", type=int, default=0, help="First seed.")
+@run_options("seed")
 @option("--preset", type=click.Choice(sorted(PRESETS)), default="quick")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @option("--arms", default="pretrained,baseline",
@@ -70,24 +75,12 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
         "(pretrained-only: the pre-trained model with --local-epochs 0, clients only evaluate).")
 @option("--strategies", default="fedavg",
         help=f"Aggregation strategies of the classifier phase, comma-separated, from: "
-        f"{', '.join(STRATEGY_LABELS)}; every pretrained/baseline arm runs with each.")
+        f"{', '.join(strategy_names())}; every pretrained/baseline arm runs with each.")
 @option("--centralised/--no-centralised", default=True,
         help="Also train one CVAE centrally on all the data per seed (the CAS reference in cas.md).")
 @option("--device", default="cpu", help="Torch device of every server and client (cuda: clients share the GPU).")
 @option("--parallel", type=click.IntRange(1), default=1, help="Cells (server + clients) running at once.")
-@option("--clients", type=click.IntRange(1), default=None, help="[preset: 10]")
-@option("--train-subset", type=click.IntRange(0), default=None, help="Training images (0: all) [preset].")
-@option("--rounds", type=click.IntRange(1), default=None, help="Rounds of both federated phases.")
-@option("--cvae-rounds", type=click.IntRange(1), default=None)
-@option("--classifier-rounds", type=click.IntRange(1), default=None)
-@option("--local-epochs", type=click.IntRange(1), default=None,
-        help="Local epochs of every arm except pretrained-only [preset: 2].")
-@option("--synthetic-samples", type=click.IntRange(10), default=None)
-@option("--cas-epochs", type=click.IntRange(0), default=None, help="0: skip CAS.")
-@option("--pretrain-epochs", type=click.IntRange(1), default=None)
-@option("--prox-mu", type=click.FloatRange(0), default=None, help="FedProx μ [0.01].")
-@option("--fedavgm-momentum", type=click.FloatRange(0, 1), default=None, help="[0.9]")
-@option("--fedavgm-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="[1.0]")
+@run_options("train_subset", ROUNDS, *SWEEP_FIELDS)
 @option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
 @option("--server-threads", type=click.IntRange(0), default=0,
         help="Torch threads per server (0: this machine's cores / --parallel, so cells do not oversubscribe).")
@@ -95,10 +88,8 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--report-only", is_flag=True, help="Only rewrite the tables and figures of --out from its finished "
         "cells (the sweep's settings come from its sweep.json).")
 @log_level_option
-def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategies, centralised, device, parallel,
-         clients, train_subset, rounds, cvae_rounds, classifier_rounds, local_epochs, synthetic_samples, cas_epochs,
-         pretrain_epochs, prox_mu, fedavgm_momentum, fedavgm_lr, client_threads, server_threads, cell_timeout,
-         report_only, log_level):
+def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, centralised, device, parallel,
+         client_threads, server_threads, cell_timeout, report_only, log_level, **run_settings):
     """Run the poster's grid (distributions x seeds x arms) as real federated runs, then report."""
     setup_logging(log_level, "text", "sweep")
     # SIGINT (also when started in the background, where it is inherited as ignored) and SIGTERM
@@ -116,35 +107,23 @@ def main(dataset, data_root, alphas, repeats, seed, preset, out, arms, strategie
         arm_list = build_arms(_list(arms), _list(strategies))
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    config = PRESETS[preset].override(
-        clients=clients, cvae_rounds=cvae_rounds or rounds, classifier_rounds=classifier_rounds or rounds,
-        local_epochs=local_epochs, synthetic_samples=synthetic_samples, cas_epochs=cas_epochs,
-        pretrain_epochs=pretrain_epochs, prox_mu=prox_mu, fedavgm_momentum=fedavgm_momentum,
-        fedavgm_lr=fedavgm_lr)
-    subset = config.train_subset if train_subset is None else (train_subset or None)
-    config = dataclasses.replace(config, train_subset=subset)
+    config = resolve_config(preset, given_run_options(run_settings))  # its seed: the first; each cell has its own
     if centralised and config.cas_epochs == 0:
         log.info("--cas-epochs 0: no CAS, so no centralised CVAE reference either")
         centralised = False
     # Everything that changes what a cell computes is fixed for the folder (see _check_same_sweep).
-    server_options = [(flag, str(value)) for flag, value in (
-        ("--cvae-rounds", config.cvae_rounds), ("--classifier-rounds", config.classifier_rounds),
-        ("--local-epochs", config.local_epochs), ("--synthetic-samples", config.synthetic_samples),
-        ("--cas-epochs", config.cas_epochs), ("--pretrain-epochs", config.pretrain_epochs),
-        ("--prox-mu", config.prox_mu), ("--fedavgm-momentum", config.fedavgm_momentum),
-        ("--fedavgm-lr", config.fedavgm_lr))]
-    fixed = {"dataset": dataset, "preset": preset, "clients": config.clients, "train_subset": subset,
-             "server_options": [list(o) for o in server_options]}
+    fixed = {"dataset": dataset, "preset": preset, "clients": config.clients, "train_subset": config.train_subset,
+             "server_options": [list(o) for o in config.to_options(FIXED_SERVER_FIELDS)]}
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, fixed)
     differences = _differences_from_paper(config)
     write_json_atomic(out / SWEEP_JSON, {"fixed": fixed, "data_root": str(data_root),
                                          "differences_from_paper": differences})
 
-    seeds = list(range(seed, seed + repeats))
+    seeds = list(range(config.seed, config.seed + repeats))
     cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
                        classifier_rounds=config.classifier_rounds, centralised=centralised)
-    settings = SweepSettings(dataset, data_root, preset, config.clients, subset, server_options, device=device,
+    settings = SweepSettings(dataset, data_root, preset, config, device=device,
                              client_threads=client_threads,
                              server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
                              cell_timeout=cell_timeout or None, log_level=log_level)

@@ -14,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STRATEGY_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM"}
+from genfl_server.strategy import strategy_labels
+from genfl_shared.config import argv_for
+
+STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry
 ARM_CHOICES = ("pretrained", "baseline", "pretrained-only")
 
 
@@ -147,14 +150,14 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
             primary = None
             if pretrained_arms:
                 cells.append(Cell(f"{prefix}/cvae", "cvae", group / "cvae", seed, dist, rounds=cvae_rounds,
-                                  args=["--phase", "cvae"]))
+                                  args=["--phase", "cvae"]))  # the server's, not a run setting
             for arm in arms:
                 cell = Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
-                            rounds=classifier_rounds, args=["--phase", "classifier", "--strategy", arm.strategy])
+                            rounds=classifier_rounds, args=["--phase", "classifier", *argv_for(strategy=arm.strategy)])
                 if arm.local_epochs is not None:
-                    cell.args += ["--local-epochs", str(arm.local_epochs)]
+                    cell.args += argv_for(local_epochs=arm.local_epochs)
                 if not arm.pretrain:
-                    cell.args.append("--no-pretrain")
+                    cell.args += argv_for(pretrain=False)
                 elif primary is None:
                     primary = cell
                     cell.deps.append(f"{prefix}/cvae")

@@ -19,10 +19,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from genfl_server.runstate import FILE_NAME as RUN_STATE_FILE
+from genfl_shared.config import RunConfig, argv_for
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
 from genfl_shared.runfiles import read_json, write_json_atomic
 
@@ -41,14 +42,28 @@ class SweepSettings:
     dataset: str
     data_root: Path
     preset: str
-    clients: int
-    train_subset: int | None
-    server_options: list[tuple[str, str]]  # preset overrides (flag, value) for every server
+    config: RunConfig  # the sweep's settings; seed, strategy and pretrain are each cell's
     device: str = "cpu"
     client_threads: int = 1
     server_threads: int = 0
     cell_timeout: float | None = None
     log_level: str = "info"
+
+
+    @property
+    def clients(self) -> int:
+        return self.config.clients
+
+    @property
+    def train_subset(self) -> int | None:
+        return self.config.train_subset
+
+
+# The settings every server of a sweep is given (in sweep.json's "fixed": cells mean the same).
+FIXED_SERVER_FIELDS = ("cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
+                       "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
+# The ones that also shape the centralised baseline (the rest are federated-only).
+CENTRALISED_FIELDS = ("train_subset", "cvae_rounds", "local_epochs", "synthetic_samples", "cas_epochs")
 
 
 @dataclass
@@ -232,9 +247,9 @@ class SweepRunner:
         if resume:  # everything else comes from the cell's saved run state
             server_args.append("--resume")
         else:
-            server_args += ["--preset", s.preset, "--clients", str(s.clients), "--seed", str(cell.seed),
+            server_args += ["--preset", s.preset, *argv_for(clients=s.clients, seed=cell.seed),
                             "--dataset", s.dataset, "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
-                            *_flat(s.server_options), *cell.args]
+                            *s.config.to_argv(FIXED_SERVER_FIELDS), *cell.args]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
                             timeout=s.cell_timeout, progress_bar=False)
@@ -253,11 +268,12 @@ class SweepRunner:
         cell.out.mkdir(parents=True, exist_ok=True)
         log_path = cell.out / "logs" / "centralised.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # train_subset None (all) is given as 0, which every tool reads as "all".
+        config = replace(s.config, seed=cell.seed, train_subset=s.train_subset or 0)
         args = [sys.executable, "-m", "genfl_experiments.centralised", "--dataset", s.dataset,
-                "--data-root", str(s.data_root), "--preset", s.preset, "--seed", str(cell.seed),
+                "--data-root", str(s.data_root), "--preset", s.preset,
                 "--device", s.device, "--threads", str(s.server_threads), "--out", str(cell.out),
-                "--train-subset", str(s.train_subset or 0), "--log-level", s.log_level,
-                *_flat(o for o in s.server_options if o[0] in _CENTRALISED_OPTIONS)]
+                "--log-level", s.log_level, *config.to_argv(("seed", *CENTRALISED_FIELDS))]
         with self._registry, open(log_path, "w") as log_file:
             if self._stopping.is_set():
                 raise LaunchError("sweep stopping")
@@ -275,10 +291,3 @@ class SweepRunner:
             raise LaunchError(f"{cell.key}: exited with code {code}\n{log_tail(log_path)}")
         return json.loads((cell.out / "summary.json").read_text())
 
-
-# The server options that also shape the centralised baseline (the rest are federated-only).
-_CENTRALISED_OPTIONS = {"--cvae-rounds", "--local-epochs", "--synthetic-samples", "--cas-epochs"}
-
-
-def _flat(options) -> list[str]:
-    return [x for pair in options for x in pair]

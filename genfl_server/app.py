@@ -1,0 +1,211 @@
+"""The aggregation server of one run as an object: ``ServerApp(settings, run_state)`` builds the
+coordinator, gRPC service, round engine, recorder and metrics server; ``start()`` listens,
+``run()`` runs the method (``phases.run_method``), ``stop()`` tells the clients and shuts down.
+``genfl-server`` (cli.py) resolves its options into ``ServerSettings`` and drives one; tests can
+drive one in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genfl_shared.checkpoint import load_checkpoint
+from genfl_shared.config import RunConfig
+from genfl_shared.data import load_dataset, to_float_images
+from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
+
+from .coordinator import Coordinator
+from .engine import RoundEngine
+from .guard import UpdateGuard
+from .metrics import ServerMetrics
+from .phases import PhaseContext, run_method
+from .results import RunRecorder
+from .runstate import RunState
+from .service import FederatedLearningService, set_health, start_grpc_server
+
+log = logging.getLogger("genfl_server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a server run is started with, resolved (preset applied, paths absolute)."""
+
+    out: Path
+    phase: str  # "cvae" | "classifier" | "all"
+    preset: str
+    config: RunConfig
+    dataset: str | None = None
+    alpha: float | str | None = None  # from partition.json, for the summary
+    test_data: Path | None = None
+    partition_info: Path | None = None
+    cvae_checkpoint: Path | None = None
+    pretrained_checkpoint: Path | None = None
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    round_timeout: float | None = None
+    min_fit_clients: int | None = None
+    # Below: how the server is reached and watched, and how long it waits; a resumed run may change them.
+    address: str = "0.0.0.0:50051"
+    round_retries: int = 2
+    register_timeout: float | None = None
+    metrics_port: int | None = None
+    linger_seconds: float = 0.0
+    run_id: str | None = None
+    resume: bool = False
+
+    def saved(self) -> dict[str, Any]:
+        """The settings that change results, as saved in the run state and reused by --resume."""
+        values = {name: getattr(self, name) for name in RESULT_SETTINGS}
+        values["config"] = self.config.to_dict()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+    def run_fields(self) -> dict[str, Any]:
+        """What summary.json records about the run (besides its results)."""
+        fields = {"dataset": self.dataset, "alpha": self.alpha, "clients": self.config.clients,
+                  "seed": self.config.seed, "pretrain": self.config.pretrain, "phase": self.phase,
+                  "preset": self.preset, "config": self.config.to_dict()}
+        if self.pretrained_checkpoint is not None:
+            fields["pretrained_checkpoint"] = str(self.pretrained_checkpoint)
+        return fields
+
+
+# ServerSettings fields that change what a run computes: saved with its state, fixed on --resume.
+RESULT_SETTINGS = ("phase", "preset", "config", "dataset", "alpha", "test_data", "partition_info",
+                   "cvae_checkpoint", "pretrained_checkpoint", "device", "threads", "round_timeout",
+                   "min_fit_clients")
+PATH_SETTINGS = ("test_data", "partition_info", "cvae_checkpoint", "pretrained_checkpoint")
+
+
+def settings_from_saved(saved: dict[str, Any], **rest: Any) -> ServerSettings:
+    """ServerSettings from ``ServerSettings.saved()`` output plus the settings a resume may choose."""
+    values = dict(saved)
+    values["config"] = RunConfig.from_dict(values["config"])
+    for name in PATH_SETTINGS:
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    return ServerSettings(**values, **rest)
+
+
+def new_run_state(settings: ServerSettings) -> RunState:
+    """The state of a run about to start: its settings, and the weights it was given to start from.
+    Raises CheckpointError for an unreadable checkpoint."""
+    run_state = RunState.in_dir(settings.out)
+    run_state.progress["run"] = settings.run_fields()
+    run_state.progress["settings"] = settings.saved()
+    if settings.pretrained_checkpoint is not None:
+        # synthetic_pretraining() finds it as if resumed after that step.
+        run_state.tensors["pretrained"] = load_checkpoint(settings.pretrained_checkpoint, "classifier")
+    elif settings.phase == "classifier" and settings.config.pretrain:
+        run_state.tensors["cvae"] = load_checkpoint(settings.cvae_checkpoint, "cvae")
+    return run_state
+
+
+def configure_torch(settings: ServerSettings) -> None:
+    """Process-wide torch settings of the run (threads, determinism): they change results."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
+        torch.use_deterministic_algorithms(True)
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the server-side work, for reports (e.g. 'NVIDIA H100 80GB HBM3')."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+class ServerApp:
+    def __init__(self, settings: ServerSettings, run_state: RunState, *, credentials=None, authenticator=None,
+                 transport: str | None = None):
+        self.settings = settings
+        self.transport = transport or ("TLS" if credentials else "plaintext")  # for the log
+        self.run_state = run_state
+        self.credentials = credentials
+        self.authenticator = authenticator
+        self.device = torch.device(settings.device)
+        self.metrics = ServerMetrics()
+        self.run_id = settings.run_id or uuid.uuid4().hex[:12]
+        self.address: str | None = None  # host:port once listening
+        self.metrics_port: int | None = None
+        self._server = self._health = self.coordinator = self.ctx = None
+
+    def _test_set(self):
+        s = self.settings
+        if s.test_data is None:
+            return None
+        images, labels = load_dataset(s.dataset, s.test_data, "test")
+        log.info("test set: %d %s images from %s", len(labels), s.dataset, s.test_data)
+        return to_float_images(images, binarize=s.config.binarize).to(self.device), labels.to(self.device)
+
+    def start(self) -> str:
+        """Load the run's data, listen, announce the endpoint in OUT/endpoint.json; returns host:port."""
+        s, config = self.settings, self.settings.config
+        s.out.mkdir(parents=True, exist_ok=True)
+        test_set = self._test_set()
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(s.metrics_port)
+            log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
+        self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
+                                       max_client_samples=config.max_client_samples or None)
+        service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator)
+        self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
+                                                             credentials=self.credentials)
+        set_health(self._health, serving=True)  # listening, with its data (test set, checkpoint) loaded
+        host = s.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        write_json_atomic(s.out / ENDPOINT_JSON, {"address": self.address, "port": port, "run_id": self.run_id,
+                                                  "metrics_port": self.metrics_port})
+        log.info("run %s listening on %s (%s%s) for %d clients", self.run_id, self.address,
+                 self.transport,
+                 ", client tokens required" if self.authenticator else "", config.clients)
+
+        recorder = RunRecorder(s.out, run_id=self.run_id, device=str(self.device),
+                               device_name=device_name(self.device), **self.run_state.progress["run"])
+        if s.resume and "recorder" in self.run_state.progress:
+            recorder.restore(self.run_state.progress["recorder"])
+        elif not s.resume:
+            self.run_state.save(recorder_state=recorder.export())  # resumable from the very start
+        engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.seed,
+                             round_timeout=s.round_timeout, min_clients=s.min_fit_clients,
+                             round_retries=s.round_retries, deterministic=config.deterministic,
+                             guard=UpdateGuard.from_config(config))
+        self.ctx = PhaseContext(engine, recorder, self.metrics, config, s.out, self.device, test_set,
+                                self.run_state)
+        return self.address
+
+    def run(self) -> Path:
+        """Wait for the clients, run the method, write summary.json (returned)."""
+        self.ctx.engine.wait_for_clients(self.settings.register_timeout)
+        run_method(self.ctx, self.settings.phase)
+        summary = self.ctx.recorder.write_summary()
+        self.metrics.phase.state("done")
+        log.info("run %s complete; summary in %s", self.run_id, summary)
+        return summary
+
+    def stop(self, failure: BaseException | None = None) -> None:
+        """Tell the clients the run is over (failed, with why, if ``failure``) and stop serving."""
+        if failure is not None:
+            self.metrics.phase.state("failed")
+        if self._server is None:
+            return
+        set_health(self._health, serving=False)
+        self.coordinator.shutdown(failed=failure is not None, reason=str(failure or ""))
+        if not self.coordinator.wait_shutdown_delivered(timeout=10.0):
+            log.warning("not every client heard that the run ended")
+        self._server.stop(grace=2).wait(timeout=10)  # bounded: a stuck stream must not hang the exit
+        self._server = None
+        if self.settings.metrics_port is not None and self.settings.linger_seconds:
+            log.info("run over; serving /metrics for %.0f s more", self.settings.linger_seconds)
+            time.sleep(self.settings.linger_seconds)
+
