@@ -4,10 +4,14 @@ display or a crashed run still has every finished round) and ``summary.json``.""
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from genfl_shared.runfiles import METRICS_JSONL, SUMMARY_JSON, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 class RunRecorder:
@@ -22,12 +26,13 @@ class RunRecorder:
         self.events: list[dict] = []
 
     def record_round(self, record: dict) -> None:
+        record = _finite(record, "round")
         self._append({"event": "round", **record})
         self.summary["rounds"].append({k: v for k, v in record.items() if k != "per_client"})
 
     def record_event(self, event: str, **fields: Any) -> None:
         """Non-round milestones (synthetic data, CAS, pre-training), for progress displays."""
-        self._append({"event": event, **fields})
+        self._append({"event": event, **_finite(fields, event)})
 
     def _append(self, event: dict) -> None:
         self.events.append(event)
@@ -46,7 +51,7 @@ class RunRecorder:
         self.metrics_path.write_text("".join(_json_line(e) for e in self.events))
 
     def set(self, **fields: Any) -> None:
-        self.summary.update(fields)
+        self.summary.update(_finite(fields, "summary"))
 
     def write_summary(self) -> Path:
         rounds = self.summary["rounds"]
@@ -62,7 +67,23 @@ class RunRecorder:
         return self.summary_path
 
 
+def _finite(value: Any, where: str, key: str = "") -> Any:
+    """``value`` with every non-finite float replaced by None (JSON null), logged.
+
+    Client metrics are validated on arrival, so a NaN here is the server's own measurement of a
+    model that diverged (e.g. the test loss under an unstable FedAvgM): a fact to record as "no
+    value", not a reason to fail the run or to write a line that JSON tools cannot read.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        log.warning("%s %s is %s (the model diverged?); recorded as null", where, key or "value", value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, where, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, where, key) for v in value]
+    return value
+
+
 def _json_line(event: dict) -> str:
-    # Strict JSON: a NaN would make the line unreadable to JSON tools (validated client metrics
-    # keep NaN out; if one slips through, the run fails here instead of writing it).
+    # Strict JSON (no NaN/Infinity): _finite() has replaced them; anything left is a bug, and fails here.
     return json.dumps(event, sort_keys=True, allow_nan=False) + "\n"

@@ -30,6 +30,7 @@ from genfl_server.results import RunRecorder
 from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.runfiles import write_json_atomic
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TrainTask
 
@@ -326,11 +327,21 @@ def test_invalid_metrics_are_refused_and_run_files_stay_strict_json(tmp_path):
     assert 0 <= summary["final"]["weighted_client_accuracy"] <= 1
 
 
-def test_run_files_refuse_non_finite_numbers(tmp_path):
+def test_run_files_stay_strict_json_when_the_server_measures_a_diverged_model(tmp_path, caplog):
+    # Client metrics are refused above; the server's own numbers (the test loss of a model that
+    # diverged honestly, e.g. FedAvgM) are recorded as null, with a warning, and the run goes on.
     recorder = RunRecorder(tmp_path, run_id=RUN_ID)
-    with pytest.raises(ValueError):
-        recorder.record_event("cas", cas=math.nan)
+    recorder.record_event("cas", cas=math.nan)
+    recorder.record_round({"phase": "classifier", "round": 1, "weighted_client_accuracy": 0.5,
+                           "test_accuracy": 0.1, "test_loss": math.inf, "per_client": {"a": {"loss": math.nan}}})
     recorder.set(cas=math.inf)
-    with pytest.raises(ValueError):
-        recorder.write_summary()
-    assert not (tmp_path / "summary.json").exists()
+    recorder.write_summary()
+    events = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["cas"] is None and events[1]["test_loss"] is None
+    assert events[1]["per_client"]["a"]["loss"] is None
+    summary = strict_json((tmp_path / "summary.json").read_text())
+    assert summary["cas"] is None and summary["rounds"][0]["test_loss"] is None
+    assert sum("recorded as null" in r.getMessage() for r in caplog.records) == 4
+    with pytest.raises(ValueError):  # the writer itself never writes NaN
+        write_json_atomic(tmp_path / "x.json", {"x": math.nan})
+    assert not (tmp_path / "x.json").exists()
