@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
+import torch
 
+from genfl_client.executor import TaskExecutor
+from genfl_client.metrics import ClientMetrics
+from genfl_client.runner import ClientRunner, FatalClientError
 from genfl_server.coordinator import Coordinator, TaskState
 from genfl_server.logsafe import MAX_SHOWN_CHARS, RejectionLog, shown
 from genfl_server.metrics import ServerMetrics
 from genfl_shared.codec import MAX_MESSAGE_BYTES
+from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask
@@ -37,8 +45,9 @@ Code = grpc.StatusCode
 class Run:
     """A two-client run served on loopback, and hand-made requests to it."""
 
-    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, channel: grpc.Channel):
+    def __init__(self, coordinator: Coordinator, metrics: ServerMetrics, channel: grpc.Channel, port: int):
         self.coordinator, self.metrics, self.channel = coordinator, metrics, channel
+        self.address = f"127.0.0.1:{port}"
         self.stub = pb_grpc.FederatedLearningStub(channel)
 
     def register(self, client_id: str, dataset: str = DATASET) -> pb.RegisterReply:
@@ -76,8 +85,8 @@ class Run:
 def run():
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=0.3)
     metrics = ServerMetrics()
-    with loopback_server(coordinator, metrics) as (channel, _port):
-        yield Run(coordinator, metrics, channel)
+    with loopback_server(coordinator, metrics) as (channel, port):
+        yield Run(coordinator, metrics, channel, port)
 
 
 def dispatch_evaluation(run: Run, client_ids=("alice", "bob")):
@@ -331,3 +340,41 @@ def test_server_process_refuses_unparsable_requests_as_malformed_without_traceba
     assert max(map(len, log_text.splitlines())) <= MAX_LINE_CHARS + 200  # plus the log line's prefix
     assert log_text.count("rejected (malformed)") == 3
     assert log_text.count("rejected (unknown_client)") <= 6
+
+
+# -- the real client, when its session is taken over -----------------------------------------------
+
+def test_client_whose_session_was_taken_over_stops_with_a_clear_error(run: Run):
+    """It must not retry for ever (re-registering would take the id back, and the two would take
+    it from each other in turn); it stops, saying why."""
+    rng = np.random.default_rng(0)
+    shard = Shard("alice", 0, DATASET, rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+                  rng.integers(0, 10, 8).astype(np.int64), rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+                  rng.integers(0, 10, 4).astype(np.int64))
+    runner = ClientRunner(run.address, "alice", TaskExecutor(shard, torch.device("cpu")), ClientMetrics("alice"),
+                          dataset=DATASET)
+    outcome: dict = {}
+
+    def serve():
+        try:
+            outcome["exit_code"] = runner.run()
+        except BaseException as error:  # surfaced by the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "alice" not in run.coordinator.clients and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "alice" in run.coordinator.clients, "the client did not register"
+        run.stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=8, num_heldout_samples=4,
+                                             dataset=DATASET), timeout=RPC_TIMEOUT)  # the takeover
+        thread.join(15)
+        assert not thread.is_alive(), "the client kept retrying"
+        error = outcome.get("error")
+        assert isinstance(error, FatalClientError), outcome
+        assert "PERMISSION_DENIED" in str(error) and "registered with this client id since" in str(error)
+        assert run.rejected("bad_session") >= 1
+    finally:
+        runner.close()
