@@ -34,7 +34,7 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings
 
 from .guard import check_registered_samples
-from .logsafe import shown
+from .logsafe import RateLimitedLog, shown
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,8 @@ class Coordinator:
         self._shutdown: pb.TaskHeader | None = None
         self.shutdown_delivered: set[str] = set()
         self.started = False  # set once the run begins: registrations are then frozen
+        # Re-registrations are accepted (a restarted client), so a hostile one could repeat them.
+        self._registration_log = RateLimitedLog(log)
 
     # -- registration -------------------------------------------------------------------------
     def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
@@ -248,13 +250,15 @@ class Coordinator:
             was_live = known is not None and self._session_live(known)
             self._cond.notify_all()
         if was_live:
-            log.warning("client %s registered again while its session was live (last request %.0f s ago): the "
-                        "old session is ended, its requests are refused. A restarted client does this; so "
-                        "can anyone who knows the id when the server requires no client tokens",
-                        cid, time.monotonic() - known.last_seen)
+            self._registration_log.log(cid, logging.WARNING,
+                f"client {cid} registered again while its session was live (last request "
+                f"{time.monotonic() - known.last_seen:.0f} s ago): the old session is ended, its requests are "
+                f"refused. A restarted client does this; so can anyone who knows the id when the server "
+                f"requires no client tokens")
         else:
-            log.info("client %s registered (%d train / %d held-out samples)%s", cid, info.num_train_samples,
-                     info.num_heldout_samples, " again" if known else "")
+            self._registration_log.log(cid, logging.INFO,
+                f"client {cid} registered ({info.num_train_samples} train / {info.num_heldout_samples} "
+                f"held-out samples){' again' if known else ''}")
         return info, secret
 
     def _session_live(self, info: ClientInfo) -> bool:

@@ -2,8 +2,8 @@
 
 A hostile client chooses its ids, metric names and error texts, and how often it is refused. Two
 defences: :func:`shown` makes any such string one printable line of bounded length before it goes
-into a log line or a gRPC error message, and :class:`RejectionLog` rate-limits the log lines of
-repeated rejections (per client, and overall), counting what it leaves out.
+into a log line or a gRPC error message, and :class:`RateLimitedLog` rate-limits the log lines of
+repeated rejections and re-registrations (per client, and overall), counting what it leaves out.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
     return "".join(out)
 
 
-class RejectionLog:
-    """Logs rejections at WARNING without letting one client (or many) flood the log.
+class RateLimitedLog:
+    """Log lines about clients (rejections, re-registrations) without letting one client, or many,
+    flood the log.
 
-    Per client: the first ``first`` rejections are logged, then at most one line per ``every``
-    seconds, which says how many were left out since. Overall: at most ``max_lines`` lines per
-    ``every`` seconds; past that one line per window says how many were left out. Rejections are
-    still counted in full by the metrics; only their log lines are limited.
+    Per client: the first ``first`` lines are logged, then at most one per ``every`` seconds, which
+    says how many were left out since. Overall: at most ``max_lines`` lines per ``every`` seconds;
+    past that one line per window says how many were left out. Metrics still count every event;
+    only log lines are limited.
     """
 
     MAX_TRACKED_CLIENTS = 4096  # a hostile client can invent ids: the oldest are forgotten
@@ -51,28 +52,28 @@ class RejectionLog:
         self.first, self.every, self.max_lines = first, every, max_lines
         self._clock = clock
         self._lock = threading.Lock()
-        # client key -> [lines logged, rejections left out since the last line, time of the last line]
+        # client key -> [lines logged, lines left out since the last one, time of the last line]
         self._clients: OrderedDict[str, list] = OrderedDict()
         self._window_start = clock()
         self._window_lines = 0
         self._window_dropped = 0
 
-    def rejected(self, client_key: str, reason: str, message: str) -> None:
+    def log(self, client_key: str, level: int, message: str) -> None:
+        """Log ``message`` (already safe to log: see :func:`shown`) about ``client_key``, unless
+        the limits say to leave it out (counted, and said in a later line)."""
         now = self._clock()
         with self._lock:
             if now - self._window_start >= self.every:
                 if self._window_dropped:
-                    self._log.warning("%d rejections not logged in the last %.0f s (log rate limit; "
-                                      "genfl_client_updates_rejected_total counts them all)",
-                                      self._window_dropped, now - self._window_start)
+                    self._log.warning("%d lines about clients not logged in the last %.0f s (log rate limit; "
+                                      "the metrics count every event)", self._window_dropped, now - self._window_start)
                 self._window_start, self._window_lines, self._window_dropped = now, 0, 0
             state = self._clients.get(client_key)
             if state is None:
                 state = self._clients[client_key] = [0, 0, -float("inf")]
                 if len(self._clients) > self.MAX_TRACKED_CLIENTS:
                     self._clients.popitem(last=False)
-            due = state[0] < self.first or now - state[2] >= self.every
-            if not due:
+            if not (state[0] < self.first or now - state[2] >= self.every):
                 state[1] += 1  # said in this client's next line
                 return
             if self._window_lines >= self.max_lines:
@@ -83,5 +84,9 @@ class RejectionLog:
             state[1] = 0
             state[2] = now
             self._window_lines += 1
-        suffix = f" ({left_out} more rejections of {shown(client_key, 64)!r} not logged since)" if left_out else ""
-        self._log.warning("rejected (%s): %s%s", reason, shown(message, MAX_MESSAGE_CHARS), suffix)
+        suffix = f" ({left_out} more about {shown(client_key, 64)!r} not logged since)" if left_out else ""
+        self._log.log(level, "%s%s", message, suffix)
+
+    def rejected(self, client_key: str, reason: str, message: str) -> None:
+        """A rejection of a request that named ``client_key``, at WARNING."""
+        self.log(client_key, logging.WARNING, f"rejected ({reason}): {shown(message, MAX_MESSAGE_CHARS)}")

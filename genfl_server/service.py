@@ -21,7 +21,7 @@ from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .guard import validated_metrics
-from .logsafe import MAX_MESSAGE_CHARS, RejectionLog, shown
+from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self._downloads = threading.BoundedSemaphore(max_concurrent_downloads)
         self._polling: dict[str, int] = {}
         self._polling_lock = threading.Lock()
-        self._rejection_log = RejectionLog(log)
+        self._rejection_log = RateLimitedLog(log)
 
     def _reject(self, context: grpc.ServicerContext, error: Rejected, client_id: str = ""):
         """Count the rejection, log it (rate-limited per ``client_id``, the id the request named)

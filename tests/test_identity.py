@@ -21,7 +21,7 @@ from genfl_client.executor import TaskExecutor
 from genfl_client.metrics import ClientMetrics
 from genfl_client.runner import ClientRunner, FatalClientError
 from genfl_server.coordinator import Coordinator, TaskState
-from genfl_server.logsafe import MAX_SHOWN_CHARS, RejectionLog, shown
+from genfl_server.logsafe import MAX_SHOWN_CHARS, RateLimitedLog, shown
 from genfl_server.metrics import ServerMetrics
 from genfl_shared.codec import MAX_MESSAGE_BYTES
 from genfl_shared.partition import Shard
@@ -233,6 +233,16 @@ def test_repeated_rejections_of_one_client_are_rate_limited_in_the_log(run: Run,
     assert any("'carol'" in line for line in _server_lines(caplog))
 
 
+def test_repeated_re_registrations_are_rate_limited_in_the_log(run: Run, caplog):
+    """Re-registrations are accepted (a restarted client comes back), so a hostile connection could
+    repeat them: their log lines are limited like rejections."""
+    caplog.set_level(logging.INFO, logger="genfl_server")
+    secrets = {run.register("alice").session_secret for _ in range(50)}
+    assert len(secrets) == 50  # every one a new session
+    logged = [line for line in _server_lines(caplog) if line.startswith("client alice registered")]
+    assert len(logged) == 5, logged
+
+
 class FakeClock:
     def __init__(self):
         self.now = 1000.0
@@ -244,15 +254,14 @@ class FakeClock:
 def test_rejection_log_says_how_many_it_left_out(caplog):
     clock = FakeClock()
     logger = logging.getLogger("genfl_server.test_rejection_log")
-    rejections = RejectionLog(logger, first=2, every=10.0, max_lines=4, clock=clock)
+    rejections = RateLimitedLog(logger, first=2, every=10.0, max_lines=4, clock=clock)
     caplog.set_level(logging.WARNING, logger=logger.name)
     for _ in range(7):
         rejections.rejected("mallory", "bad_session", "nope")
     assert [r.getMessage() for r in caplog.records] == ["rejected (bad_session): nope"] * 2
     clock.now += 10
     rejections.rejected("mallory", "bad_session", "nope")
-    assert caplog.records[-1].getMessage() == ("rejected (bad_session): nope (5 more rejections of 'mallory' "
-                                               "not logged since)")
+    assert caplog.records[-1].getMessage() == "rejected (bad_session): nope (5 more about 'mallory' not logged since)"
     # Many clients at once: at most max_lines lines per window, then one line that counts the rest.
     caplog.clear()
     for index in range(20):
@@ -261,7 +270,7 @@ def test_rejection_log_says_how_many_it_left_out(caplog):
     clock.now += 10
     rejections.rejected("client-0", "unknown_client", "who?")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[3].startswith("17 rejections not logged in the last 10 s"), messages
+    assert messages[3].startswith("17 lines about clients not logged in the last 10 s"), messages
     assert messages[4] == "rejected (unknown_client): who?"
 
 
