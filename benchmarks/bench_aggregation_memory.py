@@ -50,7 +50,8 @@ def _fake_client(address: str, cid: str, n_train: int, n_heldout: int, gate, reg
         with registered.get_lock():
             registered.value += 1
         while True:
-            stream = stub.FetchTask(pb.FetchTaskRequest(run_id=reply.run_id, client_id=cid), timeout=300)
+            stream = stub.FetchTask(pb.FetchTaskRequest(run_id=reply.run_id, client_id=cid,
+                                                        session_secret=reply.session_secret), timeout=300)
             header = next(stream).header
             if header.type == pb.TASK_TYPE_IDLE:
                 continue
@@ -64,7 +65,7 @@ def _fake_client(address: str, cid: str, n_train: int, n_heldout: int, gate, reg
                 submit_gate.wait()
             result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=cid,
                                      phase=header.phase, round=header.round, type=header.type,
-                                     metrics={"loss": 1.0})
+                                     metrics={"loss": 1.0}, session_secret=reply.session_secret)
             if header.type == pb.TASK_TYPE_TRAIN:
                 result.num_samples = n_train
                 result.manifest.CopyFrom(header.manifest)

@@ -38,7 +38,9 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 REREGISTER = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
 # Refusals of this client's credentials: fatal at any step (retrying cannot fix a token or a
-# certificate, and re-registering would only be refused again).
+# certificate, and re-registering would only be refused again). PERMISSION_DENIED also means that
+# this client's session was ended by a newer registration of its id: re-registering would end
+# that one in turn, and two processes would take the id from each other for ever.
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # While the server is unreachable, every WARN_EVERY-th failed attempt (and the first) is logged at
 # WARNING, the others at DEBUG: the user sees why the client waits, without a line per attempt.
@@ -88,6 +90,7 @@ class ClientRunner:
                         else grpc.insecure_channel(server, options))
         self.stub = pb_grpc.FederatedLearningStub(self.channel)
         self.run_id = ""
+        self.session_secret = ""  # from the last Register reply; every later request carries it
         self.poll_timeout = 30.0
 
     def run(self) -> int:
@@ -135,6 +138,9 @@ class ClientRunner:
         code = error.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return " (check this client's --token-file against the server's --tokens-file)"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return (" (another process registered with this client id since: a second copy of this client, "
+                    "or, on a server without --tokens-file, anyone who knows the id)")
         if code == grpc.StatusCode.UNAVAILABLE:
             if self.tls:
                 return (" (is the server up? Does --ca hold the CA of the server's certificate, does that "
@@ -150,6 +156,7 @@ class ClientRunner:
             client_id=self.client_id, num_train_samples=shard.num_train, num_heldout_samples=shard.num_heldout,
             dataset=self.dataset, client_version=__version__), timeout=30, metadata=self.metadata)
         self.run_id, self.poll_timeout = reply.run_id, reply.poll_timeout_seconds or 30.0
+        self.session_secret = reply.session_secret
         log.info("registered with %s in run %s", self.server, self.run_id)
 
     def _serve_tasks(self) -> str:
@@ -165,7 +172,8 @@ class ClientRunner:
             self._execute(header, weights)
 
     def _fetch(self):
-        stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=self.run_id, client_id=self.client_id),
+        stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=self.run_id, client_id=self.client_id,
+                                                         session_secret=self.session_secret),
                                      timeout=self.poll_timeout + TRANSFER_SECONDS, metadata=self.metadata)
         first = next(stream, None)
         if first is None or first.WhichOneof("kind") != "header":
@@ -190,7 +198,8 @@ class ClientRunner:
         set_log_context(phase=header.phase, round=header.round)
         log.info("%s task %s", kind, header.task_id)
         result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=self.client_id,
-                                 phase=header.phase, round=header.round, type=header.type)
+                                 phase=header.phase, round=header.round, type=header.type,
+                                 session_secret=self.session_secret)
         try:
             outcome = self.executor.run(header, weights)
         except TaskError as error:

@@ -6,14 +6,21 @@ clients and feed results back into the batch. One condition variable wakes waiti
 moment a task is posted (so task delivery costs no polling interval); one per batch wakes the engine
 as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
 one TaskTable, which alone decides whether a result is a duplicate or late.
+
+Identity: each registration starts a session with a random secret (only its SHA-256 is kept) that
+the client's polls and results must carry; task ids are random, so a task cannot be guessed.
+Without client tokens a client is who first registered its id: a re-registration (a restarted
+client) ends the old session, and is logged as a takeover when the old session was live.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,8 +34,22 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings
 
 from .guard import check_registered_samples
+from .logsafe import RateLimitedLog, shown
 
 log = logging.getLogger(__name__)
+
+# A session that made a request less than this long after its poll timeout is live: a
+# re-registration then ends a client that is still working, which the log calls a takeover.
+LIVE_SESSION_GRACE_SECONDS = 10.0
+
+
+def new_secret() -> str:
+    """A random 128-bit secret, hex: session secrets and task ids."""
+    return secrets.token_hex(16)
+
+
+def secret_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 class Rejected(Exception):
@@ -50,6 +71,7 @@ class ClientInfo:
     num_train_samples: int
     num_heldout_samples: int
     dataset: str
+    session_digest: bytes  # SHA-256 of the session secret: the secret itself is not kept
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -164,7 +186,7 @@ class TaskTable:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
                            f"task {task_id} closed before this result arrived")
         if state is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_task", f"no task {task_id!r} was handed out")
+            raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_task", f"no task {shown(task_id)!r} was handed out")
         return self._open[task_id]
 
     def settle(self, task: Task, state: TaskState) -> None:
@@ -191,13 +213,15 @@ class Coordinator:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # registrations, posted tasks, shutdown
         self._tasks = TaskTable()
-        self._task_ids = itertools.count(1)
         self._shutdown: pb.TaskHeader | None = None
         self.shutdown_delivered: set[str] = set()
         self.started = False  # set once the run begins: registrations are then frozen
+        # Re-registrations are accepted (a restarted client), so a hostile one could repeat them.
+        self._registration_log = RateLimitedLog(log)
 
     # -- registration -------------------------------------------------------------------------
-    def register(self, request: pb.RegisterRequest) -> ClientInfo:
+    def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
+        """Register (again) ``request.client_id``; returns its info and the new session's secret."""
         cid = request.client_id
         if not cid or len(cid) > 128 or not cid.isprintable():
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_client_id",
@@ -208,7 +232,7 @@ class Coordinator:
         check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
         if self.dataset and request.dataset and request.dataset != self.dataset:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset",
-                           f"client {cid!r} holds {request.dataset!r} data but this run trains on {self.dataset!r}")
+                           f"client {cid!r} holds {shown(request.dataset)!r} data but this run trains on {self.dataset!r}")
         with self._cond:
             known = self.clients.get(cid)
             if known is None and len(self.clients) >= self.expected_clients:
@@ -219,12 +243,30 @@ class Coordinator:
                     or known.num_heldout_samples != request.num_heldout_samples):
                 raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "sample_count_changed",
                                f"client {cid!r} re-registered with different sample counts mid-run")
-            info = ClientInfo(cid, request.num_train_samples, request.num_heldout_samples, request.dataset)
+            secret = new_secret()
+            info = ClientInfo(cid, request.num_train_samples, request.num_heldout_samples, request.dataset,
+                              secret_digest(secret))
             self.clients[cid] = info
+            was_live = known is not None and self._session_live(known)
             self._cond.notify_all()
-        log.info("client %s registered (%d train / %d held-out samples)%s", cid, info.num_train_samples,
-                 info.num_heldout_samples, " again" if known else "")
-        return info
+        if was_live:
+            self._registration_log.log(cid, logging.WARNING,
+                f"client {cid} registered again while its session was live (last request "
+                f"{time.monotonic() - known.last_seen:.0f} s ago): the old session is ended, its requests are "
+                f"refused. A restarted client does this; so can anyone who knows the id when the server "
+                f"requires no client tokens")
+        else:
+            self._registration_log.log(cid, logging.INFO,
+                f"client {cid} registered ({info.num_train_samples} train / {info.num_heldout_samples} "
+                f"held-out samples){' again' if known else ''}")
+        return info, secret
+
+    def _session_live(self, info: ClientInfo) -> bool:
+        """Whether ``info``'s session is still working: it holds a task, or made a request recently
+        (a poll lasts up to poll_timeout). Caller holds the lock."""
+        task = self._tasks.current(info.client_id)
+        holds_task = task is not None and self._tasks.state(task.task_id) is TaskState.DELIVERED
+        return holds_task or time.monotonic() - info.last_seen < self.poll_timeout + LIVE_SESSION_GRACE_SECONDS
 
     def wait_for_clients(self, timeout: float | None) -> list[ClientInfo]:
         with self._cond:
@@ -234,23 +276,36 @@ class Coordinator:
             self.started = True
             return sorted(self.clients.values(), key=lambda c: c.client_id)
 
-    def client(self, client_id: str) -> ClientInfo:
+    def session(self, client_id: str, secret: str) -> ClientInfo:
+        """The registered client ``client_id``, if ``secret`` is its current session's; else
+        Rejected: NOT_FOUND for an unknown client (a restarted server: register again),
+        PERMISSION_DENIED for a missing or wrong secret (another connection's request, or a session
+        ended by a re-registration). Compared as digests, in constant time."""
         info = self.clients.get(client_id)
         if info is None:
             raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_client",
-                           f"client {client_id!r} is not registered in run {self.run_id}")
+                           f"client {shown(client_id)!r} is not registered in run {self.run_id}")
+        if not secret:
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "bad_session",
+                           f"the request for client {client_id!r} carries no session secret (the one its "
+                           f"Register reply returned)")
+        if not hmac.compare_digest(secret_digest(secret), info.session_digest):
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "bad_session",
+                           f"the session secret is not client {client_id!r}'s current one (a request from "
+                           f"another connection, or from a session ended since: the client registered again)")
         info.last_seen = time.monotonic()
         return info
 
     def check_run(self, run_id: str) -> None:
         if run_id != self.run_id:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_run",
-                           f"run {run_id!r} is not running here (this is run {self.run_id}); register again")
+                           f"run {shown(run_id)!r} is not running here (this is run {self.run_id}); register again")
 
     # -- tasks --------------------------------------------------------------------------------
     def new_task(self, client_id: str, type_: int, phase: str, rnd: int, config: TaskSettings,
                  payload: Payload | None) -> Task:
-        return Task(f"{self.run_id}-{next(self._task_ids)}", client_id, type_, phase, rnd, config, payload)
+        # Random, not sequential: a task id handed to one client says nothing about another's.
+        return Task(new_secret(), client_id, type_, phase, rnd, config, payload)
 
     def dispatch(self, tasks: list[Task], *, template: Mapping[str, torch.Tensor] | None = None,
                  on_update: UpdateHook | None = None) -> TaskBatch:
@@ -293,7 +348,7 @@ class Coordinator:
     def open_task(self, header: pb.ResultHeader) -> tuple[Task, TaskBatch]:
         """Match a result header to the task it answers; raise Rejected with the precise reason."""
         self.check_run(header.run_id)
-        info = self.client(header.client_id)
+        info = self.session(header.client_id, header.session_secret)
         with self._lock:
             task, batch = self._tasks.accepting(header.task_id)
         if task.client_id != header.client_id:
@@ -301,7 +356,7 @@ class Coordinator:
                            f"task {task.task_id} belongs to another client")
         if header.phase != task.phase or header.round != task.round:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "stale_round",
-                           f"result names {header.phase} round {header.round}, but task {task.task_id} "
+                           f"result names {shown(header.phase)} round {header.round}, but task {task.task_id} "
                            f"is {task.phase} round {task.round}")
         if header.type != task.type:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "wrong_type",

@@ -7,8 +7,10 @@ import logging
 import socket
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from genfl_shared.codec import (TRANSPORT_OPTIONS, CodecError, PayloadAssembler, check_matches_template,
@@ -19,6 +21,7 @@ from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .guard import validated_metrics
+from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,40 @@ _CODEC_STATUS = {
 }
 
 
+@dataclass(frozen=True)
+class Unparsable:
+    """A request message whose bytes do not parse: what :func:`lenient_parser` hands the handler
+    instead of raising, so that the handler refuses it (INVALID_ARGUMENT, "malformed", counted)
+    where gRPC itself would log a traceback per message and answer a bare INTERNAL."""
+
+    type_name: str
+    error: str
+
+
+def lenient_parser(message_type):
+    """A request deserializer for ``message_type`` that returns :class:`Unparsable` for bytes
+    that are not such a message."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return Unparsable(message_type.DESCRIPTOR.name, str(error))
+    return parse
+
+
+def _refuse_unparsable(message) -> None:
+    if isinstance(message, Unparsable):
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                       f"a message does not parse as {message.type_name}: {shown(message.error)}")
+
+
+def _parsed(request_iterator):
+    """The messages of a request stream; raises Rejected(malformed) at one that does not parse."""
+    for message in request_iterator:
+        _refuse_unparsable(message)
+        yield message
+
+
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
                  max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
@@ -75,13 +112,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self._downloads = threading.BoundedSemaphore(max_concurrent_downloads)
         self._polling: dict[str, int] = {}
         self._polling_lock = threading.Lock()
+        self._rejection_log = RateLimitedLog(log)
 
-    def _reject(self, context: grpc.ServicerContext, error: Rejected):
+    def _reject(self, context: grpc.ServicerContext, error: Rejected, client_id: str = ""):
+        """Count the rejection, log it (rate-limited per ``client_id``, the id the request named)
+        and end the call with its status; the message is bounded, as it may quote the client."""
         self.metrics.updates_rejected.labels(error.reason).inc()
         if error.reason == "late":
             self.metrics.updates_late.inc()
-        log.warning("rejected (%s): %s", error.reason, error)
-        context.abort(error.code, str(error))
+        message = shown(error, MAX_MESSAGE_CHARS)
+        self._rejection_log.rejected(shown(client_id, 64) or context.peer(), error.reason, message)
+        context.abort(error.code, message)
 
     def _authenticate(self, context: grpc.ServicerContext, client_id: str | None) -> None:
         """Raise Rejected(UNAUTHENTICATED) unless the call carries ``client_id``'s token (when
@@ -95,26 +136,28 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                            "genfl-client --token-file)")
         if client_id is not None and not self.authenticator.check(client_id, token):
             raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
-                           f"invalid token for client {client_id!r}")
+                           f"invalid token for client {shown(client_id)!r}")
 
     # -- RPCs ---------------------------------------------------------------------------------
     def Register(self, request, context):
         try:
+            _refuse_unparsable(request)
             self._authenticate(context, request.client_id)
-            self.coordinator.register(request)
+            _info, secret = self.coordinator.register(request)
         except Rejected as error:
-            self._reject(context, error)
+            self._reject(context, error, getattr(request, "client_id", ""))
         self.metrics.clients_registered.set(len(self.coordinator.clients))
-        return pb.RegisterReply(run_id=self.coordinator.run_id,
-                                poll_timeout_seconds=self.coordinator.poll_timeout)
+        return pb.RegisterReply(run_id=self.coordinator.run_id, poll_timeout_seconds=self.coordinator.poll_timeout,
+                                session_secret=secret)
 
     def FetchTask(self, request, context):
         try:
+            _refuse_unparsable(request)
             self._authenticate(context, request.client_id)
             self.coordinator.check_run(request.run_id)
-            self.coordinator.client(request.client_id)
+            self.coordinator.session(request.client_id, request.session_secret)
         except Rejected as error:
-            self._reject(context, error)
+            self._reject(context, error, getattr(request, "client_id", ""))
         context.add_callback(self.coordinator.wake)  # a cancelled poll frees its thread at once
         self._count_poller(request.client_id, +1)
         try:
@@ -140,6 +183,8 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.bytes_sent.inc(item.payload.nbytes)
 
     def SubmitResult(self, request_iterator, context):
+        request_iterator = _parsed(request_iterator)
+        header = None
         try:
             self._authenticate(context, None)  # no token at all: refuse before reading anything
             first = next(request_iterator, None)
@@ -163,13 +208,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             metrics = validated_metrics(header.metrics)
             result = TaskResult(task, int(header.num_samples), metrics)
             if not context.is_active():
-                # gRPC ends the request iterator quietly when a message does not parse (and aborts
-                # the call): an apparently complete stream may be a broken one.
+                # gRPC ends the request iterator quietly when the call is cancelled or fails in
+                # transport: an apparently complete stream may be a broken one.
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                "the result stream was aborted before it ended")
             self.coordinator.finish(result, batch, update)
         except Rejected as error:
-            self._reject(context, error)
+            self._reject(context, error, header.client_id if header is not None else "")
         self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
         return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
@@ -258,16 +303,17 @@ def _check_listen_address(address: str) -> None:
 
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
     """The generated registration's handler table, except that FetchTask also passes pre-serialized
-    frames (``task_frame``) through; written out, so :func:`check_serves_every_method` guards it."""
+    frames (``task_frame``) through, and requests that do not parse reach the handlers as
+    :class:`Unparsable` (refused there, without gRPC's traceback); written out, so :func:`check_serves_every_method` guards it."""
     return {
         "Register": grpc.unary_unary_rpc_method_handler(
-            service.Register, request_deserializer=pb.RegisterRequest.FromString,
+            service.Register, request_deserializer=lenient_parser(pb.RegisterRequest),
             response_serializer=pb.RegisterReply.SerializeToString),
         "FetchTask": grpc.unary_stream_rpc_method_handler(
-            service.FetchTask, request_deserializer=pb.FetchTaskRequest.FromString,
+            service.FetchTask, request_deserializer=lenient_parser(pb.FetchTaskRequest),
             response_serializer=_serialize_task_message),
         "SubmitResult": grpc.stream_unary_rpc_method_handler(
-            service.SubmitResult, request_deserializer=pb.ResultMessage.FromString,
+            service.SubmitResult, request_deserializer=lenient_parser(pb.ResultMessage),
             response_serializer=pb.SubmitReply.SerializeToString),
     }
 

@@ -73,13 +73,16 @@ class Bot:
     samples: int = HONEST_SAMPLES
     refusals: list[grpc.RpcError] = field(default_factory=list)
     error: BaseException | None = None
+    session_secret: str = ""  # from its Register reply
 
     def run(self, stub) -> None:
         try:
-            stub.Register(pb.RegisterRequest(client_id=self.client_id, num_train_samples=self.samples,
-                                             num_heldout_samples=30, dataset=DATASET), timeout=RPC_TIMEOUT)
+            self.session_secret = stub.Register(pb.RegisterRequest(
+                client_id=self.client_id, num_train_samples=self.samples, num_heldout_samples=30,
+                dataset=DATASET), timeout=RPC_TIMEOUT).session_secret
             while True:
-                messages = list(stub.FetchTask(pb.FetchTaskRequest(run_id=RUN_ID, client_id=self.client_id),
+                messages = list(stub.FetchTask(pb.FetchTaskRequest(run_id=RUN_ID, client_id=self.client_id,
+                                                                   session_secret=self.session_secret),
                                                timeout=RPC_TIMEOUT))
                 task = messages[0].header
                 if task.type == pb.TASK_TYPE_SHUTDOWN:
@@ -105,6 +108,7 @@ class Bot:
 
     def _submit(self, stub, task, num_samples, metrics, update):
         header = pb.ResultHeader(run_id=task.run_id, task_id=task.task_id, client_id=self.client_id,
+                                 session_secret=self.session_secret,
                                  phase=task.phase, round=task.round, type=task.type, num_samples=num_samples,
                                  metrics=metrics)
         chunks = ()

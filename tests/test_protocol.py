@@ -52,8 +52,14 @@ class Server:
         return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+# client id -> its current session secret, as the last registration in this test returned it
+# (what a real client keeps); hand-made requests carry it unless a test says otherwise.
+SESSIONS: dict[str, str] = {}
+
+
 @pytest.fixture
 def server():
+    SESSIONS.clear()
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=POLL_TIMEOUT)
     metrics = ServerMetrics()
     with loopback_server(coordinator, metrics) as (channel, port):
@@ -64,15 +70,18 @@ def server():
 
 def register(stub, client_id: str, *, dataset: str = DATASET, samples=None) -> pb.RegisterReply:
     train, heldout = samples or SAMPLES.get(client_id, (10, 5))
-    return stub.Register(pb.RegisterRequest(client_id=client_id, num_train_samples=train,
-                                            num_heldout_samples=heldout, dataset=dataset,
-                                            client_version="test"), timeout=RPC_TIMEOUT)
+    reply = stub.Register(pb.RegisterRequest(client_id=client_id, num_train_samples=train,
+                                             num_heldout_samples=heldout, dataset=dataset,
+                                             client_version="test"), timeout=RPC_TIMEOUT)
+    SESSIONS[client_id] = reply.session_secret
+    return reply
 
 
 def fetch(stub, client_id: str, run_id: str = RUN_ID):
     """One FetchTask: (header, decoded weights or None, seconds until the header arrived)."""
     started = time.monotonic()
-    stream = stub.FetchTask(pb.FetchTaskRequest(run_id=run_id, client_id=client_id), timeout=RPC_TIMEOUT)
+    stream = stub.FetchTask(pb.FetchTaskRequest(run_id=run_id, client_id=client_id,
+                                                session_secret=SESSIONS.get(client_id, "")), timeout=RPC_TIMEOUT)
     first = next(stream)
     header_seconds = time.monotonic() - started
     assert first.WhichOneof("kind") == "header"
@@ -90,7 +99,8 @@ def fetch(stub, client_id: str, run_id: str = RUN_ID):
 
 def result_header(task: pb.TaskHeader, client_id: str, num_samples: int, **overrides) -> pb.ResultHeader:
     fields = dict(run_id=task.run_id, task_id=task.task_id, client_id=client_id, phase=task.phase,
-                  round=task.round, type=task.type, num_samples=num_samples, metrics={"loss": 0.5})
+                  round=task.round, type=task.type, num_samples=num_samples, metrics={"loss": 0.5},
+                  session_secret=SESSIONS.get(client_id, ""))
     fields.update(overrides)
     return pb.ResultHeader(**fields)
 
@@ -137,7 +147,8 @@ class Poller(threading.Thread):
 
     def run(self):
         try:
-            stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=RUN_ID, client_id=self.client_id),
+            stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=RUN_ID, client_id=self.client_id,
+                                                             session_secret=SESSIONS[self.client_id]),
                                          timeout=RPC_TIMEOUT)
             first = next(stream)
             self.header_at = time.monotonic()
@@ -399,9 +410,9 @@ def test_task_life_cycle_decides_duplicate_and_late_in_one_place():
     """pending -> delivered -> done or closed; a result that passed open_task is still refused when
     its task was answered or closed during the upload, with the same status as an immediate one."""
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, poll_timeout=0.1)
-    for cid, (train, heldout) in SAMPLES.items():
-        coordinator.register(pb.RegisterRequest(client_id=cid, num_train_samples=train,
-                                                num_heldout_samples=heldout, dataset=DATASET))
+    secrets = {cid: coordinator.register(pb.RegisterRequest(client_id=cid, num_train_samples=train,
+                                                            num_heldout_samples=heldout, dataset=DATASET))[1]
+               for cid, (train, heldout) in SAMPLES.items()}
     folded = []
     tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, {}, None) for cid in SAMPLES]
     batch = coordinator.dispatch(tasks, template={}, on_update=lambda task, n, _u: folded.append(task.client_id))
@@ -413,6 +424,7 @@ def test_task_life_cycle_decides_duplicate_and_late_in_one_place():
 
     def header(task):
         return pb.ResultHeader(run_id=RUN_ID, task_id=task.task_id, client_id=task.client_id, phase="cvae",
+                               session_secret=secrets[task.client_id],
                                round=1, type=pb.TASK_TYPE_TRAIN, num_samples=10)
 
     def refused(call, *args):

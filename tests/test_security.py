@@ -319,7 +319,8 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
                                                     dataset="mnist"), timeout=10, metadata=auth(token))
 
         def fetch(token):
-            return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice"), timeout=10,
+            return stub.FetchTask(pb.FetchTaskRequest(run_id="run", client_id="alice",
+                                                      session_secret=registered.session_secret), timeout=10,
                                   metadata=auth(token))
 
         def submit(header, token):
@@ -329,7 +330,8 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
         assert "invalid token for client 'alice'" in refused(register, "guess")
         refused(register, tokens["bob"])
         assert "alice" not in coordinator.clients
-        assert register(tokens["alice"]).run_id == "run"
+        registered = register(tokens["alice"])
+        assert registered.run_id == "run"
 
         task = coordinator.new_task("alice", pb.TASK_TYPE_EVALUATE, "cvae", 1,
                                     EvaluateTask(model="cvae", binarize=True, seed=1), None)
@@ -340,7 +342,8 @@ def test_every_rpc_needs_the_named_clients_token(tmp_path):
         assert header.task_id == task.task_id
 
         result = pb.ResultHeader(run_id="run", task_id=task.task_id, client_id="alice", phase="cvae", round=1,
-                                 type=pb.TASK_TYPE_EVALUATE, num_samples=5, metrics={"loss": 1.0})
+                                 type=pb.TASK_TYPE_EVALUATE, num_samples=5, metrics={"loss": 1.0},
+                                 session_secret=registered.session_secret)
         refused(submit, result, None)
         refused(submit, result, tokens["bob"])
         assert not batch.results

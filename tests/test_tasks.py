@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 
@@ -36,7 +37,7 @@ from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_json
-from helpers import loopback_server
+from helpers import loopback_server, wait_until
 
 TRAIN = dict(model="classifier", epochs=2, batch_size=16, optimizer="sgd", lr=0.01, sgd_momentum=0.5,
              binarize=False, prox_mu=0.1, deterministic=True, seed=12345)
@@ -227,8 +228,10 @@ def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(liv
     assert _task_errors(metrics) == 1.0
     assert metrics.registry.get_sample_value("genfl_client_updates_accepted_total",
                                              {"phase": "cvae", "type": "TASK_TYPE_TRAIN"}) is None
-    logged = [r.getMessage() for r in caplog.records if "could not execute task" in r.getMessage()]
-    assert len(logged) == 1 and logged[0].startswith("client alice could not execute task run-tasks-")
+    # The server logs the error just after recording it, so the engine may have woken first.
+    logged = wait_until(lambda: [r.getMessage() for r in caplog.records if "could not execute task" in r.getMessage()],
+                        5.0, "the server's log line of the task error")
+    assert len(logged) == 1 and re.match(r"client alice could not execute task [0-9a-f]{32} \(", logged[0]), logged
     assert "cvae round 1" in logged[0] and "unknown setting" in logged[0] and "'learning_rate'" in logged[0]
 
     # The client kept polling: the next task, a good one, is served as usual.
@@ -244,15 +247,19 @@ def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(liv
 
 # -- the error result on the wire (hand-made client) --------------------------------------------------
 
+SESSION: dict[str, str] = {}  # alice's session secret in the current `bare` server
+
+
 @pytest.fixture
 def bare(tmp_path):
     coordinator = Coordinator("run-wire", expected_clients=1, dataset="mnist", poll_timeout=5.0)
     metrics = ServerMetrics()
     with loopback_server(coordinator, metrics) as (channel, _port):
         stub = pb_grpc.FederatedLearningStub(channel)
-        stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=40, num_heldout_samples=10,
-                                         dataset="mnist"), timeout=20)
+        reply = stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=40, num_heldout_samples=10,
+                                                 dataset="mnist"), timeout=20)
         coordinator.wait_for_clients(timeout=5)
+        SESSION["alice"] = reply.session_secret
         yield coordinator, metrics, stub
 
 
@@ -265,7 +272,7 @@ def _train_batch(coordinator):
 
 def _error_header(task, error: str) -> pb.ResultHeader:
     return pb.ResultHeader(run_id="run-wire", task_id=task.task_id, client_id="alice", phase=task.phase,
-                           round=task.round, type=task.type, error=error)
+                           round=task.round, type=task.type, error=error, session_secret=SESSION["alice"])
 
 
 def test_error_result_is_recorded_once_shortened_and_ends_the_wait(bare, caplog):

@@ -35,20 +35,24 @@ class RegisterRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_heldout_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("run_id", "poll_timeout_seconds")
+    __slots__ = ("run_id", "poll_timeout_seconds", "session_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     POLL_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     poll_timeout_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., poll_timeout_seconds: _Optional[float] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., poll_timeout_seconds: _Optional[float] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class FetchTaskRequest(_message.Message):
-    __slots__ = ("run_id", "client_id")
+    __slots__ = ("run_id", "client_id", "session_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     client_id: str
-    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -107,7 +111,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("run_id", "task_id", "client_id", "phase", "round", "type", "num_samples", "metrics", "manifest", "error")
+    __slots__ = ("run_id", "task_id", "client_id", "phase", "round", "type", "num_samples", "metrics", "manifest", "error", "session_secret")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,7 @@ class ResultHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_id: str
     client_id: str
@@ -135,7 +140,8 @@ class ResultHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     manifest: Manifest
     error: str
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., type: _Optional[_Union[TaskType, str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., type: _Optional[_Union[TaskType, str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., error: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

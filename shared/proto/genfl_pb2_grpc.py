@@ -55,8 +55,8 @@ class FederatedLearningServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Announce a client and its local sample counts; idempotent per client_id (a reconnecting
-        client registers again).
+        """Announce a client and its local sample counts. A client registers again after a reconnect or
+        a restart (same client_id); each registration starts a new session and ends the previous one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
