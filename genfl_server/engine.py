@@ -178,7 +178,7 @@ class RoundEngine:
                   strategy: Strategy, clients: list[ClientInfo]) -> tuple[RoundGuard, list[TaskResult]]:
         """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet)."""
         held: dict[str, tuple[float, Mapping[str, torch.Tensor]]] = {}
-        round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
+        round_guard: RoundGuard | None = None  # made afresh by each attempt
 
         def fold_in(task, num_samples, update):
             weight, update = round_guard.admit(task.client_id, num_samples, update)
