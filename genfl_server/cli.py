@@ -208,7 +208,8 @@ def resolve_settings(opts: dict[str, Any], explicit: set[str]) -> tuple[ServerSe
 
 def _server_option(opts: dict[str, Any], name: str) -> Any:
     value = opts[name]
-    return value.resolve() if isinstance(value, Path) else value
+    # absolute(), not resolve(): a symlinked data folder keeps the path the user gave (messages name it)
+    return value.absolute() if isinstance(value, Path) else value
 
 
 def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
