@@ -21,11 +21,11 @@ import torch
 from genfl_shared.checkpoint import load_checkpoint
 from genfl_shared.config import RunConfig
 from genfl_shared.data import load_dataset, to_float_images
-from genfl_shared.runfiles import ENDPOINT_JSON, write_json_atomic
+from genfl_shared.runfiles import ENDPOINT_JSON, read_json, write_json_atomic
 
 from .coordinator import Coordinator
 from .engine import RoundEngine
-from .guard import UpdateGuard
+from .guard import PartitionCounts, UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
 from .results import RunRecorder
@@ -148,6 +148,18 @@ class ServerApp:
         log.info("test set: %d %s images from %s", len(labels), s.dataset, s.test_data)
         return to_float_images(images, binarize=s.config.binarize).to(self.device), labels.to(self.device)
 
+    def _partition_counts(self) -> PartitionCounts | None:
+        """With --partition-info, the clients and counts a registration must match."""
+        path = self.settings.partition_info
+        if path is None:
+            return None
+        partition = read_json(Path(path))
+        if not isinstance(partition, dict):
+            raise ValueError(f"--partition-info {path} is no longer a readable partition.json")
+        counts = PartitionCounts.from_partition(partition, str(path))
+        log.info("registrations must match %s: %d clients", path, len(counts.by_client))
+        return counts
+
     def start(self) -> str:
         """Load the run's data, listen, announce the endpoint in OUT/endpoint.json; returns host:port."""
         s, config = self.settings, self.settings.config
@@ -157,7 +169,8 @@ class ServerApp:
             self.metrics_port = self.metrics.serve(s.metrics_port)
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
-                                       max_client_samples=config.max_client_samples or None)
+                                       max_client_samples=config.max_client_samples or None,
+                                       partition=self._partition_counts())
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator)
         self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
                                                              credentials=self.credentials)

@@ -30,6 +30,7 @@ from genfl_shared.security import SecurityError, SecurityOptionsError, server_se
 from .app import (PATH_SETTINGS, RESULT_SETTINGS, ServerApp, ServerSettings, configure_torch, new_run_state,
                   settings_from_saved)
 from .coordinator import RegistrationTimeout
+from .guard import PartitionCounts
 from .runstate import RunState, RunStateError
 from .service import ListenError
 
@@ -282,6 +283,10 @@ def _read_partition_info(path: Path | None) -> dict:
         raise click.ClickException(f"--partition-info {path} is not a readable JSON file: {error}") from None
     if not isinstance(partition, dict):
         raise click.ClickException(f"--partition-info {path} must hold a JSON object (a partition.json)")
+    try:
+        PartitionCounts.from_partition(partition, str(path))  # registrations are checked against it
+    except ValueError as error:
+        raise click.ClickException(f"--partition-info {error}") from None
     return partition
 
 

@@ -33,7 +33,7 @@ from genfl_shared.codec import Payload
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings
 
-from .guard import check_registered_samples
+from .guard import PartitionCounts, check_registered_samples
 from .logsafe import RateLimitedLog, shown
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,10 @@ class TaskTable:
 
 class Coordinator:
     def __init__(self, run_id: str, *, expected_clients: int, dataset: str | None,
-                 poll_timeout: float = 30.0, max_client_samples: int | None = None):
+                 poll_timeout: float = 30.0, max_client_samples: int | None = None,
+                 partition: PartitionCounts | None = None):
         self.run_id = run_id
+        self.partition = partition  # None: any client id, counts bounded by max_client_samples only
         self.max_client_samples = max_client_samples  # None: any count (guard.check_registered_samples)
         self.expected_clients = expected_clients
         self.dataset = dataset
@@ -230,6 +232,8 @@ class Coordinator:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
                            f"client {cid!r} reports {request.num_train_samples} training samples")
         check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
+        if self.partition is not None:
+            self.partition.check(cid, request.num_train_samples, request.num_heldout_samples)
         if self.dataset and request.dataset and request.dataset != self.dataset:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset",
                            f"client {cid!r} holds {shown(request.dataset)!r} data but this run trains on {self.dataset!r}")

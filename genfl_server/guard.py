@@ -1,6 +1,7 @@
 """Defences against hostile clients: what a client reports is bounded before it can reach the model.
 
 * ``check_registered_samples``: a client may not claim more training samples than a dataset holds.
+* ``PartitionCounts``: with ``--partition-info``, only the partition's clients, with its counts.
 * ``validated_metrics``: a result's metrics are known names with finite, in-range values.
 * ``UpdateGuard`` / ``RoundGuard``: each round, every update's distance ||w_client - w_global|| is
   recorded as it is folded in, each client's FedAvg weight is capped at a share of the round's
@@ -27,13 +28,15 @@ import torch
 
 from genfl_shared.config import RunConfig
 
+from .logsafe import shown
+
 log = logging.getLogger(__name__)
 
 
-def _rejected(reason: str, message: str) -> Exception:
+def _rejected(reason: str, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> Exception:
     # Imported here: the coordinator calls into this module at registration.
     from .coordinator import Rejected
-    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+    return Rejected(code, reason, message)
 
 # The metrics a genfl-client sends (genfl_client/executor.py), with the range each must lie in.
 METRIC_RANGES: dict[str, tuple[float, float]] = {
@@ -66,6 +69,46 @@ def check_registered_samples(client_id: str, num_train_samples: int, max_client_
         raise _rejected("bad_sample_count",
                         f"client {client_id!r} reports {num_train_samples} training samples; this server "
                         f"accepts at most {max_client_samples} per client (--max-client-samples)")
+
+
+@dataclass(frozen=True)
+class PartitionCounts:
+    """The sample counts ``partition.json`` records for each client: with ``--partition-info`` the
+    server admits exactly these clients with exactly these counts (a client cannot claim more
+    weight than its shard holds)."""
+
+    by_client: Mapping[str, tuple[int, int]]  # client_id -> (train, held-out)
+    source: str  # the file, for messages
+
+    @classmethod
+    def from_partition(cls, partition: Mapping, source: str) -> "PartitionCounts":
+        """From a partition.json's content; ValueError names what is missing or wrong."""
+        clients = partition.get("clients")
+        if not isinstance(clients, list) or not clients:
+            raise ValueError(f"{source} lists no clients (a partition.json from genfl-partition has them)")
+        counts: dict[str, tuple[int, int]] = {}
+        for entry in clients:
+            try:
+                cid, train, heldout = entry["client_id"], entry["num_train"], entry["num_heldout"]
+            except (TypeError, KeyError) as error:
+                raise ValueError(f"{source}: a client entry lacks {error}") from None
+            if not (isinstance(cid, str) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                 for n in (train, heldout))):
+                raise ValueError(f"{source}: client entry {shown(str(entry))} is not (client_id, num_train, num_heldout)")
+            counts[cid] = (train, heldout)
+        return cls(counts, source)
+
+    def check(self, client_id: str, num_train: int, num_heldout: int) -> None:
+        """Refuse a registration that does not match the partition."""
+        expected = self.by_client.get(client_id)
+        if expected is None:
+            raise _rejected("not_in_partition", f"client {shown(client_id)!r} is not in this run's partition "
+                            f"({self.source})", code=grpc.StatusCode.PERMISSION_DENIED)
+        if expected != (num_train, num_heldout):
+            raise _rejected("partition_mismatch",
+                            f"client {client_id!r} reports {num_train} train / {num_heldout} held-out samples; "
+                            f"the partition ({self.source}) gives it {expected[0]} / {expected[1]}",
+                            code=grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def validated_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
