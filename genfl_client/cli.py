@@ -74,7 +74,11 @@ def main(server, shard, client_id, device, threads, max_reconnect_seconds, ca, t
         sys.exit(2)
     metrics = ClientMetrics(client_id)
     if metrics_port is not None:
-        log.info("Prometheus metrics on :%d/metrics", metrics.serve(metrics_port))
+        try:
+            log.info("Prometheus metrics on :%d/metrics", metrics.serve(metrics_port))
+        except OSError as error:  # in use, not permitted: a usage problem, like a bad --device
+            log.error("cannot serve metrics on --metrics-port %d: %s", metrics_port, error.strerror or error)
+            sys.exit(2)
     log.info("client %s: %d train / %d held-out %s samples from %s", client_id, data.num_train,
              data.num_heldout, data.dataset, shard)
     runner = ClientRunner(server, client_id, TaskExecutor(data, torch_device), metrics, dataset=data.dataset,

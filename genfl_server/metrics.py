@@ -59,5 +59,9 @@ class ServerMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Serve /metrics on ``port`` (0 picks a free one); returns the bound port."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        from .service import ListenError  # here: service imports this module
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as error:
+            raise ListenError(f"cannot serve metrics on {addr}:{port}: {error.strerror or error}") from None
         return server.server_address[1]

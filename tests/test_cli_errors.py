@@ -117,6 +117,30 @@ def test_server_on_a_port_in_use(tmp_path, occupied_port):
     assert not (tmp_path / "run" / "endpoint.json").exists()
 
 
+def test_server_metrics_port_in_use(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = server("--address", "127.0.0.1:0", "--metrics-port", str(port), out=tmp_path / "run")
+    assert_clean_failure(result, EXIT_CANNOT_LISTEN,
+                         f"Error: cannot serve metrics on 0.0.0.0:{port}: Address already in use")
+
+
+def test_client_metrics_port_in_use(tmp_path):
+    shard = tmp_path / "client-000.npz"
+    write_shard(shard, **_shard_arrays(), meta={"client_id": "client-000", "client_index": 0, "dataset": "mnist"})
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run("genfl-client", "--server", "127.0.0.1:1", "--shard", str(shard), "--metrics-port", str(port),
+                     "--max-reconnect-seconds", "1")
+    assert result.returncode == CLIENT_EXIT_BAD_SHARD, result.stderr
+    assert f"cannot serve metrics on --metrics-port {port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("address, reason", [
     ("no-such-host.invalid:50051", "unknown host 'no-such-host.invalid'"),
     ("localhost", "not a host:port address (e.g. 0.0.0.0:50051)"),  # gRPC would take port 443
