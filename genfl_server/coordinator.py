@@ -218,6 +218,9 @@ class Coordinator:
         self.started = False  # set once the run begins: registrations are then frozen
         # Re-registrations are accepted (a restarted client), so a hostile one could repeat them.
         self._registration_log = RateLimitedLog(log)
+        # Called whenever pollers are woken (a task posted, the run shut down), for long polls that
+        # do not wait on the condition (the service's asyncio polls); see add_poll_listener.
+        self._poll_listeners: list[Callable[[], None]] = []
 
     # -- registration -------------------------------------------------------------------------
     def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
@@ -313,7 +316,7 @@ class Coordinator:
         batch = TaskBatch(tasks, template=template, on_update=on_update)
         with self._cond:
             self._tasks.post(batch)
-            self._cond.notify_all()
+            self._wake_pollers()
         return batch
 
     def close(self, batch: TaskBatch) -> None:
@@ -343,7 +346,20 @@ class Coordinator:
 
     def wake(self) -> None:
         with self._cond:
-            self._cond.notify_all()
+            self._wake_pollers()
+
+    def add_poll_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a poll may now get an answer (a task was posted, the run shut
+        down). It is called with the coordinator's lock held, from the thread that posted: it must
+        only schedule work (e.g. ``loop.call_soon_threadsafe``), never block or call back in."""
+        with self._lock:
+            self._poll_listeners.append(listener)
+
+    def _wake_pollers(self) -> None:
+        """Wake every waiting poll. Caller holds the lock."""
+        self._cond.notify_all()
+        for listener in self._poll_listeners:
+            listener()
 
     def open_task(self, header: pb.ResultHeader) -> tuple[Task, TaskBatch]:
         """Match a result header to the task it answers; raise Rejected with the precise reason."""
@@ -404,7 +420,7 @@ class Coordinator:
         with self._cond:
             self._shutdown = pb.TaskHeader(run_id=self.run_id, type=pb.TASK_TYPE_SHUTDOWN,
                                            config_json=json.dumps(config))
-            self._cond.notify_all()
+            self._wake_pollers()
 
     def wait_shutdown_delivered(self, timeout: float) -> bool:
         """Give every registered client the chance to hear that the run is over."""
