@@ -1,10 +1,11 @@
 """Shared state between the gRPC threads and the round engine: who is registered, which task each
 client holds, and which results are still awaited.
 
-The engine posts a batch of tasks (one per client) and waits; gRPC threads hand tasks to long-polling
-clients and feed results back into the batch. One condition variable wakes waiting pollers the
-moment a task is posted (so task delivery costs no polling interval); one per batch wakes the engine
-as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
+The engine posts a batch of tasks (one per client) and waits; the gRPC service (on its event-loop
+thread, and its upload executor) hands tasks to long-polling clients and feeds results back into the
+batch. Posting a task wakes waiting pollers at once (so task delivery costs no polling interval):
+those blocked on the condition variable, and through the poll listeners the service's asyncio polls;
+a condition per batch wakes the engine as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
 one TaskTable, which alone decides whether a result is a duplicate or late.
 
 Identity: each registration starts a session with a random secret (only its SHA-256 is kept) that
