@@ -171,9 +171,11 @@ class ServerApp:
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
                                        max_client_samples=config.max_client_samples or None,
                                        partition=self._partition_counts())
-        service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator)
-        self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
-                                                             credentials=self.credentials)
+        service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
+                                           upload_timeout=config.upload_timeout,
+                                           max_streams_per_connection=config.max_streams_per_connection,
+                                           max_streams_per_ip=config.max_streams_per_ip)
+        self._server, port, self._health = start_grpc_server(service, s.address, credentials=self.credentials)
         set_health(self._health, serving=True)  # listening, with its data (test set, checkpoint) loaded
         host = s.address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"

@@ -1,10 +1,11 @@
 """Shared state between the gRPC threads and the round engine: who is registered, which task each
 client holds, and which results are still awaited.
 
-The engine posts a batch of tasks (one per client) and waits; gRPC threads hand tasks to long-polling
-clients and feed results back into the batch. One condition variable wakes waiting pollers the
-moment a task is posted (so task delivery costs no polling interval); one per batch wakes the engine
-as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
+The engine posts a batch of tasks (one per client) and waits; the gRPC service (on its event-loop
+thread, and its upload executor) hands tasks to long-polling clients and feeds results back into the
+batch. Posting a task wakes waiting pollers at once (so task delivery costs no polling interval):
+those blocked on the condition variable, and through the poll listeners the service's asyncio polls;
+a condition per batch wakes the engine as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
 one TaskTable, which alone decides whether a result is a duplicate or late.
 
 Identity: each registration starts a session with a random secret (only its SHA-256 is kept) that
@@ -220,6 +221,9 @@ class Coordinator:
         self.started = False  # set once the run begins: registrations are then frozen
         # Re-registrations are accepted (a restarted client), so a hostile one could repeat them.
         self._registration_log = RateLimitedLog(log)
+        # Called whenever pollers are woken (a task posted, the run shut down), for long polls that
+        # do not wait on the condition (the service's asyncio polls); see add_poll_listener.
+        self._poll_listeners: list[Callable[[], None]] = []
 
     # -- registration -------------------------------------------------------------------------
     def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
@@ -317,7 +321,7 @@ class Coordinator:
         batch = TaskBatch(tasks, template=template, on_update=on_update)
         with self._cond:
             self._tasks.post(batch)
-            self._cond.notify_all()
+            self._wake_pollers()
         return batch
 
     def close(self, batch: TaskBatch) -> None:
@@ -347,7 +351,20 @@ class Coordinator:
 
     def wake(self) -> None:
         with self._cond:
-            self._cond.notify_all()
+            self._wake_pollers()
+
+    def add_poll_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a poll may now get an answer (a task was posted, the run shut
+        down). It is called with the coordinator's lock held, from the thread that posted: it must
+        only schedule work (e.g. ``loop.call_soon_threadsafe``), never block or call back in."""
+        with self._lock:
+            self._poll_listeners.append(listener)
+
+    def _wake_pollers(self) -> None:
+        """Wake every waiting poll. Caller holds the lock."""
+        self._cond.notify_all()
+        for listener in self._poll_listeners:
+            listener()
 
     def open_task(self, header: pb.ResultHeader) -> tuple[Task, TaskBatch]:
         """Match a result header to the task it answers; raise Rejected with the precise reason."""
@@ -408,7 +425,7 @@ class Coordinator:
         with self._cond:
             self._shutdown = pb.TaskHeader(run_id=self.run_id, type=pb.TASK_TYPE_SHUTDOWN,
                                            config_json=json.dumps(config))
-            self._cond.notify_all()
+            self._wake_pollers()
 
     def wait_shutdown_delivered(self, timeout: float) -> bool:
         """Give every registered client the chance to hear that the run is over."""

@@ -28,6 +28,8 @@ class ServerMetrics:
                                         registry=r)
         self.clients_connected = Gauge("genfl_clients_connected",
                                        "Clients holding an open task poll right now", registry=r)
+        self.rpcs_open = Gauge("genfl_rpcs_open", "Client RPCs (polls, uploads, registrations) open right now",
+                               registry=r)
         self.updates_accepted = Counter("genfl_client_updates_accepted_total",
                                         "Client results accepted", ["phase", "type"], registry=r)
         self.updates_rejected = Counter("genfl_client_updates_rejected_total",

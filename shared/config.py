@@ -90,6 +90,15 @@ class RunConfig:
     max_client_weight_share: float = _setting(
         0.5, "Largest share of the FedAvg weight one client may hold, from 3 clients on (1: no cap).",
         click.FloatRange(0, 1, min_open=True))
+    # Resource bounds of the server's transport (genfl_server/service.py); none binds an honest run.
+    upload_timeout: float = _setting(
+        60.0, "Seconds a result upload may take to arrive (not counting waits for the server's receive slots); "
+        "a slower one is cut with DEADLINE_EXCEEDED and its task stays open for a retry.", _RATE)
+    max_streams_per_connection: int = _setting(
+        64, "Most RPCs open at once on one client connection (0: no limit).", _COUNT)
+    max_streams_per_ip: int = _setting(
+        0, "Most RPCs open at once from one IP address, all its connections together (0: no limit; loopback "
+        "clients all share 127.0.0.1).", _COUNT)
     # Server-side synthetic data
     synthetic_samples: int = _setting(60_000, "Class-balanced synthetic images sampled from the CVAE.",
                                       click.IntRange(10))

@@ -87,7 +87,7 @@ def loopback_server(coordinator: Coordinator, metrics: ServerMetrics | None = No
     it; yields (channel, port). At the end the run is shut down (releasing any waiting poll) and
     the server must stop within 10 s."""
     service = FederatedLearningService(coordinator, metrics or ServerMetrics(), **service_options)
-    server, port, _health = start_grpc_server(service, "127.0.0.1:0", max_workers=8)
+    server, port, _health = start_grpc_server(service, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     try:

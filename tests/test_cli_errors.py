@@ -227,9 +227,9 @@ def test_a_second_genfl_server_cannot_share_the_port():
     def service():
         return FederatedLearningService(Coordinator("run", expected_clients=1, dataset="mnist"), ServerMetrics())
 
-    first, port, _ = start_grpc_server(service(), "127.0.0.1:0", max_workers=2)
+    first, port, _ = start_grpc_server(service(), "127.0.0.1:0")
     try:
         with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: address in use"):
-            start_grpc_server(service(), f"127.0.0.1:{port}", max_workers=2)
+            start_grpc_server(service(), f"127.0.0.1:{port}")
     finally:
         first.stop(grace=None)

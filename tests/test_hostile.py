@@ -152,8 +152,7 @@ def run_federation(tmp_path: Path, bots: list[Bot], *, guard: UpdateGuard | None
     coordinator = Coordinator(RUN_ID, expected_clients=len(bots), dataset=DATASET, poll_timeout=2.0,
                               max_client_samples=max_client_samples)
     metrics = ServerMetrics()
-    server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics), "127.0.0.1:0",
-                                              max_workers=2 * len(bots) + 8)
+    server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics), "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     out = tmp_path / "run"
@@ -271,8 +270,7 @@ def task_samples(task) -> int:
 def test_absurd_sample_count_is_refused_at_registration(tmp_path):
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, max_client_samples=DEFAULT_MAX_CLIENT_SAMPLES)
     metrics = ServerMetrics()
-    server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics), "127.0.0.1:0",
-                                              max_workers=4)
+    server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics), "127.0.0.1:0")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.FederatedLearningStub(channel)
         with pytest.raises(grpc.RpcError) as info:
