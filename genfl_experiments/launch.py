@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, ROUNDS, given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, PRESETS, ROUNDS, given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
@@ -33,7 +33,7 @@ log = logging.getLogger("genfl_launch")
 
 # The run settings genfl-launch takes (the rest keep the preset's values).
 LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples",
-                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic")
+                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic", *DP_FIELDS)
 
 
 class LaunchError(RuntimeError):

@@ -28,6 +28,7 @@ from .engine import RoundEngine
 from .guard import UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
+from .privacy import PrivacyLedger
 from .results import RunRecorder
 from .runstate import RunState
 from .service import FederatedLearningService, set_health, start_grpc_server
@@ -158,7 +159,9 @@ class ServerApp:
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
                                        max_client_samples=config.max_client_samples or None)
-        service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator)
+        privacy = PrivacyLedger(config) if config.dp else None
+        service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
+                                           privacy=privacy)
         self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
                                                              credentials=self.credentials)
         set_health(self._health, serving=True)  # listening, with its data (test set, checkpoint) loaded
@@ -174,6 +177,8 @@ class ServerApp:
                                device_name=device_name(self.device), **self.run_state.progress["run"])
         if s.resume and "recorder" in self.run_state.progress:
             recorder.restore(self.run_state.progress["recorder"])
+            if privacy is not None:
+                privacy.restore(recorder.summary.get("dp"))
         elif not s.resume:
             self.run_state.save(recorder_state=recorder.export())  # resumable from the very start
         engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.seed,
@@ -181,7 +186,7 @@ class ServerApp:
                              round_retries=s.round_retries, deterministic=config.deterministic,
                              guard=UpdateGuard.from_config(config))
         self.ctx = PhaseContext(engine, recorder, self.metrics, config, s.out, self.device, test_set,
-                                self.run_state)
+                                self.run_state, privacy=privacy)
         return self.address
 
     def run(self) -> Path:

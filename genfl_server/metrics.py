@@ -55,6 +55,10 @@ class ServerMetrics:
                                          "Synthetic images sampled from the global CVAE", registry=r)
         self.pretrain_seconds = Gauge("genfl_pretrain_seconds", "Wall time of server-side pre-training",
                                       registry=r)
+        self.dp_epsilon = Gauge("genfl_dp_epsilon", "DP-SGD runs: the run's epsilon so far (max over clients of "
+                                "the spent epsilon they report; at the run's delta, genfl_dp_delta)", registry=r)
+        self.dp_delta = Gauge("genfl_dp_delta", "DP-SGD runs: the delta of the run's (epsilon, delta) guarantee",
+                              registry=r)
         self.phase.state("waiting")
 
     def serve(self, port: int, addr: str = "0.0.0.0"):

@@ -20,7 +20,8 @@ from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
-from .guard import validated_metrics
+from .guard import check_dp_epsilon, validated_metrics
+from .privacy import PrivacyLedger
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .metrics import ServerMetrics
 
@@ -103,9 +104,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
                  max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
                  authenticator: TokenAuthenticator | None = None,
-                 max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS):
+                 max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+                 privacy: PrivacyLedger | None = None):
         self.coordinator = coordinator
         self.metrics = metrics
+        self.privacy = privacy  # DP runs: every accepted result's spent epsilon is recorded
         # With an authenticator, every RPC must carry the token of the client it names.
         self.authenticator = authenticator
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads)
@@ -206,6 +209,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                "an evaluation result carries no weights")
             metrics = validated_metrics(header.metrics)
+            check_dp_epsilon(task.config, metrics)
             result = TaskResult(task, int(header.num_samples), metrics)
             if not context.is_active():
                 # gRPC ends the request iterator quietly when the call is cancelled or fails in
@@ -215,6 +219,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.coordinator.finish(result, batch, update)
         except Rejected as error:
             self._reject(context, error, header.client_id if header is not None else "")
+        if self.privacy is not None and "dp_epsilon" in metrics:
+            self.privacy.record(task.client_id, metrics["dp_epsilon"])
+            epsilon, delta = self.privacy.guarantee()
+            self.metrics.dp_epsilon.set(epsilon)
+            self.metrics.dp_delta.set(delta)
         self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
         return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
