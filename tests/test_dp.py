@@ -257,3 +257,56 @@ def test_a_small_dp_run_completes_with_its_guarantee_in_summary_json(tmp_path):
     rounds = [e for e in read_events(tmp_path / METRICS_JSONL) if e["event"] == "dp"]
     assert [e["round"] for e in rounds] == [1, 2] and rounds[0]["epsilon"] < rounds[1]["epsilon"] == dp["epsilon"]
     assert summary["final"]["phase"] == "classifier"
+
+
+# -- the privacy axis of genfl-sweep ---------------------------------------------------------------
+
+def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(tmp_path):
+    from genfl_experiments.sweep.plan import Distribution, build_arms, parse_epsilons, plan_cells
+
+    levels = parse_epsilons("1, 3,8,inf")
+    assert [lv.name for lv in levels] == ["eps-1", "eps-3", "eps-8", "eps-inf"]
+    for bad in ("0", "-1", "abc", "3,3", "nan", ""):
+        with pytest.raises(ValueError):
+            parse_epsilons(bad)
+    arms = build_arms(["pretrained", "baseline"], ["fedavg"])
+    cells = plan_cells(tmp_path, [Distribution(0.1)], [0], arms, cvae_rounds=2, classifier_rounds=2,
+                       centralised=False, privacy=levels, dp_args=["--dp-delta", "1e-06"])
+    keys = {c.key: c for c in cells}
+    assert sorted(keys) == sorted([f"alpha-0.1/seed0/{lv.name}/{k}" for lv in levels for k in ("cvae", "pretrained")]
+                                  + ["alpha-0.1/seed0/baseline"])
+    group = tmp_path / "runs" / "alpha-0.1" / "seed0"
+    three = keys["alpha-0.1/seed0/eps-3/cvae"]
+    assert three.args == ["--phase", "cvae", "--dp-target-epsilon", "3.0", "--dp-delta", "1e-06"]
+    assert three.out == group / "eps-3" / "cvae" and three.group == group  # one partition per group
+    assert keys["alpha-0.1/seed0/eps-inf/cvae"].args == ["--phase", "cvae"]  # ∞: no DP
+    pretrained = keys["alpha-0.1/seed0/eps-3/pretrained"]
+    assert pretrained.deps == [three.key] and str(three.out / "cvae.pt") in pretrained.args
+    assert "--dp-target-epsilon" not in pretrained.args  # the classifier phase is not DP
+    assert keys["alpha-0.1/seed0/baseline"].deps == [] and keys["alpha-0.1/seed0/baseline"].out == group / "baseline"
+
+
+def test_sweep_with_an_epsilon_axis_reports_privacy_against_utility(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "genfl_experiments.sweep.cli", "--data-root", str(dataset_dir("mnist")),
+         "--out", str(tmp_path), "--preset", "quick", "--clients", "2", "--train-subset", "400", "--rounds", "2",
+         "--local-epochs", "1", "--synthetic-samples", "100", "--cas-epochs", "1", "--pretrain-epochs", "1",
+         "--server-threads", "1", "--log-level", "warning", "--alphas", "iid", "--repeats", "1",
+         "--epsilons", "2,inf", "--no-centralised", "--parallel", "2"],
+        capture_output=True, text=True, timeout=1200, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    group = tmp_path / "runs" / "iid" / "seed0"
+    private = json.loads((group / "eps-2" / "cvae" / "summary.json").read_text())
+    assert private["config"]["dp_target_epsilon"] == 2.0 and 1.9 <= private["dp"]["epsilon"] <= 2.0
+    assert json.loads((group / "eps-inf" / "cvae" / "summary.json").read_text())["dp"] is None
+    privacy = (tmp_path / "privacy.md").read_text()
+    rows = [line for line in privacy.splitlines() if line.startswith("| IID |")]
+    assert len(rows) == 3, privacy  # ε = 2, ∞ and the baseline
+    assert rows[0].split("|")[2].strip() == "2" and rows[1].split("|")[2].strip() == "∞ (no DP)"
+    assert float(rows[0].split("|")[3]) == pytest.approx(private["dp"]["epsilon"], abs=1e-3)
+    assert "baseline" in rows[2]
+    assert (tmp_path / "figures" / "privacy_utility.png").stat().st_size > 1000
+    # table.md and cas.md cover the runs without DP only: the ε = ∞ level and the baseline.
+    table = (tmp_path / "table.md").read_text()
+    assert "| IID |" in table and "| 1 |" in table.split("| IID |")[1].splitlines()[0]
