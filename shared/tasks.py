@@ -132,6 +132,13 @@ class TrainTask(_TaskSettings):
             raise TaskSettingsError("prox_mu", f"must be >= 0, got {self.prox_mu}")
         self._check_dp()
 
+    def to_json(self) -> str:
+        """The wire form; without DP it carries no dp_* keys (it is the task of a run without DP)."""
+        text = super().to_json()
+        if self.dp:
+            return text
+        return json.dumps({k: v for k, v in json.loads(text).items() if k not in DP_KEYS}, allow_nan=False)
+
     def dp_settings(self) -> DPSettings | None:
         """The task's DP-SGD settings (None without DP)."""
         if not self.dp:
