@@ -159,7 +159,10 @@ class ServerApp:
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
                                        max_client_samples=config.max_client_samples or None)
-        privacy = PrivacyLedger(config) if config.dp else None
+        privacy = None
+        if config.dp:
+            privacy = PrivacyLedger(config)
+            self.metrics.track_privacy(config.dp_delta)
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
                                            privacy=privacy)
         self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
@@ -179,6 +182,10 @@ class ServerApp:
             recorder.restore(self.run_state.progress["recorder"])
             if privacy is not None:
                 privacy.restore(recorder.summary.get("dp"))
+                epsilon, delta = privacy.guarantee()
+                if epsilon is not None:
+                    self.metrics.dp_epsilon.set(epsilon)
+                    self.metrics.dp_delta.set(delta)
         elif not s.resume:
             self.run_state.save(recorder_state=recorder.export())  # resumable from the very start
         engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.seed,

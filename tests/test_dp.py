@@ -4,6 +4,7 @@ and a real small DP run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import dataset_dir
 from genfl_client.executor import TaskError, TaskExecutor
+from genfl_server.metrics import ServerMetrics
 from genfl_server.privacy import PrivacyLedger
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
 from genfl_shared.config import RunConfig, resolve_config
@@ -168,6 +170,14 @@ def test_ledger_takes_the_weakest_client_and_adds_up_a_restarted_clients_account
     summary = ledger.summary()
     assert summary["per_client"]["b"] == {"epsilon": pytest.approx(0.9), "delta": 2e-5, "accountants": 2}
     assert summary["epsilon"] == pytest.approx(0.9) and summary["delta"] == 2e-5
+
+
+def test_only_a_dp_run_exports_an_epsilon():
+    plain, private = ServerMetrics(), ServerMetrics()
+    private.track_privacy(1e-5)
+    assert plain.registry.get_sample_value("genfl_dp_epsilon") is None  # no DP: no epsilon, not 0
+    assert math.isnan(private.registry.get_sample_value("genfl_dp_epsilon"))  # none reported yet
+    assert private.registry.get_sample_value("genfl_dp_delta") == 1e-5
 
 
 # -- the server ----------------------------------------------------------------------------------------
