@@ -417,4 +417,18 @@ def write_privacy(results: list[CellResult], path: Path, *, dataset: str, preset
                          f"| {fmt_pct(_accs(base, 'test_accuracy'))} | {len(base)} | {_seeds(base)} |")
     if not grouped:
         lines += ["", "No finished cells on the privacy axis yet."]
+    else:
+        lines += ["", "## Wall time of the CVAE phase", "", "DP-SGD computes every per-sample gradient: its CVAE "
+                  "rounds cost more than those without DP (the classifier phase is the same at every level).", "",
+                  "| Target ε | CVAE cells | Median wall s per cell | Median s per CVAE round |", "|---|---|---|---|"]
+        by_level = defaultdict(list)
+        for levels in grouped.values():
+            for level, runs in levels.items():
+                by_level[level] += runs["cvae"]
+        for level in sorted(by_level, key=epsilon_order):
+            cells = by_level[level]
+            rounds = [x["seconds"] for c in cells for x in c.summary.get("rounds", [])]
+            if cells:
+                lines.append(f"| {epsilon_label(level)} | {len(cells)} | {statistics.median(c.seconds for c in cells):.1f} "
+                             f"| {statistics.median(rounds) if rounds else math.nan:.2f} |")
     path.write_text("\n".join(lines) + "\n")
