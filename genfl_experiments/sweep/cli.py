@@ -24,7 +24,7 @@ from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
 
 from genfl_server.strategy import strategy_names
-from genfl_shared.config import PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config, run_options
 from genfl_shared.runfiles import write_json_atomic
 
 from .plan import ARM_CHOICES, build_arms, parse_distributions, parse_epsilons, plan_cells
@@ -166,7 +166,7 @@ def _differences_from_paper(config: RunConfig) -> list[str]:
     paper = PRESETS["paper"]
     compared = [f.name for f in dataclasses.fields(RunConfig)
                 if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
-                                  "deterministic")]
+                                  "deterministic", *DP_FIELDS)]  # DP: privacy.md's, not the poster's
     return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
             for name in compared if getattr(config, name) != getattr(paper, name)]
 
