@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from genfl_shared.data import to_float_images
+from genfl_shared.dp import ClientPrivacy
 from genfl_shared.models import build_model
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
@@ -48,6 +49,8 @@ class TaskExecutor:
         # One model per kind for the whole run: every task overwrites all of its weights and
         # buffers (strict load), so re-building (and randomly initialising) it per task is waste.
         self._models: dict[str, torch.nn.Module] = {}
+        # DP-SGD: one accountant for the life of the process, so epsilon accumulates over rounds.
+        self._privacy: ClientPrivacy | None = None
         # torch imports its compiler stack lazily when the first optimiser is built (about a CPU
         # second); pay that at start-up rather than inside the first round.
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
@@ -93,16 +96,34 @@ class TaskExecutor:
         common = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
                       device=self.device, prox_mu=task.prox_mu)
         started = time.perf_counter()
+        privacy = self._privacy_for(task, len(y))
         if task.model == "cvae":  # TrainTask guarantees Adam: train_cvae takes no optimiser
-            result = train_cvae(model, x, y, **common)
+            result = train_cvae(model, x, y, privacy=privacy, **common)
         else:
             result = train_classifier(model, x, y, optimizer=task.optimizer, momentum=task.sgd_momentum, **common)
         seconds = time.perf_counter() - started
         metrics = {"train_seconds": seconds, "steps": float(result["steps"])}
         if not math.isnan(result["loss"]):
             metrics["loss"] = result["loss"]
+        if privacy is not None:
+            metrics["dp_epsilon"] = privacy.epsilon()  # spent over every round so far
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return TaskOutcome(result["samples"], metrics, state)
+
+    def _privacy_for(self, task: TrainTask, num_samples: int) -> ClientPrivacy | None:
+        """The process's accountant for a DP task (made by the first one), or None without DP."""
+        settings = task.dp_settings()
+        if settings is None:
+            return None
+        shape = dict(num_samples=num_samples, batch_size=task.batch_size, epochs=task.epochs)
+        try:
+            if self._privacy is None:
+                self._privacy = ClientPrivacy(settings, **shape)
+            else:
+                self._privacy.check_same_run(settings, **shape)
+        except ValueError as error:
+            raise TaskError(f"DP-SGD: {error}") from None
+        return self._privacy
 
     def _evaluate(self, task: EvaluateTask, model, x, y) -> TaskOutcome:
         if len(y) == 0:

@@ -7,6 +7,11 @@
   centralised CVAE's CAS as a band.
 - ``class_distribution.png``: clients x classes training-image counts, one panel per distribution.
 - ``synthetic_samples.png``: the server's grid of synthetic samples (one row per class), per distribution.
+- ``privacy_utility.png`` (with a privacy axis): CAS, federated CAS and the pre-trained arm's weighted
+  client accuracy against ε, mean ± std over seeds, one panel per distribution, no DP at the right,
+  the baseline as a dashed line.
+
+Every figure but the last covers the runs without DP-SGD only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from genfl_shared.partition import PARTITION_JSON  # noqa: E402
 
-from .reports import CellResult, arm_order, distribution_label, distribution_order  # noqa: E402
+from .reports import (CellResult, arm_order, distribution_label, distribution_order, epsilon_label,  # noqa: E402
+                      epsilon_order, privacy_levels)
 from .sweep.plan import Distribution  # noqa: E402
 
 MAIN_ARMS = {"pretrained": ("pre-trained", "tab:blue"), "baseline": ("baseline", "tab:orange")}
@@ -187,10 +193,54 @@ def plot_synthetic_samples(results: list[CellResult], path: Path) -> Path | None
     return _save(fig, path)
 
 
+def plot_privacy_utility(results: list[CellResult], path: Path) -> Path | None:
+    grouped = privacy_levels(results)
+    if not grouped:
+        return None
+    dists = sorted(grouped, key=distribution_order)
+    fig, axes = _panels(len(dists), width=4.2, height=3.4)
+    for ax, dist in zip(axes, dists):
+        levels = sorted(grouped[dist], key=epsilon_order)
+        finite = [float(lv) for lv in levels if lv != "inf"]
+        # No DP sits one doubling right of the largest ε, on the same log axis.
+        xs = [2 * max(finite, default=1.0) if lv == "inf" else float(lv) for lv in levels]
+        for key, label, color in (("cas", "CAS", "tab:blue"), ("cas_federated", "federated CAS", "tab:green"),
+                                  ("weighted_client_accuracy", "pre-trained arm, client acc", "tab:red")):
+            means, stds, points = [], [], []
+            for x, lv in zip(xs, levels):
+                runs = grouped[dist][lv]["pretrained"]
+                values = [100 * v for v in ((r.final(key) if key == "weighted_client_accuracy" else r.summary.get(key))
+                                            for r in runs) if v is not None]
+                if values:
+                    points.append(x)
+                    means.append(float(np.mean(values)))
+                    stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+            if points:
+                ax.errorbar(points, means, yerr=stds, marker="o", capsize=3, color=color, label=label)
+        base = [100 * r.final("weighted_client_accuracy") for r in results
+                if r.kind == "classifier" and r.arm_name == "baseline" and r.distribution == dist
+                and r.final("weighted_client_accuracy") is not None]
+        if base:
+            ax.axhline(float(np.mean(base)), color="tab:orange", linestyle="--", label="baseline, client acc")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [epsilon_label(lv).replace(" (no DP)", "\n(no DP)") for lv in levels])
+        ax.minorticks_off()
+        ax.set_title(distribution_label(dist))
+        ax.set_xlabel("ε (DP-SGD in the CVAE phase)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("privacy vs utility (mean ± std over seeds)")
+    return _save(fig, path)
+
+
 def write_figures(out: Path, results: list[CellResult], *, dataset: str) -> list[Path]:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    made = [
+    made = [plot_privacy_utility(results, figures / "privacy_utility.png")]
+    results = [r for r in results if not r.private]
+    made += [
         plot_accuracy_per_round(results, figures / "accuracy_per_round.png", MAIN_ARMS,
                                 f"{dataset.upper()}: pre-trained vs baseline (mean ± std over seeds)"),
         plot_cas_vs_alpha(results, figures / "cas_vs_alpha.png"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, ROUNDS, given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, PRESETS, ROUNDS, given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
@@ -33,7 +33,7 @@ log = logging.getLogger("genfl_launch")
 
 # The run settings genfl-launch takes (the rest keep the preset's values).
 LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples",
-                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic")
+                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic", *DP_FIELDS)
 
 
 class LaunchError(RuntimeError):
@@ -178,6 +178,8 @@ def _describe(event: dict) -> str:
         return text
     if kind == "cas":
         return f"CAS {pct(event.get('cas'))}"
+    if kind == "dp":
+        return f"DP-SGD after cvae round {event['round']}: {guarantee_text(event)}"
     return f"server-side {kind}"
 
 
@@ -200,6 +202,12 @@ def rounds_table(summary: dict) -> str:
         rows.append(f"{r['phase']:<11} {r['round']:>5} {pct(r['weighted_client_accuracy']):>10} "
                     f"{pct(r['test_accuracy']):>9} {loss:>10} {r['seconds']:>8.2f}")
     return "\n".join(rows)
+
+
+def guarantee_text(dp: dict) -> str:
+    """A DP run's (epsilon, delta) as summary.json's ``dp`` or a ``dp`` event has it."""
+    epsilon = "-" if dp.get("epsilon") is None else f"{dp['epsilon']:.3f}"
+    return f"(epsilon {epsilon}, delta {dp['delta']:g})"
 
 
 def comparison_table(pretrained: dict, baseline: dict) -> str:
@@ -263,7 +271,7 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
     started = time.monotonic()
     try:
         if compare:
-            launcher.run_stage(Stage("cvae", out / "cvae", server_args("cvae"), n_cvae))
+            cvae = launcher.run_stage(Stage("cvae", out / "cvae", server_args("cvae"), n_cvae))
             checkpoint = out / "cvae" / "cvae.pt"
             pretrained = launcher.run_stage(Stage("pretrained", out / "pretrained", server_args(
                 "classifier", pretrain=True) + ["--cvae-checkpoint", str(checkpoint)], n_cls))
@@ -272,10 +280,14 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
             click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.clients} clients, "
                        f"preset {preset}, seed {config.seed}: weighted client accuracy per classifier round\n")
             click.echo(comparison_table(pretrained, baseline))
+            if cvae.get("dp"):
+                click.echo(f"DP-SGD in the CVAE phase: {guarantee_text(cvae['dp'])}")
         else:
             summary = launcher.run_stage(Stage("run", out, server_args("all"), n_cvae + n_cls))
             click.echo("\n" + rounds_table(summary))
             click.echo(f"CAS {pct(summary.get('cas'))}, federated CAS {pct(summary.get('cas_federated'))}")
+            if summary.get("dp"):
+                click.echo(f"DP-SGD in the CVAE phase: {guarantee_text(summary['dp'])}")
     except LaunchError as error:
         launcher.stop_all()
         click.echo(f"Error: {error}", err=True)

@@ -1,4 +1,6 @@
-"""A sweep's results, read back from its finished cells: ``results.csv``, ``table.md`` and ``cas.md``.
+"""A sweep's results, read back from its finished cells: ``results.csv``, ``table.md``, ``cas.md`` and,
+with a privacy axis, ``privacy.md``. table.md and cas.md cover the runs without DP-SGD (on a
+privacy axis, its ε = ∞ level); privacy.md sets every level against each other.
 
 Everything here is computed from what is on disk (``runs/**/cell.json`` and each run's
 ``summary.json``), so the reports always cover every finished cell of the folder, including
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ log = logging.getLogger("genfl_sweep")
 
 CSV_FIELDS = ["dataset", "preset", "distribution", "alpha", "seed", "arm", "pretrain", "strategy",
               "local_epochs", "phase", "round", "weighted_client_accuracy", "weighted_client_loss",
-              "test_accuracy", "test_loss", "train_loss", "clients", "seconds"]
+              "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "epsilon"]
 
 
 @dataclass
@@ -39,6 +42,12 @@ class CellResult:
     seconds: float
     summary: dict
     out: Path
+    epsilon: float | str | None = None  # the privacy axis' level (PrivacyLevel.marker); None: no axis
+
+    @property
+    def private(self) -> bool:
+        """Built on a CVAE trained with DP-SGD (a finite level of the privacy axis)."""
+        return self.epsilon not in (None, "inf")
 
     @property
     def arm_name(self) -> str:
@@ -61,7 +70,7 @@ def load_results(out: Path) -> list[CellResult]:
             continue
         summary = json.loads((marker.parent / "summary.json").read_text())
         results.append(CellResult(cell["key"], cell["kind"], cell["seed"], cell["distribution"], cell["alpha"],
-                                  cell["arm"], cell["seconds"], summary, marker.parent))
+                                  cell["arm"], cell["seconds"], summary, marker.parent, cell.get("epsilon")))
     return results
 
 
@@ -100,7 +109,8 @@ def write_results_csv(results: list[CellResult], path: Path, *, dataset: str, pr
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in sorted((r for r in results if r.kind != "centralised"),
-                        key=lambda r: (distribution_order(r.distribution), r.seed, r.kind != "cvae", r.arm_name)):
+                        key=lambda r: (distribution_order(r.distribution), r.seed, epsilon_order(r.epsilon),
+                                       r.kind != "cvae", r.arm_name)):
             arm = r.arm or {}
             for rnd in r.summary["rounds"]:
                 writer.writerow({
@@ -113,6 +123,7 @@ def write_results_csv(results: list[CellResult], path: Path, *, dataset: str, pr
                     **{k: rnd.get(k) for k in ("weighted_client_accuracy", "weighted_client_loss",
                                                "test_accuracy", "test_loss", "train_loss", "clients",
                                                "seconds")},
+                    "epsilon": "" if r.epsilon is None else r.epsilon,
                 })
                 rows += 1
     return rows
@@ -327,6 +338,97 @@ def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: st
 def write_reports(out: Path, *, dataset: str, preset: str, differences: list[str]) -> list[CellResult]:
     results = load_results(out)
     write_results_csv(results, out / "results.csv", dataset=dataset, preset=preset)
-    write_table(results, out / "table.md", dataset=dataset, preset=preset, differences=differences)
-    write_cas(results, out / "cas.md", dataset=dataset, preset=preset)
+    without_dp = [r for r in results if not r.private]
+    write_table(without_dp, out / "table.md", dataset=dataset, preset=preset, differences=differences)
+    write_cas(without_dp, out / "cas.md", dataset=dataset, preset=preset)
+    if any(r.epsilon is not None for r in results):
+        write_privacy(results, out / "privacy.md", dataset=dataset, preset=preset)
     return results
+
+
+# -- privacy.md -------------------------------------------------------------------------------
+
+
+def epsilon_order(epsilon: float | str | None) -> float:
+    """Sort key of privacy levels: strongest privacy (smallest ε) first, no DP last."""
+    return math.inf if epsilon in (None, "inf") else float(epsilon)
+
+
+def epsilon_label(epsilon: float | str) -> str:
+    return "∞ (no DP)" if epsilon == "inf" else f"{float(epsilon):g}"
+
+
+def privacy_levels(results: list[CellResult]) -> dict[str, dict[float | str, dict[str, list]]]:
+    """{distribution: {level: {"cvae": [cvae cells], "pretrained": [first pre-trained arm's cells]}}}
+    over the privacy axis' cells."""
+    grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in results:
+        if r.epsilon is None:
+            continue
+        if r.kind == "cvae":
+            grouped[r.distribution][r.epsilon]["cvae"].append(r)
+        elif r.kind == "classifier" and r.arm_name == "pretrained":
+            grouped[r.distribution][r.epsilon]["pretrained"].append(r)
+    return grouped
+
+
+def spent_epsilon(cvae: CellResult) -> float | None:
+    """The run's guarantee ε (max over clients) that the CVAE phase recorded; None without DP."""
+    return (cvae.summary.get("dp") or {}).get("epsilon")
+
+
+def write_privacy(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> None:
+    grouped = privacy_levels(results)
+    baselines = defaultdict(list)
+    for r in results:
+        if r.kind == "classifier" and r.arm_name == "baseline":
+            baselines[r.distribution].append(r)
+    deltas = sorted({(r.summary.get("dp") or {}).get("delta") for d in grouped.values() for lv in d.values()
+                     for r in lv["cvae"]} - {None})
+    lines = [
+        f"# Privacy and utility: {dataset.upper()}, preset `{preset}`",
+        "",
+        "DP-SGD in the federated CVAE phase (README.md, \"Differential privacy\"): each client's noise "
+        "multiplier calibrated so that its ε after the CVAE rounds is at most the target, at "
+        f"δ = {', '.join(f'{d:g}' for d in deltas) or '–'}; sample-level DP of each client's records. "
+        "ε spent: the run's guarantee (max over clients) the server recorded, mean over seeds. CAS and "
+        "federated CAS score the synthetic data of that CVAE; the pre-trained arm is the classifier "
+        "phase (FedAvg, without DP) from the model pre-trained on it: weighted client accuracy after the "
+        "last round. Mean ± sample std over seeds (%); the baseline (random start, no CVAE, so no ε) "
+        "is the row every level is measured against.",
+        "",
+        "| Distribution | Target ε | ε spent | CAS | Federated CAS | Pre-trained, client acc | "
+        "Pre-trained, real test set | n | Seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dist in sorted(grouped, key=distribution_order):
+        for level in sorted(grouped[dist], key=epsilon_order):
+            runs = grouped[dist][level]
+            pre = runs["pretrained"]
+            spent = [e for e in (spent_epsilon(c) for c in runs["cvae"]) if e is not None]
+            spent_text = f"{statistics.fmean(spent):.3f}" if spent else "–"
+            lines.append(f"| {distribution_label(dist)} | {epsilon_label(level)} | {spent_text} "
+                         f"| {fmt_pct([r.summary.get('cas') for r in pre])} "
+                         f"| {fmt_pct([r.summary.get('cas_federated') for r in pre])} | {fmt_pct(_accs(pre))} "
+                         f"| {fmt_pct(_accs(pre, 'test_accuracy'))} | {len(pre)} | {_seeds(pre)} |")
+        base = baselines.get(dist, [])
+        if base:
+            lines.append(f"| {distribution_label(dist)} | baseline (no CVAE) | – | – | – | {fmt_pct(_accs(base))} "
+                         f"| {fmt_pct(_accs(base, 'test_accuracy'))} | {len(base)} | {_seeds(base)} |")
+    if not grouped:
+        lines += ["", "No finished cells on the privacy axis yet."]
+    else:
+        lines += ["", "## Wall time of the CVAE phase", "", "DP-SGD computes every per-sample gradient: its CVAE "
+                  "rounds cost more than those without DP (the classifier phase is the same at every level).", "",
+                  "| Target ε | CVAE cells | Median wall s per cell | Median s per CVAE round |", "|---|---|---|---|"]
+        by_level = defaultdict(list)
+        for levels in grouped.values():
+            for level, runs in levels.items():
+                by_level[level] += runs["cvae"]
+        for level in sorted(by_level, key=epsilon_order):
+            cells = by_level[level]
+            rounds = [x["seconds"] for c in cells for x in c.summary.get("rounds", [])]
+            if cells:
+                lines.append(f"| {epsilon_label(level)} | {len(cells)} | {statistics.median(c.seconds for c in cells):.1f} "
+                             f"| {statistics.median(rounds) if rounds else math.nan:.2f} |")
+    path.write_text("\n".join(lines) + "\n")

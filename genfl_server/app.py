@@ -28,6 +28,7 @@ from .engine import RoundEngine
 from .guard import PartitionCounts, UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
+from .privacy import PrivacyLedger
 from .results import RunRecorder
 from .runstate import RunState
 from .service import FederatedLearningService, set_health, start_grpc_server
@@ -171,8 +172,12 @@ class ServerApp:
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
                                        max_client_samples=config.max_client_samples or None,
                                        partition=self._partition_counts())
+        privacy = None
+        if config.dp:
+            privacy = PrivacyLedger(config)
+            self.metrics.track_privacy(config.dp_delta)
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
-                                           upload_timeout=config.upload_timeout,
+                                           privacy=privacy, upload_timeout=config.upload_timeout,
                                            max_streams_per_connection=config.max_streams_per_connection,
                                            max_streams_per_ip=config.max_streams_per_ip)
         self._server, port, self._health = start_grpc_server(service, s.address, credentials=self.credentials)
@@ -189,6 +194,12 @@ class ServerApp:
                                device_name=device_name(self.device), **self.run_state.progress["run"])
         if s.resume and "recorder" in self.run_state.progress:
             recorder.restore(self.run_state.progress["recorder"])
+            if privacy is not None:
+                privacy.restore(recorder.summary.get("dp"))
+                epsilon, delta = privacy.guarantee()
+                if epsilon is not None:
+                    self.metrics.dp_epsilon.set(epsilon)
+                    self.metrics.dp_delta.set(delta)
         elif not s.resume:
             self.run_state.save(recorder_state=recorder.export())  # resumable from the very start
         engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.seed,
@@ -196,7 +207,7 @@ class ServerApp:
                              round_retries=s.round_retries, deterministic=config.deterministic,
                              guard=UpdateGuard.from_config(config))
         self.ctx = PhaseContext(engine, recorder, self.metrics, config, s.out, self.device, test_set,
-                                self.run_state)
+                                self.run_state, privacy=privacy)
         return self.address
 
     def run(self) -> Path:

@@ -27,6 +27,7 @@ import grpc
 import torch
 
 from genfl_shared.config import RunConfig
+from genfl_shared.tasks import TrainTask
 
 from .logsafe import shown
 
@@ -44,6 +45,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "accuracy": (0.0, 1.0),
     "train_seconds": (0.0, math.inf),
     "steps": (0.0, math.inf),
+    "dp_epsilon": (0.0, math.inf),  # DP-SGD: the client's spent epsilon, over all its rounds so far
 }
 MAX_METRICS = len(METRIC_RANGES)
 
@@ -126,6 +128,14 @@ def validated_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
             raise _rejected("bad_metrics", f"metric {name!r} = {value!r} is outside [{low}, {high}]")
         checked[name] = value
     return checked
+
+
+def check_dp_epsilon(task_settings, metrics: Mapping[str, float]) -> None:
+    """In a DP run, a training result must say how much privacy its client has spent; one that
+    does not is refused (reason 'missing_dp_epsilon'), as the run's guarantee could not cover it."""
+    if isinstance(task_settings, TrainTask) and task_settings.dp and "dp_epsilon" not in metrics:
+        raise _rejected("missing_dp_epsilon", f"a DP-SGD {task_settings.model} result must report its "
+                                              f"client's spent epsilon (metric 'dp_epsilon')")
 
 
 def update_distance(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:

@@ -57,7 +57,19 @@ class ServerMetrics:
                                          "Synthetic images sampled from the global CVAE", registry=r)
         self.pretrain_seconds = Gauge("genfl_pretrain_seconds", "Wall time of server-side pre-training",
                                       registry=r)
+        # DP-SGD runs only (track_privacy): a run without DP has no epsilon, not an epsilon of 0.
+        self.dp_epsilon: Gauge | None = None
+        self.dp_delta: Gauge | None = None
         self.phase.state("waiting")
+
+    def track_privacy(self, delta: float) -> None:
+        """Export the run's DP guarantee (a DP-SGD run); its epsilon is NaN until a client reports one."""
+        self.dp_epsilon = Gauge("genfl_dp_epsilon", "The run's DP-SGD epsilon so far: max over clients of the "
+                                "spent epsilon they report, at delta genfl_dp_delta", registry=self.registry)
+        self.dp_delta = Gauge("genfl_dp_delta", "The delta of the run's DP-SGD (epsilon, delta) guarantee",
+                              registry=self.registry)
+        self.dp_epsilon.set(float("nan"))
+        self.dp_delta.set(delta)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Serve /metrics on ``port`` (0 picks a free one); returns the bound port."""

@@ -27,6 +27,7 @@ from genfl_shared.training import evaluate_classifier, evaluate_cvae
 
 from .engine import RoundEngine
 from .metrics import ServerMetrics
+from .privacy import PrivacyLedger
 from .results import RunRecorder
 from .runstate import RunState
 from .strategy import Strategy, build_strategy
@@ -46,6 +47,7 @@ class PhaseContext:
     device: torch.device
     test_set: tuple[torch.Tensor, torch.Tensor] | None  # (float images, labels) on the server
     run_state: RunState
+    privacy: PrivacyLedger | None = None  # DP runs: the clients' spent epsilon
 
     def checkpoint(self, **kwargs) -> None:
         """Persist progress (see RunState.save) together with the results recorded so far."""
@@ -62,9 +64,19 @@ def train_task(cfg: RunConfig, model: str) -> TrainTask:
     strategy's settings). Every RunConfig field a client task uses is read here and in eval_task."""
     if model == "cvae":
         return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
-                         lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize)
+                         lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize, **dp_task_settings(cfg))
     return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
                      lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize)
+
+
+def dp_task_settings(cfg: RunConfig) -> dict:
+    """The CVAE task's DP-SGD fields (none without DP: the task's defaults mean off)."""
+    if not cfg.dp:
+        return {}
+    return dict(dp=True, dp_noise_multiplier=cfg.dp_noise_multiplier or 0.0,
+                dp_target_epsilon=cfg.dp_target_epsilon or 0.0,
+                dp_rounds=cfg.cvae_rounds if cfg.dp_target_epsilon else 0, dp_max_grad_norm=cfg.dp_max_grad_norm,
+                dp_delta=cfg.dp_delta, dp_accountant=cfg.dp_accountant)
 
 
 def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
@@ -83,11 +95,24 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
         strategy.load_state_dict(ctx.run_state.tensors.get(f"{phase}_strategy", {}))
 
     def on_round_end(rnd: int, state: State) -> None:
+        if phase == "cvae" and ctx.privacy is not None:
+            record_privacy(ctx, rnd)
         ctx.checkpoint(completed=(phase, rnd), **{phase: state, f"{phase}_strategy": strategy.state_dict()})
 
     return ctx.engine.run_rounds(phase, start, rounds=rounds, train_task=train, eval_task=evaluate,
                                  strategy=strategy, test_fn=test_fn, start_round=done + 1,
                                  on_round_end=on_round_end)
+
+
+def record_privacy(ctx: PhaseContext, rnd: int) -> None:
+    """The run's guarantee after a CVAE round: in summary.json and as an event in metrics.jsonl."""
+    guarantee = ctx.privacy.summary()
+    ctx.recorder.set(dp=guarantee)
+    ctx.recorder.record_event("dp", phase="cvae", round=rnd, epsilon=guarantee["epsilon"],
+                              delta=guarantee["delta"])
+    log.info("DP-SGD after CVAE round %d: (epsilon %s, delta %g) over %d clients", rnd,
+             "-" if guarantee["epsilon"] is None else f"{guarantee['epsilon']:.3f}", guarantee["delta"],
+             len(guarantee["per_client"]))
 
 
 def run_method(ctx: PhaseContext, phase: str) -> State:

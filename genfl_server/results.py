@@ -21,7 +21,8 @@ class RunRecorder:
         self.metrics_path = self.out_dir / METRICS_JSONL
         self.summary_path = self.out_dir / SUMMARY_JSON
         self.metrics_path.write_text("")
-        self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, **run_fields,
+        # dp: a DP run's guarantee (genfl_server.privacy: epsilon, delta, per client); None without DP.
+        self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, "dp": None, **run_fields,
                                         "rounds": [], "final": None}
         self.events: list[dict] = []
 
@@ -41,7 +42,8 @@ class RunRecorder:
 
     def export(self) -> dict[str, Any]:
         """What a run state saves, so a resumed run reports the rounds before the crash."""
-        return {"summary": {k: self.summary[k] for k in ("rounds", "cas", "cas_federated")}, "events": self.events}
+        return {"summary": {k: self.summary[k] for k in ("rounds", "cas", "cas_federated", "dp")},
+                "events": self.events}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a saved export; metrics.jsonl is rewritten to match it exactly (a round

@@ -38,8 +38,9 @@ from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .coordinator import Coordinator, Rejected, Task, TaskResult
-from .guard import validated_metrics
+from .guard import check_dp_epsilon, validated_metrics
 from .limits import OpenUploads, StreamLimits, UploadClock
+from .privacy import PrivacyLedger
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .metrics import ServerMetrics
 from .transport import AioServer, EventLoopThread, ThreadsafeHealth
@@ -170,9 +171,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                  max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS, *,
                  upload_timeout: float = RunConfig.upload_timeout,
                  max_streams_per_connection: int = RunConfig.max_streams_per_connection,
-                 max_streams_per_ip: int = RunConfig.max_streams_per_ip):
+                 max_streams_per_ip: int = RunConfig.max_streams_per_ip,
+                 privacy: PrivacyLedger | None = None):
         self.coordinator = coordinator
         self.metrics = metrics
+        self.privacy = privacy  # DP runs: every accepted result's spent epsilon is recorded
         # With an authenticator, every RPC must carry the token of the client it names.
         self.authenticator = authenticator
         self.upload_timeout = upload_timeout
@@ -354,11 +357,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
 
     async def _accept(self, context, header, task: Task, batch, update) -> None:
         metrics = validated_metrics(header.metrics)
+        check_dp_epsilon(task.config, metrics)
         result = TaskResult(task, int(header.num_samples), metrics)
         if context.cancelled():
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                            "the result stream was aborted before it ended")
         await self._in_executor(self.coordinator.finish, result, batch, update)  # folds: off the loop
+        if self.privacy is not None and "dp_epsilon" in metrics:
+            self.privacy.record(task.client_id, metrics["dp_epsilon"])
+            epsilon, delta = self.privacy.guarantee()
+            self.metrics.dp_epsilon.set(epsilon)
+            self.metrics.dp_delta.set(delta)
 
     def _record_task_error(self, header, task: Task, batch, trailing: bool) -> None:
         """The client could not execute ``task``: count it as failed for its step. ``trailing``:

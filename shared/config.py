@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import click
 
 from .cli import option
+from .dp import ACCOUNTANTS, DEFAULT_DELTA
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,21 @@ class RunConfig:
     max_streams_per_ip: int = _setting(
         0, "Most RPCs open at once from one IP address, all its connections together (0: no limit; loopback "
         "clients all share 127.0.0.1).", _COUNT)
+    # Differential privacy of the CVAE phase: DP-SGD on the clients (genfl_shared.dp; README.md,
+    # "Differential privacy"). Giving a noise multiplier or a target epsilon turns it on.
+    dp_noise_multiplier: float | None = _setting(
+        None, "DP-SGD for the CVAE phase with this noise multiplier sigma (Gaussian noise of std sigma * "
+        "--dp-max-grad-norm on each step's sum of clipped per-sample gradients).", _RATE)
+    dp_target_epsilon: float | None = _setting(
+        None, "DP-SGD for the CVAE phase with the noise multiplier calibrated (per client, to its shard size, "
+        "--batch-size, --local-epochs and --cvae-rounds) so that each client's final epsilon is at most this.",
+        _RATE)
+    dp_max_grad_norm: float = _setting(1.0, "DP-SGD: per-sample gradient clipping bound C (L2 norm).", _RATE)
+    dp_delta: float = _setting(DEFAULT_DELTA, "DP-SGD: delta of the (epsilon, delta) guarantee (the default is "
+                               "below 1/n for every shard of up to 60,000 samples).",
+                               click.FloatRange(0, 1, min_open=True, max_open=True))
+    dp_accountant: str = _setting("rdp", "DP-SGD: Opacus privacy accountant, 'rdp' (Renyi DP) or 'prv' (privacy "
+                                  "random variables, tighter).", click.Choice(ACCOUNTANTS))
     # Server-side synthetic data
     synthetic_samples: int = _setting(60_000, "Class-balanced synthetic images sampled from the CVAE.",
                                       click.IntRange(10))
@@ -115,6 +131,19 @@ class RunConfig:
     deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
                                    "client order (holds a round's updates in memory). With fixed seeds, a "
                                    "resumed run ends with the same weights.")
+
+    @property
+    def dp(self) -> bool:
+        """DP-SGD in the CVAE phase (a noise multiplier or a target epsilon was given)."""
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+    def check_dp(self) -> None:
+        """ValueError for DP settings that cannot run (the server checks them before it starts)."""
+        if self.dp_noise_multiplier is not None and self.dp_target_epsilon is not None:
+            raise ValueError("give --dp-noise-multiplier or --dp-target-epsilon, not both")
+        if self.dp and self.strategy == "fedprox" and self.prox_mu > 0:
+            raise ValueError("DP-SGD cannot train with FedProx's proximal term (its gradient is not per sample); "
+                             "use another --strategy")
 
     def override(self, **changes) -> "RunConfig":
         """Apply the options a user set explicitly (None means 'not given')."""
@@ -155,6 +184,9 @@ class RunConfig:
 # Saved files (summary.json configs, run_state.pt) written before the renames use these names.
 LEGACY_FIELD_NAMES = {"server_lr": "pretrain_lr", "server_batch_size": "pretrain_batch_size",
                       "classifier_momentum": "sgd_momentum"}
+
+# DP-SGD of the CVAE phase: the settings a tool that starts runs passes on (genfl-launch, genfl-sweep).
+DP_FIELDS = ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm", "dp_delta", "dp_accountant")
 
 # The server records the partitioner's train_subset; it does not take one.
 SERVER_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "train_subset")
@@ -286,4 +318,9 @@ def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
         changes.setdefault("classifier_rounds", rounds)
     if changes.get("train_subset") == 0:
         changes["train_subset"] = None
-    return replace(PRESETS[preset], **changes)
+    config = replace(PRESETS[preset], **changes)
+    try:
+        config.check_dp()
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    return config

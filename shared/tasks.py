@@ -19,9 +19,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
+from .dp import ACCOUNTANTS as DP_ACCOUNTANTS, DPSettings
 from .models import MODEL_KINDS
 
 OPTIMIZERS = ("sgd", "adam")
+DP_KEYS = frozenset({"dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm",
+                     "dp_delta", "dp_accountant"})
 
 
 class TaskSettingsError(ValueError):
@@ -87,7 +90,7 @@ class TrainTask(_TaskSettings):
     """Train the attached weights on the client's train part; reply with the updated weights."""
 
     KIND: ClassVar[str] = "train"
-    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic"})
+    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic", *DP_KEYS})
 
     model: str  # one of models.MODEL_KINDS: the architecture the weights belong to
     epochs: int  # local epochs over the train part (0: the weights come back untrained)
@@ -98,6 +101,14 @@ class TrainTask(_TaskSettings):
     binarize: bool  # threshold pixels to {0, 1} (as the CVAE's Bernoulli likelihood assumes)
     prox_mu: float = 0.0  # FedProx proximal weight, >= 0; 0: no proximal term (set by the strategy)
     deterministic: bool = False  # torch deterministic algorithms (set by the round engine)
+    # DP-SGD of the CVAE (genfl_shared.dp); dp = False: none, and the other dp_* keep their defaults.
+    dp: bool = False
+    dp_noise_multiplier: float = 0.0  # > 0: this sigma; 0: calibrated to dp_target_epsilon
+    dp_target_epsilon: float = 0.0  # > 0: the final epsilon to calibrate sigma for (with dp_rounds)
+    dp_rounds: int = 0  # the CVAE rounds the target epsilon is planned over
+    dp_max_grad_norm: float = 0.0  # per-sample clipping bound C, > 0 with dp
+    dp_delta: float = 0.0  # the delta of the accounted guarantee, in (0, 1) with dp
+    dp_accountant: str = "rdp"  # one of genfl_shared.dp.ACCOUNTANTS
     seed: int | None = None  # per client and round (set by the round engine); required on the wire
 
     def _check_ranges(self) -> None:
@@ -119,6 +130,49 @@ class TrainTask(_TaskSettings):
                                                     f"with {self.optimizer!r}")
         if self.prox_mu < 0:
             raise TaskSettingsError("prox_mu", f"must be >= 0, got {self.prox_mu}")
+        self._check_dp()
+
+    def to_json(self) -> str:
+        """The wire form; without DP it carries no dp_* keys (it is the task of a run without DP)."""
+        text = super().to_json()
+        if self.dp:
+            return text
+        return json.dumps({k: v for k, v in json.loads(text).items() if k not in DP_KEYS}, allow_nan=False)
+
+    def dp_settings(self) -> DPSettings | None:
+        """The task's DP-SGD settings (None without DP)."""
+        if not self.dp:
+            return None
+        return DPSettings(max_grad_norm=self.dp_max_grad_norm, delta=self.dp_delta, accountant=self.dp_accountant,
+                          noise_multiplier=self.dp_noise_multiplier or None,
+                          target_epsilon=self.dp_target_epsilon or None,
+                          planned_rounds=self.dp_rounds if self.dp_target_epsilon else 0)
+
+    def _check_dp(self) -> None:
+        if not self.dp:
+            for key in DP_KEYS - {"dp"}:
+                if getattr(self, key) != _DP_OFF[key]:
+                    raise TaskSettingsError(key, "is a DP-SGD setting, but dp is off")
+            return
+        if self.model != "cvae":
+            raise TaskSettingsError("dp", f"DP-SGD is for the CVAE phase, not the {self.model}")
+        if self.prox_mu:
+            raise TaskSettingsError("dp", "DP-SGD cannot train with FedProx's proximal term (its gradient "
+                                          "is not per sample)")
+        if (self.dp_noise_multiplier > 0) == (self.dp_target_epsilon > 0):
+            raise TaskSettingsError("dp_noise_multiplier", "DP-SGD needs exactly one of dp_noise_multiplier "
+                                                           "and dp_target_epsilon > 0")
+        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0:
+            raise TaskSettingsError("dp_noise_multiplier", "noise multiplier and target epsilon must be >= 0")
+        if self.dp_target_epsilon > 0 and self.dp_rounds < 1:
+            raise TaskSettingsError("dp_rounds", f"a target epsilon needs dp_rounds >= 1, got {self.dp_rounds}")
+        if self.dp_max_grad_norm <= 0:
+            raise TaskSettingsError("dp_max_grad_norm", f"must be > 0, got {self.dp_max_grad_norm}")
+        if not 0 < self.dp_delta < 1:
+            raise TaskSettingsError("dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        if self.dp_accountant not in DP_ACCOUNTANTS:
+            raise TaskSettingsError("dp_accountant", f"unknown accountant {self.dp_accountant!r}; "
+                                                     f"expected one of {DP_ACCOUNTANTS}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +185,8 @@ class EvaluateTask(_TaskSettings):
     binarize: bool  # as for training: the held-out images are prepared the same way
     seed: int | None = None  # the CVAE's sampling noise (set by the round engine); required on the wire
 
+
+_DP_OFF = {key: getattr(TrainTask, key) for key in DP_KEYS}  # the defaults: DP-SGD off
 
 TaskSettings = Union[TrainTask, EvaluateTask]
 TASK_KINDS: dict[str, type[TrainTask] | type[EvaluateTask]] = {"train": TrainTask, "evaluate": EvaluateTask}

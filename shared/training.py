@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dp import ClientPrivacy, fit_dp
 from .models import cvae_loss
 
 __all__ = ["evaluate_classifier", "evaluate_cvae", "train_classifier", "train_cvae"]
@@ -247,6 +248,7 @@ def train_cvae(
     cuda_graphs: bool = True,
     progress: ProgressFn | None = None,
     prox_mu: float = 0.0,
+    privacy: ClientPrivacy | None = None,
 ) -> dict:
     """Train a :class:`~genfl_shared.models.CVAE` in place with a fresh Adam optimiser.
 
@@ -259,6 +261,9 @@ def train_cvae(
     the last epoch only, ``samples`` is ``N`` and ``steps`` the number of optimiser steps.
     ``progress(epoch, epoch_loss)`` is called after each epoch when given; ``prox_mu > 0`` adds
     FedProx's proximal term (reported losses exclude it).
+
+    With ``privacy`` the epochs are DP-SGD (:func:`genfl_shared.dp.fit_dp`: Poisson-sampled
+    batches, per-sample clipping and noise), and every step is counted by its accountant.
     """
     _check_hyperparameters(epochs, batch_size)
     images, labels, device = _prepare(images, labels, device)
@@ -268,6 +273,9 @@ def train_cvae(
 
     torch.manual_seed(seed)  # reparameterisation noise comes from the global RNG
     model.to(device)
+    if privacy is not None:
+        return _train_cvae_dp(model, images, labels, epochs=epochs, lr=lr, seed=seed, device=device,
+                              cuda_graphs=cuda_graphs, progress=progress, prox_mu=prox_mu, privacy=privacy)
     use_graph = _use_cuda_graph(device, cuda_graphs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=use_graph)
     result = _fit(model, optimizer, _with_proximal_term(_cvae_batch_loss, model, prox_mu), images, labels,
@@ -276,6 +284,30 @@ def train_cvae(
                   progress=progress)
     logger.debug("train_cvae: %s", result)
     return result
+
+
+def _train_cvae_dp(model, images, labels, *, epochs, lr, seed, device, cuda_graphs, progress, prox_mu,
+                   privacy: ClientPrivacy) -> dict:
+    if prox_mu:
+        # The proximal term's gradient is not a per-sample gradient: DP-SGD would silently drop it.
+        raise ValueError("DP-SGD cannot train with FedProx's proximal term (prox_mu > 0)")
+    if _use_cuda_graph(device, cuda_graphs):
+        # Poisson batches vary in size and Opacus' per-sample gradient hooks run in Python: no graph.
+        _log_once("DP-SGD: CUDA graphs are not used (Poisson-sampled batches vary in size); eager CUDA steps")
+    with _mode(model, training=True):
+        result = fit_dp(model, images, labels, _cvae_batch_loss, epochs=epochs, lr=lr, seed=seed,
+                        privacy=privacy, progress=progress)
+    logger.debug("train_cvae (DP-SGD): %s", result)
+    return result
+
+
+_logged_once: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_once:
+        _logged_once.add(message)
+        logger.info(message)
 
 
 def train_classifier(

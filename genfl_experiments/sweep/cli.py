@@ -24,10 +24,10 @@ from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
 
 from genfl_server.strategy import strategy_names
-from genfl_shared.config import PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config, run_options
 from genfl_shared.runfiles import write_json_atomic
 
-from .plan import ARM_CHOICES, build_arms, parse_distributions, plan_cells
+from .plan import ARM_CHOICES, build_arms, parse_distributions, parse_epsilons, plan_cells
 from ..reports import write_reports
 from .run import FIXED_SERVER_FIELDS, SweepRunner, SweepSettings
 
@@ -35,9 +35,11 @@ log = logging.getLogger("genfl_sweep")
 
 SWEEP_JSON = "sweep.json"
 
+# The DP-SGD settings of the privacy axis' CVAE cells besides the target epsilon (--epsilons).
+SWEEP_DP_FIELDS = ("dp_max_grad_norm", "dp_delta", "dp_accountant")
 # The run settings genfl-sweep takes besides --seed (the rest keep the preset's values).
 SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
-                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
+                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *SWEEP_DP_FIELDS)
 
 
 def _interrupt(signum, _frame):
@@ -76,6 +78,10 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--strategies", default="fedavg",
         help=f"Aggregation strategies of the classifier phase, comma-separated, from: "
         f"{', '.join(strategy_names())}; every pretrained/baseline arm runs with each.")
+@option("--epsilons", default=None,
+        help="A privacy axis: for each epsilon (comma-separated; 'inf': no DP, e.g. 1,3,8,inf) its own "
+        "federated CVAE phase with DP-SGD calibrated to it (--dp-target-epsilon) and its own pre-trained "
+        "arms; reported in privacy.md and figures/privacy_utility.png.")
 @option("--centralised/--no-centralised", default=True,
         help="Also train one CVAE centrally on all the data per seed (the CAS reference in cas.md).")
 @option("--device", default="cpu", help="Torch device of every server and client (cuda: clients share the GPU).")
@@ -88,7 +94,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--report-only", is_flag=True, help="Only rewrite the tables and figures of --out from its finished "
         "cells (the sweep's settings come from its sweep.json).")
 @log_level_option
-def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, centralised, device, parallel,
+def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, epsilons, centralised, device, parallel,
          client_threads, server_threads, cell_timeout, report_only, log_level, **run_settings):
     """Run the poster's grid (distributions x seeds x arms) as real federated runs, then report."""
     setup_logging(log_level, "text", "sweep")
@@ -105,6 +111,7 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, cen
     try:
         distributions = parse_distributions(alphas)
         arm_list = build_arms(_list(arms), _list(strategies))
+        privacy = parse_epsilons(epsilons) if epsilons is not None else None
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     config = resolve_config(preset, given_run_options(run_settings))  # its seed: the first; each cell has its own
@@ -114,6 +121,8 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, cen
     # Everything that changes what a cell computes is fixed for the folder (see _check_same_sweep).
     fixed = {"dataset": dataset, "preset": preset, "clients": config.clients, "train_subset": config.train_subset,
              "server_options": [list(o) for o in config.to_options(FIXED_SERVER_FIELDS)]}
+    if privacy is not None:  # the levels may grow on a re-run; what DP-SGD means may not
+        fixed["dp_options"] = [list(o) for o in config.to_options(SWEEP_DP_FIELDS)]
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, fixed)
     differences = _differences_from_paper(config)
@@ -122,13 +131,15 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, cen
 
     seeds = list(range(config.seed, config.seed + repeats))
     cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
-                       classifier_rounds=config.classifier_rounds, centralised=centralised)
+                       classifier_rounds=config.classifier_rounds, centralised=centralised,
+                       privacy=privacy, dp_args=config.to_argv(SWEEP_DP_FIELDS))
     settings = SweepSettings(dataset, data_root, preset, config, device=device,
                              client_threads=client_threads,
                              server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
                              cell_timeout=cell_timeout or None, log_level=log_level)
-    log.info("sweep of %d cells: %s x seeds %s x arms %s%s, %d at a time on %s, in %s", len(cells),
+    log.info("sweep of %d cells: %s x seeds %s x arms %s%s%s, %d at a time on %s, in %s", len(cells),
              ",".join(d.label for d in distributions), seeds, ",".join(a.name for a in arm_list),
+             "" if privacy is None else " x epsilons " + ",".join(level.label for level in privacy),
              " + centralised" if centralised else "", parallel, device, out)
     started = time.monotonic()
     runner = SweepRunner(settings, cells, parallel=parallel)
@@ -155,7 +166,7 @@ def _differences_from_paper(config: RunConfig) -> list[str]:
     paper = PRESETS["paper"]
     compared = [f.name for f in dataclasses.fields(RunConfig)
                 if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
-                                  "deterministic")]
+                                  "deterministic", *DP_FIELDS)]  # DP: privacy.md's, not the poster's
     return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
             for name in compared if getattr(config, name) != getattr(paper, name)]
 
@@ -167,7 +178,11 @@ def _report(out: Path, fixed: dict, differences: list[str], *, failed: bool) -> 
     figures = write_figures(out, results, dataset=fixed["dataset"])
     click.echo((out / "table.md").read_text())
     click.echo((out / "cas.md").read_text())
-    click.echo(f"{len(results)} finished cells; results.csv, table.md, cas.md and {len(figures)} figures in {out}")
+    privacy = out / "privacy.md"
+    if privacy.exists():
+        click.echo(privacy.read_text())
+    click.echo(f"{len(results)} finished cells; results.csv, table.md, cas.md{', privacy.md' if privacy.exists() else ''} "
+               f"and {len(figures)} figures in {out}")
     if failed:
         click.echo("Error: some cells failed (see the log above and each cell's logs/); re-run to retry them",
                    err=True)

@@ -7,10 +7,15 @@ Per (distribution, seed) there is one partition (``shards/``) and:
   from the very same weights and differ only in what the arm changes;
 - baseline arms start from the seeded random weights, on the same shards.
 Per seed, a ``centralised`` cell trains a CVAE on all the data in one place (the CAS reference).
+
+With a privacy axis (``--epsilons``), each level ε has its own CVAE phase (DP-SGD with
+``--dp-target-epsilon ε``; ∞: without DP) and its own pre-trained arms, in ``<group>/eps-<ε>/``, on
+the group's one partition; the baseline arms do not use the CVAE and run once per group.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +70,60 @@ def parse_distributions(text: str) -> list[Distribution]:
         result.append(dist)
     if not result:
         raise ValueError("no distributions given")
+    return result
+
+
+@dataclass(frozen=True)
+class PrivacyLevel:
+    """A level of the privacy axis: DP-SGD in the CVAE phase calibrated to ε, or no DP (ε = ∞)."""
+
+    epsilon: float  # math.inf: no DP
+
+    @property
+    def _text(self) -> str:
+        if math.isinf(self.epsilon):
+            return "inf"
+        short = f"{self.epsilon:g}"
+        return short if float(short) == self.epsilon else repr(self.epsilon)
+
+    @property
+    def name(self) -> str:  # folder name
+        return f"eps-{self._text}"
+
+    @property
+    def label(self) -> str:  # table row
+        return "ε = ∞ (no DP)" if math.isinf(self.epsilon) else f"ε = {self._text}"
+
+    @property
+    def marker(self) -> float | str:
+        """How cell.json records it (strict JSON has no infinity)."""
+        return "inf" if math.isinf(self.epsilon) else self.epsilon
+
+    @classmethod
+    def from_marker(cls, value: float | str) -> "PrivacyLevel":
+        return cls(math.inf if value == "inf" else float(value))
+
+    def server_args(self, dp_args: list[str]) -> list[str]:
+        """The CVAE server's options at this level (``dp_args``: the sweep's other DP-SGD settings)."""
+        return [] if math.isinf(self.epsilon) else [*argv_for(dp_target_epsilon=self.epsilon), *dp_args]
+
+
+def parse_epsilons(text: str) -> list[PrivacyLevel]:
+    """``"1,3,8,inf"`` -> privacy levels in the given order (duplicates are an error)."""
+    result: list[PrivacyLevel] = []
+    for item in (part.strip().lower() for part in text.split(",") if part.strip()):
+        try:
+            epsilon = float(item)
+        except ValueError:
+            raise ValueError(f"not an epsilon or 'inf': {item!r}") from None
+        if not epsilon > 0:  # also refuses NaN
+            raise ValueError(f"epsilon must be positive (or inf: no DP), got {item!r}")
+        level = PrivacyLevel(epsilon)
+        if level in result:
+            raise ValueError(f"{level.label} is listed twice")
+        result.append(level)
+    if not result:
+        raise ValueError("no epsilons given")
     return result
 
 
@@ -124,10 +183,13 @@ class Cell:
     args: list[str] = field(default_factory=list)  # kind-specific server / trainer options
     deps: list[str] = field(default_factory=list)
     rounds: int = 0
+    privacy: PrivacyLevel | None = None  # on a privacy axis: the level of this CVAE / pre-trained cell
+    group_out: Path | None = None  # the (distribution, seed) folder, when it is not out.parent
 
     @property
     def group(self) -> Path:
-        return self.out.parent
+        """The (distribution, seed) folder: its shards are every cell's of the group."""
+        return self.group_out if self.group_out is not None else self.out.parent
 
 
 def group_dir(out: Path, dist: Distribution, seed: int) -> Path:
@@ -135,38 +197,65 @@ def group_dir(out: Path, dist: Distribution, seed: int) -> Path:
 
 
 def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], arms: list[Arm], *,
-               cvae_rounds: int, classifier_rounds: int, centralised: bool) -> list[Cell]:
+               cvae_rounds: int, classifier_rounds: int, centralised: bool,
+               privacy: list[PrivacyLevel] | None = None, dp_args: list[str] = ()) -> list[Cell]:
     """Every cell of the sweep, one (distribution, seed) group after another.
 
     The scheduler starts the first cell (in this order) whose dependencies are done, so earlier
     groups start first and tend to finish first, while independent cells (a baseline next to its
-    CVAE phase, the next group's CVAE phase) fill the free slots."""
+    CVAE phase, the next group's CVAE phase) fill the free slots. ``privacy``: the levels of the
+    privacy axis (None: no axis, one CVAE phase per group without DP); ``dp_args``: the DP-SGD
+    options of their CVAE servers besides the target epsilon (clipping bound, delta, accountant)."""
     cells: list[Cell] = []
     pretrained_arms = [a for a in arms if a.pretrain]
+    baseline_arms = [a for a in arms if not a.pretrain]
     for seed in seeds:
         for dist in distributions:
             group = group_dir(out, dist, seed)
             prefix = f"{dist.name}/seed{seed}"
-            primary = None
-            if pretrained_arms:
-                cells.append(Cell(f"{prefix}/cvae", "cvae", group / "cvae", seed, dist, rounds=cvae_rounds,
-                                  args=["--phase", "cvae"]))  # the server's, not a run setting
-            for arm in arms:
-                cell = Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
-                            rounds=classifier_rounds, args=["--phase", "classifier", *argv_for(strategy=arm.strategy)])
-                if arm.local_epochs is not None:
-                    cell.args += argv_for(local_epochs=arm.local_epochs)
-                if not arm.pretrain:
-                    cell.args += argv_for(pretrain=False)
-                elif primary is None:
-                    primary = cell
-                    cell.deps.append(f"{prefix}/cvae")
-                    cell.args += ["--cvae-checkpoint", str(group / "cvae" / "cvae.pt")]
-                else:
-                    cell.deps.append(primary.key)
-                    cell.args += ["--pretrained-checkpoint", str(primary.out / "pretrained_classifier.pt")]
-                cells.append(cell)
+            if privacy is None:
+                cells += _cvae_and_pretrained_cells(group, group, prefix, dist, seed, pretrained_arms,
+                                                    cvae_rounds, classifier_rounds, None, [])
+            else:
+                for level in privacy:
+                    cells += _cvae_and_pretrained_cells(group / level.name, group, f"{prefix}/{level.name}", dist,
+                                                        seed, pretrained_arms, cvae_rounds, classifier_rounds, level,
+                                                        list(dp_args))
+            for arm in baseline_arms:
+                cells.append(Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
+                                  rounds=classifier_rounds, args=_arm_args(arm) + argv_for(pretrain=False)))
         if centralised:
             cells.append(Cell(f"centralised/seed{seed}", "centralised", out / "runs" / "centralised" / f"seed{seed}",
                               seed))
+    return cells
+
+
+def _arm_args(arm: Arm) -> list[str]:
+    args = ["--phase", "classifier", *argv_for(strategy=arm.strategy)]
+    if arm.local_epochs is not None:
+        args += argv_for(local_epochs=arm.local_epochs)
+    return args
+
+
+def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Distribution, seed: int,
+                               arms: list[Arm], cvae_rounds: int, classifier_rounds: int,
+                               level: PrivacyLevel | None, dp_args: list[str]) -> list[Cell]:
+    """One CVAE phase in ``folder`` and the pre-trained arms built on it (the first pre-trains)."""
+    if not arms:
+        return []
+    group_out = None if folder == group else group
+    cvae = Cell(f"{prefix}/cvae", "cvae", folder / "cvae", seed, dist, rounds=cvae_rounds,
+                args=["--phase", "cvae", *(level.server_args(dp_args) if level else [])],  # --phase: the server's
+                privacy=level, group_out=group_out)
+    cells = [cvae]
+    for arm in arms:
+        cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, rounds=classifier_rounds,
+                    args=_arm_args(arm), privacy=level, group_out=group_out)
+        if len(cells) == 1:
+            cell.deps.append(cvae.key)
+            cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
+        else:
+            cell.deps.append(cells[1].key)
+            cell.args += ["--pretrained-checkpoint", str(cells[1].out / "pretrained_classifier.pt")]
+        cells.append(cell)
     return cells

@@ -218,6 +218,7 @@ class SweepRunner:
             "arm": None if cell.arm is None else {"name": cell.arm.name, "label": cell.arm.label,
                                                   "pretrain": cell.arm.pretrain, "strategy": cell.arm.strategy,
                                                   "local_epochs": cell.arm.local_epochs},
+            "epsilon": None if cell.privacy is None else cell.privacy.marker,  # the privacy axis' level
             "args": cell.args, "inputs": inputs, "run_id": uuid.uuid4().hex,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
