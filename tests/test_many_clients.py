@@ -8,10 +8,20 @@ import sys
 import threading
 import time
 
+import dataclasses
+
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import REPO_ROOT
+from genfl_server.coordinator import Coordinator
+from genfl_server.engine import RoundEngine
+from genfl_server.metrics import ServerMetrics
+from genfl_server.results import RunRecorder
+from genfl_shared.models import initial_state
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.tasks import TrainTask
 from helpers import log_tail, run_rounds, start_server
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -80,3 +90,30 @@ def test_server_completes_rounds_with_200_protocol_clients_and_stays_responsive(
     expected_probes = sum(r["seconds"] for r in rounds) / (PROBE_INTERVAL_SECONDS + PROBE_DEADLINE_SECONDS)
     assert len(probe.latencies) >= expected_probes, (len(probe.latencies), expected_probes)
     assert max(probe.latencies) < PROBE_DEADLINE_SECONDS
+
+
+def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_path):
+    """However many clients, a step's weights are encoded once: every client's task carries the
+    same frozen Payload, whose chunks are immutable bytes (ready-to-send TaskMessage frames)."""
+    clients = [f"c{i}" for i in range(5)]
+    coordinator = Coordinator("run-broadcast", expected_clients=len(clients), dataset=None, poll_timeout=1.0)
+    for cid in clients:
+        coordinator.register(pb.RegisterRequest(client_id=cid, num_train_samples=100, num_heldout_samples=10))
+    engine = RoundEngine(coordinator, ServerMetrics(), RunRecorder(tmp_path, run_id="run-broadcast"), seed=0,
+                         round_timeout=1.0, round_retries=0)
+    engine.wait_for_clients(timeout=5)
+    state = initial_state("cvae", seed=0)
+    settings = TrainTask(model="cvae", epochs=0, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
+                         binarize=True)
+    step = threading.Thread(target=engine._run_batch, args=(pb.TASK_TYPE_TRAIN, "cvae", 1, state, settings),
+                            daemon=True)
+    step.start()
+    tasks = [coordinator.next_task(cid, timeout=5) for cid in clients]
+    step.join(10)
+    assert all(task is not None and task.payload is not None for task in tasks)
+    payload = tasks[0].payload
+    assert all(task.payload is payload for task in tasks)
+    assert isinstance(payload.chunks, tuple) and all(type(chunk) is bytes for chunk in payload.chunks)
+    assert payload.wrapped and pb.TaskMessage.FromString(payload.chunks[0]).chunk.index == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        payload.chunks = ()
