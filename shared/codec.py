@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from genfl_shared.proto import genfl_pb2 as pb
@@ -136,7 +137,10 @@ class PayloadAssembler:
         self.manifest = manifest
         self.chunk_size = chunk_size
         self._layout = self._check_manifest(manifest, max_bytes, chunk_size)
-        self._buffer = bytearray(manifest.total_bytes)
+        # Uninitialised (every byte is written by add(), and finish() refuses a short payload): a
+        # zero-filled buffer would cost the server one more pass over each upload.
+        self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        self._view = memoryview(self._buffer)
         self._received_bytes = 0
         self._next_index = 0
         self._hasher = hashlib.sha256()  # updated per chunk, so hashing overlaps the transfer
@@ -182,7 +186,7 @@ class PayloadAssembler:
         if chunk.index >= self.manifest.num_chunks or size != expected:
             raise CodecError("bad_chunk", f"chunk {chunk.index} has {size} bytes, expected {expected} "
                                           f"(of {self.manifest.num_chunks} chunks)")
-        self._buffer[self._received_bytes:self._received_bytes + size] = data
+        self._view[self._received_bytes:self._received_bytes + size] = data
         self._hasher.update(data)
         self._received_bytes += size
         self._next_index += 1

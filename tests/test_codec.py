@@ -66,6 +66,19 @@ def test_cvae_roundtrip_multi_chunk_bit_exact():
     assert_bit_exact(decoded, state)
 
 
+def test_decoded_tensors_are_views_of_the_received_bytes_not_copies():
+    """What the server folds is the upload's one receive buffer, read in place: every tensor
+    starts at its manifest offset from the first (one model of memory per upload, no copy)."""
+    torch.manual_seed(0)
+    state = build_model("cvae").state_dict()
+    _payload, decoded = roundtrip(state)
+    base = next(iter(decoded.values())).data_ptr()
+    offset = 0
+    for name, tensor in decoded.items():
+        assert tensor.data_ptr() - base == offset, name
+        offset += tensor.numel() * tensor.element_size()
+
+
 def test_classifier_roundtrip_includes_int64_scalar_buffers():
     torch.manual_seed(1)
     model = build_model("classifier")

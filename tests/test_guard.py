@@ -101,3 +101,37 @@ def test_default_bounds_never_touch_honest_updates(mnist, distribution):
             assert round_guard.ratio_to_median() < guard.norm_factor / 2, round_guard.distances
     finally:
         torch.set_num_threads(threads)
+
+
+def _float64_distance(update, reference) -> float:
+    """The distance as a whole-tensor float64 computation: what the blocked one must agree with."""
+    return math.sqrt(sum(float(torch.sum((update[k].double() - ref.double()) ** 2))
+                         for k, ref in reference.items() if ref.is_floating_point()))
+
+
+def test_update_distance_over_many_blocks_matches_float64_on_received_views():
+    from genfl_server.guard import DISTANCE_BLOCK_ELEMENTS
+    from genfl_shared.codec import decode_payload, encode_state_dict
+
+    generator = torch.Generator().manual_seed(0)
+    reference = {"big": torch.randn(3 * DISTANCE_BLOCK_ELEMENTS + 17, generator=generator),  # partial last block
+                 "matrix": torch.randn(300, 7, generator=generator),
+                 "count": torch.tensor(4), "empty": torch.zeros(0)}
+    sent = {k: (v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 1)
+            for k, v in reference.items()}
+    payload = encode_state_dict(sent)
+    received = decode_payload(payload.manifest, payload.chunks)  # views of the received bytes
+    expected = _float64_distance(sent, reference)
+    assert update_distance(received, reference) == pytest.approx(expected, rel=1e-9)
+    assert update_distance(reference, reference) == 0.0
+    # The update's bytes are read, never written.
+    assert all(torch.equal(received[k], sent[k]) for k in sent)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 3e38])
+def test_update_distance_of_absurd_values_is_not_small(value):
+    reference = {"w": torch.zeros(2 * 65536)}
+    update = {"w": torch.zeros(2 * 65536)}
+    update["w"][70000] = value
+    distance = update_distance(update, reference)
+    assert math.isnan(distance) or distance >= 3e38

@@ -9,6 +9,7 @@ import torch
 
 from genfl_server.strategy import ClientTrainSettings, FedAvg, build_strategy
 from genfl_shared.models import build_model
+from genfl_shared.proto import genfl_pb2 as pb
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +259,51 @@ def test_fedavgm_velocity_survives_a_state_dict_round_trip():
         pass
     else:
         raise AssertionError("FedAvg must refuse state it cannot have saved")
+
+
+def _receive(payload_manifest, chunks, template):
+    """The server's upload path (genfl_server.service._receive_update without gRPC): chunks into
+    one buffer, digest checked as they arrive, then the template and finiteness check; the
+    tensors returned are views of the received bytes."""
+    from genfl_shared.codec import PayloadAssembler, check_matches_template, state_dict_nbytes
+
+    assembler = PayloadAssembler(payload_manifest, max_bytes=state_dict_nbytes(template))
+    for index, data in enumerate(chunks):
+        assembler.add(pb.Chunk(index=index, data=data))
+    update = assembler.finish()
+    check_matches_template(update, template)
+    return update
+
+
+def test_fedavg_folds_received_views_bit_identically_and_refused_uploads_change_nothing(global_state):
+    from genfl_shared.codec import CodecError, encode_state_dict
+
+    updates = _updates(global_state, [1, 2, 3])
+    direct = FedAvg()
+    direct.begin(global_state)
+    for update, samples in zip(updates, [5, 7, 11]):
+        direct.accumulate(_clones(update), samples)
+    expected = direct.finish()
+
+    received = FedAvg()
+    received.begin(global_state)
+    corrupt = encode_state_dict(updates[0])
+    flipped = bytearray(corrupt.chunks[-1])
+    flipped[0] ^= 1
+    poisoned = _clones(updates[1])
+    poisoned[next(k for k, v in poisoned.items() if v.is_floating_point())].view(-1)[0] = math.nan
+    for update, samples in zip(updates, [5, 7, 11]):
+        payload = encode_state_dict(update)
+        views = _receive(payload.manifest, payload.chunks, global_state)
+        received.accumulate(views, samples)
+        # Between good uploads, refused ones: a flipped byte (digest) and a NaN (values).
+        with pytest.raises(CodecError, match="SHA-256"):
+            _receive(corrupt.manifest, [*corrupt.chunks[:-1], bytes(flipped)], global_state)
+        bad = encode_state_dict(poisoned)
+        with pytest.raises(CodecError, match="NaN"):
+            _receive(bad.manifest, bad.chunks, global_state)
+    result = received.finish()
+    assert result.keys() == expected.keys()
+    for name in expected:
+        assert result[name].dtype == expected[name].dtype
+        assert torch.equal(result[name], expected[name]), name

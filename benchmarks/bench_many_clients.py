@@ -1,0 +1,137 @@
+"""One server, many clients: what each client costs the server per round.
+
+Starts a real ``genfl-server --phase cvae --rounds R --clients M --local-epochs 0 --threads 1`` and
+M fake clients (``fake_clients.py``: asyncio + grpc.aio, no torch, spread over a few processes)
+that speak the real protocol: register, long-poll, download each task's weights and echo them back
+as the update (valid manifest and digest), answer evaluations, exit at SHUTDOWN. For each M:
+
+  * seconds per round: median of the server's round records (OUT/metrics.jsonl, ``seconds``);
+  * server CPU seconds per round per client: the server's user+system CPU (/proc) between the end
+    of round 1 and the end of the last round (the steady state, without start-up and registration),
+    over the rounds in between and M;
+  * server peak RSS (VmHWM just before it exits) and the most threads seen (/proc, 20 ms poll);
+  * weight bytes per client per round, counted by the fake clients (downloads + uploads).
+
+The clients share the machine's cores with the server, so a round's wall time includes their
+work; the CPU line is the server's alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import click
+
+import _common as c
+from fake_clients import ClientProcesses
+from genfl_shared.runfiles import METRICS_JSONL, round_events, wait_for_endpoint
+
+
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "Threads"):
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+class ServerWatch(threading.Thread):
+    """Polls the server every 20 ms: peak RSS, most threads, and its CPU seconds at the moment each
+    round's record appears in metrics.jsonl."""
+
+    def __init__(self, pid: int, metrics: Path):
+        super().__init__(daemon=True)
+        self.pid, self.metrics = pid, metrics
+        self.peak_hwm_kb = self.max_threads = 0
+        self.cpu_at_round: dict[int, float] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            cpu = c.cpu_seconds(self.pid)
+            try:
+                status = _status(self.pid)
+            except OSError:
+                return
+            if cpu is None:
+                return
+            self.peak_hwm_kb = max(self.peak_hwm_kb, status.get("VmHWM", 0))
+            self.max_threads = max(self.max_threads, status.get("Threads", 0))
+            done = len(round_events(self.metrics))
+            if done and done not in self.cpu_at_round:
+                self.cpu_at_round[done] = cpu
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def measure(clients: int, rounds: int, processes: int, work: Path) -> dict:
+    out = work / "server"
+    with c.ProcessGroup() as procs:
+        server = procs.start("server", [c.tool("genfl-server"), "--phase", "cvae", "--rounds", str(rounds),
+                                        "--clients", str(clients), "--local-epochs", "0", "--threads", "1",
+                                        "--address", "127.0.0.1:0", "--out", str(out), "--log-level", "warning"],
+                             work / "server.log")
+        address = wait_for_endpoint(out, 60, [server])["address"]
+        watch = ServerWatch(server.pid, out / METRICS_JSONL)
+        watch.start()
+        fakes = ClientProcesses(address, clients, processes)
+        started = time.perf_counter()
+        try:
+            stats = fakes.join(timeout=600 + 5 * clients)
+        finally:
+            fakes.stop()
+        wall = time.perf_counter() - started
+        if not stats.error:
+            c.wait_all([server], 60, "the server")
+        watch.stop()
+    if stats.error or server.returncode != 0:
+        raise RuntimeError(f"M = {clients}: server exit {server.returncode}; client errors: {stats.error}\n"
+                           f"{c.tail(work / 'server.log')}")
+    records = round_events(out / METRICS_JSONL)
+    if len(records) != rounds or len(watch.cpu_at_round) < 2:
+        raise RuntimeError(f"M = {clients}: {len(records)} round records, CPU seen at {sorted(watch.cpu_at_round)}")
+    last = max(watch.cpu_at_round)
+    steady_cpu = (watch.cpu_at_round[last] - watch.cpu_at_round[1]) / (last - 1)
+    return {"clients": clients, "round_seconds": c.median([r["seconds"] for r in records]),
+            "round_seconds_all": [r["seconds"] for r in records], "wall": wall,
+            "cpu_per_round": steady_cpu, "cpu_per_round_per_client": steady_cpu / clients,
+            "peak_rss_mb": watch.peak_hwm_kb * 1024 / c.MB, "threads": watch.max_threads,
+            "bytes_per_client_round": (stats.bytes_received + stats.bytes_sent) / clients / rounds,
+            "tasks": stats.tasks}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--clients", "client_counts", default="10,100,500,1000",
+              help="Comma-separated client counts M, one server run each.")
+@click.option("--rounds", type=click.IntRange(2), default=3)
+@click.option("--processes", type=click.IntRange(1), default=4, help="Processes the fake clients run in.")
+@click.option("--keep", is_flag=True, help="Keep the temp folder (server logs).")
+@click.option("-v", "--verbose", is_flag=True)
+def main(client_counts: str, rounds: int, processes: int, keep: bool, verbose: bool) -> None:
+    """Seconds per round and the server's CPU, memory, threads and traffic with M fake clients."""
+    c.setup_logging(verbose)
+    print(c.machine_line())
+    counts = [int(x) for x in client_counts.split(",") if x.strip()]
+    with c.temp_dir("genfl-bench-many-", keep) as tmp:
+        for clients in counts:
+            run = measure(clients, rounds, processes, tmp / f"m{clients}")
+            label = f"M = {clients}"
+            c.result(f"{label}: seconds per round (server record, median)", run["round_seconds"], "s",
+                     extra="rounds: " + ", ".join(f"{s:.2f}" for s in run["round_seconds_all"]))
+            c.result(f"{label}: server CPU per round", run["cpu_per_round"], "CPU-s")
+            c.result(f"{label}: server CPU per round per client", run["cpu_per_round_per_client"] * 1e3, "CPU-ms")
+            c.result(f"{label}: server peak RSS", run["peak_rss_mb"], "MB")
+            c.result(f"{label}: server threads (most seen)", run["threads"], "threads")
+            c.result(f"{label}: weight bytes per client per round", run["bytes_per_client_round"] / c.MB, "MB",
+                     extra=f"tasks: {run['tasks']}, wall {run['wall']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Lightweight clients that speak GenFL's real wire protocol, without torch: many of them per process.
+
+Each fake client does what a ``genfl-client`` with zero local epochs does, over its own gRPC
+channel (its own TCP connection): Register, then long-poll FetchTask; a TRAIN task's weights are
+received and sent straight back as the "update" (the received manifest and chunks, so the digest
+and manifest are valid by construction), an EVALUATE task is answered with a loss and no weights,
+IDLE polls again, SHUTDOWN ends the client. They run as asyncio tasks on ``grpc.aio`` stubs, so a
+process holds hundreds of them with one thread.
+
+Used by ``bench_many_clients.py`` and ``tests/test_many_clients.py``; not part of the product.
+``run_clients_in_processes`` spreads the clients over a few spawned processes (one event loop
+each) so that the clients' own CPU time is spread over cores too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import multiprocessing as mp
+import traceback
+from dataclasses import dataclass, field
+
+import grpc
+
+from genfl_shared.proto import genfl_pb2 as pb
+from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+
+# What the real client sends as channel options: the message limit (1 MiB chunks plus a header).
+MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+
+
+class ProtocolViolation(RuntimeError):
+    """The server sent something a real client would refuse (chunks out of order, a bad digest)."""
+
+
+@dataclass
+class ClientStats:
+    """What one fake client did; summed over clients by the caller."""
+
+    tasks: dict[str, int] = field(default_factory=dict)  # task type name -> tasks answered
+    bytes_received: int = 0  # weight bytes downloaded
+    bytes_sent: int = 0  # weight bytes uploaded
+    polls: int = 0
+    error: str | None = None
+
+    def add(self, other: "ClientStats") -> None:
+        for name, count in other.tasks.items():
+            self.tasks[name] = self.tasks.get(name, 0) + count
+        self.bytes_received += other.bytes_received
+        self.bytes_sent += other.bytes_sent
+        self.polls += other.polls
+
+
+async def _download(stream, header: pb.TaskHeader, verify: bool) -> list[bytes]:
+    """The task's chunks, in order; with ``verify`` their SHA-256 must match the manifest."""
+    chunks: list[bytes] = []
+    hasher = hashlib.sha256() if verify else None
+    while (message := await stream.read()) is not grpc.aio.EOF:
+        if message.WhichOneof("kind") != "chunk" or message.chunk.index != len(chunks):
+            raise ProtocolViolation(f"expected chunk {len(chunks)}, got {message}"[:200])
+        data = message.chunk.data  # upb copies on every access: read once
+        if hasher is not None:
+            hasher.update(data)
+        chunks.append(data)
+    if len(chunks) != header.manifest.num_chunks:
+        raise ProtocolViolation(f"got {len(chunks)} of {header.manifest.num_chunks} chunks")
+    if hasher is not None and hasher.digest() != header.manifest.sha256:
+        raise ProtocolViolation("the downloaded weights do not match the manifest's SHA-256")
+    return chunks
+
+
+def _result_messages(header: pb.ResultHeader, chunks: list[bytes]):
+    yield pb.ResultMessage(header=header)
+    for index, data in enumerate(chunks):
+        yield pb.ResultMessage(chunk=pb.Chunk(index=index, data=data))
+
+
+async def run_client(address: str, client_id: str, num_train: int, num_heldout: int, *,
+                     verify_downloads: bool = False, rpc_timeout: float = 600.0) -> ClientStats:
+    """One fake client, from registration to the server's SHUTDOWN; raises on any RPC error."""
+    stats = ClientStats()
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.FederatedLearningStub(channel)
+        reply = await stub.Register(pb.RegisterRequest(client_id=client_id, num_train_samples=num_train,
+                                                       num_heldout_samples=num_heldout, dataset="",
+                                                       client_version="fake"), timeout=rpc_timeout)
+        poll = pb.FetchTaskRequest(run_id=reply.run_id, client_id=client_id, session_secret=reply.session_secret)
+        while True:
+            stats.polls += 1
+            stream = stub.FetchTask(poll, timeout=rpc_timeout)
+            first = await stream.read()
+            if first is grpc.aio.EOF or first.WhichOneof("kind") != "header":
+                raise ProtocolViolation("a task stream must start with its header")
+            header = first.header
+            if header.type == pb.TASK_TYPE_IDLE:
+                continue
+            if header.type == pb.TASK_TYPE_SHUTDOWN:
+                return stats
+            chunks = await _download(stream, header, verify_downloads)
+            stats.bytes_received += sum(len(c) for c in chunks)
+            result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=client_id,
+                                     phase=header.phase, round=header.round, type=header.type,
+                                     metrics={"loss": 1.0}, session_secret=reply.session_secret)
+            if header.type == pb.TASK_TYPE_TRAIN:
+                result.num_samples = num_train
+                result.manifest.CopyFrom(header.manifest)  # the echo: same bytes, same digest
+            else:
+                result.num_samples = num_heldout
+                chunks = []
+            await stub.SubmitResult(_result_messages(result, chunks), timeout=rpc_timeout)
+            stats.bytes_sent += sum(len(c) for c in chunks)
+            name = pb.TaskType.Name(header.type)
+            stats.tasks[name] = stats.tasks.get(name, 0) + 1
+
+
+def client_ids(count: int) -> list[str]:
+    return [f"fake-{i:04d}" for i in range(count)]
+
+
+def train_samples(index: int) -> int:
+    """Distinct per-client sample counts, so the FedAvg weights are not all equal."""
+    return 900 + 7 * (index % 100)
+
+
+async def run_clients(address: str, indices: list[int], *, verify_downloads: bool = False) -> ClientStats:
+    """Clients ``indices`` (of :func:`client_ids`' numbering) concurrently; the summed stats, with
+    ``error`` naming the first clients that failed."""
+    ids = client_ids(max(indices) + 1)
+    outcomes = await asyncio.gather(*(run_client(address, ids[i], train_samples(i), 100,
+                                                 verify_downloads=verify_downloads) for i in indices),
+                                    return_exceptions=True)
+    total = ClientStats()
+    failures = []
+    for index, outcome in zip(indices, outcomes):
+        if isinstance(outcome, BaseException):
+            failures.append(f"{ids[index]}: {type(outcome).__name__}: {str(outcome)[:300]}")
+        else:
+            total.add(outcome)
+    if failures:
+        total.error = f"{len(failures)} of {len(indices)} clients failed; first: " + "; ".join(failures[:3])
+    return total
+
+
+def _process_main(address: str, indices: list[int], verify_downloads: bool, results) -> None:
+    try:
+        results.put(asyncio.run(run_clients(address, indices, verify_downloads=verify_downloads)))
+    except BaseException:  # reported by the parent, which otherwise waits for a result forever
+        results.put(ClientStats(error=traceback.format_exc()))
+
+
+class ClientProcesses:
+    """``count`` fake clients spread over ``processes`` spawned processes; ``join`` sums their stats."""
+
+    def __init__(self, address: str, count: int, processes: int, *, verify_downloads: bool = False):
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        groups = [list(range(p, count, processes)) for p in range(min(processes, count))]
+        self._procs = [ctx.Process(target=_process_main, args=(address, group, verify_downloads, self._results),
+                                   daemon=True) for group in groups]
+        for proc in self._procs:
+            proc.start()
+
+    def join(self, timeout: float) -> ClientStats:
+        """Summed stats of every process (``error`` set if any client failed); raises TimeoutError
+        when a process reports nothing within ``timeout``."""
+        import queue
+
+        total, errors = ClientStats(), []
+        for _ in self._procs:
+            try:
+                stats = self._results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"fake client processes did not finish within {timeout:.0f} s") from None
+            total.add(stats)
+            if stats.error:
+                errors.append(stats.error)
+        for proc in self._procs:
+            proc.join(10)
+        total.error = "\n".join(errors) or None
+        return total
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(5)
