@@ -22,7 +22,7 @@
 # A build is skipped when the image already carries the label org.genfl.inputs with the hash of every
 # build input (the files the Dockerfile copies, the base image's id, where packages come from): an
 # unchanged tree costs nothing. The wheelhouse is served read-only on 127.0.0.1 for the duration of
-# the build (docker build --network host); its URL is a build argument of the build stage only.
+# the build (docker build --network host); its URL is a build argument of the venv stage only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,7 +62,7 @@ up_to_date() {
 }
 
 # remove_replaced TAG OLD_ID: the image TAG named before this build, now untagged, is removed (the
-# layers the new image shares with it stay; the build stage's cache is not touched).
+# layers the new image shares with it stay; the build stages' cache is not touched).
 remove_replaced() {
     if [ -n "$2" ] && [ "$2" != "$(docker image inspect --format '{{.Id}}' "$1")" ]; then
         docker rmi "$2" >/dev/null 2>&1 || log "kept the replaced image $2 (in use)"

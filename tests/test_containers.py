@@ -246,3 +246,22 @@ def test_compose_run_in_containers(docker_ready, data_root, tmp_path, secure):
     finally:
         deployment.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
     assert deployment.resources() == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_image_runs_as_10001_from_its_venv_with_nothing_of_the_build_host(docker_ready):
+    """The image's history, config and files hold no package index, pip configuration or host path."""
+    image = json.loads(run("docker", "image", "inspect", IMAGE).stdout)[0]
+    config = image["Config"]
+    assert config["User"] == "10001:10001"
+    assert not [e for e in config["Env"] if e.startswith("PIP_") or "http" in e], config["Env"]
+    assert config["Labels"].get("org.genfl.inputs"), "not built by deploy/build-image.sh"
+    history = run("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
+    for host_detail in ("127.0.0.1", "PIP_FIND_LINKS", "PIP_INDEX_URL", str(REPO), "/opt/wheels", "/opt/pypi"):
+        assert host_detail not in history, f"{host_detail} is in the image's history"
+    probe = ("id -u; command -v python genfl-server genfl-client genfl-health; "
+             "ls /etc/pip.conf /etc/xdg/pip /root/.config/pip /home/genfl/.config/pip /tmp/wheels 2>/dev/null; "
+             "python -c 'import sys, torch, genfl_server; print(sys.prefix, torch.__version__)'")
+    result = run("docker", "run", "--rm", "--entrypoint", "sh", IMAGE, "-c", probe, timeout=180, check=False)
+    assert result.stdout.split("\n")[:5] == ["10001", "/opt/genfl/bin/python", "/opt/genfl/bin/genfl-server",
+                                              "/opt/genfl/bin/genfl-client", "/usr/local/bin/genfl-health"], result
+    assert result.stdout.split("\n")[5].startswith("/opt/genfl 2.14.1"), result  # no pip config, no wheels left

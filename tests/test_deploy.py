@@ -237,7 +237,7 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
 def test_dockerfile_base_user_ports_entrypoint():
     # The base is a build argument: python:3.11-slim by default, genfl-base:bookworm offline.
     assert "BASE_IMAGE=python:3.11-slim" in dockerfile("ARG")
-    assert dockerfile("FROM") == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"]
+    assert dockerfile("FROM") == ["${BASE_IMAGE} AS venv", "venv AS wheel", "${BASE_IMAGE}"]
     assert dockerfile("USER")[-1].split(":")[0] == str(IMAGE_UID)
     exposed = {int(p.split("/")[0]) for rest in dockerfile("EXPOSE") for p in rest.split()}
     server = role_cli("server")
@@ -258,8 +258,9 @@ def test_dockerfile_base_user_ports_entrypoint():
 
 
 def test_dockerfile_final_stage_holds_nothing_of_the_build_host():
-    """Package sources are build arguments of the build stage only; the final stage installs with no index."""
-    build, final = dockerfile_stages()
+    """Package sources are build arguments of the venv stage only; the final stage installs with no index."""
+    build, wheel, final = dockerfile_stages()
+    assert not [rest for kw, rest in wheel if kw == "ARG"]
     build_args = {rest.split("=")[0] for kw, rest in build if kw == "ARG"}
     assert {"PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"} <= build_args
     assert not [rest for kw, rest in final if kw in ("ARG", "ONBUILD")]
@@ -267,7 +268,8 @@ def test_dockerfile_final_stage_holds_nothing_of_the_build_host():
     assert "PIP_" not in final_env and "http" not in final_env
     final_runs = " ".join(rest for kw, rest in final if kw == "RUN")
     assert "pip install --no-index --no-deps" in final_runs and "rm -rf /tmp/wheels" in final_runs
-    assert ("COPY", "--from=build /opt/genfl /opt/genfl") in final
+    assert ("COPY", "--from=venv /opt/genfl /opt/genfl") in final
+    assert ("COPY", "--from=wheel /wheels /tmp/wheels") in final
     assert "PATH=/opt/genfl/bin:" in final_env
 
 

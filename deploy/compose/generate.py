@@ -200,8 +200,9 @@ def build(opts: dict) -> tuple[dict, dict]:
         "healthcheck": {
             # "" (the whole server): NOT_SERVING until it listens with its data loaded.
             "test": probe,
-            "interval": "3s",
-            "timeout": "3s",
+            "interval": "5s",
+            # The probe is a Python process (grpc import): on a loaded machine it needs seconds to start.
+            "timeout": "10s",
             "retries": 3,
             "start_period": "5m",
         },
