@@ -18,6 +18,8 @@
 #                        or --prometheus)
 #   --prometheus         also build the Prometheus image when online
 #   --force              build even when an identical earlier build is there
+# Environment: WHEELHOUSE (default ./.wheelhouse), WHEELHOUSE_PORT (default 8765: where the build
+# reaches the wheelhouse), DEBIAN_MIRROR (deploy/base-image.sh), PIP_INDEX_URL & co. (online builds).
 #
 # A build is skipped when the image already carries the label org.genfl.inputs with the hash of every
 # build input (the files the Dockerfile copies, the base image's id, where packages come from): an
@@ -92,7 +94,12 @@ else
     server_pid=""
     if [ -n "$wheelhouse" ]; then
         [ -d "$wheelhouse" ] || { log "no wheelhouse at $wheelhouse (make it: bash deploy/wheelhouse.sh $wheelhouse)"; exit 1; }
-        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        # A fixed port: the URL is a build argument, part of the cache key of every later step of the
+        # venv stage, so a different port each time would reinstall every package.
+        port=${WHEELHOUSE_PORT:-8765}
+        if ! python3 -c "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', $port))" 2>/dev/null; then
+            log "port $port on 127.0.0.1 is in use; set WHEELHOUSE_PORT to a free one"; exit 1
+        fi
         python3 -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >/dev/null 2>&1 &
         server_pid=$!
         trap '[ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null' EXIT

@@ -97,14 +97,16 @@ class Deployment:
     def __init__(self, folder: Path, project: str):
         self.file = folder / "docker-compose.yml"
         self.project = project
+        self._ids: dict[str, str] = {}  # service -> container id (compose v1 is slow to start: ask once)
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return run(*_compose_command(), "-p", self.project, "-f", str(self.file), *args, timeout=timeout,
                    check=check)
 
     def container(self, service: str) -> dict:
-        [container_id] = self.compose("ps", "-q", service).stdout.split()
-        return json.loads(run("docker", "inspect", container_id).stdout)[0]
+        if service not in self._ids:
+            [self._ids[service]] = self.compose("ps", "-q", service).stdout.split()
+        return json.loads(run("docker", "inspect", self._ids[service]).stdout)[0]
 
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "40", check=False, timeout=60).stdout[-12000:]
@@ -258,7 +260,7 @@ def test_image_runs_as_10001_from_its_venv_with_nothing_of_the_build_host(docker
     history = run("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
     for host_detail in ("127.0.0.1", "PIP_FIND_LINKS", "PIP_INDEX_URL", str(REPO), "/opt/wheels", "/opt/pypi"):
         assert host_detail not in history, f"{host_detail} is in the image's history"
-    probe = ("id -u; command -v python genfl-server genfl-client genfl-health; "
+    probe = ("id -u; for c in python genfl-server genfl-client genfl-health; do command -v $c; done; "
              "ls /etc/pip.conf /etc/xdg/pip /root/.config/pip /home/genfl/.config/pip /tmp/wheels 2>/dev/null; "
              "python -c 'import sys, torch, genfl_server; print(sys.prefix, torch.__version__)'")
     result = run("docker", "run", "--rm", "--entrypoint", "sh", IMAGE, "-c", probe, timeout=180, check=False)
