@@ -35,7 +35,11 @@ idle() {
     if [ "$1" = server ]; then
         log "$2"
         address="${GENFL_ADDRESS:-0.0.0.0:50051}"
-        exec genfl-health idle --port "${address##*:}"
+        # The same TLS (and mutual TLS) as the server it stands in for, so that probes keep working.
+        set -- --port "${address##*:}"
+        if [ -n "${GENFL_TLS_CERT:-}" ]; then set -- "$@" --tls-cert "$GENFL_TLS_CERT" --tls-key "${GENFL_TLS_KEY:-}"; fi
+        if [ -n "${GENFL_CLIENT_CA:-}" ]; then set -- "$@" --client-ca "$GENFL_CLIENT_CA"; fi
+        exec genfl-health idle "$@"
     fi
     sleeper=""
     trap 'if [ -n "$sleeper" ]; then kill "$sleeper" 2>/dev/null; fi; exit 0' TERM INT

@@ -223,8 +223,21 @@ def installed_by_dockerfile() -> dict[str, str]:
     return found
 
 
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each stage (FROM first); instructions before the first FROM are dropped."""
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, rest))
+    return stages
+
+
 def test_dockerfile_base_user_ports_entrypoint():
-    assert dockerfile("FROM") == ["python:3.11-slim"]
+    # The base is a build argument: python:3.11-slim by default, genfl-base:bookworm offline.
+    assert "BASE_IMAGE=python:3.11-slim" in dockerfile("ARG")
+    assert dockerfile("FROM") == ["${BASE_IMAGE} AS venv", "venv AS wheel", "${BASE_IMAGE}"]
     assert dockerfile("USER")[-1].split(":")[0] == str(IMAGE_UID)
     exposed = {int(p.split("/")[0]) for rest in dockerfile("EXPOSE") for p in rest.split()}
     server = role_cli("server")
@@ -237,13 +250,46 @@ def test_dockerfile_base_user_ports_entrypoint():
     cmd = json.loads(dockerfile("CMD")[-1])
     assert cmd[0] in set(entrypoint_roles()) | {"help"}
     runs = " ".join(dockerfile("RUN"))
-    assert "download.pytorch.org/whl/cpu" in " ".join(dockerfile("ARG")) and "--index-url" in runs
-    assert "pip install ." in runs
+    # The pinned set into a venv (Debian's python refuses system-wide installs), then the project's wheel.
+    assert "python3 -m venv /opt/genfl" in runs
+    assert "/opt/genfl/bin/pip install --require-virtualenv -r /tmp/requirements.txt" in runs
+    assert "COPY deploy/requirements.txt /tmp/requirements.txt" in [f"COPY {r}" for r in dockerfile("COPY")]
     assert f"--uid {IMAGE_UID}" in runs
+
+
+def test_dockerfile_final_stage_holds_nothing_of_the_build_host():
+    """Package sources are build arguments of the venv stage only; the final stage installs with no index."""
+    build, wheel, final = dockerfile_stages()
+    assert not [rest for kw, rest in wheel if kw == "ARG"]
+    build_args = {rest.split("=")[0] for kw, rest in build if kw == "ARG"}
+    assert {"PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"} <= build_args
+    assert not [rest for kw, rest in final if kw in ("ARG", "ONBUILD")]
+    final_env = " ".join(rest for kw, rest in final if kw == "ENV")
+    assert "PIP_" not in final_env and "http" not in final_env
+    final_runs = " ".join(rest for kw, rest in final if kw == "RUN")
+    assert "pip install --no-index --no-deps" in final_runs and "rm -rf /tmp/wheels" in final_runs
+    assert ("COPY", "--from=venv /opt/genfl /opt/genfl") in final
+    assert ("COPY", "--from=wheel /wheels /tmp/wheels") in final
+    assert "PATH=/opt/genfl/bin:" in final_env
+
+
+def test_image_requirements_pin_every_package_the_project_needs():
+    lines = [line.split("#")[0].strip() for line in (DEPLOY / "requirements.txt").read_text().splitlines()]
+    pins = dict(line.split("==") for line in lines if line)
+    assert all(re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name) and re.fullmatch(r"[0-9][0-9a-z.+]*", version)
+               for name, version in pins.items()), pins
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + ["setuptools"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+        assert name in pins, f"deploy/requirements.txt does not pin {name}"
+    # The versions the tests run with, as the README's set-up command installs them.
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
 
 
 def test_dockerfile_copies_exist_and_are_in_the_build_context():
     for rest in dockerfile("COPY"):
+        if rest.startswith("--from="):  # from the build stage, not from the context
+            continue
         sources = [a for a in rest.split() if not a.startswith("--")][:-1]
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
@@ -261,7 +307,8 @@ def test_image_commands_are_console_scripts():
     for role, command in entrypoint_roles().items():
         assert command in scripts | extra, f"entrypoint role {role} runs {command}: not installed"
     text = (DEPLOY / "Dockerfile").read_text() + (DEPLOY / "entrypoint.sh").read_text()
-    for name in set(re.findall(r"\bgenfl-[a-z]+\b", text)):
+    # (genfl-NAME:TAG is an image, e.g. genfl-base:bookworm, not a command)
+    for name in set(re.findall(r"\bgenfl-[a-z]+\b(?!:)", text)):
         assert name in scripts | extra, f"{name} is neither a console script nor installed by the Dockerfile"
 
 
@@ -347,13 +394,16 @@ def test_entrypoint_once_server(stubs, tmp_path):
 
 
 def test_entrypoint_flags_are_real_options():
-    """The flags entrypoint.sh passes itself: --resume to genfl-server, --port to genfl-health idle."""
+    """The flags entrypoint.sh passes itself: --resume to genfl-server, --port and the server's TLS
+    files to genfl-health idle."""
     text = (DEPLOY / "entrypoint.sh").read_text()
     code = "\n".join(line.split("#")[0] for line in text.split("usage()")[0].splitlines()) + text.split("EOF\n}")[1]
     used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", code)) - {"--help"}
-    assert used == {"--resume", "--port"}, used
+    assert used == {"--resume", "--port", "--tls-cert", "--tls-key", "--client-ca"}, used
     assert "--resume" in role_cli("server").flags
-    assert "--port" in role_cli("health").flags
+    assert {"--port", "--tls-cert", "--tls-key", "--client-ca"} <= role_cli("health").flags
+    # The TLS files idle serves with are the server's own options (GENFL_TLS_CERT, ...).
+    assert {"GENFL_TLS_CERT", "GENFL_TLS_KEY", "GENFL_CLIENT_CA"} <= role_cli("server").envvars
 
 
 def test_entrypoint_once_client_idles_and_forwards_sigterm(stubs):
@@ -401,6 +451,41 @@ def test_health_helper_probe_and_idle():
     gone = subprocess.run([*tool, "probe", "--address", f"127.0.0.1:{port}", "--timeout", "1"],
                           capture_output=True, text=True, timeout=20)
     assert gone.returncode == 1
+
+
+@pytest.fixture(scope="module")
+def compose_secrets(tmp_path_factory) -> Path:
+    """What generate.py --secure makes for 2 clients."""
+    folder = tmp_path_factory.mktemp("compose-secrets") / "secrets"
+    assert generate.make_secrets(folder, 2) is True
+    assert generate.make_secrets(folder, 2) is False  # complete: kept as it is
+    return folder
+
+
+def test_health_helper_speaks_mutual_tls(compose_secrets):
+    """With TLS on, the healthcheck still works: the idle responder serves mutual TLS like the server,
+    and the probe shows the health certificate; without it, or in plaintext, it is refused."""
+    port = free_port()
+    tool = [sys.executable, str(DEPLOY / "genfl_health.py")]
+    s = compose_secrets
+    idle = subprocess.Popen([*tool, "idle", "--port", str(port), "--tls-cert", str(s / "server.pem"),
+                             "--tls-key", str(s / "server.key"), "--client-ca", str(s / "ca.pem")],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "idle" in idle.stderr.readline()
+        probe = [*tool, "probe", "--address", f"localhost:{port}", "--timeout", "5"]
+        with_certificate = [*probe, "--ca", str(s / "ca.pem"), "--tls-cert", str(s / "health.pem"),
+                            "--tls-key", str(s / "health.key")]
+        alive = subprocess.run(with_certificate, capture_output=True, text=True, timeout=20)
+        assert alive.returncode == 0 and "SERVING" in alive.stdout, alive.stderr
+        no_client_certificate = subprocess.run([*probe, "--ca", str(s / "ca.pem")], capture_output=True,
+                                               text=True, timeout=20)
+        assert no_client_certificate.returncode == 1
+        plaintext = subprocess.run(probe, capture_output=True, text=True, timeout=20)
+        assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    finally:
+        idle.send_signal(signal.SIGTERM)
+        assert idle.wait(timeout=10) == 0
 
 
 def test_health_service_name_matches_the_server():
@@ -485,9 +570,14 @@ def check_compose(compose_file: Path, clients: int, shards_dir: Path) -> None:
         host, port = cenv["GENFL_SERVER"].rsplit(":", 1)
         assert host == "server" and int(port) == grpc_port
         assert client["depends_on"] == {"server": {"condition": "service_healthy"}}
-        # Exactly one mount: its own shard, read-only, where GENFL_SHARD points.
-        [(source, target, mode)] = mounts(client)
+        # Exactly one data mount: its own shard, read-only, where GENFL_SHARD points; secrets (--secure)
+        # are only its own, read-only too.
+        secrets = [(s, t, m) for s, t, m in mounts(client) if t.startswith(generate.SECRETS_MOUNT + "/")]
+        [(source, target, mode)] = [m for m in mounts(client) if m not in secrets]
         assert mode == "ro" and target == cenv["GENFL_SHARD"]
+        for secret_source, _, secret_mode in secrets:
+            assert secret_mode == "ro"
+            assert Path(secret_source).name in ("ca.pem", *(f"{name}.{ext}" for ext in ("pem", "key", "token")))
         assert Path(source).name == shard_file_name(index)
         assert (base / source).resolve() == (shards_dir / shard_file_name(index)).resolve()
         assert str(int(cenv["GENFL_METRICS_PORT"])) in client["expose"]
@@ -503,7 +593,13 @@ def check_compose(compose_file: Path, clients: int, shards_dir: Path) -> None:
     assert expected <= targets
     assert targets - expected <= {"localhost:9090"}
 
+    # Nothing that docker-compose v1 (1.29) refuses: no top-level name (it is in .env).
+    assert set(compose) == {"services", "volumes"}
+    assert "COMPOSE_PROJECT_NAME=" in (base / ".env").read_text()
+
     # Grafana gets the provisioning and the dashboard folder the provider reads.
+    if "grafana" not in services:
+        return
     grafana = {target: source for source, target, _ in mounts(services["grafana"])}
     assert (base / grafana["/etc/grafana/provisioning"]).resolve() == DEPLOY / "grafana" / "provisioning"
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/genfl.yml").read_text())
@@ -522,6 +618,61 @@ def test_compose_generator_five_clients(tmp_path):
     check_compose(out, 5, shards)
     env = yaml.safe_load(out.read_text())["services"]["server"]["environment"]
     assert env["GENFL_DATASET"] == "fmnist" and env["GENFL_ROUNDS"] == "3"
+
+
+def test_compose_generator_secure(tmp_path):
+    """--secure: mutual TLS and a token per client; each container gets only its own secrets."""
+    from genfl_shared.security import hash_token
+
+    out = tmp_path / "compose" / "docker-compose.yml"
+    shards, secrets = tmp_path / "shards", tmp_path / "secrets"
+    result = run_generator("--clients", "2", "--shards-dir", str(shards), "--out", str(out), "--secure",
+                           "--secrets-dir", str(secrets), "--prometheus-image", "genfl-prometheus:latest",
+                           "--no-grafana", "--server-option", "synthetic-samples=200")
+    assert result.returncode == 0, result.stderr
+    check_compose(out, 2, shards)
+    services = yaml.safe_load(out.read_text())["services"]
+    assert "grafana" not in services and services["prometheus"]["image"] == "genfl-prometheus:latest"
+    server = services["server"]
+    env = server["environment"]
+    assert env["GENFL_SYNTHETIC_SAMPLES"] == "200"
+    mounted = {target: source for source, target, _ in mounts(server)}
+    for variable in ("GENFL_TLS_CERT", "GENFL_TLS_KEY", "GENFL_CLIENT_CA", "GENFL_TOKENS_FILE"):
+        assert env[variable] in mounted, variable
+    test = server["healthcheck"]["test"]
+    assert mounted[test[test.index("--tls-cert") + 1]].endswith("/health.pem")
+    tokens = json.loads((secrets / "tokens.json").read_text())
+    for index in range(2):
+        name = f"client-{index:03d}"
+        client = services[name]
+        cmounts = {target: (out.parent / source).resolve() for source, target, _ in mounts(client)}
+        cenv = client["environment"]
+        token = cmounts[cenv["GENFL_TOKEN_FILE"]].read_text().strip()
+        assert tokens[name] == hash_token(token)
+        assert cmounts[cenv["GENFL_TLS_CERT"]] == (secrets / f"{name}.pem").resolve()
+        verify = subprocess.run(["openssl", "verify", "-CAfile", str(secrets / "ca.pem"),
+                                 str(cmounts[cenv["GENFL_TLS_CERT"]])], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr
+    names = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(secrets / "server.pem")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "DNS:server" in names and "DNS:localhost" in names
+    assert (secrets.stat().st_mode & 0o077) == 0  # nobody else on the host gets in
+    if os.geteuid() == 0:  # handed to the image's user, keys readable by it only
+        key = secrets / "client-000.key"
+        assert (key.stat().st_uid, key.stat().st_mode & 0o777) == (IMAGE_UID, 0o600)
+
+
+def test_compose_file_passes_docker_compose_v1_config(tmp_path):
+    """docker-compose v1 (1.29, Debian's) accepts the generated file, secure or not."""
+    v1 = shutil.which("docker-compose")
+    if v1 is None:
+        pytest.skip("docker-compose (v1) is not installed (bash scripts/setup.sh installs it)")
+    for secure in ([], ["--secure", "--secrets-dir", str(tmp_path / "secrets")]):
+        out = tmp_path / f"compose{len(secure)}" / "docker-compose.yml"
+        assert run_generator("--clients", "2", "--shards-dir", str(tmp_path), "--out", str(out),
+                             *secure).returncode == 0
+        result = subprocess.run([v1, "-f", str(out), "config", "-q"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
 
 
 def test_compose_generator_refuses_a_mismatched_partition(tmp_path):

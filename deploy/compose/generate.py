@@ -8,10 +8,18 @@ Services: ``server`` (genfl-server, healthy once its gRPC health service answers
 ``client-000`` ... ``client-{K-1}`` (each mounts only its own shard file, read-only, and starts once
 the server is healthy), ``prometheus`` (scrapes the server and every client; config written next to
 the compose file) and ``grafana`` (Prometheus datasource and the GenFL dashboard provisioned from
-deploy/grafana). Paths in the compose file are relative to its own folder, as compose resolves them.
-The server's outputs go to the named volume ``genfl-out`` (``docker compose cp server:/out ...``).
+deploy/grafana; ``--no-grafana`` leaves it out). Paths in the compose file are relative to its own
+folder, as compose resolves them. The server's outputs go to the named volume ``genfl-out``.
+The project name goes into ``.env`` beside the compose file (COMPOSE_PROJECT_NAME, which docker-compose
+v1 and docker compose v2 both read); the file uses nothing that only v2 knows.
 
-Needs only click (installed with the project); the YAML is written without a YAML library.
+``--secure``: mutual TLS and per-client tokens. A CA, the server's certificate (for the names
+``server`` and ``localhost``), one certificate and one token per client and a certificate for the
+health probe are made in ``--secrets-dir`` (with openssl; kept when they are there already); each
+container mounts only its own files, read-only, under /run/secrets/genfl.
+
+Needs click (installed with the project) and, for --secure, openssl and genfl_shared (the project);
+the YAML is written without a YAML library.
 ``--check`` compares instead of writing (exit 1 when the files on disk differ from what these
 options produce), which the tests use to keep the committed example current.
 """
@@ -33,6 +41,8 @@ METRICS_PORT = 9100
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
 GRAFANA_IMAGE = "grafana/grafana:11.2.0"
 DATASOURCE_UID = "genfl-prometheus"
+SECRETS_MOUNT = "/run/secrets/genfl"
+IMAGE_UID = 10001  # deploy/Dockerfile's user
 
 
 def shard_name(index: int) -> str:
@@ -113,12 +123,30 @@ def _rel(path: Path, start: Path) -> str:
     return rel if rel.startswith("..") else f"./{rel}"
 
 
+def _secret(secrets: str, name: str, as_name: str | None = None) -> str:
+    return f"{secrets}/{name}:{SECRETS_MOUNT}/{as_name or name}:ro"
+
+
+def server_option_env(options: tuple[str, ...]) -> dict[str, str]:
+    """--server-option NAME=VALUE (a genfl-server option without its dashes) -> {GENFL_NAME: VALUE}."""
+    env = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        name = name.strip().removeprefix("--")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise click.UsageError(f"--server-option {option!r}: give NAME=VALUE, e.g. synthetic-samples=200")
+        env["GENFL_" + name.upper().replace("-", "_")] = value
+    return env
+
+
 def build(opts: dict) -> tuple[dict, dict]:
     """(compose model, prometheus config) for the given options."""
     clients: int = opts["clients"]
     out_dir = Path(opts["out"]).parent
     shards = _rel(Path(opts["shards_dir"]), out_dir)
     image = opts["image"]
+    secure = opts["secure"]
+    secrets = _rel(Path(opts["secrets_dir"]), out_dir) if secure else None
 
     server_env = {
         "GENFL_PHASE": opts["phase"],
@@ -141,10 +169,24 @@ def build(opts: dict) -> tuple[dict, dict]:
         server_env["GENFL_PRETRAIN"] = "false"
     if opts.get("server_threads"):
         server_env["GENFL_THREADS"] = str(opts["server_threads"])
+    server_env.update(server_option_env(opts.get("server_option", ())))
     server_volumes = [f"{shards}/partition.json:/config/partition.json:ro", "genfl-out:/out"]
     if opts.get("test_data") is not None:
         server_env["GENFL_TEST_DATA"] = "/data/test"
         server_volumes.append(f"{_rel(Path(opts['test_data']), out_dir)}:/data/test:ro")
+    probe = ["CMD", "genfl-health", "probe", "--address", f"localhost:{GRPC_PORT}"]
+    if secure:
+        server_env.update({
+            "GENFL_TLS_CERT": f"{SECRETS_MOUNT}/server.pem",
+            "GENFL_TLS_KEY": f"{SECRETS_MOUNT}/server.key",
+            "GENFL_CLIENT_CA": f"{SECRETS_MOUNT}/ca.pem",
+            "GENFL_TOKENS_FILE": f"{SECRETS_MOUNT}/tokens.json",
+        })
+        server_volumes += [_secret(secrets, name) for name in
+                           ("ca.pem", "server.pem", "server.key", "tokens.json", "health.pem", "health.key")]
+        # Mutual TLS: the probe, too, shows a certificate of the CA (its own, not a client's).
+        probe += ["--ca", f"{SECRETS_MOUNT}/ca.pem", "--tls-cert", f"{SECRETS_MOUNT}/health.pem",
+                  "--tls-key", f"{SECRETS_MOUNT}/health.key"]
 
     server = {
         "image": image,
@@ -157,9 +199,10 @@ def build(opts: dict) -> tuple[dict, dict]:
         "expose": [str(GRPC_PORT), str(METRICS_PORT)],
         "healthcheck": {
             # "" (the whole server): NOT_SERVING until it listens with its data loaded.
-            "test": ["CMD", "genfl-health", "probe", "--address", f"localhost:{GRPC_PORT}"],
-            "interval": "3s",
-            "timeout": "3s",
+            "test": probe,
+            "interval": "5s",
+            # The probe is a Python process (grpc import): on a loaded machine it needs seconds to start.
+            "timeout": "10s",
             "retries": 3,
             "start_period": "5m",
         },
@@ -170,27 +213,43 @@ def build(opts: dict) -> tuple[dict, dict]:
         del server["build"]
     services: dict = {"server": server}
     for index in range(clients):
+        client_env = {
+            "GENFL_SERVER": f"server:{GRPC_PORT}",
+            "GENFL_SHARD": "/data/shard.npz",
+            "GENFL_METRICS_PORT": str(METRICS_PORT),
+            # Like the server: Prometheus gets to scrape the client's final values.
+            "GENFL_LINGER_SECONDS": str(opts["linger_seconds"]),
+            "GENFL_THREADS": str(opts["client_threads"]),
+            "GENFL_LOG_FORMAT": opts["log_format"],
+        }
+        # Only this client's shard: the container cannot see any other client's data.
+        client_volumes = [f"{shards}/{shard_name(index)}:/data/shard.npz:ro"]
+        if secure:
+            name = client_service(index)
+            client_env.update({
+                "GENFL_CA": f"{SECRETS_MOUNT}/ca.pem",
+                "GENFL_TLS_CERT": f"{SECRETS_MOUNT}/client.pem",
+                "GENFL_TLS_KEY": f"{SECRETS_MOUNT}/client.key",
+                "GENFL_TOKEN_FILE": f"{SECRETS_MOUNT}/client.token",
+            })
+            # Its own certificate and token only: no client can act as another.
+            client_volumes += [_secret(secrets, "ca.pem"), _secret(secrets, f"{name}.pem", "client.pem"),
+                               _secret(secrets, f"{name}.key", "client.key"),
+                               _secret(secrets, f"{name}.token", "client.token")]
         services[client_service(index)] = {
             "image": image,
             # Built by the server service (or `docker build`); never looked for on a registry.
             **({"pull_policy": "never"} if opts["build"] else {}),
             "command": ["client"],
-            "environment": {
-                "GENFL_SERVER": f"server:{GRPC_PORT}",
-                "GENFL_SHARD": "/data/shard.npz",
-                "GENFL_METRICS_PORT": str(METRICS_PORT),
-                "GENFL_THREADS": str(opts["client_threads"]),
-                "GENFL_LOG_FORMAT": opts["log_format"],
-            },
-            # Only this client's shard: the container cannot see any other client's data.
-            "volumes": [f"{shards}/{shard_name(index)}:/data/shard.npz:ro"],
+            "environment": client_env,
+            "volumes": client_volumes,
             "expose": [str(METRICS_PORT)],
             "depends_on": {"server": {"condition": "service_healthy"}},
             "restart": "on-failure:3",
         }
     prometheus_file = Path(opts["out"]).with_name("prometheus.yml")
     services["prometheus"] = {
-        "image": PROMETHEUS_IMAGE,
+        "image": opts["prometheus_image"],
         "command": ["--config.file=/etc/prometheus/prometheus.yml",
                     "--storage.tsdb.retention.time=7d", "--web.enable-lifecycle"],
         "volumes": [f"./{prometheus_file.name}:/etc/prometheus/prometheus.yml:ro"],
@@ -198,21 +257,23 @@ def build(opts: dict) -> tuple[dict, dict]:
         "restart": "unless-stopped",
     }
     grafana = _rel(DEPLOY_DIR / "grafana", out_dir)
-    services["grafana"] = {
-        "image": GRAFANA_IMAGE,
-        "environment": {
-            "GF_AUTH_ANONYMOUS_ENABLED": "true",
-            "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
-            "GF_SECURITY_ADMIN_PASSWORD": "${GRAFANA_ADMIN_PASSWORD:-admin}",
-            "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/var/lib/grafana/dashboards/genfl.json",
-        },
-        "volumes": [f"{grafana}/provisioning:/etc/grafana/provisioning:ro",
-                    f"{grafana}/dashboards:/var/lib/grafana/dashboards:ro"],
-        "ports": [f"127.0.0.1:{opts['grafana_port']}:3000"],
-        "depends_on": ["prometheus"],
-        "restart": "unless-stopped",
-    }
-    compose = {"name": opts["project_name"], "services": services, "volumes": {"genfl-out": {}}}
+    if opts["grafana"]:
+        services["grafana"] = {
+            "image": GRAFANA_IMAGE,
+            "environment": {
+                "GF_AUTH_ANONYMOUS_ENABLED": "true",
+                "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+                "GF_SECURITY_ADMIN_PASSWORD": "${GRAFANA_ADMIN_PASSWORD:-admin}",
+                "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/var/lib/grafana/dashboards/genfl.json",
+            },
+            "volumes": [f"{grafana}/provisioning:/etc/grafana/provisioning:ro",
+                        f"{grafana}/dashboards:/var/lib/grafana/dashboards:ro"],
+            "ports": [f"127.0.0.1:{opts['grafana_port']}:3000"],
+            "depends_on": ["prometheus"],
+            "restart": "unless-stopped",
+        }
+    # No top-level `name:` (docker-compose v1 refuses it): the project name is in .env (write_files).
+    compose = {"services": services, "volumes": {"genfl-out": {}}}
 
     prometheus = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "15s"},
@@ -247,6 +308,76 @@ def _check_shards(opts: dict) -> None:
         raise click.UsageError(f"missing shard files in {shards}: {', '.join(missing[:5])}")
 
 
+# --------------------------------------------------------------------------------------------------
+# --secure: a CA, certificates and tokens (openssl; the tokens as genfl_server.security make-tokens)
+# --------------------------------------------------------------------------------------------------
+
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def secret_files(clients: int) -> list[str]:
+    """Every file the containers mount from --secrets-dir."""
+    names = ["ca.pem", "server.pem", "server.key", "tokens.json", "health.pem", "health.key"]
+    for index in range(clients):
+        names += [f"{client_service(index)}.{ext}" for ext in ("pem", "key", "token")]
+    return names
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise click.ClickException(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
+
+
+def _certificate(folder: Path, name: str, subject: str, extensions: str) -> None:
+    """folder/name.pem + name.key, signed by folder/ca.pem."""
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("req", "-new", *_EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=folder)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "825", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=folder)
+    for leftover in (f"{name}.ext", f"{name}.csr"):
+        (folder / leftover).unlink()
+
+
+def make_secrets(folder: Path, clients: int) -> bool:
+    """Make the CA, certificates and tokens in ``folder`` unless all are there; True when made."""
+    import shutil
+
+    if all((folder / name).is_file() for name in secret_files(clients)):
+        return False
+    if shutil.which("openssl") is None:
+        raise click.ClickException("--secure needs openssl (Debian: apt-get install openssl)")
+    from genfl_shared.security import make_tokens  # the project's own tool: the format the server reads
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # Only the owner gets into the folder: the files inside must be readable by the containers' user.
+    folder.chmod(0o700)
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "825",
+             "-subj", "/CN=GenFL compose CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+    # Clients dial server:50051; the healthcheck dials localhost inside the server's container.
+    _certificate(folder, "server", "/CN=server",
+                 "subjectAltName=DNS:server,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _certificate(folder, "health", "/CN=genfl-health", "extendedKeyUsage=clientAuth\n")
+    ids = [client_service(index) for index in range(clients)]
+    for client_id in ids:
+        _certificate(folder, client_id, f"/CN={client_id}", "extendedKeyUsage=clientAuth\n")
+    make_tokens(folder, ids, force=True)
+    for name in secret_files(clients):
+        path = folder / name
+        if os.geteuid() == 0:
+            # As root: hand the files to the image's user, readable by it only.
+            os.chown(path, IMAGE_UID, IMAGE_UID)
+            path.chmod(0o600 if name.endswith((".key", ".token")) else 0o644)
+        else:
+            # Not root: the container user (another uid) must read them; the 0700 folder keeps
+            # everyone else on this machine out (genfl-client warns that its token is readable by others).
+            path.chmod(0o644)
+    return True
+
+
 _ALWAYS_SHOWN = ("clients", "shards_dir", "out")
 
 
@@ -261,6 +392,9 @@ def _header(ctx: click.Context) -> str:
         flag = param.opts[0]
         if isinstance(param, click.Option) and param.is_flag:
             args.append(flag if value else param.secondary_opts[0])
+        elif isinstance(param, click.Option) and param.multiple:
+            for item in value:
+                args += [flag, item]
         else:
             args += [flag, str(value)]
     return ("Generated by deploy/compose/generate.py; do not edit, regenerate with:\n"
@@ -285,6 +419,15 @@ def _header(ctx: click.Context) -> str:
 @click.option("--test-data", type=click.Path(file_okay=False), default=None,
               help="Host folder with the real test split, mounted read-only (test accuracy and CAS).")
 @click.option("--image", default="genfl:latest", help="Image of the server and clients (deploy/Dockerfile).")
+@click.option("--prometheus-image", default=PROMETHEUS_IMAGE,
+              help="Prometheus image, e.g. genfl-prometheus:latest (deploy/build-image.sh --offline).")
+@click.option("--grafana/--no-grafana", default=True, help="Include the Grafana service.")
+@click.option("--server-option", multiple=True, metavar="NAME=VALUE",
+              help="Any other genfl-server option, without its dashes (e.g. synthetic-samples=200); repeatable.")
+@click.option("--secure/--no-secure", default=False,
+              help="Mutual TLS and per-client tokens (CA, certificates and tokens made in --secrets-dir).")
+@click.option("--secrets-dir", type=click.Path(file_okay=False), default="./runs/compose-secrets",
+              help="--secure: folder for the CA, certificates and tokens (kept when complete).")
 @click.option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client.")
 @click.option("--server-threads", type=click.IntRange(0), default=0, help="Torch threads of the server (0: all).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
@@ -308,13 +451,18 @@ def main(ctx: click.Context, **opts) -> None:
     compose, prometheus = build(opts)
     out = Path(opts["out"])
     header = _header(ctx)
-    files = {out: to_yaml(compose, header), out.with_name("prometheus.yml"): to_yaml(prometheus, header)}
+    files = {out: to_yaml(compose, header), out.with_name("prometheus.yml"): to_yaml(prometheus, header),
+             # Read by docker-compose v1 and docker compose v2 from the compose file's folder.
+             out.with_name(".env"): "".join(f"# {line}\n" for line in header.splitlines())
+             + f"COMPOSE_PROJECT_NAME={opts['project_name']}\n"}
     if check:
         stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
         if stale:
             raise click.ClickException(f"out of date: {', '.join(stale)} (rerun without --check)")
         click.echo("up to date")
         return
+    if opts["secure"] and make_secrets(Path(opts["secrets_dir"]), opts["clients"]):
+        click.echo(f"made a CA, certificates and tokens in {opts['secrets_dir']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in files.items():
         path.write_text(text)
