@@ -28,6 +28,7 @@ from .engine import RoundEngine
 from .guard import UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
+from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
 from .results import RunRecorder
 from .runstate import RunState
 from .service import FederatedLearningService, set_health, start_grpc_server
@@ -56,6 +57,7 @@ class ServerSettings:
     # Below: how the server is reached and watched, and how long it waits; a resumed run may change them.
     address: str = "0.0.0.0:50051"
     round_retries: int = 2
+    presence_grace: float = DEFAULT_PRESENCE_GRACE_SECONDS
     register_timeout: float | None = None
     metrics_port: int | None = None
     linger_seconds: float = 0.0
@@ -157,9 +159,13 @@ class ServerApp:
             self.metrics_port = self.metrics.serve(s.metrics_port)
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
-                                       max_client_samples=config.max_client_samples or None)
+                                       max_client_samples=config.max_client_samples or None,
+                                       presence_grace=s.presence_grace)
+        self.metrics.clients_present.set_function(self.coordinator.present_clients)
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator)
-        self._server, port, self._health = start_grpc_server(service, s.address, max_workers=2 * config.clients + 16,
+        # Each client holds a thread for its long poll, one for its presence stream and, at times,
+        # one for an upload (until the service moves to grpc.aio).
+        self._server, port, self._health = start_grpc_server(service, s.address, max_workers=3 * config.clients + 16,
                                                              credentials=self.credentials)
         set_health(self._health, serving=True)  # listening, with its data (test set, checkpoint) loaded
         host = s.address.rsplit(":", 1)[0]

@@ -35,6 +35,8 @@ DEFAULT_MAX_CONCURRENT_UPLOADS = 2
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 # A stalled downloader must not block everyone: past this wait a download proceeds anyway.
 DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
+# How often an open presence stream checks whether the run ended (its end is seen at once).
+PRESENCE_CHECK_SECONDS = 1.0
 # A client's task error is client-controlled text: logged and kept at most this long.
 MAX_CLIENT_ERROR_CHARS = 200
 
@@ -218,6 +220,26 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
         return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
+    def Presence(self, request, context):
+        """Held open by the client; its end (the client gone) is reported to the coordinator."""
+        try:
+            _refuse_unparsable(request)
+            self._authenticate(context, request.client_id)
+            self.coordinator.check_run(request.run_id)
+            self.coordinator.session(request.client_id, request.session_secret)
+        except Rejected as error:
+            self._reject(context, error, getattr(request, "client_id", ""))
+        client_id = request.client_id
+        token = self.coordinator.presence_opened(client_id)
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the call ended: the client is gone (or reconnecting)
+        try:
+            yield pb.PresenceReply(present=True)
+            while not ended.wait(PRESENCE_CHECK_SECONDS) and not self.coordinator.is_shut_down:
+                pass
+        finally:
+            self.coordinator.presence_closed(client_id, token)
+
     # -- helpers ------------------------------------------------------------------------------
     def _record_task_error(self, header, task: Task, batch, request_iterator) -> pb.SubmitReply:
         """The client could not execute ``task``: count it as failed for its step, and say why."""
@@ -315,6 +337,9 @@ def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMeth
         "SubmitResult": grpc.stream_unary_rpc_method_handler(
             service.SubmitResult, request_deserializer=lenient_parser(pb.ResultMessage),
             response_serializer=pb.SubmitReply.SerializeToString),
+        "Presence": grpc.unary_stream_rpc_method_handler(
+            service.Presence, request_deserializer=lenient_parser(pb.PresenceRequest),
+            response_serializer=pb.PresenceReply.SerializeToString),
     }
 
 
