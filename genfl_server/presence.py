@@ -33,6 +33,7 @@ class Presence:
         self._timers: dict[str, threading.Timer] = {}  # pending "away after the grace" checks
         self._away: set[str] = set()
         self._tokens = itertools.count()
+        self._closed = False  # the run is over: the clients leaving now are not absences
         # Called (without any lock of this object held) after a client turned away or present.
         self.listeners: list[Callable[[], None]] = []
 
@@ -58,7 +59,7 @@ class Presence:
             if streams is None or token not in streams:
                 return
             streams.discard(token)
-            if streams or client_id in self._timers:
+            if streams or client_id in self._timers or self._closed:
                 return
             self._closed_at[client_id] = time.monotonic()
             timer = threading.Timer(self.grace, self._expire, args=(client_id,))
@@ -88,8 +89,9 @@ class Presence:
             return set(self._away)
 
     def close(self) -> None:
-        """Cancel pending checks (end of run)."""
+        """End of run: cancel pending checks, and count nobody away from now on."""
         with self._lock:
+            self._closed = True
             timers, self._timers = list(self._timers.values()), {}
         for timer in timers:
             timer.cancel()

@@ -60,6 +60,15 @@ def test_a_stream_reopened_within_the_grace_leaves_the_client_present():
     wait_until(lambda: presence.is_away("a"), 5, "a to count as away")
 
 
+def test_clients_leaving_after_the_run_ended_are_not_counted_away():
+    presence = Presence(grace=0)
+    token = presence.opened("a")
+    presence.close()
+    presence.closed("a", token)
+    time.sleep(0.2)
+    assert not presence.is_away("a")
+
+
 def _batch(coordinator: Coordinator, clients: list[str]):
     tasks = [coordinator.new_task(cid, pb.TASK_TYPE_EVALUATE, "cvae", 1,
                                   EvaluateTask(model="cvae", binarize=True, seed=1), None) for cid in clients]
@@ -117,12 +126,12 @@ VICTIM = CLIENTS - 1
 
 
 def _scrape(port: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
         match = re.search(rf"^{name} (\S+)$", response.read().decode(), re.M)
     return float(match.group(1)) if match else None
 
 
-def _start_run(tmp_path, rounds: int):
+def _start_run(tmp_path, rounds: int, *extra: str):
     shards = tmp_path / "shards"
     part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
                            "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--iid",
@@ -132,7 +141,7 @@ def _start_run(tmp_path, rounds: int):
     out = tmp_path / "run"
     server, endpoint = start_server(out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(rounds),
                                     "--address", "127.0.0.1:0", "--round-timeout", "300", "--min-fit-clients", "3",
-                                    "--presence-grace", "1", "--metrics-port", "0", log=tmp_path / "server.log")
+                                    "--presence-grace", "1", "--metrics-port", "0", *extra, log=tmp_path / "server.log")
 
     def start_client(i):
         return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", endpoint["address"],
@@ -143,12 +152,13 @@ def _start_run(tmp_path, rounds: int):
 
 
 def _kill_victim_in_round_2(clients, metrics_port):
-    wait_until(lambda: (_scrape(metrics_port, "genfl_round") or 0) >= 2, 180, "round 2 to start", interval=0.1)
+    wait_until(lambda: (_scrape(metrics_port, "genfl_round") or 0) >= 2, 600, "round 2 to start", interval=0.1,
+               ignore=(OSError,))
     clients[VICTIM].send_signal(signal.SIGKILL)
     clients[VICTIM].wait()
     killed_at = time.monotonic()
-    wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS - 1, 15,
-               "the killed client to count as away")
+    wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS - 1, 30,
+               "the killed client to count as away", ignore=(OSError,))
     return killed_at
 
 
@@ -174,9 +184,11 @@ def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_p
     assert finished_in < 120
     records = run_rounds(out)
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
-    assert records[0]["clients"] == CLIENTS
-    for record in records[2:]:  # trained, and evaluated, without the dead client, in seconds
+    # Round r's evaluation rides on round r + 1's training: from round 1 on, the dead client is
+    # missing from the evaluations, and the rounds after the kill take seconds, not 300 s a step.
+    for record in records:
         assert record["clients"] == CLIENTS - 1 and f"client-00{VICTIM}" not in record["per_client"]
+    for record in records[1:]:
         assert record["seconds"] < 60, record
     log = (tmp_path / "server.log").read_text()
     assert f"client client-00{VICTIM} is away" in log
@@ -185,14 +197,17 @@ def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_p
 
 
 def test_a_killed_client_restarted_takes_part_again(tmp_path):
-    rounds = 8
-    out, server, metrics_port, start_client = _start_run(tmp_path, rounds)
+    # Enough (short) rounds that the restarted process, which loads torch and its shard first,
+    # is back well before the end, also on a loaded machine.
+    rounds = 40
+    out, server, metrics_port, start_client = _start_run(tmp_path, rounds, "--local-epochs", "1")
     clients = [start_client(i) for i in range(CLIENTS)]
     try:
         _kill_victim_in_round_2(clients, metrics_port)
         clients[VICTIM] = start_client(VICTIM)  # the same shard, under the same identity
-        wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS, 60,
-                   "the restarted client to count as present", details=lambda: log_tail(tmp_path / "server.log"))
+        wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS, 120,
+                   "the restarted client to count as present", details=lambda: log_tail(tmp_path / "server.log"),
+                   ignore=(OSError,))
         assert server.wait(300) == 0, log_tail(tmp_path / "server.log")
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
     finally:
