@@ -141,7 +141,8 @@ def _start_run(tmp_path, rounds: int, *extra: str):
     out = tmp_path / "run"
     server, endpoint = start_server(out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(rounds),
                                     "--address", "127.0.0.1:0", "--round-timeout", "300", "--min-fit-clients", "3",
-                                    "--presence-grace", "1", "--metrics-port", "0", *extra, log=tmp_path / "server.log")
+                                    "--presence-grace", "1", "--metrics-port", "0", *extra, log=tmp_path / "server.log",
+                                    timeout=300)
 
     def start_client(i):
         return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", endpoint["address"],

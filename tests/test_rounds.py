@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -38,16 +39,19 @@ def _shard(client_id: str, seed: int, train: int = 48, heldout: int = 16) -> Sha
                  rng.integers(0, 256, (heldout, 28, 28), dtype=np.uint8), rng.integers(0, 10, heldout).astype(np.int64))
 
 
-@pytest.fixture
-def two_clients(tmp_path):
-    """A real gRPC server with a round engine, and two real clients serving tasks in threads."""
-    coordinator = Coordinator("run-rounds", expected_clients=2, dataset="mnist", poll_timeout=5.0)
+@contextmanager
+def federation(tmp_path, client_ids):
+    """A real gRPC server with a round engine, and real clients serving tasks in threads.
+
+    In one process the clients share torch's global RNG (the CVAE's training noise), so only a
+    single client trains repeatably here; separate processes (deterministic_numbers.py) do not."""
+    coordinator = Coordinator("run-rounds", expected_clients=len(client_ids), dataset="mnist", poll_timeout=5.0)
     metrics = ServerMetrics()
     engine = RoundEngine(coordinator, metrics, RunRecorder(tmp_path, run_id="run-rounds"), seed=11,
                          round_timeout=120.0, deterministic=True)
     with loopback_server(coordinator, metrics) as (_channel, port):
         runners = [ClientRunner(f"127.0.0.1:{port}", cid, TaskExecutor(_shard(cid, i), torch.device("cpu")),
-                                ClientMetrics(cid), dataset="mnist") for i, cid in enumerate(("alice", "bob"))]
+                                ClientMetrics(cid), dataset="mnist") for i, cid in enumerate(client_ids)]
         threads = [threading.Thread(target=runner.run, daemon=True) for runner in runners]
         for thread in threads:
             thread.start()
@@ -59,6 +63,18 @@ def two_clients(tmp_path):
             for thread, runner in zip(threads, runners):
                 thread.join(30)
                 runner.close()
+
+
+@pytest.fixture
+def two_clients(tmp_path):
+    with federation(tmp_path, ("alice", "bob")) as running:
+        yield running
+
+
+@pytest.fixture
+def one_client(tmp_path):
+    with federation(tmp_path, ("alice",)) as running:
+        yield running
 
 
 def _accepted(metrics: ServerMetrics, kind: str) -> float:
@@ -111,3 +127,42 @@ def test_a_deterministic_run_reports_exactly_the_numbers_recorded_before_the_cha
     if recorded["platform"] != platform_key():
         pytest.skip(f"numbers recorded on {recorded['platform']}, this is {platform_key()}: floats may differ")
     assert deterministic_run(tmp_path) == recorded["events"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_phase_resumed_with_a_pending_round_records_what_an_uninterrupted_one_does(one_client, tmp_path):
+    """Crash right after round 2's checkpoint (round 1 recorded, round 2's record pending), resume
+    from what was saved: the records, evaluations included, are those of an uninterrupted phase
+    (the fast, in-process companion of test_resume.py)."""
+    engine, _metrics, _runners = one_client
+    start = initial_state("cvae", 0)
+    engine.recorder = RunRecorder(tmp_path / "reference", run_id="r")
+    engine.run_rounds("cvae", start, rounds=3, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL)
+
+    saved = {}
+
+    def checkpoint_then_crash(rnd, state):
+        saved.update(round=rnd, state={k: v.clone() for k, v in state.items()},
+                     recorder=json.loads(json.dumps(engine.recorder.export())))
+        if rnd == 2:
+            raise _Crash()
+
+    engine.recorder = RunRecorder(tmp_path / "crashed", run_id="r")
+    with pytest.raises(_Crash):
+        engine.run_rounds("cvae", start, rounds=3, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL,
+                          on_round_end=checkpoint_then_crash)
+    assert saved["recorder"]["pending_round"]["round"] == 2
+    assert [r["round"] for r in run_rounds(tmp_path / "crashed")] == [1]
+
+    engine.recorder = RunRecorder(tmp_path / "resumed", run_id="r")
+    engine.recorder.restore(saved["recorder"])
+    engine.run_rounds("cvae", saved["state"], rounds=3, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL,
+                      start_round=saved["round"] + 1)
+
+    def numbers(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in run_rounds(out)]
+    assert [r["round"] for r in run_rounds(tmp_path / "resumed")] == [1, 2, 3]
+    assert numbers(tmp_path / "resumed") == numbers(tmp_path / "reference")
