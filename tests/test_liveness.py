@@ -206,7 +206,7 @@ def test_a_killed_client_restarted_takes_part_again(tmp_path):
     try:
         _kill_victim_in_round_2(clients, metrics_port)
         clients[VICTIM] = start_client(VICTIM)  # the same shard, under the same identity
-        wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS, 120,
+        wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS, 300,
                    "the restarted client to count as present", details=lambda: log_tail(tmp_path / "server.log"),
                    ignore=(OSError,))
         assert server.wait(300) == 0, log_tail(tmp_path / "server.log")
