@@ -315,7 +315,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 await self._reject(context, error, stream.client_id)
             if task is None:  # the client's error report, recorded
                 return pb.SubmitReply(accepted=False, message=f"error for task {stream.header.task_id} recorded")
-            self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
             return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
     # -- helpers ------------------------------------------------------------------------------
@@ -397,12 +396,19 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if context.cancelled():
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                            "the result stream was aborted before it ended")
-        await self._in_executor(self.coordinator.finish, result, batch, update)  # folds: off the loop
+        await self._in_executor(self._finish, result, batch, update)  # folds: off the loop
         if self.privacy is not None and "dp_epsilon" in metrics:
             self.privacy.record(task.client_id, metrics["dp_epsilon"])
             epsilon, delta = self.privacy.guarantee()
             self.metrics.dp_epsilon.set(epsilon)
             self.metrics.dp_delta.set(delta)
+
+    def _finish(self, result: TaskResult, batch, update) -> None:
+        """Hand an accepted result to its step (in the upload executor). Counted here, in the thread
+        that hands it over, so that the count is up to date by the time the step can end."""
+        self.coordinator.finish(result, batch, update)
+        task = result.task
+        self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
 
     def _record_task_error(self, header, task: Task, batch, trailing: bool) -> None:
         """The client could not execute ``task``: count it as failed for its step. ``trailing``:
