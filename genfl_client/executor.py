@@ -34,6 +34,13 @@ class TaskError(ValueError):
 TASK_KINDS = {pb.TASK_TYPE_TRAIN: "train", pb.TASK_TYPE_EVALUATE: "evaluate"}  # the genfl_shared.tasks kinds
 
 
+def evaluation_metrics(evaluated: "TaskOutcome") -> dict[str, float]:
+    """An evaluation's outcome as the eval_* metrics of a TRAIN result that evaluated first
+    (eval_samples always; eval_loss / eval_accuracy where the evaluation has them)."""
+    return {"eval_samples": float(evaluated.num_samples),
+            **{f"eval_{name}": value for name, value in evaluated.metrics.items()}}
+
+
 @dataclass
 class TaskOutcome:
     num_samples: int
@@ -88,9 +95,14 @@ class TaskExecutor:
         except RuntimeError as error:
             raise TaskError(f"task {header.task_id}: weights do not fit a {settings.model} model: {error}") from None
         train_x, train_y, held_x, held_y = self._data(settings.binarize)
-        if isinstance(settings, TrainTask):
-            return self._train(settings, model, train_x, train_y)
-        return self._evaluate(settings, model, held_x, held_y)
+        if isinstance(settings, EvaluateTask):
+            return self._evaluate(settings, model, held_x, held_y)
+        first_evaluation = settings.first_evaluation()
+        evaluated = None if first_evaluation is None else self._evaluate(first_evaluation, model, held_x, held_y)
+        outcome = self._train(settings, model, train_x, train_y)
+        if evaluated is not None:
+            outcome.metrics.update(evaluation_metrics(evaluated))
+        return outcome
 
     def _train(self, task: TrainTask, model, x, y) -> TaskOutcome:
         common = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,

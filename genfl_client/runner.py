@@ -1,6 +1,10 @@
 """The client's connection loop: register, long-poll for tasks, execute, submit; reconnect with
 exponential backoff and jitter whenever the server is unreachable or restarted.
 
+While registered, a background thread holds the server's Presence stream open (reopened after it
+ends, with the current session): the server sees it close the moment this process dies, and stops
+waiting for this client once enough others have answered.
+
 A task the client cannot execute (settings it refuses, weights that do not fit the model) is
 reported back as a result carrying only ``error``; the client then keeps polling, because the
 next task may well be fine and the server decides whether the run can go on without this one."""
@@ -10,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -68,6 +74,58 @@ class Backoff:
         self.attempt = 0
 
 
+class PresenceStream:
+    """Holds the Presence RPC open on the client's channel from ``start`` to ``stop``: reopened
+    (after a short backoff) whenever it ends, and at once with the new session after ``renew``."""
+
+    def __init__(self, stub: pb_grpc.FederatedLearningStub, request: Callable[[], pb.PresenceRequest],
+                 metadata=None):
+        self.stub = stub
+        self.request = request  # the current session's request (read at each opening)
+        self.metadata = metadata
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._call = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hold, name="presence", daemon=True)
+            self._thread.start()
+
+    def renew(self) -> None:
+        """A new session: end the current stream so that it is reopened with the new secret."""
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.renew()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _hold(self) -> None:
+        backoff = Backoff(base=0.2, cap=2.0)
+        while not self._stopped.is_set():
+            call = self.stub.Presence(self.request(), metadata=self.metadata)
+            with self._lock:
+                self._call = call
+            try:
+                for _reply in call:
+                    backoff.reset()  # counted present
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("server has no Presence RPC: it cannot tell when this client is gone")
+                    return
+                if error.code() != grpc.StatusCode.CANCELLED:
+                    log.debug("presence stream ended: %s (%s)", error.code().name, error.details())
+            with self._lock:
+                self._call = None
+            if self._stopped.wait(backoff.next_delay()):
+                return
+
+
 class ClientRunner:
     def __init__(self, server: str, client_id: str, executor: TaskExecutor, metrics: ClientMetrics, *,
                  dataset: str, max_reconnect_seconds: float = 0.0,
@@ -92,6 +150,8 @@ class ClientRunner:
         self.run_id = ""
         self.session_secret = ""  # from the last Register reply; every later request carries it
         self.poll_timeout = 30.0
+        self.presence = PresenceStream(self.stub, lambda: pb.PresenceRequest(
+            run_id=self.run_id, client_id=self.client_id, session_secret=self.session_secret), self.metadata)
 
     def run(self) -> int:
         """Serve tasks until the server ends the run; returns the process exit code."""
@@ -110,6 +170,8 @@ class ClientRunner:
                 backoff.reset()
                 unreachable_since = None
                 failures = 0
+                self.presence.start()
+                self.presence.renew()
                 status = self._serve_tasks()
                 return 0 if status == "completed" else 1
             except grpc.RpcError as error:
@@ -131,6 +193,7 @@ class ClientRunner:
                 time.sleep(delay)
 
     def close(self) -> None:
+        self.presence.stop()
         self.channel.close()
 
     def _hint(self, error: grpc.RpcError) -> str:

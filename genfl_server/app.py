@@ -29,6 +29,7 @@ from .guard import PartitionCounts, UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
 from .privacy import PrivacyLedger
+from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
 from .results import RunRecorder
 from .runstate import RunState
 from .service import FederatedLearningService, set_health, start_grpc_server
@@ -57,6 +58,7 @@ class ServerSettings:
     # Below: how the server is reached and watched, and how long it waits; a resumed run may change them.
     address: str = "0.0.0.0:50051"
     round_retries: int = 2
+    presence_grace: float = DEFAULT_PRESENCE_GRACE_SECONDS
     register_timeout: float | None = None
     metrics_port: int | None = None
     linger_seconds: float = 0.0
@@ -171,7 +173,8 @@ class ServerApp:
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
         self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
                                        max_client_samples=config.max_client_samples or None,
-                                       partition=self._partition_counts())
+                                       partition=self._partition_counts(), presence_grace=s.presence_grace)
+        self.metrics.clients_present.set_function(self.coordinator.present_clients)
         privacy = None
         if config.dp:
             privacy = PrivacyLedger(config)

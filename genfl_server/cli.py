@@ -31,6 +31,7 @@ from .app import (PATH_SETTINGS, RESULT_SETTINGS, ServerApp, ServerSettings, con
                   settings_from_saved)
 from .coordinator import RegistrationTimeout
 from .guard import PartitionCounts
+from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
 from .runstate import RunState, RunStateError
 from .service import ListenError
 
@@ -123,6 +124,9 @@ def _exit_codes(command):
              "deadline (default: all clients).")
 @option("--round-retries", type=click.IntRange(0), default=2,
         help="Times a round that got too few results is retried before the run stops.")
+@option("--presence-grace", type=click.FloatRange(min=0), default=DEFAULT_PRESENCE_GRACE_SECONDS,
+        help="Seconds after a client's presence stream closed (process gone, link cut) before it counts "
+             "as away: a step with at least --min-fit-clients results then stops waiting for it.")
 @option("--register-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
         help="Seconds to wait for all clients to register (default: no limit).")
 @option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -188,6 +192,7 @@ def resolve_settings(opts: dict[str, Any], explicit: set[str]) -> tuple[ServerSe
     out: Path = opts["out"].resolve()
     out.mkdir(parents=True, exist_ok=True)
     changeable = {"address": opts["address"], "round_retries": opts["round_retries"],
+                  "presence_grace": opts["presence_grace"],
                   "register_timeout": opts["register_timeout"], "metrics_port": opts["metrics_port"],
                   "linger_seconds": opts["linger_seconds"], "run_id": opts["run_id"]}
     if opts["resume"]:

@@ -8,6 +8,10 @@ those blocked on the condition variable, and through the poll listeners the serv
 a condition per batch wakes the engine as its results come in. Each task's life-cycle (pending -> delivered -> done or closed) is kept in
 one TaskTable, which alone decides whether a result is a duplicate or late.
 
+Presence (presence.py): the service reports each client's presence stream opening and closing
+(``presence_opened`` / ``presence_closed``); a step stops waiting for clients that are away once it
+has enough results (``TaskBatch.wait``), and a client's change of presence wakes the waiting step.
+
 Identity: each registration starts a session with a random secret (only its SHA-256 is kept) that
 the client's polls and results must carry; task ids are random, so a task cannot be guessed.
 Without client tokens a client is who first registered its id: a re-registration (a restarted
@@ -32,10 +36,11 @@ import torch
 
 from genfl_shared.codec import Payload
 from genfl_shared.proto import genfl_pb2 as pb
-from genfl_shared.tasks import TaskSettings
+from genfl_shared.tasks import TaskSettings, TrainTask
 
 from .guard import PartitionCounts, check_registered_samples
 from .logsafe import RateLimitedLog, shown
+from .presence import DEFAULT_PRESENCE_GRACE_SECONDS, Presence
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +145,21 @@ class TaskBatch:
         return len(self.results) + len(self.failures) == len(self.tasks)
 
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every task is answered (True) or the timeout passes (False)."""
+    def unanswered(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.task_id not in self.results and t.task_id not in self.failures]
+
+    def wait(self, timeout: float | None = None, *, quorum: int | None = None,
+             is_away: Callable[[str], bool] | None = None) -> bool:
+        """Block until every task is answered, or (given ``quorum`` and ``is_away``) until at least
+        ``quorum`` results are in and every unanswered task's client is away: True; False when the
+        timeout passes first. Woken by every answer and by every change of a client's presence."""
+        def settled() -> bool:
+            if self.complete:
+                return True
+            return (quorum is not None and is_away is not None and len(self.results) >= quorum
+                    and all(is_away(t.client_id) for t in self.unanswered()))
         with self.completed:
-            return self.completed.wait_for(lambda: self.complete, timeout)
+            return self.completed.wait_for(settled, timeout)
 
 
 class TaskTable:
@@ -201,11 +217,16 @@ class TaskTable:
     def state(self, task_id: str) -> TaskState | None:
         return self._states.get(task_id)
 
+    def open_tasks(self) -> list[tuple[Task, TaskBatch]]:
+        return list(self._open.values())
+
 
 class Coordinator:
     def __init__(self, run_id: str, *, expected_clients: int, dataset: str | None,
                  poll_timeout: float = 30.0, max_client_samples: int | None = None,
-                 partition: PartitionCounts | None = None):
+                 partition: PartitionCounts | None = None,
+
+                 presence_grace: float = DEFAULT_PRESENCE_GRACE_SECONDS):
         self.run_id = run_id
         self.partition = partition  # None: any client id, counts bounded by max_client_samples only
         self.max_client_samples = max_client_samples  # None: any count (guard.check_registered_samples)
@@ -224,6 +245,31 @@ class Coordinator:
         # Called whenever pollers are woken (a task posted, the run shut down), for long polls that
         # do not wait on the condition (the service's asyncio polls); see add_poll_listener.
         self._poll_listeners: list[Callable[[], None]] = []
+        self.presence = Presence(presence_grace)
+        self.presence.listeners.append(self._wake_open_batches)
+
+    # -- presence -----------------------------------------------------------------------------
+    def presence_opened(self, client_id: str) -> int:
+        """The service's hook: a presence stream of (authenticated) ``client_id`` opened."""
+        return self.presence.opened(client_id)
+
+    def presence_closed(self, client_id: str, token: int) -> None:
+        """The service's hook: the presence stream ``token`` ended (idempotent)."""
+        self.presence.closed(client_id, token)
+
+    def present_clients(self) -> int:
+        """Registered clients not counted away."""
+        away = self.presence.away()
+        with self._lock:
+            return sum(1 for cid in self.clients if cid not in away)
+
+    def _wake_open_batches(self) -> None:
+        """A client's presence changed: every waiting step re-checks whom it still waits for."""
+        with self._lock:
+            batches = {id(b): b for _task, b in self._tasks.open_tasks()}.values()
+        for batch in batches:  # a batch's lock is never taken under the Coordinator's
+            with batch.completed:
+                batch.completed.notify_all()
 
     # -- registration -------------------------------------------------------------------------
     def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
@@ -397,6 +443,7 @@ class Coordinator:
         """Accept one result (and fold its update in) exactly once; raises Rejected when the task
         was answered or closed since ``open_task`` (the upload takes a while)."""
         task = result.task
+        self._check_first_evaluation(result)
         with batch.completed:
             with self._lock:
                 self._tasks.accepting(task.task_id)
@@ -409,6 +456,26 @@ class Coordinator:
                 self._tasks.settle(task, TaskState.DONE)
             batch.completed.notify_all()
 
+    def _check_first_evaluation(self, result: TaskResult) -> None:
+        """A TRAIN task that asked to evaluate first must report that evaluation's sample count,
+        a whole number no larger than the client's registered held-out part; any other result
+        must not report an evaluation."""
+        task, metrics = result.task, result.metrics
+        evaluated = isinstance(task.config, TrainTask) and task.config.evaluate_first
+        reported = sorted(name for name in metrics if name.startswith("eval_"))
+        if not evaluated:
+            if reported:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_metrics",
+                               f"task {task.task_id} asked for no evaluation, but the result reports {reported}")
+            return
+        samples = metrics.get("eval_samples")
+        info = self.clients.get(task.client_id)
+        limit = info.num_heldout_samples if info is not None else 0
+        if samples is None or samples != int(samples) or samples > limit:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
+                           f"task {task.task_id} evaluated first: its result must report eval_samples, a whole "
+                           f"number <= the {limit} held-out samples the client registered (got {samples})")
+
     def fail(self, task: Task, batch: TaskBatch, message: str) -> None:
         """The client reported that it cannot execute ``task``: the task is answered (not handed
         out again, a second answer is a duplicate), and the batch counts it as failed."""
@@ -420,8 +487,13 @@ class Coordinator:
             batch.completed.notify_all()
 
     # -- end of run ---------------------------------------------------------------------------
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shutdown is not None
+
     def shutdown(self, *, failed: bool = False, reason: str = "") -> None:
         config = {"status": "failed" if failed else "completed", "reason": reason}
+        self.presence.close()
         with self._cond:
             self._shutdown = pb.TaskHeader(run_id=self.run_id, type=pb.TASK_TYPE_SHUTDOWN,
                                            config_json=json.dumps(config))

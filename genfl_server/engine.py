@@ -4,6 +4,17 @@ It knows nothing of CVAEs or classifiers: a phase gives it a state_dict, the tas
 clients need (genfl_shared.tasks), a strategy, and optionally a server-side test function; it runs
 broadcast -> local training -> aggregation -> client evaluation, and reports per round.
 
+One download per client per round: round r's aggregate is what round r + 1 trains from, so its
+client evaluation rides on round r + 1's TRAIN task (``evaluate_first``: the client evaluates the
+received weights, then trains, and reports both). Round r's record is therefore complete, and
+written, once round r + 1's training returns; only a phase's last round sends an EVALUATE task of
+its own. The evaluation is asked of exactly the clients a separate evaluation step would have asked
+(every registered client, in the round's first training attempt; a redo or retry does not ask again
+whoever already answered it), with the same per-client seeds, so the numbers are the same.
+
+A step waits for every client, except that once it has the results it needs
+(``--min-fit-clients``) it stops waiting for clients that are away (presence.py).
+
 A client that cannot execute its task reports an error instead of a result: it counts as failed
 for that step (nobody waits for it), and a step left with too few results fails with the clients'
 errors in its message.
@@ -23,6 +34,8 @@ from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
 from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
+
+SettingsFor = Callable[[str], TaskSettings]  # client_id -> that client's task settings (seeded)
 
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
 from .guard import RoundGuard, UpdateGuard
@@ -85,32 +98,36 @@ class RoundEngine:
         log.info("all %d clients registered: %s", len(self.clients), ", ".join(c.client_id for c in self.clients))
 
     # -- one step over every client -----------------------------------------------------------
+    def seeded(self, settings: TaskSettings, task_type: int, phase: str, rnd: int, client_id: str) -> TaskSettings:
+        """``settings`` with the client's seed for this task: per client and round, so repeatable
+        whatever order the clients run in."""
+        return replace(settings, seed=derive_seed(self.seed, phase, rnd, client_id, pb.TaskType.Name(task_type)))
+
     def _run_batch(self, task_type: int, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
-                   settings: TaskSettings, *, on_update=None, clients: list[ClientInfo] | None = None
-                   ) -> StepResults:
+                   settings_for: SettingsFor, *, on_update=None, clients: list[ClientInfo] | None = None,
+                   quorum: int | None = None) -> StepResults:
         """One task per client (``clients``, default every registered one); returns the results (and
-        the clients' errors) that
-        arrived by the deadline.
+        the clients' errors) that arrived by the deadline, or by the time ``quorum`` results are
+        in and only clients that are away have not answered.
 
         A client that dropped out still gets its task: if it comes back in time it answers, and
         otherwise it takes part again from the next step on.
         """
         payload = encode_state_dict(state, wrap=task_frame)  # serialized once, sent to every client
-        tasks = []
-        for client in self.clients if clients is None else clients:
-            # Per-client, per-round seeds: repeatable whatever order the clients run in.
-            client_settings = replace(settings, seed=derive_seed(self.seed, phase, rnd, client.client_id,
-                                                                 pb.TaskType.Name(task_type)))
-            tasks.append(self.coordinator.new_task(client.client_id, task_type, phase, rnd, client_settings,
-                                                   payload))
+        tasks = [self.coordinator.new_task(client.client_id, task_type, phase, rnd, settings_for(client.client_id),
+                                           payload)
+                 for client in (self.clients if clients is None else clients)]
         batch: TaskBatch = self.coordinator.dispatch(tasks, template=state, on_update=on_update)
-        if not batch.wait(self.round_timeout):
+        in_time = batch.wait(self.round_timeout, quorum=quorum, is_away=self.coordinator.presence.is_away)
+        if not batch.complete:
             self.coordinator.close(batch)  # from here on, results count as late
-            missing = sorted(t.client_id for t in batch.tasks.values()
-                             if t.task_id not in batch.results and t.task_id not in batch.failures)
-            log.warning("%s round %d: %d of %d clients answered within %.0f s; missing %s", phase, rnd,
-                        len(batch.results) + len(batch.failures), len(tasks), self.round_timeout,
-                        ", ".join(missing))
+            missing = ", ".join(sorted(t.client_id for t in batch.unanswered()))
+            if in_time:
+                log.warning("%s round %d: %d of %d clients answered; missing %s (away: not waited for)", phase,
+                            rnd, len(batch.results) + len(batch.failures), len(tasks), missing)
+            else:
+                log.warning("%s round %d: %d of %d clients answered within %.0f s; missing %s", phase, rnd,
+                            len(batch.results) + len(batch.failures), len(tasks), self.round_timeout, missing)
         errors = {batch.tasks[task_id].client_id: message for task_id, message in batch.failures.items()}
         return StepResults(sorted(batch.results.values(), key=lambda r: r.task.client_id),
                            dict(sorted(errors.items())))
@@ -120,18 +137,18 @@ class RoundEngine:
         asked = len(self.clients) if asked is None else asked
         return asked if self.min_clients is None else min(self.min_clients, asked)
 
-    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn, asked: int | None = None
-                      ) -> list[TaskResult]:
-        """Run a step until at least the required number of the ``asked`` clients answered (bounded
-        retries).
+    def _with_retries(self, step: str, phase: str, rnd: int, attempt_fn, asked: int | None = None,
+                      required: int | None = None) -> list[TaskResult]:
+        """Run a step until at least ``required`` (default: the required number) of the ``asked``
+        clients answered (bounded retries); ``attempt_fn(required)`` runs one attempt.
 
         A retry sends the same settings and weights again, so it cannot cure a client's task error:
         when the clients that did not report one are too few, the step fails at once."""
         asked = len(self.clients) if asked is None else asked
-        required = self._required(asked)
+        required = self._required(asked) if required is None else required
         why = ""
         for attempt in range(1 + self.round_retries):
-            step_results = attempt_fn()
+            step_results = attempt_fn(required)
             results, errors = step_results.results, step_results.errors
             if len(results) >= required:
                 return results
@@ -146,12 +163,18 @@ class RoundEngine:
                           f"in {1 + self.round_retries} attempts of {self.round_timeout} s{why}")
 
     def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
-            strategy: Strategy) -> tuple[State, float | None]:
+            strategy: Strategy, evaluations: dict[str, TaskResult] | None = None) -> tuple[State, float | None]:
         """One round of local training and aggregation; returns (new state, mean train loss).
+
+        With ``evaluations`` (a dict, filled in as results arrive, also when the round fails) the
+        clients first evaluate ``state``, the previous round's aggregate, on their held-out part
+        (seeded as that round's EVALUATE tasks would be): client_id -> its evaluation as an
+        EVALUATE result. A client is asked once: a redo or retry does not ask whoever answered.
 
         The round is redone without every client its RoundGuard names (an update beyond the norm
         bounds, or the likeliest cause of a non-finite or absurd aggregate), until it is clean:
-        a bad aggregate never becomes the global model.
+        a bad aggregate never becomes the global model. (A rejected update says nothing against
+        its sender's evaluation of the previous model, which counts as it would have before.)
         """
         excluded: dict[str, str] = {}
         while True:
@@ -159,7 +182,7 @@ class RoundEngine:
             if not clients:
                 raise RoundFailed(f"{phase} round {rnd}: every client's update was rejected ({excluded})")
             carried = strategy.state_dict()  # FedAvgM's velocity, restored if the aggregate is refused
-            round_guard, results = self._fit_once(phase, rnd, state, settings, strategy, clients)
+            round_guard, results = self._fit_once(phase, rnd, state, settings, strategy, clients, evaluations)
             offenders = round_guard.offenders()
             if not offenders:
                 new_state = strategy.finish()
@@ -175,8 +198,10 @@ class RoundEngine:
             excluded.update(offenders)
 
     def _fit_once(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
-                  strategy: Strategy, clients: list[ClientInfo]) -> tuple[RoundGuard, list[TaskResult]]:
-        """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet)."""
+                  strategy: Strategy, clients: list[ClientInfo], evaluations: dict[str, TaskResult] | None
+                  ) -> tuple[RoundGuard, list[TaskResult]]:
+        """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet); with
+        ``evaluations``, see ``fit``."""
         held: dict[str, tuple[float, Mapping[str, torch.Tensor]]] = {}
         round_guard: RoundGuard | None = None  # made afresh by each attempt
 
@@ -189,26 +214,51 @@ class RoundEngine:
             strategy.accumulate(update, weight)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
-        def attempt():
+        def settings_for(client_id: str) -> TrainTask:
+            seeded = self.seeded(settings, pb.TASK_TYPE_TRAIN, phase, rnd, client_id)
+            if evaluations is None or client_id in evaluations:
+                return seeded
+            # The seed round rnd - 1's own EVALUATE task would have had.
+            return replace(seeded, evaluate_first=True,
+                           evaluate_seed=derive_seed(self.seed, phase, rnd - 1, client_id,
+                                                     pb.TaskType.Name(pb.TASK_TYPE_EVALUATE)))
+
+        def attempt(required: int):
             nonlocal round_guard
             strategy.begin(state)  # a retried round starts a fresh sum
             round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
             held.clear()
-            step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings, on_update=fold_in,
-                                           clients=clients)
+            step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings_for, on_update=fold_in,
+                                           clients=clients, quorum=required)
             for client_id in sorted(held):
                 strategy.accumulate(held[client_id][1], held[client_id][0])
             held.clear()
+            if evaluations is not None:
+                for result in step_results.results:
+                    if result.task.config.evaluate_first:
+                        evaluations.setdefault(result.task.client_id, first_evaluation(result))
             return step_results
 
         results = self._with_retries("training", phase, rnd, attempt, asked=len(clients))
         return round_guard, results
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
-                 settings: EvaluateTask) -> EvalReport:
-        """Every client evaluates ``state`` on its held-out part."""
-        results = self._with_retries("evaluation", phase, rnd, lambda: self._run_batch(
-            pb.TASK_TYPE_EVALUATE, phase, rnd, state, settings))
+                 settings: EvaluateTask, evaluated: Mapping[str, TaskResult] | None = None) -> EvalReport:
+        """Every client evaluates ``state`` on its held-out part; with ``evaluated`` (client_id ->
+        an evaluation of ``state`` already in, e.g. from the next round's training), only the
+        others are asked, and only when those in are fewer than a step requires."""
+        evaluated = dict(evaluated or {})
+        required = self._required()
+        if len(evaluated) < required:
+            others = [c for c in self.clients if c.client_id not in evaluated]
+            results = self._with_retries(
+                "evaluation", phase, rnd, lambda needed: self._run_batch(
+                    pb.TASK_TYPE_EVALUATE, phase, rnd, state,
+                    lambda cid: self.seeded(settings, pb.TASK_TYPE_EVALUATE, phase, rnd, cid),
+                    clients=others, quorum=needed),
+                asked=len(others), required=required - len(evaluated))
+            evaluated.update((r.task.client_id, r) for r in results)
+        results = sorted(evaluated.values(), key=lambda r: r.task.client_id)
         return EvalReport(
             weighted_accuracy=weighted_mean(results, "accuracy"),
             weighted_loss=weighted_mean(results, "loss"),
@@ -221,48 +271,105 @@ class RoundEngine:
                    eval_task: EvaluateTask, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
                    start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None) -> State:
         """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
-        (the phase checkpoints there)."""
+        round's aggregate (the phase checkpoints there, with the recorder's pending record), and
+        once more after the last round's record.
+
+        A round's record waits (``RunRecorder.hold_round``) for its client evaluation, which the
+        next round's training brings; a resumed phase finds the record of its last completed round
+        still pending and completes it the same way."""
         state = dict(state)
         self.metrics.phase.state(phase)
         if isinstance(strategy, str):
             strategy = build_strategy(strategy)
         # One strategy for the whole phase: stateful ones (FedAvgM's momentum) carry across rounds.
         train_task = replace(train_task, **asdict(strategy.client_config), deterministic=self.deterministic)
+        pending = self.recorder.pending_round(phase)
+        if pending is not None and pending["round"] != start_round - 1:
+            raise RuntimeError(f"{phase}: the pending record is of round {pending['round']}, "
+                               f"but the phase resumes at round {start_round}")
         for rnd in range(start_round, rounds + 1):
             started = time.perf_counter()
             self.metrics.round.set(rnd)
             set_log_context(phase=phase, round=rnd)
-            state, train_loss = self.fit(phase, rnd, state, train_task, strategy)
-            report = self.evaluate(phase, rnd, state, eval_task)
+            evaluations: dict[str, TaskResult] | None = {} if pending is not None else None
+            try:
+                new_state, train_loss = self.fit(phase, rnd, state, train_task, strategy, evaluations)
+            except RoundFailed:
+                if pending is not None:
+                    self._record_before_failing(pending, state, eval_task, evaluations, rounds)
+                raise
+            if pending is not None:
+                self._complete_round(pending, self.evaluate(phase, rnd - 1, state, eval_task, evaluations), rounds)
+            state = new_state
             test = test_fn(state) if test_fn else {}
-            seconds = time.perf_counter() - started
-            record = {
+            pending = {
                 "phase": phase,
                 "round": rnd,
-                "weighted_client_accuracy": report.weighted_accuracy,
-                "weighted_client_loss": report.weighted_loss,
                 "test_accuracy": test.get("accuracy"),
                 "test_loss": test.get("loss"),
                 "train_loss": train_loss,
-                "seconds": seconds,
-                "clients": len(report.per_client),
-                "per_client": report.per_client,
+                "seconds": time.perf_counter() - started,  # its evaluation rides on the next round
             }
-            self.recorder.record_round(record)
+            self.recorder.hold_round(pending)
             if on_round_end is not None:
                 on_round_end(rnd, state)
-            self.metrics.rounds_completed.labels(phase).inc()
-            self.metrics.round_duration.labels(phase).observe(seconds)
-            for gauge, value in ((self.metrics.weighted_client_accuracy, report.weighted_accuracy),
-                                 (self.metrics.test_accuracy, test.get("accuracy")),
-                                 (self.metrics.train_loss, train_loss)):
-                if value is not None:
-                    gauge.labels(phase).set(value)
-            log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %s (%.2f s)",
-                     phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(test.get("accuracy")),
-                     _fmt(train_loss), _fmt(report.weighted_loss), seconds)
+        if pending is not None:  # the last round's model: an evaluation of its own
+            started = time.perf_counter()
+            set_log_context(phase=phase, round=pending["round"])
+            report = self.evaluate(phase, pending["round"], state, eval_task)
+            pending["seconds"] += time.perf_counter() - started
+            self._complete_round(pending, report, rounds)
+            if on_round_end is not None:
+                on_round_end(pending["round"], state)
         set_log_context(round=None)
         return state
+
+    def _record_before_failing(self, pending: dict, state: State, eval_task: EvaluateTask,
+                               evaluations: dict[str, TaskResult], rounds: int) -> None:
+        """The next round failed: record the pending round (its aggregate stands) from the
+        evaluations that came in, completed by an evaluation step of its own if too few did."""
+        try:
+            report = self.evaluate(pending["phase"], pending["round"], state, eval_task, evaluations)
+        except RoundFailed as error:
+            log.error("%s round %d is not recorded: its evaluation failed too (%s)", pending["phase"],
+                      pending["round"], error)
+            return
+        self._complete_round(pending, report, rounds)
+
+    def _complete_round(self, pending: dict, report: EvalReport, rounds: int) -> None:
+        """Write a round's record (its evaluation now in), update the gauges, log it."""
+        phase, rnd, seconds = pending["phase"], pending["round"], pending["seconds"]
+        record = {
+            "phase": phase,
+            "round": rnd,
+            "weighted_client_accuracy": report.weighted_accuracy,
+            "weighted_client_loss": report.weighted_loss,
+            "test_accuracy": pending["test_accuracy"],
+            "test_loss": pending["test_loss"],
+            "train_loss": pending["train_loss"],
+            "seconds": seconds,
+            "clients": len(report.per_client),
+            "per_client": report.per_client,
+        }
+        self.recorder.record_round(record)
+        self.metrics.rounds_completed.labels(phase).inc()
+        self.metrics.round_duration.labels(phase).observe(seconds)
+        for gauge, value in ((self.metrics.weighted_client_accuracy, report.weighted_accuracy),
+                             (self.metrics.test_accuracy, pending["test_accuracy"]),
+                             (self.metrics.train_loss, pending["train_loss"])):
+            if value is not None:
+                gauge.labels(phase).set(value)
+        log.info("[%s round %d/%d] client acc %s, test acc %s, train loss %s, client loss %s (%.2f s)",
+                 phase, rnd, rounds, _fmt(report.weighted_accuracy), _fmt(pending["test_accuracy"]),
+                 _fmt(pending["train_loss"]), _fmt(report.weighted_loss), seconds)
+
+
+def first_evaluation(result: TaskResult) -> TaskResult:
+    """A TRAIN result's evaluate-first part as the EVALUATE result it stands for (same samples and
+    metric names as an EVALUATE task reports)."""
+    metrics = {name.removeprefix("eval_"): value for name, value in result.metrics.items()
+               if name.startswith("eval_") and name != "eval_samples"}
+    return TaskResult(result.task, int(result.metrics["eval_samples"]), metrics)
 
 
 def _fmt(value: float | None) -> str:

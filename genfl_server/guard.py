@@ -46,6 +46,11 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "train_seconds": (0.0, math.inf),
     "steps": (0.0, math.inf),
     "dp_epsilon": (0.0, math.inf),  # DP-SGD: the client's spent epsilon, over all its rounds so far
+    # A TRAIN task with evaluate_first: the received model's evaluation before training (the
+    # coordinator also checks eval_samples against the client's registered held-out count).
+    "eval_loss": (0.0, math.inf),
+    "eval_accuracy": (0.0, 1.0),
+    "eval_samples": (0.0, math.inf),
 }
 MAX_METRICS = len(METRIC_RANGES)
 

@@ -30,6 +30,9 @@ class ServerMetrics:
                                        "Clients holding an open task poll right now", registry=r)
         self.rpcs_open = Gauge("genfl_rpcs_open", "Client RPCs (polls, uploads, registrations) open right now",
                                registry=r)
+        self.clients_present = Gauge("genfl_clients_present",
+                                     "Registered clients not counted away (presence stream closed for longer "
+                                     "than --presence-grace)", registry=r)
         self.updates_accepted = Counter("genfl_client_updates_accepted_total",
                                         "Client results accepted", ["phase", "type"], registry=r)
         self.updates_rejected = Counter("genfl_client_updates_rejected_total",

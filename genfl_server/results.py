@@ -1,5 +1,9 @@
 """Run outputs: ``metrics.jsonl`` (one line per round, appended as rounds finish, so a progress
-display or a crashed run still has every finished round) and ``summary.json``."""
+display or a crashed run still has every finished round) and ``summary.json``.
+
+A round is finished, and recorded, once its client evaluation is in, which comes with the next
+round's training (engine.py); until then its record is held as pending, and saved as such with
+the run state, so that a resumed run completes it."""
 
 from __future__ import annotations
 
@@ -25,11 +29,23 @@ class RunRecorder:
         self.summary: dict[str, Any] = {"cas": None, "cas_federated": None, "dp": None, **run_fields,
                                         "rounds": [], "final": None}
         self.events: list[dict] = []
+        self.pending: dict | None = None  # the round whose record awaits its client evaluation
+
+    def hold_round(self, partial: dict) -> None:
+        """Keep a round's record, all but its client evaluation, until ``record_round``."""
+        self.pending = dict(partial)
+
+    def pending_round(self, phase: str) -> dict | None:
+        """The pending record of ``phase`` (a copy), if one is held."""
+        return dict(self.pending) if self.pending is not None and self.pending["phase"] == phase else None
 
     def record_round(self, record: dict) -> None:
         record = _finite(record, "round")
         self._append({"event": "round", **record})
         self.summary["rounds"].append({k: v for k, v in record.items() if k != "per_client"})
+        if self.pending is not None and (self.pending["phase"], self.pending["round"]) == (record["phase"],
+                                                                                           record["round"]):
+            self.pending = None
 
     def record_event(self, event: str, **fields: Any) -> None:
         """Non-round milestones (synthetic data, CAS, pre-training), for progress displays."""
@@ -43,13 +59,15 @@ class RunRecorder:
     def export(self) -> dict[str, Any]:
         """What a run state saves, so a resumed run reports the rounds before the crash."""
         return {"summary": {k: self.summary[k] for k in ("rounds", "cas", "cas_federated", "dp")},
-                "events": self.events}
+                "events": self.events,
+                "pending_round": None if self.pending is None else _finite(self.pending, "pending round")}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a saved export; metrics.jsonl is rewritten to match it exactly (a round
         recorded after the last save is dropped, it will be run again)."""
         self.summary.update(saved["summary"])
         self.events = list(saved["events"])
+        self.pending = saved.get("pending_round")
         self.metrics_path.write_text("".join(_json_line(e) for e in self.events))
 
     def set(self, **fields: Any) -> None:

@@ -59,6 +59,8 @@ DEFAULT_MAX_CONCURRENT_UPLOADS = 2
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 # A stalled downloader must not block everyone: past this wait a download proceeds anyway.
 DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
+# How often an open presence stream checks whether the run ended (its end is seen at once).
+PRESENCE_CHECK_SECONDS = 1.0
 # A client's task error is client-controlled text: logged and kept at most this long.
 MAX_CLIENT_ERROR_CHARS = 200
 
@@ -313,7 +315,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 await self._reject(context, error, stream.client_id)
             if task is None:  # the client's error report, recorded
                 return pb.SubmitReply(accepted=False, message=f"error for task {stream.header.task_id} recorded")
-            self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
             return pb.SubmitReply(accepted=True, message=f"result for task {task.task_id} accepted")
 
     # -- helpers ------------------------------------------------------------------------------
@@ -355,6 +356,39 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         finally:
             self._open_uploads.release(header.client_id)
 
+    async def Presence(self, request, context):
+        """Held open by the client for its session; its end (the client gone: the kernel closed a
+        killed process's socket, or keepalive caught a cut) is reported to the coordinator. Holds
+        no thread while open: it waits on an event the coordinator's wakes set (shutdown among them)."""
+        async with self._counted_stream(context):
+            try:
+                _refuse_unparsable(request)
+                self._authenticate(context, request.client_id)
+                self.coordinator.check_run(request.run_id)
+                self.coordinator.session(request.client_id, request.session_secret)
+            except Rejected as error:
+                await self._reject(context, error, getattr(request, "client_id", ""))
+            client_id = request.client_id
+            # The hooks wake waiting steps (taking batch locks, which a fold may hold): off the loop.
+            token = await self._in_executor(self.coordinator.presence_opened, client_id)
+            wake = asyncio.Event()
+            self._poll_events.add(wake)
+            try:
+                yield pb.PresenceReply(present=True)
+                while not self.coordinator.is_shut_down:
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), PRESENCE_CHECK_SECONDS)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:  # also when the call is cancelled (the client gone): not awaited, the loop moves on
+                self._poll_events.discard(wake)
+                try:
+                    asyncio.get_running_loop().run_in_executor(self._executor, self.coordinator.presence_closed,
+                                                               client_id, token)
+                except RuntimeError:  # the server is stopping (its executor shut down): no step waits
+                    self.coordinator.presence_closed(client_id, token)
+
     async def _accept(self, context, header, task: Task, batch, update) -> None:
         metrics = validated_metrics(header.metrics)
         check_dp_epsilon(task.config, metrics)
@@ -362,12 +396,19 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if context.cancelled():
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                            "the result stream was aborted before it ended")
-        await self._in_executor(self.coordinator.finish, result, batch, update)  # folds: off the loop
+        await self._in_executor(self._finish, result, batch, update)  # folds: off the loop
         if self.privacy is not None and "dp_epsilon" in metrics:
             self.privacy.record(task.client_id, metrics["dp_epsilon"])
             epsilon, delta = self.privacy.guarantee()
             self.metrics.dp_epsilon.set(epsilon)
             self.metrics.dp_delta.set(delta)
+
+    def _finish(self, result: TaskResult, batch, update) -> None:
+        """Hand an accepted result to its step (in the upload executor). Counted here, in the thread
+        that hands it over, so that the count is up to date by the time the step can end."""
+        self.coordinator.finish(result, batch, update)
+        task = result.task
+        self.metrics.updates_accepted.labels(task.phase, pb.TaskType.Name(task.type)).inc()
 
     def _record_task_error(self, header, task: Task, batch, trailing: bool) -> None:
         """The client could not execute ``task``: count it as failed for its step. ``trailing``:
@@ -494,6 +535,9 @@ def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMeth
         "SubmitResult": grpc.stream_unary_rpc_method_handler(
             service.SubmitResult, request_deserializer=lenient_parser(pb.ResultMessage),
             response_serializer=pb.SubmitReply.SerializeToString),
+        "Presence": grpc.unary_stream_rpc_method_handler(
+            service.Presence, request_deserializer=lenient_parser(pb.PresenceRequest),
+            response_serializer=pb.PresenceReply.SerializeToString),
     }
 
 

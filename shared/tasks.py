@@ -87,10 +87,16 @@ class _TaskSettings:
 
 @dataclass(frozen=True)
 class TrainTask(_TaskSettings):
-    """Train the attached weights on the client's train part; reply with the updated weights."""
+    """Train the attached weights on the client's train part; reply with the updated weights.
+
+    With ``evaluate_first`` the client first evaluates the attached weights, untouched, on its
+    held-out part (as an EvaluateTask with ``evaluate_seed`` would) and reports that evaluation
+    in the same result (metrics eval_loss, eval_accuracy, eval_samples): the previous round's
+    global model is the one this round trains from, so one download serves both."""
 
     KIND: ClassVar[str] = "train"
-    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic", *DP_KEYS})
+    WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic", "evaluate_first",
+                                                         "evaluate_seed", *DP_KEYS})
 
     model: str  # one of models.MODEL_KINDS: the architecture the weights belong to
     epochs: int  # local epochs over the train part (0: the weights come back untrained)
@@ -101,6 +107,8 @@ class TrainTask(_TaskSettings):
     binarize: bool  # threshold pixels to {0, 1} (as the CVAE's Bernoulli likelihood assumes)
     prox_mu: float = 0.0  # FedProx proximal weight, >= 0; 0: no proximal term (set by the strategy)
     deterministic: bool = False  # torch deterministic algorithms (set by the round engine)
+    evaluate_first: bool = False  # evaluate the received weights before training (set by the round engine)
+    evaluate_seed: int = 0  # that evaluation's seed (the CVAE's sampling noise), with evaluate_first only
     # DP-SGD of the CVAE (genfl_shared.dp); dp = False: none, and the other dp_* keep their defaults.
     dp: bool = False
     dp_noise_multiplier: float = 0.0  # > 0: this sigma; 0: calibrated to dp_target_epsilon
@@ -130,6 +138,10 @@ class TrainTask(_TaskSettings):
                                                     f"with {self.optimizer!r}")
         if self.prox_mu < 0:
             raise TaskSettingsError("prox_mu", f"must be >= 0, got {self.prox_mu}")
+        if not 0 <= self.evaluate_seed < 2**63:
+            raise TaskSettingsError("evaluate_seed", f"must be in [0, 2**63), got {self.evaluate_seed}")
+        if self.evaluate_seed and not self.evaluate_first:
+            raise TaskSettingsError("evaluate_seed", "is set but evaluate_first is not: no evaluation to seed")
         self._check_dp()
 
     def to_json(self) -> str:
@@ -173,6 +185,12 @@ class TrainTask(_TaskSettings):
         if self.dp_accountant not in DP_ACCOUNTANTS:
             raise TaskSettingsError("dp_accountant", f"unknown accountant {self.dp_accountant!r}; "
                                                      f"expected one of {DP_ACCOUNTANTS}")
+
+    def first_evaluation(self) -> "EvaluateTask | None":
+        """The evaluation to run before training (None without evaluate_first)."""
+        if not self.evaluate_first:
+            return None
+        return EvaluateTask(model=self.model, binarize=self.binarize, seed=self.evaluate_seed)
 
 
 @dataclass(frozen=True)

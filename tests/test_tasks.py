@@ -40,7 +40,7 @@ from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_
 from helpers import loopback_server, wait_until
 
 TRAIN = dict(model="classifier", epochs=2, batch_size=16, optimizer="sgd", lr=0.01, sgd_momentum=0.5,
-             binarize=False, prox_mu=0.1, deterministic=True, seed=12345)
+             binarize=False, prox_mu=0.1, deterministic=True, evaluate_first=False, evaluate_seed=0, seed=12345)
 EVALUATE = dict(model="cvae", binarize=True, seed=7)
 
 
@@ -98,14 +98,15 @@ def test_missing_required_keys_are_refused_and_only_off_switches_are_optional():
         assert error.key == key and "missing" in str(error)
     for key in ("model", "binarize", "seed"):
         assert refused(json.dumps({k: v for k, v in EVALUATE.items() if k != key}), "evaluate").key == key
-    lenient = from_json(wire(prox_mu=..., deterministic=...), "train")
-    assert (lenient.prox_mu, lenient.deterministic) == (0.0, False)
+    lenient = from_json(wire(prox_mu=..., deterministic=..., evaluate_first=..., evaluate_seed=...), "train")
+    assert (lenient.prox_mu, lenient.deterministic, lenient.evaluate_first, lenient.evaluate_seed) == (
+        0.0, False, False, 0)
 
 
 @pytest.mark.parametrize("key, value", [
     ("epochs", -1), ("batch_size", 0), ("lr", 0), ("lr", -0.1), ("model", "resnet"), ("optimizer", "rmsprop"),
     ("sgd_momentum", -0.1), ("sgd_momentum", 1.0), ("prox_mu", -0.01), ("seed", -1), ("seed", 2**63),
-    ("lr", 10**400),
+    ("lr", 10**400), ("evaluate_seed", -1), ("evaluate_seed", 2**63),
 ])
 def test_out_of_range_values_are_refused(key, value):
     error = refused(wire(**{key: value}))
@@ -117,6 +118,15 @@ def test_values_that_do_not_fit_together_are_refused():
     assert refused(wire(model="cvae")).key == "optimizer"
     assert refused(wire(optimizer="adam")).key == "sgd_momentum"  # momentum means nothing to Adam
     assert from_json(wire(model="cvae", optimizer="adam", sgd_momentum=0), "train").model == "cvae"
+    # A seed for an evaluation nobody asked for is a sender's mistake, not something to ignore.
+    assert refused(wire(evaluate_seed=5)).key == "evaluate_seed"
+    assert refused(wire(evaluate_first=1)).key == "evaluate_first"
+
+
+def test_evaluate_first_names_the_evaluation_it_stands_for():
+    train = from_json(wire(evaluate_first=True, evaluate_seed=77), "train")
+    assert train.first_evaluation() == EvaluateTask(model="classifier", binarize=False, seed=77)
+    assert TrainTask(**TRAIN).first_evaluation() is None
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '"text"', "null", '{"model": "cvae", "model": "cvae"}'])

@@ -158,3 +158,19 @@ class SubmitReply(_message.Message):
     accepted: bool
     message: str
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PresenceRequest(_message.Message):
+    __slots__ = ("run_id", "client_id", "session_secret")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    session_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
+
+class PresenceReply(_message.Message):
+    __slots__ = ("present",)
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    def __init__(self, present: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,11 @@ class FederatedLearningStub:
                 request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.ResultMessage.SerializeToString,
                 response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.Presence = channel.unary_stream(
+                '/genfl.v1.FederatedLearning/Presence',
+                request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceRequest.SerializeToString,
+                response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceReply.FromString,
+                _registered_method=True)
 
 
 class FederatedLearningServicer:
@@ -77,6 +82,17 @@ class FederatedLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Presence(self, request, context):
+        """Held open by the client for its whole session (reopened after a reconnect): the server counts
+        the client present while one is open, and away once none has been for --presence-grace seconds
+        (the kernel closes a killed client's socket at once; a cut link is caught by keepalive pings).
+        A step then stops waiting for it once enough clients have answered. The server sends one
+        PresenceReply once it counts the client present, then nothing; the stream ends with the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +110,11 @@ def add_FederatedLearningServicer_to_server(servicer, server):
                     servicer.SubmitResult,
                     request_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.ResultMessage.FromString,
                     response_serializer=genfl__shared_dot_proto_dot_genfl__pb2.SubmitReply.SerializeToString,
+            ),
+            'Presence': grpc.unary_stream_rpc_method_handler(
+                    servicer.Presence,
+                    request_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceRequest.FromString,
+                    response_serializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +198,33 @@ class FederatedLearning:
             '/genfl.v1.FederatedLearning/SubmitResult',
             genfl__shared_dot_proto_dot_genfl__pb2.ResultMessage.SerializeToString,
             genfl__shared_dot_proto_dot_genfl__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Presence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/genfl.v1.FederatedLearning/Presence',
+            genfl__shared_dot_proto_dot_genfl__pb2.PresenceRequest.SerializeToString,
+            genfl__shared_dot_proto_dot_genfl__pb2.PresenceReply.FromString,
             options,
             channel_credentials,
             insecure,
