@@ -94,8 +94,13 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
         start = ctx.run_state.tensors[phase]
         strategy.load_state_dict(ctx.run_state.tensors.get(f"{phase}_strategy", {}))
 
+    privacy_recorded: set[int] = set()
+
     def on_round_end(rnd: int, state: State) -> None:
-        if phase == "cvae" and ctx.privacy is not None:
+        # Called after each aggregate and once more after the last round's record; a round's
+        # epsilon is complete after its aggregate (it comes with the training results).
+        if phase == "cvae" and ctx.privacy is not None and rnd not in privacy_recorded:
+            privacy_recorded.add(rnd)
             record_privacy(ctx, rnd)
         ctx.checkpoint(completed=(phase, rnd), **{phase: state, f"{phase}_strategy": strategy.state_dict()})
 
