@@ -275,15 +275,20 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             return pb.RegisterReply(run_id=self.coordinator.run_id, poll_timeout_seconds=self.coordinator.poll_timeout,
                                     session_secret=secret)
 
+    async def _check_session(self, request, context) -> None:
+        """A poll or presence request must parse, carry its client's token, name this run and the
+        client's live session; otherwise the call ends with the refusal's status."""
+        try:
+            _refuse_unparsable(request)
+            self._authenticate(context, request.client_id)
+            self.coordinator.check_run(request.run_id)
+            self.coordinator.session(request.client_id, request.session_secret)
+        except Rejected as error:
+            await self._reject(context, error, getattr(request, "client_id", ""))
+
     async def FetchTask(self, request, context):
         async with self._counted_stream(context):
-            try:
-                _refuse_unparsable(request)
-                self._authenticate(context, request.client_id)
-                self.coordinator.check_run(request.run_id)
-                self.coordinator.session(request.client_id, request.session_secret)
-            except Rejected as error:
-                await self._reject(context, error, getattr(request, "client_id", ""))
+            await self._check_session(request, context)
             self._count_poller(request.client_id, +1)
             try:
                 item = await self._next_task(request.client_id, self.coordinator.poll_timeout)
@@ -361,13 +366,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         killed process's socket, or keepalive caught a cut) is reported to the coordinator. Holds
         no thread while open: it waits on an event the coordinator's wakes set (shutdown among them)."""
         async with self._counted_stream(context):
-            try:
-                _refuse_unparsable(request)
-                self._authenticate(context, request.client_id)
-                self.coordinator.check_run(request.run_id)
-                self.coordinator.session(request.client_id, request.session_secret)
-            except Rejected as error:
-                await self._reject(context, error, getattr(request, "client_id", ""))
+            await self._check_session(request, context)
             client_id = request.client_id
             # The hooks wake waiting steps (taking batch locks, which a fold may hold): off the loop.
             token = await self._in_executor(self.coordinator.presence_opened, client_id)
