@@ -105,7 +105,7 @@ def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_
     state = initial_state("cvae", seed=0)
     settings = TrainTask(model="cvae", epochs=0, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
                          binarize=True)
-    step = threading.Thread(target=engine._run_batch, args=(pb.TASK_TYPE_TRAIN, "cvae", 1, state, settings),
+    step = threading.Thread(target=engine._run_batch, args=(pb.TASK_TYPE_TRAIN, "cvae", 1, state, lambda _client_id: settings),
                             daemon=True)
     step.start()
     tasks = [coordinator.next_task(cid, timeout=5) for cid in clients]
