@@ -27,9 +27,14 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
 # What the real client sends as channel options: the message limit (1 MiB chunks plus a header).
+# A local subchannel pool gives each fake client its own TCP connection, as each real client has:
+# with gRPC's default global pool every channel of a process to the same address shares one
+# connection, and the server's per-connection stream limit (--max-streams-per-connection) refuses
+# the process's streams beyond it.
 MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.use_local_subchannel_pool", 1))
 
 
 class ProtocolViolation(RuntimeError):
@@ -130,20 +135,26 @@ def train_samples(index: int) -> int:
 
 async def run_clients(address: str, indices: list[int], *, verify_downloads: bool = False) -> ClientStats:
     """Clients ``indices`` (of :func:`client_ids`' numbering) concurrently; the summed stats, with
-    ``error`` naming the first clients that failed."""
+    ``error`` naming the clients that failed. The first failure cancels the others: the server
+    would otherwise wait for the failed client until its round deadline, and the caller with it."""
     ids = client_ids(max(indices) + 1)
-    outcomes = await asyncio.gather(*(run_client(address, ids[i], train_samples(i), 100,
-                                                 verify_downloads=verify_downloads) for i in indices),
-                                    return_exceptions=True)
+    tasks = {asyncio.create_task(run_client(address, ids[i], train_samples(i), 100,
+                                            verify_downloads=verify_downloads)): i for i in indices}
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     total = ClientStats()
     failures = []
-    for index, outcome in zip(indices, outcomes):
-        if isinstance(outcome, BaseException):
-            failures.append(f"{ids[index]}: {type(outcome).__name__}: {str(outcome)[:300]}")
+    for task in sorted(done, key=tasks.get):
+        if task.exception() is not None:
+            outcome = task.exception()
+            failures.append(f"{ids[tasks[task]]}: {type(outcome).__name__}: {str(outcome)[:300]}")
         else:
-            total.add(outcome)
+            total.add(task.result())
     if failures:
-        total.error = f"{len(failures)} of {len(indices)} clients failed; first: " + "; ".join(failures[:3])
+        total.error = (f"{len(failures)} of {len(indices)} clients failed ({len(pending)} cancelled after the "
+                       "first failure); first: " + "; ".join(failures[:3]))
     return total
 
 
