@@ -61,14 +61,6 @@ DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
 # How often an open presence stream checks whether the run ended (its end is seen at once).
 PRESENCE_CHECK_SECONDS = 1.0
-# A client's task error is client-controlled text: logged and kept at most this long.
-MAX_CLIENT_ERROR_CHARS = 200
-
-
-def client_error_text(error: str) -> str:
-    """A client's error message made safe to log: one printable line of bounded length."""
-    text = "".join(c if c.isprintable() else " " for c in error).strip()
-    return text if len(text) <= MAX_CLIENT_ERROR_CHARS else text[:MAX_CLIENT_ERROR_CHARS - 1] + "…"
 
 
 def task_frame(index: int, data: bytes) -> bytes:
@@ -415,7 +407,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if header.HasField("manifest") or header.num_samples or trailing:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                            "an error result carries no weights and no samples")
-        message = client_error_text(header.error)
+        message = shown(header.error.strip())
         self.coordinator.fail(task, batch, message)
         self.metrics.updates_rejected.labels("task_error").inc()
         log.warning("client %s could not execute task %s (%s round %d, %s): %s", task.client_id, task.task_id,

@@ -29,7 +29,7 @@ from genfl_server.engine import RoundEngine, RoundFailed
 from genfl_server.metrics import ServerMetrics
 from genfl_server.phases import eval_task, train_task
 from genfl_server.results import RunRecorder
-from genfl_server.service import MAX_CLIENT_ERROR_CHARS
+from genfl_server.logsafe import MAX_SHOWN_CHARS
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.config import PRESETS
 from genfl_shared.models import initial_state
@@ -294,7 +294,9 @@ def test_error_result_is_recorded_once_shortened_and_ends_the_wait(bare, caplog)
     assert not reply.accepted and task.task_id in reply.message
     assert batch.wait(timeout=0)  # answered: nobody waits for this client until the deadline
     recorded = batch.failures[task.task_id]
-    assert len(recorded) == MAX_CLIENT_ERROR_CHARS and recorded.startswith("bad settings FAKE LOG LINE x")
+    # One printable line, cut like every client-controlled text (logsafe.shown), saying how much was cut.
+    assert recorded.startswith("bad settings\\nFAKE LOG LINE x") and "\n" not in recorded
+    assert len(recorded) <= MAX_SHOWN_CHARS + len("…(+5000 chars)") and recorded.endswith(" chars)")
     assert batch.results == {} and _task_errors(metrics) == 1.0
     assert all("\n" not in r.getMessage() for r in caplog.records)
     # The task is answered: it is not handed out again, and a second answer is a duplicate.
