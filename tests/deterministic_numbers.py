@@ -1,7 +1,13 @@
 """A small deterministic run (real server, real clients) and the numbers it reports: every value
 of metrics.jsonl except wall times. ``python tests/deterministic_numbers.py`` records them in
-tests/data/deterministic_numbers.json; test_rounds.py checks that today's code reports exactly
-those numbers (the evaluation riding on the next round's training must not change a bit)."""
+tests/data/deterministic_numbers.json for this platform; test_rounds.py checks that today's code
+reports exactly those numbers (the evaluation riding on the next round's training must not change a
+bit).
+
+The floats depend on the CPU's vector width (float32 sums round differently with AVX2 and AVX-512),
+so recordings are kept per platform. The first one (2026-12-01) keyed only torch and the machine
+type; the AVX-512 one (2026-12-03) was recorded with the code of that first recording (f5b3fad)
+and is identical to what the later code reports there."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import dataset_dir  # noqa: E402
-from helpers import free_port, run_rounds  # noqa: E402
+from helpers import free_port, kill_all, partition_mnist, run_rounds, start_client  # noqa: E402
 
 from genfl_shared.runfiles import METRICS_JSONL, read_events  # noqa: E402
 
@@ -38,42 +44,45 @@ def numbers(events: list[dict]) -> list[dict]:
 
 def deterministic_run(work: Path) -> list[dict]:
     """Partition, run server + CLIENTS clients to completion; returns metrics.jsonl's numbers."""
-    shards, out = work / "shards", work / "run"
-    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
-                           "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--alpha", "0.5",
-                           "--train-subset", "600", "--seed", "0", "--out", str(shards)],
-                          capture_output=True, text=True, timeout=120)
-    assert part.returncode == 0, part.stderr
+    shards, out = partition_mnist(work / "shards", CLIENTS, 600, alpha=0.5), work / "run"
     address = f"127.0.0.1:{free_port()}"
-    logs = [open(work / "server.log", "w")] + [open(work / f"client-{i}.log", "w") for i in range(CLIENTS)]
-    server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", *SERVER_ARGS, "--test-data",
-                               str(dataset_dir("mnist")), "--address", address, "--out", str(out)],
-                              stdout=logs[0], stderr=subprocess.STDOUT)
-    clients = [subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
-                                 str(shards / f"client-00{i}.npz"), "--threads", "1"],
-                                stdout=logs[1 + i], stderr=subprocess.STDOUT) for i in range(CLIENTS)]
+    with open(work / "server.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", *SERVER_ARGS, "--test-data",
+                                   str(dataset_dir("mnist")), "--address", address, "--out", str(out)],
+                                  stdout=server_log, stderr=subprocess.STDOUT)
+    clients = [start_client(address, shards / f"client-00{i}.npz", work / f"client-{i}.log") for i in range(CLIENTS)]
     try:
         assert server.wait(600) == 0, (work / "server.log").read_text()[-3000:]
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
     finally:
-        for proc in [server, *clients]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for f in logs:
-            f.close()
+        kill_all([server, *clients])
     assert len(run_rounds(out)) == 5
     return numbers(read_events(out / METRICS_JSONL))
 
 
 def platform_key() -> dict:
     """What the recorded floats depend on besides the code."""
-    return {"torch": torch.__version__, "machine": platform.machine()}
+    return {"torch": torch.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def recorded_events(platform_now: dict) -> list[dict] | None:
+    """The numbers recorded for this platform: the most specific recording whose every key matches."""
+    recordings = json.loads(RECORDED.read_text())["recordings"]
+    matching = [r for r in recordings if all(platform_now.get(k) == v for k, v in r["platform"].items())]
+    return max(matching, key=lambda r: len(r["platform"]))["events"] if matching else None
+
+
+def recorded_platforms() -> list[dict]:
+    return [r["platform"] for r in json.loads(RECORDED.read_text())["recordings"]]
 
 
 if __name__ == "__main__":
     import tempfile
     with tempfile.TemporaryDirectory() as work:
         events = deterministic_run(Path(work))
-    RECORDED.write_text(json.dumps({"platform": platform_key(), "events": events}, indent=1, sort_keys=True) + "\n")
-    print(f"recorded {len(events)} events in {RECORDED}")
+    key = platform_key()
+    recordings = [r for r in json.loads(RECORDED.read_text())["recordings"] if r["platform"] != key]
+    recordings.append({"platform": key, "events": events})
+    RECORDED.write_text(json.dumps({"recordings": recordings}, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {len(events)} events for {key} in {RECORDED}")

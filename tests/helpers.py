@@ -1,6 +1,6 @@
-"""What many tests need, written once: a free port, waiting for a condition, a real genfl-server
-process and the endpoint it announces, the rounds a run recorded, and an in-process gRPC server on
-loopback."""
+"""What many tests need, written once: a free port, waiting for a condition, MNIST shards, a real
+genfl-server process and the endpoint it announces, real genfl-client processes, the rounds a run
+recorded, and an in-process gRPC server on loopback."""
 
 from __future__ import annotations
 
@@ -78,6 +78,37 @@ def start_server(out: Path, *args: str, log: Path | None = None, env: dict[str, 
             proc.kill()
         proc.wait()
         raise AssertionError(f"{error}\n{log_tail(log) if log is not None else ''}") from None
+
+
+def partition_mnist(out: Path, clients: int, train_subset: int, *, alpha: float | None = None,
+                    seed: int = 0) -> Path:
+    """MNIST shards (IID, or Dirichlet ``alpha``) for ``clients`` clients from ``train_subset``
+    images, written to OUT by the real ``genfl-partition``; returns OUT."""
+    from conftest import dataset_dir
+
+    split = ["--iid"] if alpha is None else ["--alpha", str(alpha)]
+    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
+                           "--data-root", str(dataset_dir("mnist")), "--clients", str(clients), *split,
+                           "--train-subset", str(train_subset), "--seed", str(seed), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert part.returncode == 0, part.stderr
+    return out
+
+
+def start_client(address: str, shard: Path, log: Path, *args: str) -> subprocess.Popen:
+    """``python -m genfl_client.cli --server ADDRESS --shard SHARD --threads 1 ARGS``, its output
+    appended to ``log`` (a restarted client keeps one log)."""
+    with open(log, "a") as sink:
+        return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
+                                 str(shard), "--threads", "1", *args], stdout=sink, stderr=subprocess.STDOUT)
+
+
+def kill_all(processes) -> None:
+    """Kill (and reap) whichever of ``processes`` still run: a test's clean-up after a failure."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
-from conftest import dataset_dir
-from helpers import run_rounds, start_server, wait_until
+from helpers import kill_all, partition_mnist, run_rounds, start_client, start_server, wait_until
 
 CLIENTS = 4
 # A dead client is no longer waited for (presence), so rounds take seconds: enough of them that the
@@ -16,24 +13,17 @@ ROUNDS = 30
 
 
 def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_path):
-    shards = tmp_path / "shards"
-    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
-                           "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--iid",
-                           "--train-subset", "800", "--seed", "0", "--out", str(shards)],
-                          capture_output=True, text=True, timeout=120)
-    assert part.returncode == 0, part.stderr
+    shards = partition_mnist(tmp_path / "shards", CLIENTS, 800)
     out = tmp_path / "run"
     server, endpoint = start_server(out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(ROUNDS),
                                     "--address", "127.0.0.1:0", "--round-timeout", "6", "--min-fit-clients", "3",
                                     log=tmp_path / "server.log")
     address = endpoint["address"]
 
-    def start_client(i):
-        return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address, "--shard",
-                                 str(shards / f"client-00{i}.npz"), "--threads", "1"],
-                                stdout=open(tmp_path / f"client-{i}.log", "a"), stderr=subprocess.STDOUT)
+    def start(i):
+        return start_client(address, shards / f"client-00{i}.npz", tmp_path / f"client-{i}.log")
 
-    clients = [start_client(i) for i in range(CLIENTS)]
+    clients = [start(i) for i in range(CLIENTS)]
     victim = CLIENTS - 1
     try:
         wait_until(lambda: len(run_rounds(out)) >= 1, 120, "round 1", interval=0.1)
@@ -42,14 +32,11 @@ def test_killed_client_round_completes_with_the_rest_and_the_client_rejoins(tmp_
         # A round completes without the victim once the deadline passes (3 of 4 >= min-fit-clients).
         wait_until(lambda: any(e["clients"] == CLIENTS - 1 for e in run_rounds(out)), 60,
                    "a round aggregated without the killed client", interval=0.1)
-        clients[victim] = start_client(victim)  # comes back under the same identity
+        clients[victim] = start(victim)  # comes back under the same identity
         assert server.wait(180) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
     finally:
-        for proc in [server, *clients]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all([server, *clients])
     rounds = run_rounds(out)
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert rounds[0]["clients"] == CLIENTS

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,13 +17,13 @@ import urllib.request
 import grpc
 import pytest
 
-from conftest import dataset_dir
 from genfl_server.coordinator import Coordinator, TaskResult
 from genfl_server.presence import Presence
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask
-from helpers import log_tail, loopback_server, run_rounds, start_server, wait_until
+from helpers import (kill_all, log_tail, loopback_server, partition_mnist, run_rounds, start_client, start_server,
+                     wait_until)
 
 GRACE = 0.5
 
@@ -132,24 +130,17 @@ def _scrape(port: int, name: str) -> float | None:
 
 
 def _start_run(tmp_path, rounds: int, *extra: str):
-    shards = tmp_path / "shards"
-    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
-                           "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--iid",
-                           "--train-subset", "400", "--seed", "0", "--out", str(shards)],
-                          capture_output=True, text=True, timeout=120)
-    assert part.returncode == 0, part.stderr
+    shards = partition_mnist(tmp_path / "shards", CLIENTS, 400)
     out = tmp_path / "run"
     server, endpoint = start_server(out, "--phase", "cvae", "--clients", str(CLIENTS), "--rounds", str(rounds),
                                     "--address", "127.0.0.1:0", "--round-timeout", "300", "--min-fit-clients", "3",
                                     "--presence-grace", "1", "--metrics-port", "0", *extra, log=tmp_path / "server.log",
                                     timeout=300)
 
-    def start_client(i):
-        return subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", endpoint["address"],
-                                 "--shard", str(shards / f"client-00{i}.npz"), "--threads", "1"],
-                                stdout=open(tmp_path / f"client-{i}.log", "a"), stderr=subprocess.STDOUT)
+    def start(i):
+        return start_client(endpoint["address"], shards / f"client-00{i}.npz", tmp_path / f"client-{i}.log")
 
-    return out, server, endpoint["metrics_port"], start_client
+    return out, server, endpoint["metrics_port"], start
 
 
 def _kill_victim_in_round_2(clients, metrics_port):
@@ -163,17 +154,10 @@ def _kill_victim_in_round_2(clients, metrics_port):
     return killed_at
 
 
-def _stop(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_path):
     rounds = 4
-    out, server, metrics_port, start_client = _start_run(tmp_path, rounds)
-    clients = [start_client(i) for i in range(CLIENTS)]
+    out, server, metrics_port, start = _start_run(tmp_path, rounds)
+    clients = [start(i) for i in range(CLIENTS)]
     try:
         killed_at = _kill_victim_in_round_2(clients, metrics_port)
         # With --round-timeout 300 each later step would otherwise wait 300 s for the dead client.
@@ -181,7 +165,7 @@ def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_p
         finished_in = time.monotonic() - killed_at
         assert [c.wait(60) for c in clients[:VICTIM]] == [0] * VICTIM
     finally:
-        _stop([server, *clients])
+        kill_all([server, *clients])
     assert finished_in < 120
     records = run_rounds(out)
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
@@ -201,18 +185,18 @@ def test_a_killed_client_restarted_takes_part_again(tmp_path):
     # Enough (short) rounds that the restarted process, which loads torch and its shard first,
     # is back well before the end, also on a loaded machine.
     rounds = 40
-    out, server, metrics_port, start_client = _start_run(tmp_path, rounds, "--local-epochs", "1")
-    clients = [start_client(i) for i in range(CLIENTS)]
+    out, server, metrics_port, start = _start_run(tmp_path, rounds, "--local-epochs", "1")
+    clients = [start(i) for i in range(CLIENTS)]
     try:
         _kill_victim_in_round_2(clients, metrics_port)
-        clients[VICTIM] = start_client(VICTIM)  # the same shard, under the same identity
+        clients[VICTIM] = start(VICTIM)  # the same shard, under the same identity
         wait_until(lambda: _scrape(metrics_port, "genfl_clients_present") == CLIENTS, 300,
                    "the restarted client to count as present", details=lambda: log_tail(tmp_path / "server.log"),
                    ignore=(OSError,))
         assert server.wait(300) == 0, log_tail(tmp_path / "server.log")
         assert [c.wait(60) for c in clients] == [0] * CLIENTS
     finally:
-        _stop([server, *clients])
+        kill_all([server, *clients])
     records = run_rounds(out)
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
     assert any(r["clients"] == CLIENTS - 1 for r in records)
