@@ -66,7 +66,8 @@ def train_task(cfg: RunConfig, model: str) -> TrainTask:
         return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
                          lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize, **dp_task_settings(cfg))
     return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize)
+                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize,
+                     local_loss=cfg.local_loss)
 
 
 def dp_task_settings(cfg: RunConfig) -> dict:

@@ -20,6 +20,7 @@ import click
 
 from .cli import option
 from .dp import ACCOUNTANTS, DEFAULT_DELTA
+from .tasks import LOCAL_LOSSES
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class RunConfig:
     classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)
     sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", click.FloatRange(0),
                                    deprecated=("--classifier-momentum",))
+    local_loss: str = _setting("ce", "Clients' local loss for the classifier: 'ce' (cross-entropy) or 'balanced' "
+                               "(balanced softmax: logits adjusted by the client's own label prior, computed "
+                               "from its train part and never sent).", click.Choice(LOCAL_LOSSES))
     strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
                              "each).", _strategy_choice)
     prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
