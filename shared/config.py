@@ -130,6 +130,14 @@ class RunConfig:
                                         deprecated=("--server-batch-size",))
     pretrain: bool = _setting(True, "Pre-train the classifier on synthetic data (--no-pretrain: the baseline, "
                               "seeded random start).")
+    # Issue 14: the synthetic set used during federation (genfl_server/finetune.py)
+    server_finetune_steps: int = _setting(
+        0, "After every classifier aggregation, this many class-balanced SGD steps of the aggregate on the "
+        "server's synthetic set before it is broadcast (0: off; needs the CVAE: --phase all, or "
+        "--cvae-checkpoint).", _COUNT)
+    server_finetune_lr: float = _setting(0.01, "Server fine-tuning: SGD learning rate (momentum 0.9).", _RATE)
+    server_finetune_batch_size: int = _setting(
+        50, "Server fine-tuning: batch size (the same number of images of every class in each batch).", _POSITIVE)
     seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
                          "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
     deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
