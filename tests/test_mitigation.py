@@ -155,3 +155,18 @@ def test_the_engine_broadcasts_a_post_aggregation_model_only_when_it_passes_the_
     assert records[1]["post_aggregation"]["accepted"] is False
     assert "NaN" in records[1]["post_aggregation"]["refused"]
     assert metrics.registry.get_sample_value("genfl_post_aggregation_refused_total", {"phase": "cvae"}) == 1
+
+
+def test_server_finetuning_without_a_cvae_to_sample_from_is_a_usage_error(tmp_path):
+    pretrained = save_checkpoint(tmp_path / "pretrained.pt", "classifier", initial_state("classifier", 0))
+    cvae = save_checkpoint(tmp_path / "cvae.pt", "cvae", initial_state("cvae", 0))
+    base = [sys.executable, "-m", "genfl_server.cli", "--phase", "classifier", "--clients", "1", "--address",
+            "127.0.0.1:0", "--register-timeout", "1"]
+    no_cvae = subprocess.run([*base, "--out", str(tmp_path / "a"), "--pretrained-checkpoint", str(pretrained),
+                              "--server-finetune-steps", "10"], capture_output=True, text=True, timeout=120)
+    assert no_cvae.returncode == 2 and "--server-finetune-steps with --phase classifier needs --cvae-checkpoint" \
+        in no_cvae.stderr, no_cvae.stderr
+    # Without fine-tuning, a CVAE next to a pre-trained start has no use: refused as before.
+    both = subprocess.run([*base, "--out", str(tmp_path / "b"), "--pretrained-checkpoint", str(pretrained),
+                           "--cvae-checkpoint", str(cvae)], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "without --cvae-checkpoint" in both.stderr, both.stderr
