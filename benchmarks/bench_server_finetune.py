@@ -12,13 +12,12 @@ chosen from.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from _common import DEFAULT_DATA_ROOT, machine_line, result
+from _common import DEFAULT_DATA_ROOT, machine_line
 from genfl_server.finetune import finetune_classifier
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.models import initial_state, model_from_state
