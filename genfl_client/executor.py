@@ -112,7 +112,8 @@ class TaskExecutor:
         if task.model == "cvae":  # TrainTask guarantees Adam: train_cvae takes no optimiser
             result = train_cvae(model, x, y, privacy=privacy, **common)
         else:
-            result = train_classifier(model, x, y, optimizer=task.optimizer, momentum=task.sgd_momentum, **common)
+            result = train_classifier(model, x, y, optimizer=task.optimizer, momentum=task.sgd_momentum,
+                                      loss=task.local_loss, **common)
         seconds = time.perf_counter() - started
         metrics = {"train_seconds": seconds, "steps": float(result["steps"])}
         if not math.isnan(result["loss"]):

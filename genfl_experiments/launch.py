@@ -33,7 +33,8 @@ log = logging.getLogger("genfl_launch")
 
 # The run settings genfl-launch takes (the rest keep the preset's values).
 LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples",
-                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic", *DP_FIELDS)
+                 "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic", "local_loss",
+                 "server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size", *DP_FIELDS)
 
 
 class LaunchError(RuntimeError):

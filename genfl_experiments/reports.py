@@ -21,7 +21,7 @@ from pathlib import Path
 from genfl_shared.runfiles import read_json
 
 from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
-from .sweep.plan import STRATEGY_LABELS, Distribution
+from .sweep.plan import MITIGATION_LABELS, STRATEGY_LABELS, Distribution
 from .sweep.run import CELL_MARKER
 
 log = logging.getLogger("genfl_sweep")
@@ -221,11 +221,13 @@ def _paired_delta(pre: list[CellResult], base: list[CellResult]) -> list[float]:
 
 def arm_order(name: str) -> tuple:
     """Sort key of arm names: pre-trained before baseline, pre-training only after the pre-trained
-    strategies, strategies in STRATEGY_LABELS' order (the order build_arms() runs them)."""
+    strategies, strategies in STRATEGY_LABELS' order, then the mitigations (the order build_arms() runs them)."""
     pretrain = not name.startswith("baseline")
-    strategy = name.split("-", 1)[1] if "-" in name and name != "pretrained-only" else "fedavg"
-    return (not pretrain, name == "pretrained-only", list(STRATEGY_LABELS).index(strategy)
-            if strategy in STRATEGY_LABELS else 9)
+    suffix = name.split("-", 1)[1] if "-" in name and name != "pretrained-only" else "fedavg"
+    mitigations = list(MITIGATION_LABELS)  # after the strategies and pre-training only, as build_arms() runs them
+    return (not pretrain, suffix in mitigations, name == "pretrained-only",
+            list(STRATEGY_LABELS).index(suffix) if suffix in STRATEGY_LABELS else
+            mitigations.index(suffix) if suffix in mitigations else 99, name)
 
 
 def _mitigation_section(grouped, dists) -> list[str]:
@@ -241,8 +243,11 @@ def _mitigation_section(grouped, dists) -> list[str]:
         "for each way of running the classifier phase. FedProx adds the proximal term μ/2·‖w − w_global‖² "
         "to every client's loss; FedAvgM applies the averaged update through server momentum; "
         "\"pre-training only\" broadcasts the pre-trained model and lets the clients only evaluate it "
-        "(local epochs 0). Every pre-trained arm starts from the same pre-trained weights, every "
-        "baseline arm from the same random weights, on the same shards.",
+        "(local epochs 0); balanced softmax trains every client on cross-entropy of the logits plus the log of "
+        "its own label prior (--local-loss balanced); server fine-tuning takes class-balanced SGD steps of "
+        "each aggregate on the synthetic set before it is broadcast (--server-finetune-steps). Every "
+        "pre-trained arm starts from the same pre-trained weights, every baseline arm from the same random "
+        "weights, on the same shards.",
         "",
         "| Distribution | " + " | ".join(labels[a] for a in arms) + " |",
         "|---|" + "---|" * len(arms),
@@ -254,6 +259,7 @@ def _mitigation_section(grouped, dists) -> list[str]:
             cells.append(f"{fmt_pct(_accs(runs))} ({fmt_pct(_accs(runs, 'test_accuracy'))}), n={len(runs)}"
                          if runs else "–")
         lines.append(f"| {distribution_label(dist)} | " + " | ".join(cells) + " |")
+    lines += _paired_delta_table(grouped, dists, arms, labels)
     lines += ["", "**Which helps** (by mean weighted client accuracy; with few seeds a difference smaller "
               "than the std is not a finding):", ""]
     for dist in dists:
@@ -261,6 +267,32 @@ def _mitigation_section(grouped, dists) -> list[str]:
         if verdicts:
             lines.append(f"- {distribution_label(dist)}: {verdicts}")
     return lines + [""]
+
+
+def _paired_delta_table(grouped, dists, arms: list[str], labels: dict[str, str]) -> list[str]:
+    """Each arm minus the plain arm of its start (pre-trained + FedAvg, or baseline + FedAvg), per
+    seed: both ran on the same shards (and, pre-trained, from the same weights), so the seed's own
+    luck cancels out of the difference."""
+    others = [a for a in arms if a not in ("pretrained", "baseline")]
+    if not others:
+        return []
+    lines = ["", "Paired Δ (pp) against the plain arm of the same start (pre-trained arms minus "
+             "pre-trained + FedAvg, baseline arms minus baseline + FedAvg), per seed, mean ± std over the seeds "
+             "both finished (n):", "",
+             "| Distribution | " + " | ".join(labels[a] for a in others) + " |", "|---|" + "---|" * len(others)]
+    for dist in dists:
+        cells = []
+        for a in others:
+            reference = grouped[dist].get("baseline" if a.startswith("baseline") else "pretrained", [])
+            paired = _paired_delta(grouped[dist].get(a, []), reference)
+            cells.append(f"{_signed_pct(paired)}, n={len(paired)}" if paired else "–")
+        lines.append(f"| {distribution_label(dist)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _signed_pct(values: list[float]) -> str:
+    mean, std, _ = mean_std(values)
+    return f"{100 * mean:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
 def _verdicts(arms: dict[str, list[CellResult]], labels: dict[str, str]) -> str:

@@ -107,7 +107,8 @@ def new_run_state(settings: ServerSettings) -> RunState:
     if settings.pretrained_checkpoint is not None:
         # synthetic_pretraining() finds it as if resumed after that step.
         run_state.tensors["pretrained"] = load_checkpoint(settings.pretrained_checkpoint, "classifier")
-    elif settings.phase == "classifier" and settings.config.pretrain:
+    if settings.phase == "classifier" and settings.cvae_checkpoint is not None:
+        # Pre-training samples from it; so does server fine-tuning (also with a pre-trained start).
         run_state.tensors["cvae"] = load_checkpoint(settings.cvae_checkpoint, "cvae")
     return run_state
 

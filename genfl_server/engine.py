@@ -38,7 +38,7 @@ from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
 SettingsFor = Callable[[str], TaskSettings]  # client_id -> that client's task settings (seeded)
 
 from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
-from .guard import RoundGuard, UpdateGuard
+from .guard import RoundGuard, UpdateGuard, aggregate_problem
 from .metrics import ServerMetrics
 from .results import RunRecorder
 from .service import task_frame
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 TestFn = Callable[[Mapping[str, torch.Tensor]], dict]
+# (round, accepted aggregate) -> (the model to broadcast instead, what to record of the step): a
+# phase's server-side correction of each aggregate (the classifier phase's synthetic fine-tuning).
+PostAggregation = Callable[[int, State], tuple[State, dict]]
 
 
 class RoundFailed(RuntimeError):
@@ -269,10 +272,15 @@ class RoundEngine:
     # -- a phase's rounds ---------------------------------------------------------------------
     def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_task: TrainTask,
                    eval_task: EvaluateTask, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
-                   start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None) -> State:
+                   start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None,
+                   post_aggregation: PostAggregation | None = None) -> State:
         """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
         round's aggregate (the phase checkpoints there, with the recorder's pending record), and
         once more after the last round's record.
+
+        ``post_aggregation`` (optional) replaces each accepted aggregate by its result before
+        anything sees it (test set, checkpoint, next round's broadcast), checked as an aggregate is;
+        the round's record keeps what it reports under "post_aggregation".
 
         A round's record waits (``RunRecorder.hold_round``) for its client evaluation, which the
         next round's training brings; a resumed phase finds the record of its last completed round
@@ -300,6 +308,9 @@ class RoundEngine:
                 raise
             if pending is not None:
                 self._complete_round(pending, self.evaluate(phase, rnd - 1, state, eval_task, evaluations), rounds)
+            post = None
+            if post_aggregation is not None:
+                new_state, post = self._post_aggregate(phase, rnd, new_state, post_aggregation)
             state = new_state
             test = test_fn(state) if test_fn else {}
             pending = {
@@ -309,6 +320,7 @@ class RoundEngine:
                 "test_loss": test.get("loss"),
                 "train_loss": train_loss,
                 "seconds": time.perf_counter() - started,  # its evaluation rides on the next round
+                **({"post_aggregation": post} if post is not None else {}),
             }
             self.recorder.hold_round(pending)
             if on_round_end is not None:
@@ -323,6 +335,25 @@ class RoundEngine:
                 on_round_end(pending["round"], state)
         set_log_context(round=None)
         return state
+
+    def _post_aggregate(self, phase: str, rnd: int, aggregate: State, step: PostAggregation) -> tuple[State, dict]:
+        """``step``'s model if it may become the global model (same weights, all finite and sane),
+        else the aggregate itself: the round's clients did nothing wrong, so the round stands."""
+        started = time.perf_counter()
+        corrected, info = step(rnd, aggregate)
+        problem = aggregate_problem(corrected)
+        if problem is None and (corrected.keys() != aggregate.keys()
+                                or any(corrected[k].shape != aggregate[k].shape for k in aggregate)):
+            problem = "its weights do not match the aggregate's names and shapes"
+        info = {**info, "accepted": problem is None}
+        if problem is not None:
+            self.metrics.post_aggregation_refused.labels(phase).inc()
+            log.error("%s round %d: the post-aggregation step's model is refused (%s); broadcasting the "
+                      "aggregate as it is", phase, rnd, problem)
+            info["refused"] = problem
+            corrected = aggregate
+        info.setdefault("seconds", time.perf_counter() - started)
+        return corrected, info
 
     def _record_before_failing(self, pending: dict, state: State, eval_task: EvaluateTask,
                                evaluations: dict[str, TaskResult], rounds: int) -> None:
@@ -351,6 +382,8 @@ class RoundEngine:
             "clients": len(report.per_client),
             "per_client": report.per_client,
         }
+        if "post_aggregation" in pending:
+            record["post_aggregation"] = pending["post_aggregation"]
         self.recorder.record_round(record)
         self.metrics.rounds_completed.labels(phase).inc()
         self.metrics.round_duration.labels(phase).observe(seconds)

@@ -272,7 +272,7 @@ class RoundGuard:
     def check_aggregate(self, aggregate: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """Empty when the aggregate may become the global model; otherwise the clients to redo the
         round without: the one whose update moved farthest (the likeliest cause)."""
-        problem = _aggregate_problem(aggregate)
+        problem = aggregate_problem(aggregate)
         if problem is None:
             return {}
         if not self.distances:
@@ -293,7 +293,8 @@ class RoundGuard:
         return max(self.distances.values()) / median if median > 0 else math.inf
 
 
-def _aggregate_problem(aggregate: Mapping[str, torch.Tensor]) -> str | None:
+def aggregate_problem(aggregate: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``aggregate`` may not become the global model (a non-finite or absurd weight), or None."""
     for name, value in aggregate.items():
         if not value.is_floating_point():
             continue

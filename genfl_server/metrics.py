@@ -42,6 +42,10 @@ class ServerMetrics:
         self.bytes_sent = Counter("genfl_sent_bytes_total", "Model bytes sent to clients", registry=r)
         self.bytes_received = Counter("genfl_received_bytes_total", "Model bytes received from clients",
                                       registry=r)
+        self.post_aggregation_refused = Counter(
+            "genfl_post_aggregation_refused_total", "Post-aggregation steps (server fine-tuning) whose model was "
+            "refused (non-finite or absurd weights); the round's aggregate was broadcast instead", ["phase"],
+            registry=r)
         self.aggregation_seconds = Histogram("genfl_aggregation_seconds",
                                              "Time spent folding updates into the global model",
                                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)

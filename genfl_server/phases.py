@@ -25,7 +25,8 @@ from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthet
 from genfl_shared.tasks import EvaluateTask, TrainTask
 from genfl_shared.training import evaluate_classifier, evaluate_cvae
 
-from .engine import RoundEngine
+from .engine import PostAggregation, RoundEngine
+from .finetune import ServerFineTune
 from .metrics import ServerMetrics
 from .privacy import PrivacyLedger
 from .results import RunRecorder
@@ -48,6 +49,7 @@ class PhaseContext:
     test_set: tuple[torch.Tensor, torch.Tensor] | None  # (float images, labels) on the server
     run_state: RunState
     privacy: PrivacyLedger | None = None  # DP runs: the clients' spent epsilon
+    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None  # the synthetic set, once sampled
 
     def checkpoint(self, **kwargs) -> None:
         """Persist progress (see RunState.save) together with the results recorded so far."""
@@ -66,7 +68,8 @@ def train_task(cfg: RunConfig, model: str) -> TrainTask:
         return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
                          lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize, **dp_task_settings(cfg))
     return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize)
+                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize,
+                     local_loss=cfg.local_loss)
 
 
 def dp_task_settings(cfg: RunConfig) -> dict:
@@ -85,7 +88,8 @@ def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
 
 
 def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
-               train: TrainTask, evaluate: EvaluateTask, test_fn) -> State:
+               train: TrainTask, evaluate: EvaluateTask, test_fn,
+               post_aggregation: PostAggregation | None = None) -> State:
     """The phase's federated rounds, resumable: the model and the strategy's state (FedAvgM's
     velocity) are saved after every round and restored from a resumed run's state."""
     strategy = phase_strategy(ctx.config)
@@ -106,7 +110,7 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
 
     return ctx.engine.run_rounds(phase, start, rounds=rounds, train_task=train, eval_task=evaluate,
                                  strategy=strategy, test_fn=test_fn, start_round=done + 1,
-                                 on_round_end=on_round_end)
+                                 on_round_end=on_round_end, post_aggregation=post_aggregation)
 
 
 def record_privacy(ctx: PhaseContext, rnd: int) -> None:
@@ -134,7 +138,7 @@ def run_method(ctx: PhaseContext, phase: str) -> State:
         start = synthetic_pretraining(ctx, cvae)
     else:
         start = initial_state("classifier", ctx.config.seed)  # the baseline: a seeded random start
-    return classifier_phase(ctx, start)
+    return classifier_phase(ctx, start, cvae)
 
 
 def cvae_phase(ctx: PhaseContext) -> State:
@@ -151,13 +155,12 @@ def cvae_phase(ctx: PhaseContext) -> State:
     return state
 
 
-def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> State:
-    """Server-side only: sample, score (CAS) and pre-train. Returns the pre-trained classifier."""
+def synthetic_set(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's class-balanced synthetic set from the global CVAE, sampled once per process (a
+    resumed run samples the same set again: the seed is the run's)."""
+    if ctx.synthetic is not None:
+        return ctx.synthetic
     cfg = ctx.config
-    if "pretrained" in ctx.run_state.tensors:  # resumed after this step
-        return ctx.run_state.tensors["pretrained"]
-    ctx.metrics.phase.state("synthetic")
-    set_log_context(phase="synthetic", round=None)
     started = time.perf_counter()
     images, labels = sample_synthetic(model_from_state("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
                                       seed=derive_seed(cfg.seed, "synthetic"), device=ctx.device)
@@ -165,6 +168,18 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     save_grid(images, labels, ctx.out_dir / "synthetic_samples.png")
     log.info("sampled %d class-balanced synthetic images in %.2f s", len(labels), time.perf_counter() - started)
     ctx.recorder.record_event("synthetic", samples=len(labels), seconds=time.perf_counter() - started)
+    ctx.synthetic = (images, labels)
+    return ctx.synthetic
+
+
+def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> State:
+    """Server-side only: sample, score (CAS) and pre-train. Returns the pre-trained classifier."""
+    cfg = ctx.config
+    if "pretrained" in ctx.run_state.tensors:  # resumed after this step
+        return ctx.run_state.tensors["pretrained"]
+    ctx.metrics.phase.state("synthetic")
+    set_log_context(phase="synthetic", round=None)
+    images, labels = synthetic_set(ctx, cvae_state)
 
     if cfg.cas_epochs > 0 and ctx.run_state.step("cas") is None:
         started = time.perf_counter()
@@ -199,7 +214,23 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     return pretrained
 
 
-def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> State:
+def server_finetune(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor] | None) -> ServerFineTune | None:
+    """The classifier phase's post-aggregation fine-tuning on the synthetic set (None when off)."""
+    cfg = ctx.config
+    if not cfg.server_finetune_steps:
+        return None
+    if cvae_state is None:
+        raise ValueError("--server-finetune-steps needs the CVAE that samples the synthetic set "
+                         "(--phase all, or --cvae-checkpoint)")
+    images, labels = synthetic_set(ctx, cvae_state)
+    return ServerFineTune(images, labels, steps=cfg.server_finetune_steps, lr=cfg.server_finetune_lr,
+                          batch_size=cfg.server_finetune_batch_size, seed=cfg.seed, device=ctx.device)
+
+
+def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor],
+                     cvae_state: Mapping[str, torch.Tensor] | None = None) -> State:
+    """The federated classifier rounds from ``start``; with --server-finetune-steps, each aggregate
+    is fine-tuned on the synthetic set of ``cvae_state`` before it is broadcast."""
     cfg = ctx.config
 
     def test_fn(state):
@@ -208,6 +239,6 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor]) -> St
         return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
     state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train_task(cfg, "classifier"),
-                       eval_task(cfg, "classifier"), test_fn)
+                       eval_task(cfg, "classifier"), test_fn, post_aggregation=server_finetune(ctx, cvae_state))
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
     return state

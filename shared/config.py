@@ -20,6 +20,7 @@ import click
 
 from .cli import option
 from .dp import ACCOUNTANTS, DEFAULT_DELTA
+from .tasks import LOCAL_LOSSES
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class RunConfig:
     classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)
     sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", click.FloatRange(0),
                                    deprecated=("--classifier-momentum",))
+    local_loss: str = _setting("ce", "Clients' local loss for the classifier: 'ce' (cross-entropy) or 'balanced' "
+                               "(balanced softmax: logits adjusted by the client's own label prior, computed "
+                               "from its train part and never sent).", click.Choice(LOCAL_LOSSES))
     strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
                              "each).", _strategy_choice)
     prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
@@ -126,6 +130,14 @@ class RunConfig:
                                         deprecated=("--server-batch-size",))
     pretrain: bool = _setting(True, "Pre-train the classifier on synthetic data (--no-pretrain: the baseline, "
                               "seeded random start).")
+    # Issue 14: the synthetic set used during federation (genfl_server/finetune.py)
+    server_finetune_steps: int = _setting(
+        0, "After every classifier aggregation, this many class-balanced SGD steps of the aggregate on the "
+        "server's synthetic set before it is broadcast (0: off; needs the CVAE: --phase all, or "
+        "--cvae-checkpoint).", _COUNT)
+    server_finetune_lr: float = _setting(0.01, "Server fine-tuning: SGD learning rate (momentum 0.9).", _RATE)
+    server_finetune_batch_size: int = _setting(
+        50, "Server fine-tuning: batch size (the same number of images of every class in each batch).", _POSITIVE)
     seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
                          "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
     deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "

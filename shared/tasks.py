@@ -23,6 +23,9 @@ from .dp import ACCOUNTANTS as DP_ACCOUNTANTS, DPSettings
 from .models import MODEL_KINDS
 
 OPTIMIZERS = ("sgd", "adam")
+# Local classifier losses: "ce" plain cross-entropy; "balanced" balanced softmax (logit adjustment
+# by the client's own label prior, genfl_shared.training.balanced_cross_entropy).
+LOCAL_LOSSES = ("ce", "balanced")
 DP_KEYS = frozenset({"dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm",
                      "dp_delta", "dp_accountant"})
 
@@ -96,7 +99,7 @@ class TrainTask(_TaskSettings):
 
     KIND: ClassVar[str] = "train"
     WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic", "evaluate_first",
-                                                         "evaluate_seed", *DP_KEYS})
+                                                         "evaluate_seed", "local_loss", *DP_KEYS})
 
     model: str  # one of models.MODEL_KINDS: the architecture the weights belong to
     epochs: int  # local epochs over the train part (0: the weights come back untrained)
@@ -109,6 +112,9 @@ class TrainTask(_TaskSettings):
     deterministic: bool = False  # torch deterministic algorithms (set by the round engine)
     evaluate_first: bool = False  # evaluate the received weights before training (set by the round engine)
     evaluate_seed: int = 0  # that evaluation's seed (the CVAE's sampling noise), with evaluate_first only
+    # The classifier's local loss, one of LOCAL_LOSSES; "balanced" adjusts the logits by the label
+    # prior of the client's own train part (the prior is computed there and never sent).
+    local_loss: str = "ce"
     # DP-SGD of the CVAE (genfl_shared.dp); dp = False: none, and the other dp_* keep their defaults.
     dp: bool = False
     dp_noise_multiplier: float = 0.0  # > 0: this sigma; 0: calibrated to dp_target_epsilon
@@ -142,14 +148,19 @@ class TrainTask(_TaskSettings):
             raise TaskSettingsError("evaluate_seed", f"must be in [0, 2**63), got {self.evaluate_seed}")
         if self.evaluate_seed and not self.evaluate_first:
             raise TaskSettingsError("evaluate_seed", "is set but evaluate_first is not: no evaluation to seed")
+        if self.local_loss not in LOCAL_LOSSES:
+            raise TaskSettingsError("local_loss", f"unknown loss {self.local_loss!r}; expected one of {LOCAL_LOSSES}")
+        if self.local_loss != "ce" and self.model != "classifier":
+            raise TaskSettingsError("local_loss", f"{self.local_loss!r} is a classifier loss, not one for the "
+                                                  f"{self.model}")
         self._check_dp()
 
     def to_json(self) -> str:
-        """The wire form; without DP it carries no dp_* keys (it is the task of a run without DP)."""
-        text = super().to_json()
-        if self.dp:
-            return text
-        return json.dumps({k: v for k, v in json.loads(text).items() if k not in DP_KEYS}, allow_nan=False)
+        """The wire form; without DP it carries no dp_* keys, with plain cross-entropy no local_loss
+        (the task of a run without them reads as it did before they existed)."""
+        data = json.loads(super().to_json())
+        left_out = (set() if self.dp else DP_KEYS) | ({"local_loss"} if self.local_loss == "ce" else set())
+        return json.dumps({k: v for k, v in data.items() if k not in left_out}, allow_nan=False)
 
     def dp_settings(self) -> DPSettings | None:
         """The task's DP-SGD settings (None without DP)."""

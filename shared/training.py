@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .dp import ClientPrivacy, fit_dp
 from .models import cvae_loss
 
-__all__ = ["evaluate_classifier", "evaluate_cvae", "train_classifier", "train_cvae"]
+__all__ = ["balanced_cross_entropy", "evaluate_classifier", "evaluate_cvae", "label_log_prior", "train_classifier",
+           "train_cvae"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,34 @@ def _classifier_batch_loss(model, x, y):
     return loss, loss * x.shape[0]
 
 
+# A class the shard lacks has prior 0; its log is floored here (instead of -inf) so the adjusted
+# logits stay finite: exp(-27.6) = 1e-12 leaves that class practically out of the softmax.
+_PRIOR_FLOOR = 1e-12
+
+
+def label_log_prior(labels: Tensor, num_classes: int) -> Tensor:
+    """log of the empirical label distribution of ``labels`` (float32 ``[num_classes]``, on
+    ``labels``' device), each class's share floored at 1e-12."""
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(torch.float32)
+    return torch.log((counts / labels.shape[0]).clamp_min(_PRIOR_FLOOR))
+
+
+def balanced_cross_entropy(logits: Tensor, labels: Tensor, log_prior: Tensor) -> Tensor:
+    """Balanced softmax (Ren et al. 2020; logit adjustment, Menon et al. 2021): cross-entropy of
+    ``logits + log_prior``, mean over the batch. Training fits p(y|x) * prior(y), so the logits
+    themselves learn the class-balanced posterior: a skewed shard's frequent classes do not win
+    by frequency alone. A uniform prior shifts every logit alike, and the loss is plain CE."""
+    return F.cross_entropy(logits + log_prior, labels)
+
+
+def _balanced_classifier_batch_loss(log_prior: Tensor):
+    def batch_loss(model, x, y):
+        loss = balanced_cross_entropy(model(x), y, log_prior)
+        return loss, loss * x.shape[0]
+
+    return batch_loss
+
+
 ProgressFn = Callable[[int, float], None]
 
 
@@ -325,8 +354,12 @@ def train_classifier(
     cuda_graphs: bool = True,
     progress: ProgressFn | None = None,
     prox_mu: float = 0.0,
+    loss: str = "ce",
 ) -> dict:
     """Train a classifier in place with cross-entropy and a fresh optimiser.
+
+    ``loss`` is ``"ce"`` (plain cross-entropy) or ``"balanced"`` (:func:`balanced_cross_entropy`
+    with the label prior of ``labels``, the data trained on; reported losses are that loss).
 
     ``optimizer`` is ``"sgd"`` (using ``momentum``) or ``"adam"`` (``momentum`` is ignored).
     A trailing batch of a single sample is merged into the previous batch (BatchNorm
@@ -354,11 +387,25 @@ def train_classifier(
         opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=use_graph)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
-    result = _fit(model, opt, _with_proximal_term(_classifier_batch_loss, model, prox_mu), images, labels,
+    if loss == "ce":
+        batch_loss = _classifier_batch_loss
+    elif loss == "balanced":
+        batch_loss = _balanced_classifier_batch_loss(label_log_prior(labels, _num_classes(model)))
+    else:
+        raise ValueError(f"unknown loss {loss!r}; expected 'ce' or 'balanced'")
+    result = _fit(model, opt, _with_proximal_term(batch_loss, model, prox_mu), images, labels,
                   bounds=_batch_bounds(n, batch_size, avoid_singleton=True), epochs=epochs,
                   batch_size=batch_size, seed=seed, device=device, use_graph=use_graph, progress=progress)
     logger.debug("train_classifier: %s", result)
     return result
+
+
+def _num_classes(model: nn.Module) -> int:
+    """The classifier's number of outputs (its last linear layer's)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("a balanced loss needs a classifier ending in a linear layer")
+    return linear[-1].out_features
 
 
 def evaluate_classifier(

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from genfl_experiments.poster import POSTER
-from genfl_experiments.reports import fmt_pct, load_results, mean_std
+from genfl_experiments.reports import CellResult, fmt_pct, load_results, mean_std, write_table
+from genfl_experiments.sweep.cli import finetune_arm_args
 from genfl_experiments.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
-from genfl_shared.checkpoint import load_checkpoint
+from genfl_shared.checkpoint import load_checkpoint, save_checkpoint
+from genfl_shared.config import PRESETS
+from genfl_shared.models import initial_state
 from genfl_shared.runfiles import METRICS_JSONL, round_events
 from helpers import wait_until
 
@@ -72,6 +75,59 @@ def test_plan_shares_one_cvae_and_one_pretraining_per_group(tmp_path):
     with pytest.raises(ValueError):
         build_arms(["pretrained"], ["fedsgd"])
     assert Arm(True, "fedavgm").label == "pre-trained + FedAvgM"
+
+
+def test_mitigation_arms_start_from_the_shared_pretraining_with_their_one_option(tmp_path):
+    arms = build_arms(["pretrained-finetune", "baseline", "pretrained-balanced", "pretrained"], ["fedavg"])
+    assert [a.name for a in arms] == ["pretrained", "pretrained-balanced", "pretrained-finetune", "baseline"]
+    assert arms[1].label == "pre-trained + balanced softmax (local loss)"
+    finetune_args = finetune_arm_args(PRESETS["quick"])  # not given: the arm's own default steps
+    assert finetune_args == ["--server-finetune-steps", "200", "--server-finetune-lr", "0.01",
+                             "--server-finetune-batch-size", "50"]
+    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2,
+                                          classifier_rounds=2, centralised=False, finetune_args=finetune_args)}
+    primary, cvae = cells["alpha-0.01/seed0/pretrained"], cells["alpha-0.01/seed0/cvae"]
+    balanced, finetune = cells["alpha-0.01/seed0/pretrained-balanced"], cells["alpha-0.01/seed0/pretrained-finetune"]
+    assert balanced.deps == [primary.key]
+    assert balanced.args[balanced.args.index("--local-loss") + 1] == "balanced"
+    assert "--server-finetune-steps" not in balanced.args and "--local-loss" not in primary.args
+    assert finetune.deps == [primary.key, cvae.key]  # the CVAE samples its fine-tuning set
+    assert finetune.args[finetune.args.index("--cvae-checkpoint") + 1] == str(cvae.out / "cvae.pt")
+    assert finetune.args[finetune.args.index("--pretrained-checkpoint") + 1] == str(primary.out /
+                                                                                   "pretrained_classifier.pt")
+    assert finetune.args[finetune.args.index("--server-finetune-steps") + 1] == "200"
+    # The real genfl-server takes the planned options: it gets past its checks and waits for clients.
+    cvae.out.mkdir(parents=True)
+    primary.out.mkdir(parents=True)
+    save_checkpoint(cvae.out / "cvae.pt", "cvae", initial_state("cvae", 0))
+    save_checkpoint(primary.out / "pretrained_classifier.pt", "classifier", initial_state("classifier", 0))
+    for cell in (balanced, finetune):
+        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell.args, "--clients", "2", "--out",
+                                 str(cell.out), "--address", "127.0.0.1:0", "--register-timeout", "1"],
+                                capture_output=True, text=True, timeout=120)
+        assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
+
+
+def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_seed(tmp_path):
+    final = {("pretrained", 0): 0.60, ("pretrained", 1): 0.50, ("pretrained-balanced", 0): 0.70,
+             ("pretrained-balanced", 1): 0.56, ("pretrained-finetune", 0): 0.80, ("pretrained-finetune", 1): 0.75,
+             ("baseline", 0): 0.20, ("baseline", 1): 0.25}
+    results = []
+    for (name, seed), accuracy in final.items():
+        arm = {"name": name, "label": Arm(not name.startswith("baseline"), mitigation=name.split("-")[1]
+                                           if "-" in name else None).label}
+        summary = {"rounds": [], "final": {"round": 2, "weighted_client_accuracy": accuracy, "test_accuracy": accuracy}}
+        results.append(CellResult(f"alpha-0.01/seed{seed}/{name}", "classifier", seed, "alpha-0.01", 0.01, arm, 1.0,
+                                  summary, tmp_path))
+    write_table(results, tmp_path / "table.md", dataset="mnist", preset="quick", differences=[])
+    table = (tmp_path / "table.md").read_text()
+    section = table[table.index("## Imbalance mitigation"):]
+    assert "pre-trained + server fine-tuning on synthetic data" in section
+    row = next(line for line in section.splitlines()[section.splitlines().index(
+        next(line for line in section.splitlines() if line.startswith("Paired Δ"))):] if line.startswith("| α=0.01"))
+    # balanced: +10, +6 pp; fine-tuning: +20, +25 pp (per seed, against pre-trained + FedAvg)
+    assert row == "| α=0.01 | +8.00 ± 2.83, n=2 | +22.50 ± 3.54, n=2 |"
+    assert "α=0.01: best is **pre-trained + server fine-tuning on synthetic data** (77.50 %)" in section
 
 
 def test_mean_and_sample_std_like_the_poster():

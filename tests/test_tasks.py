@@ -123,6 +123,22 @@ def test_values_that_do_not_fit_together_are_refused():
     assert refused(wire(evaluate_first=1)).key == "evaluate_first"
 
 
+def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain():
+    balanced = from_json(wire(local_loss="balanced"), "train")
+    assert balanced.local_loss == "balanced"
+    assert json.loads(balanced.to_json())["local_loss"] == "balanced"
+    assert from_json(wire(), "train").local_loss == "ce"  # a sender that predates the field
+    assert "local_loss" not in json.loads(TrainTask(**TRAIN, local_loss="ce").to_json())
+    assert refused(wire(local_loss="focal")).key == "local_loss"
+    assert refused(wire(local_loss=1)).key == "local_loss"
+    # The CVAE has no classes to balance: asking for it is a sender's mistake.
+    assert refused(wire(model="cvae", optimizer="adam", sgd_momentum=0, local_loss="balanced")).key == "local_loss"
+    assert train_task(PRESETS["quick"], "classifier").local_loss == "ce"
+    balanced_config = dataclasses.replace(PRESETS["quick"], local_loss="balanced")
+    assert train_task(balanced_config, "classifier").local_loss == "balanced"
+    assert train_task(balanced_config, "cvae").local_loss == "ce"
+
+
 def test_evaluate_first_names_the_evaluation_it_stands_for():
     train = from_json(wire(evaluate_first=True, evaluate_seed=77), "train")
     assert train.first_evaluation() == EvaluateTask(model="classifier", binarize=False, seed=77)

@@ -10,7 +10,9 @@ from torch import nn
 from genfl_shared.models import CVAE, ExquisiteNetV1, cvae_loss
 from genfl_shared.synthetic import balanced_labels, sample_synthetic, save_grid
 from genfl_shared.training import (
+    balanced_cross_entropy,
     evaluate_classifier,
+    label_log_prior,
     evaluate_cvae,
     train_classifier,
     train_cvae,
@@ -278,3 +280,39 @@ def test_fedprox_term_keeps_weights_near_their_start():
         return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start))
 
     assert drift(100.0) < 0.5 * drift(0.0)
+
+
+# -- balanced softmax (--local-loss balanced) ---------------------------------------------------
+
+def test_balanced_loss_is_cross_entropy_of_the_logits_shifted_by_the_log_prior():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn((64, 10), generator=g) * 3
+    labels = torch.tensor([0] * 40 + [1] * 20 + [7] * 4)  # a skewed shard: 3 of 10 classes
+    log_prior = label_log_prior(labels, 10)
+    prior = torch.tensor([40, 20, 0, 0, 0, 0, 0, 4, 0, 0]) / 64
+    assert torch.allclose(log_prior[[0, 1, 7]], prior[[0, 1, 7]].log())
+    assert torch.all(log_prior[prior == 0] < -25)  # absent classes: floored, finite
+    by_hand = -torch.log_softmax(logits + prior.clamp_min(1e-12).log(), dim=1)[torch.arange(64), labels].mean()
+    assert torch.allclose(balanced_cross_entropy(logits, labels, log_prior), by_hand)
+    assert not torch.allclose(balanced_cross_entropy(logits, labels, log_prior),
+                              nn.functional.cross_entropy(logits, labels))
+    uniform = label_log_prior(torch.arange(50) % 10, 10)
+    assert torch.allclose(balanced_cross_entropy(logits, labels, uniform), nn.functional.cross_entropy(logits, labels))
+
+
+def test_balanced_local_training_equals_plain_training_on_a_class_balanced_shard_only():
+    images, labels = band_dataset(60)  # 6 of each class
+    kwargs = dict(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.5, seed=4, device=CPU)
+    plain, balanced = fresh(ExquisiteNetV1), fresh(ExquisiteNetV1)
+    train_classifier(plain, images, labels, **kwargs)
+    train_classifier(balanced, images, labels, loss="balanced", **kwargs)
+    # A uniform prior shifts every logit by the same constant: same gradients, same weights.
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.state_dict().values(),
+                                                                 balanced.state_dict().values()))
+    skewed = labels < 3
+    plain, balanced = fresh(ExquisiteNetV1), fresh(ExquisiteNetV1)
+    train_classifier(plain, images[skewed], labels[skewed], **kwargs)
+    train_classifier(balanced, images[skewed], labels[skewed], loss="balanced", **kwargs)
+    assert not state_equal(plain, balanced)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_classifier(fresh(ExquisiteNetV1), images, labels, loss="focal", **kwargs)

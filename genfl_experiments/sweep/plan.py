@@ -23,7 +23,14 @@ from genfl_server.strategy import strategy_labels
 from genfl_shared.config import argv_for
 
 STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry
-ARM_CHOICES = ("pretrained", "baseline", "pretrained-only")
+ARM_CHOICES = ("pretrained", "baseline", "pretrained-only", "pretrained-balanced", "pretrained-finetune")
+# Issue 14's mitigations of label skew, each a pre-trained FedAvg arm: the balanced-softmax local
+# loss (--local-loss balanced) and server-side fine-tuning on the synthetic set (--server-finetune-steps).
+MITIGATION_LABELS = {"balanced": "balanced softmax (local loss)", "finetune": "server fine-tuning on synthetic data"}
+# The fine-tuning arm's steps when the sweep is not given --server-finetune-steps (its RunConfig
+# default, 0, means off): benchmarks/bench_server_finetune.py measured 200 steps at +74 to +77 pp on
+# a one-class model (25 steps: +0 to +11 pp).
+FINETUNE_ARM_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -134,19 +141,23 @@ class Arm:
     pretrain: bool
     strategy: str = "fedavg"
     local_epochs: int | None = None  # None: the preset's
+    mitigation: str | None = None  # a key of MITIGATION_LABELS, or None
 
     @property
     def name(self) -> str:
         if self.local_epochs == 0:
             return "pretrained-only"
         base = "pretrained" if self.pretrain else "baseline"
+        if self.mitigation is not None:
+            return f"{base}-{self.mitigation}"
         return base if self.strategy == "fedavg" else f"{base}-{self.strategy}"
 
     @property
     def label(self) -> str:
         if self.local_epochs == 0:
             return "pre-training only (no local training)"
-        return f"{'pre-trained' if self.pretrain else 'baseline'} + {STRATEGY_LABELS[self.strategy]}"
+        what = MITIGATION_LABELS[self.mitigation] if self.mitigation is not None else STRATEGY_LABELS[self.strategy]
+        return f"{'pre-trained' if self.pretrain else 'baseline'} + {what}"
 
 
 def build_arms(arms: list[str], strategies: list[str]) -> list[Arm]:
@@ -163,6 +174,7 @@ def build_arms(arms: list[str], strategies: list[str]) -> list[Arm]:
         result += [Arm(True, s) for s in ordered]
     if "pretrained-only" in arms:
         result.append(Arm(True, "fedavg", local_epochs=0))
+    result += [Arm(True, mitigation=m) for m in MITIGATION_LABELS if f"pretrained-{m}" in arms]
     if "baseline" in arms:
         result += [Arm(False, s) for s in ordered]
     if not result:
@@ -198,14 +210,18 @@ def group_dir(out: Path, dist: Distribution, seed: int) -> Path:
 
 def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], arms: list[Arm], *,
                cvae_rounds: int, classifier_rounds: int, centralised: bool,
-               privacy: list[PrivacyLevel] | None = None, dp_args: list[str] = ()) -> list[Cell]:
+               privacy: list[PrivacyLevel] | None = None, dp_args: list[str] = (),
+               finetune_args: list[str] = ()) -> list[Cell]:
     """Every cell of the sweep, one (distribution, seed) group after another.
 
     The scheduler starts the first cell (in this order) whose dependencies are done, so earlier
     groups start first and tend to finish first, while independent cells (a baseline next to its
     CVAE phase, the next group's CVAE phase) fill the free slots. ``privacy``: the levels of the
     privacy axis (None: no axis, one CVAE phase per group without DP); ``dp_args``: the DP-SGD
-    options of their CVAE servers besides the target epsilon (clipping bound, delta, accountant)."""
+    options of their CVAE servers besides the target epsilon (clipping bound, delta, accountant);
+    ``finetune_args``: the fine-tuning arm's --server-finetune-* options (default: FINETUNE_ARM_STEPS
+    steps at the RunConfig's learning rate and batch size)."""
+    finetune_args = list(finetune_args) or argv_for(server_finetune_steps=FINETUNE_ARM_STEPS)
     cells: list[Cell] = []
     pretrained_arms = [a for a in arms if a.pretrain]
     baseline_arms = [a for a in arms if not a.pretrain]
@@ -215,12 +231,12 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
             prefix = f"{dist.name}/seed{seed}"
             if privacy is None:
                 cells += _cvae_and_pretrained_cells(group, group, prefix, dist, seed, pretrained_arms,
-                                                    cvae_rounds, classifier_rounds, None, [])
+                                                    cvae_rounds, classifier_rounds, None, [], finetune_args)
             else:
                 for level in privacy:
                     cells += _cvae_and_pretrained_cells(group / level.name, group, f"{prefix}/{level.name}", dist,
                                                         seed, pretrained_arms, cvae_rounds, classifier_rounds, level,
-                                                        list(dp_args))
+                                                        list(dp_args), finetune_args)
             for arm in baseline_arms:
                 cells.append(Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
                                   rounds=classifier_rounds, args=_arm_args(arm) + argv_for(pretrain=False)))
@@ -230,16 +246,20 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
     return cells
 
 
-def _arm_args(arm: Arm) -> list[str]:
+def _arm_args(arm: Arm, finetune_args: list[str] = ()) -> list[str]:
     args = ["--phase", "classifier", *argv_for(strategy=arm.strategy)]
     if arm.local_epochs is not None:
         args += argv_for(local_epochs=arm.local_epochs)
+    if arm.mitigation == "balanced":
+        args += argv_for(local_loss="balanced")
+    elif arm.mitigation == "finetune":
+        args += list(finetune_args)
     return args
 
 
 def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Distribution, seed: int,
                                arms: list[Arm], cvae_rounds: int, classifier_rounds: int,
-                               level: PrivacyLevel | None, dp_args: list[str]) -> list[Cell]:
+                               level: PrivacyLevel | None, dp_args: list[str], finetune_args: list[str]) -> list[Cell]:
     """One CVAE phase in ``folder`` and the pre-trained arms built on it (the first pre-trains)."""
     if not arms:
         return []
@@ -250,12 +270,15 @@ def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Dis
     cells = [cvae]
     for arm in arms:
         cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, rounds=classifier_rounds,
-                    args=_arm_args(arm), privacy=level, group_out=group_out)
+                    args=_arm_args(arm, finetune_args), privacy=level, group_out=group_out)
         if len(cells) == 1:
             cell.deps.append(cvae.key)
             cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
         else:
             cell.deps.append(cells[1].key)
             cell.args += ["--pretrained-checkpoint", str(cells[1].out / "pretrained_classifier.pt")]
+            if arm.mitigation == "finetune":  # the CVAE samples the fine-tuning set
+                cell.deps.append(cvae.key)
+                cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
         cells.append(cell)
     return cells

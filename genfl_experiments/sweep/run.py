@@ -217,7 +217,8 @@ class SweepRunner:
             "distribution": None if cell.distribution is None else cell.distribution.name,
             "arm": None if cell.arm is None else {"name": cell.arm.name, "label": cell.arm.label,
                                                   "pretrain": cell.arm.pretrain, "strategy": cell.arm.strategy,
-                                                  "local_epochs": cell.arm.local_epochs},
+                                                  "local_epochs": cell.arm.local_epochs,
+                                                  "mitigation": cell.arm.mitigation},
             "epsilon": None if cell.privacy is None else cell.privacy.marker,  # the privacy axis' level
             "args": cell.args, "inputs": inputs, "run_id": uuid.uuid4().hex,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
