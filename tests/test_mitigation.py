@@ -82,9 +82,9 @@ def test_class_balanced_batches_hold_every_class_equally_and_repeat_for_a_seed()
 
 
 def test_finetuning_a_one_class_model_on_a_class_balanced_set_raises_its_balanced_accuracy(data_root):
-    """benchmarks/bench_server_finetune.py measured this setting (200 steps, lr 0.01, batch 50, 100
-    images per class) at +74.3 to +77.0 pp over 2 seeds (25 steps: +0.0 to +11 pp); the margin
-    asserted is well inside that."""
+    """benchmarks/bench_server_finetune.py measured this setting (lr 0.01, batch 50, 100 images per
+    class) at +58 to +67 pp with 100 steps over 2 seeds (200 steps: +74 to +77 pp; 25 steps: +0 to
+    +12 pp); 100 steps keep the test near a minute, and the margin asserted is well inside that."""
     train_x, train_y = load_dataset("mnist", data_root("mnist"), "train")
     test_x, test_y = load_dataset("mnist", data_root("mnist"), "test")
     only = train_y == 0
@@ -97,11 +97,11 @@ def test_finetuning_a_one_class_model_on_a_class_balanced_set_raises_its_balance
     assert before < 0.15  # it predicts its one class
 
     tune_x, tune_y = _balanced(train_x, train_y, 100, seed=0)
-    tuned, info = finetune_classifier(skewed_state, tune_x, tune_y, steps=200, lr=0.01, batch_size=50, seed=0,
+    tuned, info = finetune_classifier(skewed_state, tune_x, tune_y, steps=100, lr=0.01, batch_size=50, seed=0,
                                       device=CPU)
     after = evaluate_classifier(model_from_state("classifier", tuned, CPU), eval_x, eval_y, device=CPU)["accuracy"]
-    assert after - before > 0.40, (before, after)
-    assert info["steps"] == 200 and info["seconds"] > 0 and math.isfinite(info["loss"])
+    assert after - before > 0.35, (before, after)
+    assert info["steps"] == 100 and info["seconds"] > 0 and math.isfinite(info["loss"])
     assert all(torch.equal(skewed_state[k], v) for k, v in skewed.state_dict().items())  # input untouched
 
 
