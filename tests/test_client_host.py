@@ -1,0 +1,108 @@
+"""The client host (``genfl-client`` with several ``--shard``): real server and client processes
+over loopback on real MNIST shards.
+
+Under --deterministic a run whose clients share one host process must compute exactly what the
+same run computes with one process per client: every tensor of every checkpoint torch.equal, and
+the same round records (wall times aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import dataset_dir
+from deterministic_numbers import numbers
+from genfl_shared.checkpoint import load_checkpoint
+from genfl_shared.runfiles import METRICS_JSONL, read_events
+from helpers import free_port, log_tail
+
+CLIENTS = 3
+# Both phases, every model the clients train (CVAE, then the classifier after a short pre-training).
+SERVER_ARGS = ["--phase", "all", "--clients", str(CLIENTS), "--cvae-rounds", "2", "--classifier-rounds", "1",
+               "--local-epochs", "1", "--synthetic-samples", "200", "--cas-epochs", "0", "--pretrain-epochs", "1",
+               "--seed", "3", "--deterministic", "--threads", "1", "--dataset", "mnist"]
+CHECKPOINTS = {"cvae.pt": "cvae", "pretrained_classifier.pt": "classifier", "classifier.pt": "classifier"}
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("host_shards")
+    part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",
+                           "--data-root", str(dataset_dir("mnist")), "--clients", str(CLIENTS), "--alpha", "0.5",
+                           "--train-subset", "450", "--seed", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert part.returncode == 0, part.stderr
+    return out
+
+
+def _run(work: Path, shards: Path, groups: list[list[int]]) -> Path:
+    """Server + one genfl-client process per group of shard indices, to completion; returns the run folder."""
+    work.mkdir()
+    out, address = work / "run", f"127.0.0.1:{free_port()}"
+    with open(work / "server.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", *SERVER_ARGS, "--test-data",
+                                   str(dataset_dir("mnist")), "--address", address, "--out", str(out)],
+                                  stdout=server_log, stderr=subprocess.STDOUT, env=_env())
+    clients = []
+    for n, group in enumerate(groups):
+        shard_args = [a for i in group for a in ("--shard", str(shards / f"client-{i:03d}.npz"))]
+        with open(work / f"client-{n}.log", "w") as client_log:
+            clients.append(subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", address,
+                                             *shard_args, "--threads", "1"],
+                                            stdout=client_log, stderr=subprocess.STDOUT, env=_env()))
+    try:
+        assert server.wait(300) == 0, log_tail(work / "server.log")
+        for n, client in enumerate(clients):
+            assert client.wait(60) == 0, log_tail(work / f"client-{n}.log")
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+def test_a_host_process_computes_exactly_what_separate_processes_do(tmp_path, shards):
+    separate = _run(tmp_path / "separate", shards, [[i] for i in range(CLIENTS)])
+    hosted = _run(tmp_path / "hosted", shards, [list(range(CLIENTS))])
+
+    for name, model in CHECKPOINTS.items():
+        a, b = load_checkpoint(separate / name, model), load_checkpoint(hosted / name, model)
+        assert a.keys() == b.keys(), name
+        unequal = [key for key in a if not torch.equal(a[key], b[key])]
+        assert not unequal, f"{name}: tensors differ: {unequal}"
+    events = numbers(read_events(separate / METRICS_JSONL))
+    assert [e for e in events if e.get("event") == "round"], "the run recorded no rounds"
+    assert numbers(read_events(hosted / METRICS_JSONL)) == events
+    # One process really served all three clients, each registered on its own.
+    log_text = (tmp_path / "hosted" / "client-0.log").read_text()
+    for i in range(CLIENTS):
+        assert f"client client-{i:03d} registered with" in log_text
+
+
+def test_launch_with_clients_per_process_starts_fewer_client_processes(tmp_path):
+    out = tmp_path / "launch"
+    result = subprocess.run([sys.executable, "-m", "genfl_experiments.launch", "--data-root", str(dataset_dir("mnist")),
+                             "--out", str(out), "--iid", "--clients", "3", "--clients-per-process", "2",
+                             "--train-subset", "300", "--cvae-rounds", "1", "--classifier-rounds", "1",
+                             "--local-epochs", "1", "--synthetic-samples", "100", "--cas-epochs", "0",
+                             "--pretrain-epochs", "1", "--seed", "1"],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Two client processes for three clients: a host of two, then one alone (one log per process).
+    logs = sorted(p.name for p in (out / "logs").glob("client-*.log"))
+    assert logs == ["client-000_to_client-001.log", "client-002.log"], logs
+    host_log = (out / "logs" / "client-000_to_client-001.log").read_text()
+    assert "client client-000 registered with" in host_log and "client client-001 registered with" in host_log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clients"] == 3 and [r["phase"] for r in summary["rounds"]] == ["cvae", "classifier"]
