@@ -108,3 +108,33 @@ def test_launch_with_clients_per_process_starts_fewer_client_processes(tmp_path)
     assert "client client-000 registered with" in host_log and "client client-001 registered with" in host_log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clients"] == 3 and [r["phase"] for r in summary["rounds"]] == ["cvae", "classifier"]
+
+
+def test_a_refused_client_of_a_host_is_named_and_fails_the_process_after_the_others(tmp_path, shards):
+    # The server wants one client; the host brings two: whichever registers second is refused
+    # (run full, a fatal refusal) while the other one completes the run. (Should the second one
+    # only reach the server after the run, it finds no server and gives up after
+    # --max-reconnect-seconds: as fatal, and named just the same.)
+    out, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    with open(tmp_path / "server.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--clients", "1",
+                                   "--cvae-rounds", "2", "--local-epochs", "1", "--threads", "1", "--dataset",
+                                   "mnist", "--address", address, "--out", str(out)],
+                                  stdout=server_log, stderr=subprocess.STDOUT, env=_env())
+    try:
+        host = subprocess.run([sys.executable, "-m", "genfl_client.cli", "--server", address, "--threads", "1",
+                               "--max-reconnect-seconds", "5",
+                               "--shard", str(shards / "client-000.npz"), "--shard", str(shards / "client-001.npz")],
+                              capture_output=True, text=True, timeout=120, env=_env())
+        assert server.wait(60) == 0, log_tail(tmp_path / "server.log")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert host.returncode == 3, host.stderr
+    refused = [cid for cid in ("client-000", "client-001")
+               if f"client {cid}: server {address} refused this client: RESOURCE_EXHAUSTED" in host.stderr
+               or f"client {cid}: server {address} unreachable for" in host.stderr]
+    assert len(refused) == 1, host.stderr
+    assert "server ended run" in host.stderr and "completed" in host.stderr
+    assert f"1 of 2 hosted clients did not complete: {refused[0]} (exit 3)" in host.stderr
