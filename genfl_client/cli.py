@@ -138,7 +138,7 @@ def _credentials(ca: Path | None, cert: Path | None, key: Path | None,
         raise click.BadParameter(str(error), param_hint="--ca / --tls-cert / --tls-key") from None
 
 
-def _read_token(path: Path, option_name: str) -> str:
+def _read_token(path: Path, option_name: str = "--token-file") -> str:
     try:
         return read_token_file(path)
     except SecurityError as error:
