@@ -138,3 +138,31 @@ def test_a_refused_client_of_a_host_is_named_and_fails_the_process_after_the_oth
     assert len(refused) == 1, host.stderr
     assert "server ended run" in host.stderr and "completed" in host.stderr
     assert f"1 of 2 hosted clients did not complete: {refused[0]} (exit 3)" in host.stderr
+
+
+def test_a_host_sends_each_clients_own_token_from_token_dir(tmp_path, shards):
+    from genfl_shared.security import make_tokens
+    secrets = tmp_path / "secrets"
+    make_tokens(secrets, ["client-000", "client-001"])  # tokens.json for the server, <id>.token each
+    out, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    with open(tmp_path / "server.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "genfl_server.cli", "--phase", "cvae", "--clients", "2",
+                                   "--cvae-rounds", "1", "--local-epochs", "1", "--threads", "1", "--dataset",
+                                   "mnist", "--tokens-file", str(secrets / "tokens.json"), "--address", address,
+                                   "--out", str(out)], stdout=server_log, stderr=subprocess.STDOUT, env=_env())
+    host_args = [sys.executable, "-m", "genfl_client.cli", "--server", address, "--threads", "1",
+                 "--shard", str(shards / "client-000.npz"), "--shard", str(shards / "client-001.npz")]
+    try:
+        # One client's token for two clients is a usage error, before anything is sent.
+        mixed = subprocess.run([*host_args, "--token-file", str(secrets / "client-000.token")],
+                               capture_output=True, text=True, timeout=60, env=_env())
+        assert mixed.returncode == 2 and "with several --shard give --token-dir" in mixed.stderr, mixed.stderr
+        host = subprocess.run([*host_args, "--token-dir", str(secrets)], capture_output=True, text=True,
+                              timeout=120, env=_env())
+        assert server.wait(60) == 0, log_tail(tmp_path / "server.log")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert host.returncode == 0, host.stderr
+    assert json.loads((out / "summary.json").read_text())["clients"] == 2
