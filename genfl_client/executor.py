@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -49,9 +51,12 @@ class TaskOutcome:
 
 
 class TaskExecutor:
-    def __init__(self, shard: Shard, device: torch.device):
+    def __init__(self, shard: Shard, device: torch.device, compute_lock: threading.Lock | None = None):
         self.shard = shard
         self.device = device
+        # A client host's executors share one lock: their tasks run one after the other (torch's
+        # global RNG, which training seeds, and its threads are the process's, not the client's).
+        self._compute_lock = compute_lock or nullcontext()
         self._tensors: dict[bool, tuple[torch.Tensor, ...]] = {}
         # One model per kind for the whole run: every task overwrites all of its weights and
         # buffers (strict load), so re-building (and randomly initialising) it per task is waste.
@@ -75,6 +80,10 @@ class TaskExecutor:
 
     def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
         """Execute one TRAIN or EVALUATE task; raises TaskError for one it cannot execute."""
+        with self._compute_lock:
+            return self._run(header, weights)
+
+    def _run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
         if header.type not in TASK_KINDS:
             raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
         try:

@@ -22,7 +22,7 @@ from typing import Callable
 import grpc
 
 from genfl_shared import __version__
-from genfl_shared.cli import set_log_context
+from genfl_shared.cli import set_thread_log_context
 from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -220,7 +220,7 @@ class ClientRunner:
             dataset=self.dataset, client_version=__version__), timeout=30, metadata=self.metadata)
         self.run_id, self.poll_timeout = reply.run_id, reply.poll_timeout_seconds or 30.0
         self.session_secret = reply.session_secret
-        log.info("registered with %s in run %s", self.server, self.run_id)
+        log.info("client %s registered with %s in run %s", self.client_id, self.server, self.run_id)
 
     def _serve_tasks(self) -> str:
         while True:
@@ -258,7 +258,7 @@ class ClientRunner:
 
     def _execute(self, header: pb.TaskHeader, weights) -> None:
         kind = pb.TaskType.Name(header.type).removeprefix("TASK_TYPE_").lower()
-        set_log_context(phase=header.phase, round=header.round)
+        set_thread_log_context(phase=header.phase, round=header.round)
         log.info("%s task %s", kind, header.task_id)
         result = pb.ResultHeader(run_id=header.run_id, task_id=header.task_id, client_id=self.client_id,
                                  phase=header.phase, round=header.round, type=header.type,

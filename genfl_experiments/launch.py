@@ -60,11 +60,26 @@ def child_env() -> dict[str, str]:
     return env
 
 
+clients_per_process_option = option(
+    "--clients-per-process", type=click.IntRange(1), default=None, show_default="all on CUDA, 1 on the CPU",
+    help="Clients per genfl-client process (a client host: one process and torch runtime for several "
+         "shards, each still a separate client; saves memory and, on CUDA, contexts).")
+
+
+def resolve_clients_per_process(given: int | None, device: str, clients: int) -> int:
+    """--clients-per-process, or its default: one CUDA context for all of a run's clients, and on
+    the CPU one process per client (their tasks then run in parallel on the cores)."""
+    if given is not None:
+        return given
+    return max(1, clients) if device.startswith("cuda") else 1
+
+
 class Launcher:
     def __init__(self, shards: list[Path], *, client_args: list[str], timeout: float | None,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, clients_per_process: int = 1):
         self.shards = shards
         self.client_args = client_args
+        self.clients_per_process = clients_per_process
         self.timeout = timeout
         self.progress_bar = progress_bar  # off when several launchers share one terminal (genfl-sweep)
         self.running: list[subprocess.Popen] = []
@@ -92,12 +107,18 @@ class Launcher:
                                         "--address", "127.0.0.1:0"], logs / "server.log")
         stage.processes["server"] = server
         endpoint = self._wait_for_endpoint(stage, server)
-        for shard in self.shards:
-            name = shard.stem
-            stage.processes[name] = self._spawn(name, ["genfl_client.cli", "--server", endpoint, "--shard",
-                                                       str(shard), *self.client_args], logs / f"{name}.log")
+        for group in self.client_groups():
+            name = group[0].stem if len(group) == 1 else f"{group[0].stem}_to_{group[-1].stem}"
+            shard_args = [arg for shard in group for arg in ("--shard", str(shard))]
+            stage.processes[name] = self._spawn(name, ["genfl_client.cli", "--server", endpoint, *shard_args,
+                                                       *self.client_args], logs / f"{name}.log")
         self._monitor(stage)
         return json.loads((stage.out / SUMMARY_JSON).read_text())
+
+    def client_groups(self) -> list[list[Path]]:
+        """The shards of each client process, in order (--clients-per-process of them at most)."""
+        n = self.clients_per_process
+        return [self.shards[i:i + n] for i in range(0, len(self.shards), n)]
 
     def _wait_for_endpoint(self, stage: Stage, server: subprocess.Popen) -> str:
         try:
@@ -239,11 +260,12 @@ def comparison_table(pretrained: dict, baseline: dict) -> str:
 @run_options("train_subset", ROUNDS, *LAUNCH_FIELDS)
 @option("--device", default="cpu", help="Torch device of the server and the clients.")
 @option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
+@clients_per_process_option
 @option("--timeout", type=click.FloatRange(0), default=0, help="Give up on a stage after this many "
         "seconds (0: never).")
 @log_level_option
-def main(dataset, data_root, download, alpha, iid, out, preset, compare, device, client_threads, timeout,
-         log_level, **run_settings):
+def main(dataset, data_root, download, alpha, iid, out, preset, compare, device, client_threads,
+         clients_per_process, timeout, log_level, **run_settings):
     """Partition the data and run one server and K client processes on this machine."""
     setup_logging(log_level, "text", "launch")
     if (alpha is None) == (not iid):
@@ -267,8 +289,10 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
                 "--log-level", log_level, *replace(config, **changes).to_argv()]
 
     n_cvae, n_cls = config.cvae_rounds, config.classifier_rounds
+    per_process = resolve_clients_per_process(clients_per_process, device, config.clients)
     launcher = Launcher(shards, client_args=["--device", device, "--threads", str(client_threads),
-                                             "--log-level", log_level], timeout=timeout or None)
+                                             "--log-level", log_level], timeout=timeout or None,
+                        clients_per_process=per_process)
     started = time.monotonic()
     try:
         if compare:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 import click
@@ -40,9 +41,24 @@ def set_log_context(**fields: object) -> None:
             LOG_CONTEXT[key] = value
 
 
+# The same for one thread only, over LOG_CONTEXT: a client host runs one client per thread, each
+# in its own phase and round, and their lines must not take each other's.
+_THREAD_CONTEXT = threading.local()
+
+
+def set_thread_log_context(**fields: object) -> None:
+    """Like set_log_context, for the records the calling thread logs."""
+    context = _THREAD_CONTEXT.__dict__
+    for key, value in fields.items():
+        if value is None:
+            context.pop(key, None)
+        else:
+            context[key] = value
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in LOG_CONTEXT.items():
+        for key, value in (*LOG_CONTEXT.items(), *_THREAD_CONTEXT.__dict__.items()):
             setattr(record, key, value)
         return True
 

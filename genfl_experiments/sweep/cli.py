@@ -29,6 +29,7 @@ from genfl_shared.config import (DP_FIELDS, PRESETS, ROUNDS, RunConfig, argv_for
 from genfl_shared.runfiles import write_json_atomic
 
 from .plan import ARM_CHOICES, FINETUNE_ARM_STEPS, build_arms, parse_distributions, parse_epsilons, plan_cells
+from ..launch import clients_per_process_option
 from ..reports import write_reports
 from .run import FIXED_SERVER_FIELDS, SweepRunner, SweepSettings
 
@@ -92,6 +93,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
 @option("--parallel", type=click.IntRange(1), default=1, help="Cells (server + clients) running at once.")
 @run_options("train_subset", ROUNDS, *SWEEP_FIELDS)
 @option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
+@clients_per_process_option
 @option("--server-threads", type=click.IntRange(0), default=0,
         help="Torch threads per server (0: this machine's cores / --parallel, so cells do not oversubscribe).")
 @option("--cell-timeout", type=click.FloatRange(0), default=0, help="Fail a cell after this many seconds (0: never).")
@@ -99,7 +101,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
         "cells (the sweep's settings come from its sweep.json).")
 @log_level_option
 def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, epsilons, centralised, device, parallel,
-         client_threads, server_threads, cell_timeout, report_only, log_level, **run_settings):
+         client_threads, clients_per_process, server_threads, cell_timeout, report_only, log_level, **run_settings):
     """Run the poster's grid (distributions x seeds x arms) as real federated runs, then report."""
     setup_logging(log_level, "text", "sweep")
     # SIGINT (also when started in the background, where it is inherited as ignored) and SIGTERM
@@ -139,7 +141,7 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
                        privacy=privacy, dp_args=config.to_argv(SWEEP_DP_FIELDS),
                        finetune_args=finetune_arm_args(config))
     settings = SweepSettings(dataset, data_root, preset, config, device=device,
-                             client_threads=client_threads,
+                             client_threads=client_threads, clients_per_process=clients_per_process,
                              server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
                              cell_timeout=cell_timeout or None, log_level=log_level)
     log.info("sweep of %d cells: %s x seeds %s x arms %s%s%s, %d at a time on %s, in %s", len(cells),

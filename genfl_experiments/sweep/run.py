@@ -27,7 +27,7 @@ from genfl_shared.config import RunConfig, argv_for
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
 from genfl_shared.runfiles import read_json, write_json_atomic
 
-from ..launch import Launcher, LaunchError, Stage, child_env, log_tail, pct
+from ..launch import Launcher, LaunchError, Stage, child_env, log_tail, pct, resolve_clients_per_process
 from .plan import Cell
 
 log = logging.getLogger("genfl_sweep")
@@ -45,6 +45,7 @@ class SweepSettings:
     config: RunConfig  # the sweep's settings; seed, strategy and pretrain are each cell's
     device: str = "cpu"
     client_threads: int = 1
+    clients_per_process: int | None = None  # None: the default for the device (launch.resolve_clients_per_process)
     server_threads: int = 0
     cell_timeout: float | None = None
     log_level: str = "info"
@@ -254,7 +255,9 @@ class SweepRunner:
                             *s.config.to_argv(FIXED_SERVER_FIELDS), *cell.args]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
-                            timeout=s.cell_timeout, progress_bar=False)
+                            timeout=s.cell_timeout, progress_bar=False,
+                            clients_per_process=resolve_clients_per_process(s.clients_per_process, s.device,
+                                                                            s.clients))
         with self._registry:
             if self._stopping.is_set():
                 raise LaunchError("sweep stopping")
