@@ -76,9 +76,14 @@ class ChunkedUpdate(Mapping):
             self._measure(name, values, reference)
 
     def _measure(self, name: str, values: torch.Tensor, reference: torch.Tensor) -> None:
-        if not _all_finite(values):
+        squares = _squared_distance(values, reference)
+        # A NaN or Inf value makes its difference, and so the sum of squares, NaN or Inf: only then
+        # is the piece searched for one (a finite sum proves every value finite; finite values so
+        # huge that the float32 squares overflow are not refused here but measured as infinitely
+        # far, which the norm bounds and the aggregate check refuse).
+        if not math.isfinite(squares) and not _all_finite(values):
             raise CodecError("non_finite", f"tensor {name!r} holds NaN or Inf values")
-        self._squares += _squared_distance(values, reference)
+        self._squares += squares
 
     @property
     def received_bytes(self) -> int:
@@ -198,19 +203,12 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-# Squares are summed this many elements at a time, in float64 scratch (cache-sized), as
-# guard.update_distance does, instead of a float64 copy of a whole piece.
-_BLOCK = 1 << 16
-
-
 def _squared_distance(values: torch.Tensor, reference: torch.Tensor) -> float:
-    total = 0.0
-    difference = torch.empty(min(_BLOCK, values.numel()), dtype=torch.promote_types(values.dtype, reference.dtype))
-    squares = torch.empty(difference.numel(), dtype=torch.float64)
-    for start in range(0, values.numel(), _BLOCK):
-        end = min(start + _BLOCK, values.numel())
-        block, wide = difference[:end - start], squares[:end - start]
-        torch.sub(values[start:end], reference[start:end], out=block)
-        wide.copy_(block)
-        total += float(torch.dot(wide, wide))
-    return total
+    """sum((values - reference)^2), the squares summed by BLAS in the tensors' precision (float32
+    here: relative error ~1e-6 over a chunk's 262,144 elements, far finer than any bound it is
+    compared with) and the pieces' sums in float64. guard.update_distance's float64 squares cost
+    three times as much, 1.3 ms of the server's CPU per CVAE update."""
+    difference = torch.sub(values, reference)
+    if difference.dtype not in (torch.float32, torch.float64):  # half precisions: too coarse to sum in
+        difference = difference.float()
+    return float(torch.dot(difference, difference))

@@ -44,7 +44,7 @@ def test_folding_chunk_by_chunk_matches_the_whole_update():
     update = _received(state, template).finish()
     assert list(update) == list(template)
     assert all(torch.equal(update[k], state[k]) and update[k].dtype == state[k].dtype for k in state)
-    assert update.distance == pytest.approx(update_distance(state, template), rel=1e-12)
+    assert update.distance == pytest.approx(update_distance(state, template), rel=1e-5)
     folded, whole = FedAvg(), FedAvg()
     for strategy, value in ((folded, update), (whole, dict(state))):
         strategy.begin(template)
