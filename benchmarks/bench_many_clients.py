@@ -84,7 +84,7 @@ def measure(clients: int, rounds: int, processes: int, work: Path, profile_dir: 
         if profile_dir is not None:  # py-spy samples every thread (cProfile sees only the main one)
             profile_dir.mkdir(parents=True, exist_ok=True)
             spy = procs.start("py-spy", [c.tool("py-spy"), "record", "--pid", str(server.pid), "--format", "raw",
-                                   "--rate", "200", "--nonblocking", "-o", str(profile_dir / f"server-m{clients}.txt")],
+                                   "--rate", "50", "--nonblocking", "-o", str(profile_dir / f"server-m{clients}.txt")],
                         work / "py-spy.log")
         fakes = ClientProcesses(address, clients, processes)
         started = time.perf_counter()

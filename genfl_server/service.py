@@ -48,8 +48,9 @@ from .transport import AioServer, EventLoopThread, ThreadsafeHealth
 
 log = logging.getLogger(__name__)
 
-# Weight uploads received and decoded at once (each holds a receive slot from its first chunk to
-# its fold). Each costs about two models of memory (the received bytes and the decoded update), so
+# Weight uploads received and checked at once (each holds a receive slot from its first chunk to
+# its fold). Each costs about one model of memory (its received chunks, which are folded in as they
+# are: upload.ChunkedUpdate), so
 # this bounds the server's memory however many clients upload together; the rest wait in gRPC flow
 # control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
 # grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from genfl_shared.codec import CHUNK_SIZE, CodecError, PayloadAssembler
+from genfl_shared.codec import CHUNK_SIZE, CodecError, manifest_layout
 from genfl_shared.proto import genfl_pb2 as pb
 
 # The views are of the received (immutable) bytes and nothing writes to them: torch's warning that
@@ -40,9 +40,8 @@ class ChunkedUpdate(Mapping):
             raise ValueError("chunk_size must be a multiple of 8 (no aligned element may straddle chunks)")
         self.manifest = manifest
         self.chunk_size = chunk_size
-        layout = PayloadAssembler._check_manifest(manifest, max_bytes, chunk_size)
+        layout = manifest_layout(manifest, max_bytes, chunk_size)
         _check_layout_matches(layout, template)
-        self._template = template
         # name -> (dtype, shape, byte offset, bytes); floats also get their global model's flat view.
         self._layout = {name: (dtype, shape, offset, n) for name, dtype, shape, offset, n in layout}
         # Floating entries, with their global model's flat view: checked chunk by chunk when their
