@@ -42,6 +42,7 @@ class ChunkedUpdate(Mapping):
         self.chunk_size = chunk_size
         layout = manifest_layout(manifest, max_bytes, chunk_size)
         _check_layout_matches(layout, template)
+        self.reference = template  # what ``distance`` is measured from
         # name -> (dtype, shape, byte offset, bytes); floats also get their global model's flat view.
         self._layout = {name: (dtype, shape, offset, n) for name, dtype, shape, offset, n in layout}
         # Floating entries, with their global model's flat view: checked chunk by chunk when their

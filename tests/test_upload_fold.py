@@ -76,3 +76,16 @@ def test_an_unfinished_update_cannot_be_folded():
     strategy.begin(template)
     with pytest.raises(RuntimeError, match="finish"):
         strategy.accumulate(update, 1)
+
+
+def test_the_round_guard_uses_the_measured_distance_only_against_its_own_model():
+    from genfl_server.guard import UpdateGuard
+    template = _template()
+    update = _received(_update(template, 1), template).finish()
+    same = UpdateGuard().round(template, {"a": 10})
+    same.admit("a", 10, update)
+    assert same.distances["a"] == update.distance
+    other_model = {k: v.clone() for k, v in template.items()}
+    other = UpdateGuard().round(other_model, {"a": 10})
+    other.admit("a", 10, update)
+    assert other.distances["a"] == pytest.approx(update_distance(update, other_model), rel=1e-12)
