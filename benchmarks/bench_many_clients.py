@@ -71,7 +71,7 @@ class ServerWatch(threading.Thread):
         self.join()
 
 
-def measure(clients: int, rounds: int, processes: int, work: Path) -> dict:
+def measure(clients: int, rounds: int, processes: int, work: Path, profile_dir: Path | None = None) -> dict:
     out = work / "server"
     with c.ProcessGroup() as procs:
         server = procs.start("server", [c.tool("genfl-server"), "--phase", "cvae", "--rounds", str(rounds),
@@ -81,6 +81,11 @@ def measure(clients: int, rounds: int, processes: int, work: Path) -> dict:
         address = wait_for_endpoint(out, 60, [server])["address"]
         watch = ServerWatch(server.pid, out / METRICS_JSONL)
         watch.start()
+        if profile_dir is not None:  # py-spy samples every thread (cProfile sees only the main one)
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            spy = procs.start("py-spy", [c.tool("py-spy"), "record", "--pid", str(server.pid), "--format", "raw",
+                                   "--rate", "50", "--nonblocking", "-o", str(profile_dir / f"server-m{clients}.txt")],
+                        work / "py-spy.log")
         fakes = ClientProcesses(address, clients, processes)
         started = time.perf_counter()
         try:
@@ -90,6 +95,8 @@ def measure(clients: int, rounds: int, processes: int, work: Path) -> dict:
         wall = time.perf_counter() - started
         if not stats.error:
             c.wait_all([server], 60, "the server")
+            if profile_dir is not None:
+                c.wait_all([spy], 60, "py-spy (writing its profile)")
         watch.stop()
     if stats.error or server.returncode != 0:
         raise RuntimeError(f"M = {clients}: server exit {server.returncode}; client errors: {stats.error}\n"
@@ -113,15 +120,18 @@ def measure(clients: int, rounds: int, processes: int, work: Path) -> dict:
 @click.option("--rounds", type=click.IntRange(2), default=3)
 @click.option("--processes", type=click.IntRange(1), default=4, help="Processes the fake clients run in.")
 @click.option("--keep", is_flag=True, help="Keep the temp folder (server logs).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Record the server with py-spy (pip install py-spy) into DIR/server-mM.txt (collapsed stacks).")
 @click.option("-v", "--verbose", is_flag=True)
-def main(client_counts: str, rounds: int, processes: int, keep: bool, verbose: bool) -> None:
+def main(client_counts: str, rounds: int, processes: int, keep: bool, profile_dir: Path | None,
+         verbose: bool) -> None:
     """Seconds per round and the server's CPU, memory, threads and traffic with M fake clients."""
     c.setup_logging(verbose)
     print(c.machine_line())
     counts = [int(x) for x in client_counts.split(",") if x.strip()]
     with c.temp_dir("genfl-bench-many-", keep) as tmp:
         for clients in counts:
-            run = measure(clients, rounds, processes, tmp / f"m{clients}")
+            run = measure(clients, rounds, processes, tmp / f"m{clients}", profile_dir)
             label = f"M = {clients}"
             c.result(f"{label}: seconds per round (server record, median)", run["round_seconds"], "s",
                      extra="rounds: " + ", ".join(f"{s:.2f}" for s in run["round_seconds_all"]))

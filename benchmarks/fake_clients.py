@@ -32,6 +32,10 @@ from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 # connection, and the server's per-connection stream limit (--max-streams-per-connection) refuses
 # the process's streams beyond it.
 MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
+# A local subchannel pool: without it, every channel of a process with the same target and options
+# shares one TCP connection, so 125 clients per process were one connection, over the server's
+# --max-streams-per-connection (64), and refused (too_many_streams). Real clients are one
+# connection each.
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.use_local_subchannel_pool", 1))

@@ -211,7 +211,9 @@ class RoundEngine:
         def fold_in(task, num_samples, update):
             weight, update = round_guard.admit(task.client_id, num_samples, update)
             if self.deterministic:
-                held[task.client_id] = (weight, update)
+                # Whole tensors, summed as whole tensors after the step: the same numbers whatever
+                # the chunking (an upload's pieces would be folded slice by slice).
+                held[task.client_id] = (weight, {name: update[name] for name in update})
                 return
             started = time.perf_counter()
             strategy.accumulate(update, weight)

@@ -236,7 +236,12 @@ class RoundGuard:
     def admit(self, client_id: str, num_samples: int, update: Mapping[str, torch.Tensor]
               ) -> tuple[float, Mapping[str, torch.Tensor]]:
         """(FedAvg weight, update to fold in) for one arriving update; records its distance."""
-        distance = update_distance(update, self.global_state)
+        # An upload measured its distance from this round's model chunk by chunk as it arrived
+        # (upload.ChunkedUpdate); anything else is measured here.
+        if getattr(update, "reference", None) is self.global_state:
+            distance = update.distance
+        else:
+            distance = update_distance(update, self.global_state)
         self.distances[client_id] = distance
         limit = self.bounds.max_update_norm
         if self.bounds.clip and limit is not None and distance > limit:

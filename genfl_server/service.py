@@ -18,6 +18,7 @@ connection and, by option, ``max_streams_per_ip`` per IP address (RESOURCE_EXHAU
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -30,8 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import (CHUNK_SIZE, TRANSPORT_OPTIONS, CodecError, PayloadAssembler, check_matches_template,
-                                 state_dict_nbytes)
+from genfl_shared.codec import CHUNK_SIZE, TRANSPORT_OPTIONS, CodecError, state_dict_nbytes
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
@@ -43,12 +43,14 @@ from .limits import OpenUploads, StreamLimits, UploadClock
 from .privacy import PrivacyLedger
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .metrics import ServerMetrics
+from .upload import ChunkedUpdate
 from .transport import AioServer, EventLoopThread, ThreadsafeHealth
 
 log = logging.getLogger(__name__)
 
-# Weight uploads received and decoded at once (each holds a receive slot from its first chunk to
-# its fold). Each costs about two models of memory (the received bytes and the decoded update), so
+# Weight uploads received and checked at once (each holds a receive slot from its first chunk to
+# its fold). Each costs about one model of memory (its received chunks, which are folded in as they
+# are: upload.ChunkedUpdate), so
 # this bounds the server's memory however many clients upload together; the rest wait in gRPC flow
 # control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
 # grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a
@@ -134,12 +136,12 @@ class ResultStream:
             _refuse_unparsable(message)
         return message
 
-    async def rest_of_update(self, first: pb.ResultMessage | None, max_bytes: int) -> list[pb.ResultMessage]:
+    async def rest_of_update(self, first: pb.ResultMessage | None, max_bytes: int) -> collections.deque:
         """``first`` and the messages after it up to the end of the stream, read as they come.
         Reading stops early once they are certain to be refused (more chunk bytes than
         ``max_bytes``, more chunks than such a payload has, a message that is not a chunk), so that
         a hostile stream cannot make the server hold more than one model's bytes."""
-        messages, size = [], 0
+        messages, size = collections.deque(), 0
         max_messages = math.ceil(max_bytes / CHUNK_SIZE) + 1
         message = first
         while message is not None:
@@ -341,7 +343,8 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 async with self._upload_slots:
                     stream.clock.resume()
                     messages = await stream.rest_of_update(first_chunk, state_dict_nbytes(batch.template))
-                    update = await self._in_executor(self._receive_update, header, iter(messages), batch.template)
+                    del first_chunk  # the deque holds it, and drops it once read
+                    update = await self._in_executor(self._receive_update, header, messages, batch.template)
                     del messages
                     await self._accept(context, header, task, batch, update)
             else:
@@ -413,22 +416,23 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         log.warning("client %s could not execute task %s (%s round %d, %s): %s", task.client_id, task.task_id,
                     task.phase, task.round, pb.TaskType.Name(task.type), message)
 
-    def _receive_update(self, header, request_iterator, template):
-        max_bytes = state_dict_nbytes(template)
+    def _receive_update(self, header, messages: collections.deque, template) -> ChunkedUpdate:
+        """The update of ``messages`` (the result's chunk messages, consumed: each is dropped once
+        read, so the upload is held once, as its chunks), checked and measured chunk by chunk;
+        raises Rejected before anything is folded in."""
         try:
-            assembler = PayloadAssembler(header.manifest, max_bytes=max_bytes)
-            for message in request_iterator:
+            update = ChunkedUpdate(header.manifest, template, max_bytes=state_dict_nbytes(template))
+            while messages:
+                message = messages.popleft()
                 if message.WhichOneof("kind") != "chunk":
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                    "only chunks may follow the result header")
-                assembler.add(message.chunk)
-            self.metrics.bytes_received.inc(assembler.received_bytes)
-            update = assembler.finish()
-            check_matches_template(update, template)
+                update.add(message.chunk)
+            self.metrics.bytes_received.inc(update.received_bytes)
+            return update.finish()
         except CodecError as error:
             raise Rejected(_CODEC_STATUS.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT),
                            error.reason, f"update rejected: {error}") from None
-        return update
 
     async def _next_task(self, client_id: str, timeout: float) -> Task | pb.TaskHeader | None:
         """The client's current task, the shutdown header, or None when neither came within

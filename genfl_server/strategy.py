@@ -100,11 +100,15 @@ class FedAvg:
             raise RuntimeError("accumulate() before begin()")
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
-        for name, acc in self._sum.items():
-            value = update[name]
-            if value.dtype != acc.dtype:
-                value = value.to(acc.dtype)
-            acc.add_(value, alpha=num_samples)
+        fold_into = getattr(update, "fold_into", None)
+        if fold_into is not None:  # an upload, folded in piece by piece from its chunks (upload.py)
+            fold_into(self._sum, num_samples)
+        else:
+            for name, acc in self._sum.items():
+                value = update[name]
+                if value.dtype != acc.dtype:
+                    value = value.to(acc.dtype)
+                acc.add_(value, alpha=num_samples)
         self._total_samples += num_samples
 
     @property

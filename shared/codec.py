@@ -216,6 +216,13 @@ class PayloadAssembler:
         return state
 
 
+def manifest_layout(manifest: pb.Manifest, max_bytes: int, chunk_size: int = CHUNK_SIZE
+                    ) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """A hostile peer's manifest checked before a byte of payload is read or a byte of memory
+    reserved: [(name, dtype, shape, byte offset, bytes)] in payload order; raises CodecError."""
+    return PayloadAssembler._check_manifest(manifest, max_bytes, chunk_size)
+
+
 def decode_payload(manifest: pb.Manifest, chunks: Iterable[pb.Chunk | bytes], *,
                    max_bytes: int = 1 << 31, chunk_size: int = CHUNK_SIZE) -> dict[str, torch.Tensor]:
     """Decode a whole payload; chunks may be ``Chunk`` messages or raw bytes in order."""

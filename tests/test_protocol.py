@@ -506,3 +506,54 @@ def test_no_method_of_the_proto_answers_unimplemented(server: Server):
         except grpc.RpcError as error:
             assert error.code() != grpc.StatusCode.UNIMPLEMENTED, f"{method.name} is not served"
     channel.close()
+
+
+TRAIN_SETTINGS = TrainTask(model="cvae", epochs=1, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
+                           binarize=True, seed=7)
+
+
+def test_an_upload_refused_in_its_last_chunk_leaves_the_aggregate_exactly_as_it_was(server: Server, template):
+    """Uploads are checked and folded chunk by chunk (genfl_server/upload.py): an update whose
+    last chunk carries a wrong digest or a NaN must leave the running FedAvg sum bit for bit as it
+    was, and the round's aggregate must be that of the good updates alone."""
+    srv, stub, coordinator = server, server.stub, server.coordinator
+    register(stub, "alice")
+    register(stub, "bob")
+    coordinator.wait_for_clients(timeout=5)
+    strategy = FedAvg()
+    strategy.begin(template)
+    coordinator_tasks = [coordinator.new_task(cid, pb.TASK_TYPE_TRAIN, "cvae", 1, TRAIN_SETTINGS,
+                                              encode_state_dict(template)) for cid in ("alice", "bob")]
+    batch = coordinator.dispatch(coordinator_tasks, template=template,
+                                 on_update=lambda task, n, update: strategy.accumulate(update, n))
+    header_a, _, _ = fetch(stub, "alice")
+    header_b, _, _ = fetch(stub, "bob")
+    good_a, good_b = perturbed(template, 1), perturbed(template, 2)
+    assert submit(stub, result_header(header_a, "alice", 100), good_a).accepted
+    before = {name: acc.clone() for name, acc in strategy._sum.items()}
+
+    last = list(template)[-1]
+    while not template[last].is_floating_point():  # the last floating tensor ends in the last chunk
+        last = list(template)[list(template).index(last) - 1]
+    chunks = list(encode_state_dict(good_b).chunks)
+    assert len(chunks) >= 5
+    flipped = bytearray(chunks[-1])
+    flipped[-20] ^= 0x01
+    expect_rejection(srv, grpc.StatusCode.DATA_LOSS, "digest_mismatch", submit, stub,
+                     result_header(header_b, "bob", 50), good_b, chunks=chunks[:-1] + [bytes(flipped)])
+    non_finite = dict(good_b, **{last: good_b[last].clone()})
+    non_finite[last].view(-1)[-1] = float("nan")
+    expect_rejection(srv, grpc.StatusCode.INVALID_ARGUMENT, "non_finite", submit, stub,
+                     result_header(header_b, "bob", 50), non_finite)
+    assert all(torch.equal(strategy._sum[name], before[name]) for name in before), \
+        "a refused upload changed the aggregate"
+
+    assert submit(stub, result_header(header_b, "bob", 50), good_b).accepted
+    assert batch.wait(5)
+    reference = FedAvg()
+    reference.begin(template)
+    reference.accumulate(good_a, 100)
+    reference.accumulate(good_b, 50)
+    expected, aggregate = reference.finish(), strategy.finish()
+    for name in template:
+        assert torch.allclose(aggregate[name].double(), expected[name].double(), rtol=1e-6, atol=1e-7), name
