@@ -137,8 +137,12 @@ class ClientRunner:
         self.metrics = metrics
         self.dataset = dataset
         self.max_reconnect_seconds = max_reconnect_seconds
+        # A local subchannel pool: each client of a host gets its own TCP connection, as a client
+        # process has (with gRPC's global pool a host's channels share one, and the server's
+        # --max-streams-per-connection refuses the streams of more than ~30 clients).
         options = [*TRANSPORT_OPTIONS,
-                   ("grpc.max_reconnect_backoff_ms", 5_000)]
+                   ("grpc.max_reconnect_backoff_ms", 5_000),
+                   ("grpc.use_local_subchannel_pool", 1)]
         if credentials is not None and tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         self.tls = credentials is not None

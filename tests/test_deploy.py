@@ -885,10 +885,11 @@ def exported_series() -> dict[str, set[str]]:
 
     series: dict[str, set[str]] = {}
     for metrics in (ServerMetrics(), ClientMetrics("x")):
-        # Labelled metrics expose nothing until a child exists: make one of each.
+        # Labelled metrics expose nothing until a child exists: make one of each (a client's metrics
+        # are already its client_id's children).
         for value in vars(metrics).values():
             labelnames = getattr(value, "_labelnames", ())
-            if labelnames and hasattr(value, "labels"):
+            if labelnames and hasattr(value, "labels") and not getattr(value, "_labelvalues", ()):
                 value.labels(*["probe"] * len(labelnames))
         for family in metrics.registry.collect():
             for sample in family.samples:
