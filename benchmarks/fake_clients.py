@@ -20,18 +20,15 @@ import hashlib
 import multiprocessing as mp
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
+from genfl_shared.wire import MAX_MESSAGE_BYTES
 
-# What the real client sends as channel options: the message limit (1 MiB chunks plus a header).
-# A local subchannel pool gives each fake client its own TCP connection, as each real client has:
-# with gRPC's default global pool every channel of a process to the same address shares one
-# connection, and the server's per-connection stream limit (--max-streams-per-connection) refuses
-# the process's streams beyond it.
-MAX_MESSAGE_BYTES = (1 << 20) + 64 * 1024
+# What the real client sends as channel options: the message limit (one chunk plus a header).
 # A local subchannel pool: without it, every channel of a process with the same target and options
 # shares one TCP connection, so 125 clients per process were one connection, over the server's
 # --max-streams-per-connection (64), and refused (too_many_streams). Real clients are one
@@ -89,8 +86,20 @@ def _result_messages(header: pb.ResultHeader, chunks: list[bytes]):
 
 async def run_client(address: str, client_id: str, num_train: int, num_heldout: int, *,
                      verify_downloads: bool = False, rpc_timeout: float = 600.0) -> ClientStats:
-    """One fake client, from registration to the server's SHUTDOWN; raises on any RPC error."""
+    """One fake client, from registration to the server's SHUTDOWN; raises on any RPC error, saying
+    at which step it came."""
     stats = ClientStats()
+    step = ["Register"]
+    try:
+        return await _serve(address, client_id, num_train, num_heldout, stats, step, verify_downloads, rpc_timeout)
+    except (grpc.aio.AioRpcError, ProtocolViolation) as error:
+        detail = (f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError)
+                  else str(error))
+        raise ProtocolViolation(f"{step[0]}: {detail}") from error
+
+
+async def _serve(address: str, client_id: str, num_train: int, num_heldout: int, stats: ClientStats,
+                 step: list[str], verify_downloads: bool, rpc_timeout: float) -> ClientStats:
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.FederatedLearningStub(channel)
         reply = await stub.Register(pb.RegisterRequest(client_id=client_id, num_train_samples=num_train,
@@ -99,6 +108,7 @@ async def run_client(address: str, client_id: str, num_train: int, num_heldout: 
         poll = pb.FetchTaskRequest(run_id=reply.run_id, client_id=client_id, session_secret=reply.session_secret)
         while True:
             stats.polls += 1
+            step[0] = f"FetchTask (poll {stats.polls})"
             stream = stub.FetchTask(poll, timeout=rpc_timeout)
             first = await stream.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "header":
@@ -122,6 +132,7 @@ async def run_client(address: str, client_id: str, num_train: int, num_heldout: 
             else:
                 result.num_samples = num_heldout
                 chunks = []
+            step[0] = f"SubmitResult ({pb.TaskType.Name(header.type)} {header.phase} round {header.round})"
             await stub.SubmitResult(_result_messages(result, chunks), timeout=rpc_timeout)
             stats.bytes_sent += sum(len(c) for c in chunks)
             name = pb.TaskType.Name(header.type)
@@ -137,17 +148,22 @@ def train_samples(index: int) -> int:
     return 900 + 7 * (index % 100)
 
 
-async def run_clients(address: str, indices: list[int], *, verify_downloads: bool = False) -> ClientStats:
+# How long the clients cancelled after a failure get to wind down (close their channels).
+CANCEL_WAIT_SECONDS = 10.0
+
+
+async def run_clients(address: str, indices: list[int], *, verify_downloads: bool = False,
+                      report: Callable[[ClientStats], None] = lambda stats: None) -> ClientStats:
     """Clients ``indices`` (of :func:`client_ids`' numbering) concurrently; the summed stats, with
     ``error`` naming the clients that failed. The first failure cancels the others: the server
-    would otherwise wait for the failed client until its round deadline, and the caller with it."""
+    would otherwise wait for the failed client until its round deadline, and the caller with it.
+    ``report`` gets the stats as soon as they are known, before the cancelled clients wind down
+    (which is bounded, but has been seen not to end): a caller waiting on them hears of a failure
+    even then."""
     ids = client_ids(max(indices) + 1)
     tasks = {asyncio.create_task(run_client(address, ids[i], train_samples(i), 100,
                                             verify_downloads=verify_downloads)): i for i in indices}
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
     total = ClientStats()
     failures = []
     for task in sorted(done, key=tasks.get):
@@ -159,14 +175,26 @@ async def run_clients(address: str, indices: list[int], *, verify_downloads: boo
     if failures:
         total.error = (f"{len(failures)} of {len(indices)} clients failed ({len(pending)} cancelled after the "
                        "first failure); first: " + "; ".join(failures[:3]))
+    report(total)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=CANCEL_WAIT_SECONDS)
     return total
 
 
 def _process_main(address: str, indices: list[int], verify_downloads: bool, results) -> None:
+    reported = []
+
+    def report(stats: ClientStats) -> None:
+        results.put(stats)
+        reported.append(stats)
+
     try:
-        results.put(asyncio.run(run_clients(address, indices, verify_downloads=verify_downloads)))
+        asyncio.run(run_clients(address, indices, verify_downloads=verify_downloads, report=report))
     except BaseException:  # reported by the parent, which otherwise waits for a result forever
-        results.put(ClientStats(error=traceback.format_exc()))
+        if not reported:
+            results.put(ClientStats(error=traceback.format_exc()))
 
 
 class ClientProcesses:
@@ -186,7 +214,7 @@ class ClientProcesses:
         when a process reports nothing within ``timeout``."""
         import queue
 
-        total, errors = ClientStats(), []
+        total = ClientStats()
         for _ in self._procs:
             try:
                 stats = self._results.get(timeout=timeout)
@@ -194,10 +222,13 @@ class ClientProcesses:
                 raise TimeoutError(f"fake client processes did not finish within {timeout:.0f} s") from None
             total.add(stats)
             if stats.error:
-                errors.append(stats.error)
+                # At once: the other processes' clients cannot finish (the server waits for the
+                # failed ones, which hold no Presence stream), so waiting for them would look
+                # like a server that hangs.
+                total.error = stats.error
+                return total
         for proc in self._procs:
             proc.join(10)
-        total.error = "\n".join(errors) or None
         return total
 
     def stop(self) -> None:

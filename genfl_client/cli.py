@@ -57,10 +57,15 @@ log = logging.getLogger("genfl_client")
         help="Serve Prometheus /metrics on this port (every client of the process, by client_id label).")
 @option("--linger-seconds", type=click.FloatRange(0), default=0.0,
         help="Keep serving /metrics this long after the run ends, so Prometheus scrapes the final values.")
+@option("--share-label-counts/--no-share-label-counts", default=False,
+        help="Tell the server at registration how many train images of each class the shard holds (a server "
+             "with --client-synthetic-mix then sends synthetic images of the classes it lacks; README.md says "
+             "what this reveals). Off unless asked for: nothing about the shard's labels leaves the client.")
 @log_level_option
 @log_format_option
 def main(server, shards, client_id, device, threads, max_reconnect_seconds, ca, tls_cert, tls_key,
-         tls_server_name, token_file, token_dir, metrics_port, linger_seconds, log_level, log_format) -> None:
+         tls_server_name, token_file, token_dir, metrics_port, linger_seconds, share_label_counts, log_level,
+         log_format) -> None:
     """Register with the server and execute its train/evaluate tasks on the local shard(s) until the
     server ends the run. Exit 0 when the run completed, non-zero on any fatal error. With several
     --shard, a client that fails fatally is logged with its id, the others carry on until the run
@@ -112,7 +117,8 @@ def main(server, shards, client_id, device, threads, max_reconnect_seconds, ca, 
         runners.append(ClientRunner(server, cid, TaskExecutor(shard, torch_device, compute_lock),
                                     ClientMetrics(cid, families), dataset=shard.dataset,
                                     max_reconnect_seconds=max_reconnect_seconds, credentials=credentials,
-                                    tls_server_name=tls_server_name, token=token))
+                                    tls_server_name=tls_server_name, token=token,
+                                    share_label_counts=share_label_counts))
     host = ClientHost(runners)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

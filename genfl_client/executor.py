@@ -108,12 +108,33 @@ class TaskExecutor:
             return self._evaluate(settings, model, held_x, held_y)
         first_evaluation = settings.first_evaluation()
         evaluated = None if first_evaluation is None else self._evaluate(first_evaluation, model, held_x, held_y)
-        outcome = self._train(settings, model, train_x, train_y)
+        try:
+            train_x, train_y = self._with_synthetic(settings, train_x, train_y)
+        except TaskSettingsError as error:
+            raise TaskError(f"task {header.task_id}: {error}") from None
+        outcome = self._train(settings, model, train_x, train_y, real_samples=len(self.shard.train_labels))
         if evaluated is not None:
             outcome.metrics.update(evaluation_metrics(evaluated))
         return outcome
 
-    def _train(self, task: TrainTask, model, x, y) -> TaskOutcome:
+    def _with_synthetic(self, task: TrainTask, x, y):
+        """The train part with the task's synthetic images mixed in (--client-synthetic-mix):
+        round(synthetic_mix x real samples) of them, drawn with replacement (seeded by the task)
+        from those the server sent for the classes this client lacks; (x, y) as they are without."""
+        synthetic = task.synthetic_set()
+        if synthetic is None:
+            return x, y
+        images, labels = synthetic
+        count = round(task.synthetic_mix * len(y))
+        generator = torch.Generator().manual_seed(task.seed)
+        chosen = torch.randint(len(labels), (count,), generator=generator)
+        extra_x = to_float_images(images[chosen.numpy()], binarize=task.binarize).to(self.device)
+        extra_y = torch.as_tensor(labels[chosen.numpy()], dtype=torch.int64).to(self.device)
+        log.info("mixing %d synthetic images of classes %s (%d sent) into %d real ones", count,
+                 sorted(set(labels.tolist())), len(labels), len(y))
+        return torch.cat([x, extra_x]), torch.cat([y, extra_y])
+
+    def _train(self, task: TrainTask, model, x, y, real_samples: int) -> TaskOutcome:
         common = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
                       device=self.device, prox_mu=task.prox_mu)
         started = time.perf_counter()
@@ -130,7 +151,8 @@ class TaskExecutor:
         if privacy is not None:
             metrics["dp_epsilon"] = privacy.epsilon()  # spent over every round so far
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return TaskOutcome(result["samples"], metrics, state)
+        # The FedAvg weight is the real samples' count: synthetic ones are the server's own data.
+        return TaskOutcome(min(result["samples"], real_samples), metrics, state)
 
     def _privacy_for(self, task: TrainTask, num_samples: int) -> ClientPrivacy | None:
         """The process's accountant for a DP task (made by the first one), or None without DP."""

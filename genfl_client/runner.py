@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import grpc
+import numpy as np
 
 from genfl_shared import __version__
 from genfl_shared.cli import set_thread_log_context
 from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, PayloadAssembler, encode_state_dict
+from genfl_shared.data import NUM_CLASSES
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.security import bearer_metadata
@@ -51,6 +53,11 @@ DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # While the server is unreachable, every WARN_EVERY-th failed attempt (and the first) is logged at
 # WARNING, the others at DEBUG: the user sees why the client waits, without a line per attempt.
 WARN_EVERY = 5
+
+
+def shard_label_counts(shard) -> list[int]:
+    """The shard's train images per class (index = label), as registration reports them."""
+    return np.bincount(shard.train_labels, minlength=NUM_CLASSES).tolist()
 
 
 class FatalClientError(RuntimeError):
@@ -130,8 +137,11 @@ class ClientRunner:
     def __init__(self, server: str, client_id: str, executor: TaskExecutor, metrics: ClientMetrics, *,
                  dataset: str, max_reconnect_seconds: float = 0.0,
                  credentials: grpc.ChannelCredentials | None = None, tls_server_name: str | None = None,
-                 token: str | None = None):
+                 token: str | None = None, share_label_counts: bool = False):
         self.server = server
+        # Whether registration tells the server how many train images of each class the shard
+        # holds (README, "Synthetic data for missing classes": what that reveals).
+        self.share_label_counts = share_label_counts
         self.client_id = client_id
         self.executor = executor
         self.metrics = metrics
@@ -221,7 +231,9 @@ class ClientRunner:
         shard = self.executor.shard
         reply = self.stub.Register(pb.RegisterRequest(
             client_id=self.client_id, num_train_samples=shard.num_train, num_heldout_samples=shard.num_heldout,
-            dataset=self.dataset, client_version=__version__), timeout=30, metadata=self.metadata)
+            dataset=self.dataset, client_version=__version__,
+            label_counts=shard_label_counts(shard) if self.share_label_counts else ()),
+            timeout=30, metadata=self.metadata)
         self.run_id, self.poll_timeout = reply.run_id, reply.poll_timeout_seconds or 30.0
         self.session_secret = reply.session_secret
         log.info("client %s registered with %s in run %s", self.client_id, self.server, self.run_id)

@@ -37,17 +37,18 @@ from .sweep.plan import Distribution  # noqa: E402
 MAIN_ARMS = {"pretrained": ("pre-trained", "tab:blue"), "baseline": ("baseline", "tab:orange")}
 
 
-def _panels(n: int, *, width: float = 3.6, height: float = 3.0):
+def _panels(n: int, *, width: float = 3.6, height: float = 3.0, min_width: float = 0.0, extra_height: float = 0.0):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, min_width), height * rows + extra_height),
+                             squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -77,25 +78,40 @@ def plot_accuracy_per_round(results: list[CellResult], path: Path, arms: dict[st
     if not grouped:
         return None
     dists = sorted(grouped, key=distribution_order)
-    fig, axes = _panels(len(dists))
+    # Many arms: one legend under the panels (inside a panel it would hide the curves), the seeds
+    # per arm in each panel's title.
+    shared = len(arms) > 3
+    legend_rows = math.ceil(len(arms) / 2) if shared else 0
+    fig, axes = _panels(len(dists), min_width=9.0 if shared else 0.0, extra_height=0.25 * legend_rows)
     for ax, dist in zip(axes, dists):
+        seeds = set()
         for name, (label, color) in arms.items():
             curve = _curves(grouped[dist].get(name, []))
             if curve is None:
                 continue
             rounds, mean, std = curve
             n = len(grouped[dist][name])
-            ax.plot(rounds, mean, marker="o", ms=3, color=color, label=f"{label} (n={n})")
+            seeds.add(n)
+            ax.plot(rounds, mean, marker="o", ms=3, color=color, label=label if shared else f"{label} (n={n})")
             ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-        ax.set_title(distribution_label(dist))
+        n_text = f"n = {min(seeds)}" if len(seeds) == 1 else f"n = {min(seeds)}-{max(seeds)}"
+        ax.set_title(f"{distribution_label(dist)} ({n_text})" if shared and seeds else distribution_label(dist))
         ax.set_xlabel("classifier round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("weighted client accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if not shared:
+            ax.legend(fontsize=7, loc="best")
     fig.suptitle(title)
-    return _save(fig, path)
+    if not shared:
+        return _save(fig, path)
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    return _save(fig, path, rect=(0, 0.25 * legend_rows / fig.get_figheight() + 0.02, 1, 1))
 
 
 def _mitigation_arms(results: list[CellResult]) -> dict[str, tuple[str, str]]:
@@ -109,8 +125,8 @@ def _mitigation_arms(results: list[CellResult]) -> dict[str, tuple[str, str]]:
 
 def plot_cas_vs_alpha(results: list[CellResult], path: Path) -> Path | None:
     by_dist = defaultdict(list)
-    for r in results:
-        if r.kind == "classifier" and r.summary.get("cas") is not None:
+    for r in results:  # the pretrained-iid-synthetic cells score the IID CVAE, not their own federation's
+        if r.kind == "classifier" and r.summary.get("cas") is not None and not r.arm_name.endswith("iid-synthetic"):
             by_dist[r.distribution].append(r.summary)
     if not by_dist:
         return None

@@ -34,7 +34,10 @@ log = logging.getLogger("genfl_launch")
 # The run settings genfl-launch takes (the rest keep the preset's values).
 LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples",
                  "cas_epochs", "pretrain_epochs", "strategy", "pretrain", "deterministic", "local_loss",
-                 "server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size", *DP_FIELDS)
+                 "server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size", "server_distill",
+                 "server_distill_teacher", "server_distill_max_teachers", "server_distill_steps", "server_distill_lr",
+                 "server_distill_temperature", "server_distill_batch_size", "client_synthetic_mix",
+                 *DP_FIELDS)
 
 
 class LaunchError(RuntimeError):
@@ -74,6 +77,16 @@ def resolve_clients_per_process(given: int | None, device: str, clients: int) ->
     return max(1, clients) if device.startswith("cuda") else 1
 
 
+def _client_args_for(server_args: list[str]) -> list[str]:
+    """Client options a stage's server settings need: a server that sends synthetic images of missing
+    classes (--client-synthetic-mix > 0) needs each client's label counts, which clients share only
+    when told to (the launcher's user, who owns these clients, asked for the arm)."""
+    if "--client-synthetic-mix" in server_args:
+        if float(server_args[server_args.index("--client-synthetic-mix") + 1]) > 0:
+            return ["--share-label-counts"]
+    return []
+
+
 class Launcher:
     def __init__(self, shards: list[Path], *, client_args: list[str], timeout: float | None,
                  progress_bar: bool = True, clients_per_process: int = 1):
@@ -107,11 +120,12 @@ class Launcher:
                                         "--address", "127.0.0.1:0"], logs / "server.log")
         stage.processes["server"] = server
         endpoint = self._wait_for_endpoint(stage, server)
+        client_args = [*self.client_args, *_client_args_for(stage.server_args)]
         for group in self.client_groups():
             name = group[0].stem if len(group) == 1 else f"{group[0].stem}_to_{group[-1].stem}"
             shard_args = [arg for shard in group for arg in ("--shard", str(shard))]
             stage.processes[name] = self._spawn(name, ["genfl_client.cli", "--server", endpoint, *shard_args,
-                                                       *self.client_args], logs / f"{name}.log")
+                                                       *client_args], logs / f"{name}.log")
         self._monitor(stage)
         return json.loads((stage.out / SUMMARY_JSON).read_text())
 

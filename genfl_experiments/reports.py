@@ -245,7 +245,10 @@ def _mitigation_section(grouped, dists) -> list[str]:
         "\"pre-training only\" broadcasts the pre-trained model and lets the clients only evaluate it "
         "(local epochs 0); balanced softmax trains every client on cross-entropy of the logits plus the log of "
         "its own label prior (--local-loss balanced); server fine-tuning takes class-balanced SGD steps of "
-        "each aggregate on the synthetic set before it is broadcast (--server-finetune-steps). Every "
+        "each aggregate on the synthetic set before it is broadcast (--server-finetune-steps); server distillation "
+        "trains each aggregate on the synthetic inputs towards the mean logits of the round's accepted client "
+        "models (FedDF, --server-distill); synthetic images of missing classes sends each client synthetic images of "
+        "the classes its reported label counts lack, mixed into its local training (--client-synthetic-mix). Every "
         "pre-trained arm starts from the same pre-trained weights, every baseline arm from the same random "
         "weights, on the same shards.",
         "",
@@ -338,9 +341,10 @@ def _timing_section(results: list[CellResult]) -> list[str]:
 
 def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: str) -> None:
     by_dist = defaultdict(list)
+    from_iid_cvae = []  # the pretrained-iid-synthetic cells score the IID federation's CVAE, not their own
     for r in results:
         if r.kind == "classifier" and r.summary.get("cas") is not None:
-            by_dist[r.distribution].append(r)
+            (from_iid_cvae if r.arm_name.endswith("iid-synthetic") else by_dist[r.distribution]).append(r)
     centralised = [r for r in results if r.kind == "centralised"]
     lines = [
         f"# Classification Accuracy Score: {dataset.upper()}, preset `{preset}`",
@@ -359,6 +363,13 @@ def write_cas(results: list[CellResult], path: Path, *, dataset: str, preset: st
         runs = by_dist[dist]
         lines.append(f"| {distribution_label(dist)} | {fmt_pct([r.summary['cas'] for r in runs])} "
                      f"| {fmt_pct([r.summary.get('cas_federated') for r in runs])} | {len(runs)} | {_seeds(runs)} |")
+    if from_iid_cvae:
+        # Federated CAS here is on the skewed federation's held-out data that the arm trains on.
+        for dist in sorted({r.distribution for r in from_iid_cvae}, key=distribution_order):
+            runs = [r for r in from_iid_cvae if r.distribution == dist]
+            lines.append(f"| IID CVAE, scored in the {distribution_label(dist)} federation (pretrained-iid-synthetic) "
+                         f"| {fmt_pct([r.summary['cas'] for r in runs])} "
+                         f"| {fmt_pct([r.summary.get('cas_federated') for r in runs])} | {len(runs)} | {_seeds(runs)} |")
     if centralised:
         lines.append(f"| Centralised CVAE (all data) | {fmt_pct([r.summary['cas'] for r in centralised])} | – "
                      f"| {len(centralised)} | {_seeds(centralised)} |")

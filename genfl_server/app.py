@@ -76,8 +76,9 @@ class ServerSettings:
         fields = {"dataset": self.dataset, "alpha": self.alpha, "clients": self.config.clients,
                   "seed": self.config.seed, "pretrain": self.config.pretrain, "phase": self.phase,
                   "preset": self.preset, "config": self.config.to_dict()}
-        if self.pretrained_checkpoint is not None:
-            fields["pretrained_checkpoint"] = str(self.pretrained_checkpoint)
+        for name in ("cvae_checkpoint", "pretrained_checkpoint"):  # where its generator / start came from
+            if getattr(self, name) is not None:
+                fields[name] = str(getattr(self, name))
         return fields
 
 

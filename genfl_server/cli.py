@@ -221,14 +221,16 @@ def _server_option(opts: dict[str, Any], name: str) -> Any:
 def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
     config = resolve_config(opts["preset"], given)
     phase = opts["phase"]
+    synthetic_users = config.federated_synthetic_options()
     if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretrain or (
-            opts["cvae_checkpoint"] is not None and not config.server_finetune_steps)):
+            opts["cvae_checkpoint"] is not None and not synthetic_users)):
         raise click.UsageError("--pretrained-checkpoint goes with --phase classifier, without "
-                               "--no-pretrain and without --cvae-checkpoint (unless --server-finetune-steps: "
-                               "the CVAE then samples the fine-tuning set)")
-    if phase == "classifier" and config.server_finetune_steps and opts["cvae_checkpoint"] is None:
-        raise click.UsageError("--server-finetune-steps with --phase classifier needs --cvae-checkpoint "
-                               "(the CVAE samples the synthetic fine-tuning set)")
+                               "--no-pretrain and without --cvae-checkpoint (unless --server-finetune-steps, "
+                               "--server-distill or --client-synthetic-mix: the CVAE then samples their synthetic "
+                               "set)")
+    if phase == "classifier" and synthetic_users and opts["cvae_checkpoint"] is None:
+        raise click.UsageError(f"{' and '.join(synthetic_users)} with --phase classifier needs --cvae-checkpoint "
+                               "(the CVAE samples the synthetic set they use)")
     if (phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None
             and opts["pretrained_checkpoint"] is None):
         raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "

@@ -35,10 +35,11 @@ import grpc
 import torch
 
 from genfl_shared.codec import Payload
+from genfl_shared.data import NUM_CLASSES
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings, TrainTask
 
-from .guard import PartitionCounts, check_registered_samples
+from .guard import PartitionCounts, check_registered_samples, checked_label_counts
 from .logsafe import RateLimitedLog, shown
 from .presence import DEFAULT_PRESENCE_GRACE_SECONDS, Presence
 
@@ -78,6 +79,9 @@ class ClientInfo:
     num_heldout_samples: int
     dataset: str
     session_digest: bytes  # SHA-256 of the session secret: the secret itself is not kept
+    # The train part per class as the client reported it (None: not shared); untrusted, checked
+    # only for shape and sum (guard.checked_label_counts).
+    label_counts: tuple[int, ...] | None = None
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -282,6 +286,7 @@ class Coordinator:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
                            f"client {cid!r} reports {request.num_train_samples} training samples")
         check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
+        label_counts = checked_label_counts(cid, request.label_counts, request.num_train_samples, NUM_CLASSES)
         if self.partition is not None:
             self.partition.check(cid, request.num_train_samples, request.num_heldout_samples)
         if self.dataset and request.dataset and request.dataset != self.dataset:
@@ -294,12 +299,13 @@ class Coordinator:
                                f"this run takes {self.expected_clients} clients and all have registered")
             if known is not None and self.started and (
                     known.num_train_samples != request.num_train_samples
-                    or known.num_heldout_samples != request.num_heldout_samples):
+                    or known.num_heldout_samples != request.num_heldout_samples
+                    or known.label_counts != label_counts):
                 raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "sample_count_changed",
-                               f"client {cid!r} re-registered with different sample counts mid-run")
+                               f"client {cid!r} re-registered with different sample or label counts mid-run")
             secret = new_secret()
             info = ClientInfo(cid, request.num_train_samples, request.num_heldout_samples, request.dataset,
-                              secret_digest(secret))
+                              secret_digest(secret), label_counts=label_counts)
             self.clients[cid] = info
             was_live = known is not None and self._session_live(known)
             self._cond.notify_all()

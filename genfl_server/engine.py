@@ -48,9 +48,27 @@ log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 TestFn = Callable[[Mapping[str, torch.Tensor]], dict]
-# (round, accepted aggregate) -> (the model to broadcast instead, what to record of the step): a
-# phase's server-side correction of each aggregate (the classifier phase's synthetic fine-tuning).
-PostAggregation = Callable[[int, State], tuple[State, dict]]
+
+
+@dataclass(frozen=True)
+class RoundModels:
+    """What a post-aggregation step may use besides the aggregate: the model the round's clients
+    trained from, and (only when the step's ``keeps_updates`` is true) the updates the aggregate was
+    made of, client_id -> update as received. Refused updates (norm bounds, a bad aggregate's
+    farthest one) and clipped ones are never in ``accepted``."""
+
+    previous: Mapping[str, torch.Tensor]
+    accepted: Mapping[str, Mapping[str, torch.Tensor]]
+
+
+# (round, accepted aggregate, RoundModels) -> (the model to broadcast instead, what to record of
+# the step): a phase's server-side correction of each aggregate (the classifier phase's synthetic
+# fine-tuning or distillation). A step with a true ``keeps_updates`` attribute has the engine keep
+# the round's accepted updates for it (K models of memory during the round).
+PostAggregation = Callable[[int, State, RoundModels], tuple[State, dict]]
+# (client, round, its seeded TRAIN task) -> the task it is sent: a phase's per-client additions
+# (the classifier phase's synthetic images for the classes a client lacks).
+ClientTask = Callable[[ClientInfo, int, TrainTask], TrainTask]
 
 
 class RoundFailed(RuntimeError):
@@ -166,8 +184,11 @@ class RoundEngine:
                           f"in {1 + self.round_retries} attempts of {self.round_timeout} s{why}")
 
     def fit(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
-            strategy: Strategy, evaluations: dict[str, TaskResult] | None = None) -> tuple[State, float | None]:
-        """One round of local training and aggregation; returns (new state, mean train loss).
+            strategy: Strategy, evaluations: dict[str, TaskResult] | None = None, *,
+            keep_updates: bool = False, client_task: ClientTask | None = None) -> tuple[State, float | None, dict[str, Mapping[str, torch.Tensor]]]:
+        """One round of local training and aggregation; returns (new state, mean train loss, the
+        accepted updates: with ``keep_updates``, client_id -> each update folded into the new state
+        unclipped, else empty).
 
         With ``evaluations`` (a dict, filled in as results arrive, also when the round fails) the
         clients first evaluate ``state``, the previous round's aggregate, on their held-out part
@@ -185,13 +206,17 @@ class RoundEngine:
             if not clients:
                 raise RoundFailed(f"{phase} round {rnd}: every client's update was rejected ({excluded})")
             carried = strategy.state_dict()  # FedAvgM's velocity, restored if the aggregate is refused
-            round_guard, results = self._fit_once(phase, rnd, state, settings, strategy, clients, evaluations)
+            round_guard, results, kept = self._fit_once(phase, rnd, state, settings, strategy, clients, evaluations,
+                                                        keep_updates, client_task)
             offenders = round_guard.offenders()
             if not offenders:
                 new_state = strategy.finish()
                 offenders = round_guard.check_aggregate(new_state)
                 if not offenders:
-                    return new_state, weighted_mean(results, "loss")
+                    # A clipped update went into the aggregate scaled down: as received, it is not
+                    # what the round accepted.
+                    accepted = {cid: update for cid, update in kept.items() if cid not in round_guard.clipped}
+                    return new_state, weighted_mean(results, "loss"), accepted
                 strategy.load_state_dict(carried)
             for client_id, reason in sorted(offenders.items()):
                 self.metrics.updates_rejected.labels(reason).inc()
@@ -201,15 +226,21 @@ class RoundEngine:
             excluded.update(offenders)
 
     def _fit_once(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor], settings: TrainTask,
-                  strategy: Strategy, clients: list[ClientInfo], evaluations: dict[str, TaskResult] | None
-                  ) -> tuple[RoundGuard, list[TaskResult]]:
+                  strategy: Strategy, clients: list[ClientInfo], evaluations: dict[str, TaskResult] | None,
+                  keep_updates: bool = False, client_task: ClientTask | None = None
+                  ) -> tuple[RoundGuard, list[TaskResult], dict]:
         """Train on ``clients`` and fold their updates into ``strategy`` (not finished yet); with
-        ``evaluations``, see ``fit``."""
+        ``evaluations``, see ``fit``; with ``keep_updates``, also returns every folded update as
+        received (client_id -> update), else an empty dict."""
         held: dict[str, tuple[float, Mapping[str, torch.Tensor]]] = {}
+        kept: dict[str, Mapping[str, torch.Tensor]] = {}
         round_guard: RoundGuard | None = None  # made afresh by each attempt
 
         def fold_in(task, num_samples, update):
+            received = update
             weight, update = round_guard.admit(task.client_id, num_samples, update)
+            if keep_updates:  # admitted only; an upload holds its received bytes: one model's size, no copy
+                kept[task.client_id] = received
             if self.deterministic:
                 # Whole tensors, summed as whole tensors after the step: the same numbers whatever
                 # the chunking (an upload's pieces would be folded slice by slice).
@@ -219,8 +250,12 @@ class RoundEngine:
             strategy.accumulate(update, weight)
             self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
 
+        infos = {c.client_id: c for c in clients}
+
         def settings_for(client_id: str) -> TrainTask:
             seeded = self.seeded(settings, pb.TASK_TYPE_TRAIN, phase, rnd, client_id)
+            if client_task is not None:
+                seeded = client_task(infos[client_id], rnd, seeded)
             if evaluations is None or client_id in evaluations:
                 return seeded
             # The seed round rnd - 1's own EVALUATE task would have had.
@@ -233,6 +268,7 @@ class RoundEngine:
             strategy.begin(state)  # a retried round starts a fresh sum
             round_guard = self.guard.round(state, {c.client_id: c.num_train_samples for c in clients})
             held.clear()
+            kept.clear()
             step_results = self._run_batch(pb.TASK_TYPE_TRAIN, phase, rnd, state, settings_for, on_update=fold_in,
                                            clients=clients, quorum=required)
             for client_id in sorted(held):
@@ -245,7 +281,7 @@ class RoundEngine:
             return step_results
 
         results = self._with_retries("training", phase, rnd, attempt, asked=len(clients))
-        return round_guard, results
+        return round_guard, results, kept
 
     def evaluate(self, phase: str, rnd: int, state: Mapping[str, torch.Tensor],
                  settings: EvaluateTask, evaluated: Mapping[str, TaskResult] | None = None) -> EvalReport:
@@ -275,14 +311,15 @@ class RoundEngine:
     def run_rounds(self, phase: str, state: Mapping[str, torch.Tensor], *, rounds: int, train_task: TrainTask,
                    eval_task: EvaluateTask, strategy: Strategy | str = "fedavg", test_fn: TestFn | None = None,
                    start_round: int = 1, on_round_end: Callable[[int, State], None] | None = None,
-                   post_aggregation: PostAggregation | None = None) -> State:
+                   post_aggregation: PostAggregation | None = None, client_task: ClientTask | None = None) -> State:
         """Rounds ``start_round..rounds`` from ``state``; ``on_round_end(round, state)`` after each
         round's aggregate (the phase checkpoints there, with the recorder's pending record), and
         once more after the last round's record.
 
         ``post_aggregation`` (optional) replaces each accepted aggregate by its result before
         anything sees it (test set, checkpoint, next round's broadcast), checked as an aggregate is;
-        the round's record keeps what it reports under "post_aggregation".
+        the round's record keeps what it reports under "post_aggregation". ``client_task``
+        (optional) adjusts each client's TRAIN task before it is sent.
 
         A round's record waits (``RunRecorder.hold_round``) for its client evaluation, which the
         next round's training brings; a resumed phase finds the record of its last completed round
@@ -303,7 +340,9 @@ class RoundEngine:
             set_log_context(phase=phase, round=rnd)
             evaluations: dict[str, TaskResult] | None = {} if pending is not None else None
             try:
-                new_state, train_loss = self.fit(phase, rnd, state, train_task, strategy, evaluations)
+                new_state, train_loss, accepted = self.fit(
+                    phase, rnd, state, train_task, strategy, evaluations,
+                    keep_updates=bool(getattr(post_aggregation, "keeps_updates", False)), client_task=client_task)
             except RoundFailed:
                 if pending is not None:
                     self._record_before_failing(pending, state, eval_task, evaluations, rounds)
@@ -312,7 +351,9 @@ class RoundEngine:
                 self._complete_round(pending, self.evaluate(phase, rnd - 1, state, eval_task, evaluations), rounds)
             post = None
             if post_aggregation is not None:
-                new_state, post = self._post_aggregate(phase, rnd, new_state, post_aggregation)
+                new_state, post = self._post_aggregate(phase, rnd, new_state, post_aggregation,
+                                                       RoundModels(previous=state, accepted=accepted))
+            del accepted  # the kept updates live for the round only
             state = new_state
             test = test_fn(state) if test_fn else {}
             pending = {
@@ -338,11 +379,12 @@ class RoundEngine:
         set_log_context(round=None)
         return state
 
-    def _post_aggregate(self, phase: str, rnd: int, aggregate: State, step: PostAggregation) -> tuple[State, dict]:
+    def _post_aggregate(self, phase: str, rnd: int, aggregate: State, step: PostAggregation,
+                        models: RoundModels) -> tuple[State, dict]:
         """``step``'s model if it may become the global model (same weights, all finite and sane),
         else the aggregate itself: the round's clients did nothing wrong, so the round stands."""
         started = time.perf_counter()
-        corrected, info = step(rnd, aggregate)
+        corrected, info = step(rnd, aggregate, models)
         problem = aggregate_problem(corrected)
         if problem is None and (corrected.keys() != aggregate.keys()
                                 or any(corrected[k].shape != aggregate[k].shape for k in aggregate)):

@@ -87,7 +87,8 @@ def finetune_classifier(state: Mapping[str, Tensor], images: Tensor, labels: Ten
 @dataclass
 class ServerFineTune:
     """The classifier phase's post-aggregation hook (RoundEngine.run_rounds' ``post_aggregation``):
-    ``hook(round, aggregate) -> (fine-tuned state, what to record)``."""
+    ``hook(round, aggregate, round_models) -> (fine-tuned state, what to record)``; it uses the
+    aggregate alone."""
 
     images: Tensor  # the server's synthetic set (class-balanced)
     labels: Tensor
@@ -97,7 +98,9 @@ class ServerFineTune:
     seed: int  # the run's; each round's steps get their own seed from it
     device: torch.device
 
-    def __call__(self, rnd: int, aggregate: Mapping[str, Tensor]) -> tuple[State, dict]:
+    keeps_updates = False
+
+    def __call__(self, rnd: int, aggregate: Mapping[str, Tensor], _models=None) -> tuple[State, dict]:
         tuned, info = finetune_classifier(aggregate, self.images, self.labels, steps=self.steps, lr=self.lr,
                                           batch_size=self.batch_size, seed=derive_seed(self.seed, "finetune", rnd),
                                           device=self.device)

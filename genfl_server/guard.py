@@ -70,6 +70,24 @@ MIN_UPDATES_FOR_ADAPTIVE_BOUND = 3
 MAX_ABS_WEIGHT = 1e6
 
 
+def checked_label_counts(client_id: str, label_counts, num_train_samples: int, num_classes: int
+                         ) -> tuple[int, ...] | None:
+    """A registration's label histogram (None when the client shares none), or Rejected
+    (INVALID_ARGUMENT, 'bad_label_counts'): one count per class, summing to the registered train
+    samples. It is what the client says and stays untrusted: it only decides which synthetic
+    classes the server sends it (--client-synthetic-mix), never a weight of the model."""
+    if not len(label_counts):
+        return None
+    if len(label_counts) != num_classes:  # before converting: the repeated field may be huge
+        raise _rejected("bad_label_counts", f"client {client_id!r} reports label counts for {len(label_counts)} "
+                                            f"classes; the dataset has {num_classes}")
+    counts = tuple(int(n) for n in label_counts)
+    if sum(counts) != num_train_samples:
+        raise _rejected("bad_label_counts", f"client {client_id!r} reports label counts summing to {sum(counts)}, "
+                                            f"but {num_train_samples} training samples")
+    return counts
+
+
 def check_registered_samples(client_id: str, num_train_samples: int, max_client_samples: int | None) -> None:
     """Refuse a registration claiming more training samples than the dataset holds."""
     if max_client_samples is not None and num_train_samples > max_client_samples:

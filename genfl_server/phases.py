@@ -25,13 +25,15 @@ from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthet
 from genfl_shared.tasks import EvaluateTask, TrainTask
 from genfl_shared.training import evaluate_classifier, evaluate_cvae
 
-from .engine import PostAggregation, RoundEngine
+from .distill import ServerDistillation
+from .engine import PostAggregation, RoundEngine, RoundModels
 from .finetune import ServerFineTune
 from .metrics import ServerMetrics
 from .privacy import PrivacyLedger
 from .results import RunRecorder
 from .runstate import RunState
 from .strategy import Strategy, build_strategy
+from .synthmix import ClientSyntheticMix
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
 
 def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
                train: TrainTask, evaluate: EvaluateTask, test_fn,
-               post_aggregation: PostAggregation | None = None) -> State:
+               post_aggregation: PostAggregation | None = None, client_task=None) -> State:
     """The phase's federated rounds, resumable: the model and the strategy's state (FedAvgM's
     velocity) are saved after every round and restored from a resumed run's state."""
     strategy = phase_strategy(ctx.config)
@@ -110,7 +112,8 @@ def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor],
 
     return ctx.engine.run_rounds(phase, start, rounds=rounds, train_task=train, eval_task=evaluate,
                                  strategy=strategy, test_fn=test_fn, start_round=done + 1,
-                                 on_round_end=on_round_end, post_aggregation=post_aggregation)
+                                 on_round_end=on_round_end, post_aggregation=post_aggregation,
+                                 client_task=client_task)
 
 
 def record_privacy(ctx: PhaseContext, rnd: int) -> None:
@@ -219,18 +222,69 @@ def server_finetune(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor] | 
     cfg = ctx.config
     if not cfg.server_finetune_steps:
         return None
-    if cvae_state is None:
-        raise ValueError("--server-finetune-steps needs the CVAE that samples the synthetic set "
-                         "(--phase all, or --cvae-checkpoint)")
-    images, labels = synthetic_set(ctx, cvae_state)
+    images, labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--server-finetune-steps"))
     return ServerFineTune(images, labels, steps=cfg.server_finetune_steps, lr=cfg.server_finetune_lr,
                           batch_size=cfg.server_finetune_batch_size, seed=cfg.seed, device=ctx.device)
 
 
+def server_distill(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor] | None) -> ServerDistillation | None:
+    """The classifier phase's post-aggregation distillation on the synthetic inputs (None when off)."""
+    cfg = ctx.config
+    if not cfg.server_distill:
+        return None
+    images, _labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--server-distill"))
+    return ServerDistillation(images, cfg.server_distill_teacher, steps=cfg.server_distill_steps,
+                              lr=cfg.server_distill_lr, batch_size=cfg.server_distill_batch_size,
+                              temperature=cfg.server_distill_temperature, seed=cfg.seed, device=ctx.device)
+
+
+def client_synthetic_mix(ctx: PhaseContext, cvae_state) -> ClientSyntheticMix | None:
+    """The classifier phase's synthetic images for the classes each client lacks (None when off)."""
+    cfg = ctx.config
+    if not cfg.client_synthetic_mix:
+        return None
+    images, labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--client-synthetic-mix"))
+    return ClientSyntheticMix(images, labels, ratio=cfg.client_synthetic_mix, seed=cfg.seed)
+
+
+def _needs_cvae(cvae_state, option: str):
+    if cvae_state is None:
+        raise ValueError(f"{option} needs the CVAE that samples the synthetic set (--phase all, or --cvae-checkpoint)")
+    return cvae_state
+
+
+@dataclass
+class PostAggregationSteps:
+    """Several post-aggregation steps, one after the other (distillation, then fine-tuning): the
+    engine checks the last one's model; the record keeps each step's under its kind."""
+
+    steps: list
+
+    @property
+    def keeps_updates(self) -> bool:
+        return any(getattr(step, "keeps_updates", False) for step in self.steps)
+
+    def __call__(self, rnd: int, aggregate: State, models: RoundModels) -> tuple[State, dict]:
+        state, parts = aggregate, {}
+        for step in self.steps:
+            state, info = step(rnd, state, models)
+            parts[info["kind"]] = info
+        return state, {"kind": "+".join(parts), **parts}
+
+
+def post_aggregation_steps(ctx: PhaseContext, cvae_state) -> PostAggregation | None:
+    """The classifier phase's server-side corrections of each aggregate, in order (None: none)."""
+    steps = [step for step in (server_distill(ctx, cvae_state), server_finetune(ctx, cvae_state)) if step is not None]
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+    return PostAggregationSteps(steps)
+
+
 def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor],
                      cvae_state: Mapping[str, torch.Tensor] | None = None) -> State:
-    """The federated classifier rounds from ``start``; with --server-finetune-steps, each aggregate
-    is fine-tuned on the synthetic set of ``cvae_state`` before it is broadcast."""
+    """The federated classifier rounds from ``start``; with --server-distill and/or
+    --server-finetune-steps, each aggregate is distilled / fine-tuned on the synthetic set of
+    ``cvae_state`` before it is broadcast."""
     cfg = ctx.config
 
     def test_fn(state):
@@ -239,6 +293,8 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor],
         return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
     state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train_task(cfg, "classifier"),
-                       eval_task(cfg, "classifier"), test_fn, post_aggregation=server_finetune(ctx, cvae_state))
+                       eval_task(cfg, "classifier"), test_fn,
+                       post_aggregation=post_aggregation_steps(ctx, cvae_state),
+                       client_task=client_synthetic_mix(ctx, cvae_state))
     save_checkpoint(ctx.out_dir / "classifier.pt", "classifier", state)
     return state

@@ -18,11 +18,9 @@ connection and, by option, ``max_streams_per_ip`` per IP address (RESOURCE_EXHAU
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import logging
-import math
 import socket
 from concurrent import futures
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import CHUNK_SIZE, TRANSPORT_OPTIONS, CodecError, state_dict_nbytes
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
@@ -54,8 +52,15 @@ log = logging.getLogger(__name__)
 # this bounds the server's memory however many clients upload together; the rest wait in gRPC flow
 # control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
 # grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a
-# chunk, and then for at most --upload-timeout.
+# chunk, and then for at most --upload-timeout; before that, a place in the upload queue.
 DEFAULT_MAX_CONCURRENT_UPLOADS = 2
+# Uploads that may hold their first chunk while they wait for a receive slot. Reading the first
+# chunk before a slot is taken keeps a stalled upload (a header, then nothing) from holding a slot;
+# bounding how many may do so keeps the waiting uploads from holding a chunk (1 MiB) each: with 50
+# clients uploading at once, 48 waiting first chunks were about 11 models of memory. A stall holds
+# one of these places for at most --upload-timeout, so it takes this many stalls together to hold
+# every upload up, as it takes max_concurrent_uploads stalls that sent one chunk to hold the slots.
+UPLOAD_QUEUE_PER_SLOT = 2
 # Model downloads streamed at once. Each in-flight download holds gRPC send buffers of about a
 # chunk; without a bound, K clients downloading together cost about K models of memory.
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
@@ -119,14 +124,22 @@ class ResultStream:
         self._messages = request_iterator.__aiter__()
         self.clock = clock
         self.header: pb.ResultHeader | None = None  # once read
+        self._peeked: list[pb.ResultMessage | None] = []  # a message read by wait_for_next, not yet taken
 
     @property
     def client_id(self) -> str:
         return self.header.client_id if self.header is not None else ""
 
+    async def wait_for_next(self) -> None:
+        """Wait until the next message has arrived (or the stream ended); ``next`` returns it."""
+        if not self._peeked:
+            self._peeked.append(await self.next())
+
     async def next(self) -> pb.ResultMessage | None:
         """The next message (None at the end of the stream). Raises Rejected: ``malformed`` for
         one that does not parse, ``upload_timeout`` once the clock has run out."""
+        if self._peeked:
+            return self._peeked.pop()
         try:
             async with asyncio.timeout(self.clock.remaining()):
                 message = await anext(self._messages, None)
@@ -135,29 +148,6 @@ class ResultStream:
         if message is not None:
             _refuse_unparsable(message)
         return message
-
-    async def rest_of_update(self, first: pb.ResultMessage | None, max_bytes: int) -> collections.deque:
-        """``first`` and the messages after it up to the end of the stream, read as they come.
-        Reading stops early once they are certain to be refused (more chunk bytes than
-        ``max_bytes``, more chunks than such a payload has, a message that is not a chunk), so that
-        a hostile stream cannot make the server hold more than one model's bytes."""
-        messages, size = collections.deque(), 0
-        max_messages = math.ceil(max_bytes / CHUNK_SIZE) + 1
-        message = first
-        while message is not None:
-            messages.append(message)
-            # ByteSize, not len(chunk.data), which copies the bytes; a chunk message adds at most
-            # MESSAGE_OVERHEAD bytes to its data, so past the bound the data alone exceeds max_bytes.
-            size += message.ByteSize()
-            if (message.WhichOneof("kind") != "chunk" or len(messages) > max_messages
-                    or size > max_bytes + MESSAGE_OVERHEAD * len(messages)):
-                break
-            message = await self.next()
-        return messages
-
-
-# Bytes a serialized ResultMessage(chunk=Chunk(index, data)) holds beyond its data (tags, lengths, index).
-MESSAGE_OVERHEAD = 32
 
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
@@ -177,6 +167,8 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self.upload_timeout = upload_timeout
         # Everything below is used on the event loop's thread only (no locks), except the executor.
         self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
+        # Places for uploads waiting for a slot with their first chunk read (UPLOAD_QUEUE_PER_SLOT).
+        self._upload_queue = asyncio.Semaphore(max_concurrent_uploads * UPLOAD_QUEUE_PER_SLOT)
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         # Decoding, validating and folding an update, off the event loop so health and polls answer
         # meanwhile: with 8 CVAE uploads at once (2 busy cores) health checks took a median 20-30 ms
@@ -333,20 +325,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 trailing = await stream.next() is not None
                 await self._in_executor(self._record_task_error, header, task, batch, trailing)
                 return None
-            update = None
             if task.expects_weights:
                 if not header.HasField("manifest"):
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                    "a training result must carry the updated weights")
-                first_chunk = await stream.next()
-                stream.clock.pause()  # waiting for a slot is the server's doing
-                async with self._upload_slots:
-                    stream.clock.resume()
-                    messages = await stream.rest_of_update(first_chunk, state_dict_nbytes(batch.template))
-                    del first_chunk  # the deque holds it, and drops it once read
-                    update = await self._in_executor(self._receive_update, header, messages, batch.template)
-                    del messages
-                    await self._accept(context, header, task, batch, update)
+                await self._receive_in_slot(stream, context, header, task, batch)
             else:
                 if await stream.next() is not None:
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
@@ -355,6 +338,28 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             return task
         finally:
             self._open_uploads.release(header.client_id)
+
+    async def _receive_in_slot(self, stream: ResultStream, context, header, task: Task, batch) -> None:
+        """Read a TRAIN result's chunks, check them and fold the update in, in a receive slot (see
+        UPLOAD_QUEUE_PER_SLOT): a place in the upload queue first (no chunk held while waiting for
+        one), then the first chunk, then a slot. Waiting for either is the server's doing: the
+        upload's clock is paused."""
+        stream.clock.pause()
+        await self._upload_queue.acquire()
+        queued = True
+        try:
+            stream.clock.resume()
+            await stream.wait_for_next()  # the first chunk
+            stream.clock.pause()
+            async with self._upload_slots:
+                self._upload_queue.release()
+                queued = False
+                stream.clock.resume()
+                update = await self._receive_update(stream, header, batch.template)
+                await self._accept(context, header, task, batch, update)
+        finally:
+            if queued:
+                self._upload_queue.release()
 
     async def Presence(self, request, context):
         """Held open by the client for its session; its end (the client gone: the kernel closed a
@@ -416,20 +421,24 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         log.warning("client %s could not execute task %s (%s round %d, %s): %s", task.client_id, task.task_id,
                     task.phase, task.round, pb.TaskType.Name(task.type), message)
 
-    def _receive_update(self, header, messages: collections.deque, template) -> ChunkedUpdate:
-        """The update of ``messages`` (the result's chunk messages, consumed: each is dropped once
-        read, so the upload is held once, as its chunks), checked and measured chunk by chunk;
-        raises Rejected before anything is folded in."""
+    async def _receive_update(self, stream: ResultStream, header, template) -> ChunkedUpdate:
+        """The update of the rest of ``stream``'s messages, chunks each checked,
+        hashed and measured (in the executor) as soon as it is read, so that the next one arrives
+        meanwhile and the upload is held once, as its chunks: a chunk too many, too large or out of
+        order is refused at once, so a hostile stream cannot make the server hold more than one
+        model's bytes. Raises Rejected before anything is folded in."""
         try:
             update = ChunkedUpdate(header.manifest, template, max_bytes=state_dict_nbytes(template))
-            while messages:
-                message = messages.popleft()
+            message = await stream.next()
+            while message is not None:
                 if message.WhichOneof("kind") != "chunk":
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
                                    "only chunks may follow the result header")
-                update.add(message.chunk)
+                await self._in_executor(update.add, message.chunk)
+                message = None  # its bytes are the update's now: dropped before the next one arrives
+                message = await stream.next()
             self.metrics.bytes_received.inc(update.received_bytes)
-            return update.finish()
+            return await self._in_executor(update.finish)
         except CodecError as error:
             raise Rejected(_CODEC_STATUS.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT),
                            error.reason, f"update rejected: {error}") from None

@@ -345,6 +345,11 @@ def strategy_names() -> list[str]:
     return list(STRATEGIES)
 
 
+def strategy_holds_round(name: str) -> bool:
+    """Whether a strategy is a robust one that holds every update and does not trust their mean."""
+    return issubclass(STRATEGIES[name], _HoldsRound)
+
+
 def strategy_labels() -> dict[str, str]:
     """{name: human-readable label}, e.g. {"fedavgm": "FedAvgM"}, in registration order."""
     return {name: cls.label for name, cls in STRATEGIES.items()}

@@ -26,9 +26,8 @@ from genfl_shared.proto import genfl_pb2 as pb
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("genfl's wire format is little-endian raw bytes; this host is big-endian")
 
-CHUNK_SIZE = 1 << 20  # 1 MiB: far below gRPC's default 4 MiB message limit, whatever the model size
-# A message carries at most one chunk plus a small header; gRPC itself refuses anything larger.
-MAX_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
+from genfl_shared.wire import CHUNK_SIZE, MAX_MESSAGE_BYTES  # noqa: F401 (re-exported)
+
 # Channel/server options both sides share: the message limit, and keepalive pings so that a dead
 # peer is noticed within half a minute even while a long poll is idle.
 TRANSPORT_OPTIONS = (

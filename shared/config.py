@@ -22,6 +22,8 @@ from .cli import option
 from .dp import ACCOUNTANTS, DEFAULT_DELTA
 from .tasks import LOCAL_LOSSES
 
+DISTILL_TEACHERS = ("clients", "previous")  # genfl_server/distill.py
+
 
 @dataclass(frozen=True)
 class RunOption:
@@ -138,6 +140,26 @@ class RunConfig:
     server_finetune_lr: float = _setting(0.01, "Server fine-tuning: SGD learning rate (momentum 0.9).", _RATE)
     server_finetune_batch_size: int = _setting(
         50, "Server fine-tuning: batch size (the same number of images of every class in each batch).", _POSITIVE)
+    server_distill: bool = _setting(
+        False, "After every classifier aggregation, distil the aggregate on the server's synthetic inputs (labels "
+        "unused) towards the mean logits of --server-distill-teacher (FedDF) before it is broadcast (needs the "
+        "CVAE, as --server-finetune-steps does; with both, distillation runs first).")
+    server_distill_teacher: str = _setting(
+        "clients", "Server distillation's teacher: 'clients' (the ensemble of the round's accepted client models, "
+        "kept for the round: --clients x the model's size in memory) or 'previous' (the round's starting global "
+        "model).", click.Choice(DISTILL_TEACHERS))
+    server_distill_max_teachers: int = _setting(
+        32, "Server distillation with teacher 'clients': refuse to start a run of more clients than this (each "
+        "kept client model costs the model's size, 3.7 MB for ExquisiteNetV1).", _POSITIVE)
+    server_distill_steps: int = _setting(100, "Server distillation: Adam steps per round.", _POSITIVE)
+    server_distill_lr: float = _setting(1e-3, "Server distillation: Adam learning rate.", _RATE)
+    server_distill_temperature: float = _setting(
+        1.0, "Server distillation: softmax temperature of teacher and student (the KL is scaled by T^2).", _RATE)
+    server_distill_batch_size: int = _setting(64, "Server distillation: synthetic images per step.", _POSITIVE)
+    client_synthetic_mix: float = _setting(
+        0.0, "Send each client that reports its label counts synthetic (never real) images of the classes it "
+        "lacks, mixed into its local classifier training at this many synthetic per real sample and epoch "
+        "(0: off; at most 10; needs the CVAE, as --server-finetune-steps does).", click.FloatRange(0, 10))
     seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
                          "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
     deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
@@ -156,6 +178,27 @@ class RunConfig:
         if self.dp and self.strategy == "fedprox" and self.prox_mu > 0:
             raise ValueError("DP-SGD cannot train with FedProx's proximal term (its gradient is not per sample); "
                              "use another --strategy")
+
+    def federated_synthetic_options(self) -> list[str]:
+        """The options in use that need the synthetic set during the classifier rounds (and so the CVAE)."""
+        return [flag for flag, used in (("--server-finetune-steps", bool(self.server_finetune_steps)),
+                                        ("--server-distill", self.server_distill),
+                                        ("--client-synthetic-mix", bool(self.client_synthetic_mix))) if used]
+
+    def check_distill(self) -> None:
+        """ValueError for server-distillation settings that cannot run (checked before the server starts)."""
+        if not self.server_distill or self.server_distill_teacher != "clients":
+            return
+        from genfl_server.strategy import strategy_holds_round
+
+        if strategy_holds_round(self.strategy):
+            raise ValueError(f"--server-distill towards the clients' models cannot go with --strategy {self.strategy}: "
+                             "the teacher is the mean of the accepted models, which a robust strategy exists not to "
+                             "trust (use --server-distill-teacher previous, or another strategy)")
+        if self.clients > self.server_distill_max_teachers:
+            raise ValueError(f"--server-distill keeps every client's model of a round as a teacher: {self.clients} "
+                             f"clients exceed --server-distill-max-teachers {self.server_distill_max_teachers} (raise "
+                             "it if the server has the memory, or use --server-distill-teacher previous)")
 
     def override(self, **changes) -> "RunConfig":
         """Apply the options a user set explicitly (None means 'not given')."""
@@ -333,6 +376,7 @@ def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
     config = replace(PRESETS[preset], **changes)
     try:
         config.check_dp()
+        config.check_distill()
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     return config

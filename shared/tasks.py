@@ -12,12 +12,18 @@ is accepted where a float is expected (``"lr": 1`` means 1.0), and floats must b
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import functools
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
+
+import numpy as np
 
 from .dp import ACCOUNTANTS as DP_ACCOUNTANTS, DPSettings
 from .models import MODEL_KINDS
@@ -26,6 +32,16 @@ OPTIMIZERS = ("sgd", "adam")
 # Local classifier losses: "ce" plain cross-entropy; "balanced" balanced softmax (logit adjustment
 # by the client's own label prior, genfl_shared.training.balanced_cross_entropy).
 LOCAL_LOSSES = ("ce", "balanced")
+# --client-synthetic-mix: the most synthetic images one task may carry (raw uint8 28x28 images,
+# base64 in the task's JSON: 500 images are 392 KB raw, 523 KB on the wire, well inside the 1 MiB
+# message a task header travels in) and the pixels of one image.
+MAX_SYNTHETIC_IMAGES = 500
+IMAGE_PIXELS = 28 * 28
+NUM_LABELS = 10
+SYNTHETIC_KEYS = frozenset({"synthetic_mix", "synthetic_images", "synthetic_labels"})
+# Synthetic samples per real sample and epoch, at most: beyond it the local data is a rounding
+# error, and a task cannot make a client draw (and allocate) an unbounded number of indices.
+MAX_SYNTHETIC_MIX = 10.0
 DP_KEYS = frozenset({"dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm",
                      "dp_delta", "dp_accountant"})
 
@@ -74,17 +90,17 @@ class _TaskSettings:
         if not isinstance(data, dict):
             raise TaskSettingsError(None, f"{cls.KIND} task settings must be a JSON object, "
                                           f"got {type(data).__name__}")
-        types = _field_types(cls)
-        unknown = sorted(set(data) - set(types))
+        field_types = _field_types(cls)
+        unknown = sorted(set(data) - set(field_types))
         if unknown:
             raise TaskSettingsError(unknown[0], f"unknown setting for a {cls.KIND} task "
-                                                f"(unknown: {', '.join(unknown)}; known: {', '.join(types)})")
-        missing = [key for key in types if key not in data and key not in cls.WIRE_OPTIONAL]
+                                                f"(unknown: {', '.join(unknown)}; known: {', '.join(field_types)})")
+        missing = [key for key in field_types if key not in data and key not in cls.WIRE_OPTIONAL]
         if missing:
             raise TaskSettingsError(missing[0], f"missing from the {cls.KIND} task "
                                                 f"(missing: {', '.join(missing)})")
         for key, value in data.items():
-            _checked(key, value, types[key], on_wire=True)
+            _checked(key, value, field_types[key], on_wire=True)
         return cls(**data)
 
 
@@ -99,7 +115,8 @@ class TrainTask(_TaskSettings):
 
     KIND: ClassVar[str] = "train"
     WIRE_OPTIONAL: ClassVar[frozenset[str]] = frozenset({"prox_mu", "deterministic", "evaluate_first",
-                                                         "evaluate_seed", "local_loss", *DP_KEYS})
+                                                         "evaluate_seed", "local_loss", *DP_KEYS,
+                                                         *SYNTHETIC_KEYS})
 
     model: str  # one of models.MODEL_KINDS: the architecture the weights belong to
     epochs: int  # local epochs over the train part (0: the weights come back untrained)
@@ -115,6 +132,13 @@ class TrainTask(_TaskSettings):
     # The classifier's local loss, one of LOCAL_LOSSES; "balanced" adjusts the logits by the label
     # prior of the client's own train part (the prior is computed there and never sent).
     local_loss: str = "ce"
+    # Synthetic (never real) labelled images the server sends for the classes the client lacks
+    # (--client-synthetic-mix), mixed into the classifier's local training at synthetic_mix
+    # synthetic per real sample and epoch: base64 of uint8 [N, 28, 28] pixels and of uint8 [N]
+    # labels, N <= MAX_SYNTHETIC_IMAGES; empty: none.
+    synthetic_mix: float = 0.0
+    synthetic_images: str = ""
+    synthetic_labels: str = ""
     # DP-SGD of the CVAE (genfl_shared.dp); dp = False: none, and the other dp_* keep their defaults.
     dp: bool = False
     dp_noise_multiplier: float = 0.0  # > 0: this sigma; 0: calibrated to dp_target_epsilon
@@ -154,12 +178,42 @@ class TrainTask(_TaskSettings):
             raise TaskSettingsError("local_loss", f"{self.local_loss!r} is a classifier loss, not one for the "
                                                   f"{self.model}")
         self._check_dp()
+        self._check_synthetic()
+
+    def _check_synthetic(self) -> None:
+        if not 0 <= self.synthetic_mix <= MAX_SYNTHETIC_MIX:  # also refuses NaN
+            raise TaskSettingsError("synthetic_mix", f"must be in [0, {MAX_SYNTHETIC_MIX:g}], got {self.synthetic_mix}")
+        if not (self.synthetic_images or self.synthetic_labels):
+            return
+        if self.model != "classifier":
+            raise TaskSettingsError("synthetic_images", f"synthetic images are for the classifier, not the {self.model}")
+        if not self.synthetic_mix:
+            raise TaskSettingsError("synthetic_mix", "synthetic images came with synthetic_mix 0: nothing to mix")
+        self.synthetic_set()  # decodes and checks them
+
+    def synthetic_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The task's synthetic images (uint8 [N, 28, 28]) and labels (int64 [N]), or None;
+        TaskSettingsError for buffers that are not that (bad base64, sizes, labels)."""
+        if not self.synthetic_images and not self.synthetic_labels:
+            return None
+        images, labels = _base64("synthetic_images", self.synthetic_images), _base64("synthetic_labels",
+                                                                                     self.synthetic_labels)
+        if len(images) % IMAGE_PIXELS or len(images) // IMAGE_PIXELS != len(labels) or not labels:
+            raise TaskSettingsError("synthetic_images", f"{len(images)} pixel bytes do not make one 28x28 image "
+                                                        f"for each of {len(labels)} labels")
+        if len(labels) > MAX_SYNTHETIC_IMAGES:
+            raise TaskSettingsError("synthetic_images", f"{len(labels)} images, more than {MAX_SYNTHETIC_IMAGES}")
+        label_array = np.frombuffer(labels, dtype=np.uint8).astype(np.int64)
+        if int(label_array.max()) >= NUM_LABELS:
+            raise TaskSettingsError("synthetic_labels", f"label {int(label_array.max())} outside 0..{NUM_LABELS - 1}")
+        return np.frombuffer(images, dtype=np.uint8).reshape(-1, 28, 28), label_array
 
     def to_json(self) -> str:
         """The wire form; without DP it carries no dp_* keys, with plain cross-entropy no local_loss
         (the task of a run without them reads as it did before they existed)."""
         data = json.loads(super().to_json())
-        left_out = (set() if self.dp else DP_KEYS) | ({"local_loss"} if self.local_loss == "ce" else set())
+        left_out = ((set() if self.dp else DP_KEYS) | ({"local_loss"} if self.local_loss == "ce" else set())
+                    | (set() if self.synthetic_mix else SYNTHETIC_KEYS))
         return json.dumps({k: v for k, v in data.items() if k not in left_out}, allow_nan=False)
 
     def dp_settings(self) -> DPSettings | None:
@@ -232,9 +286,29 @@ def from_json(text: str, kind: str) -> TaskSettings:
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _field_types(cls: type) -> dict[str, Any]:
+def encode_synthetic(images: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
+    """(synthetic_images, synthetic_labels) of a TrainTask from uint8 [N, 28, 28] images and labels."""
+    return (base64.b64encode(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).decode("ascii"),
+            base64.b64encode(np.asarray(labels, dtype=np.uint8).tobytes()).decode("ascii"))
+
+
+def _base64(key: str, text: str) -> bytes:
+    # Bounded before decoding: a hostile or broken sender cannot make the client decode megabytes.
+    if len(text) > 4 * (MAX_SYNTHETIC_IMAGES * IMAGE_PIXELS) // 3 + 4:
+        raise TaskSettingsError(key, f"{len(text)} characters, more than {MAX_SYNTHETIC_IMAGES} images take")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise TaskSettingsError(key, f"is not base64: {error}") from None
+
+
+@functools.cache
+def _field_types(cls: type) -> types.MappingProxyType:
+    """Each field's type (read-only), resolved once per class: ``typing.get_type_hints`` evaluates
+    the annotations' strings on every call, and every task (one per client per step on the
+    server, one per task received on a client) is validated through this."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls)})
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

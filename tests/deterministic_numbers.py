@@ -7,7 +7,9 @@ bit).
 The floats depend on the CPU's vector width (float32 sums round differently with AVX2 and AVX-512),
 so recordings are kept per platform. The first one (2026-12-01) keyed only torch and the machine
 type; the AVX-512 one (2026-12-03) was recorded with the code of that first recording (f5b3fad)
-and is identical to what the later code reports there."""
+and is identical to what the later code reports there. A third, on an AVX512-FP16 machine
+(2026-12-03), was also recorded with f5b3fad's code (this script run over that tree), and today's
+code reports it exactly."""
 
 from __future__ import annotations
 
@@ -62,8 +64,21 @@ def deterministic_run(work: Path) -> list[dict]:
 
 def platform_key() -> dict:
     """What the recorded floats depend on besides the code."""
-    return {"torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    key = {"torch": torch.__version__, "machine": platform.machine(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if key["cpu_capability"] == "AVX512":
+        # Two AVX-512 machines gave float32 sums differing in the 7th digit (2026-12-03): the one with
+        # AVX512-FP16 (Sapphire Rapids and later; oneDNN picks other kernels there) has its own recording.
+        key["avx512_fp16"] = _has_cpu_flag("avx512_fp16")
+    return key
+
+
+def _has_cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+    except OSError:
+        return False
 
 
 def recorded_events(platform_now: dict) -> list[dict] | None:

@@ -20,7 +20,7 @@ from conftest import dataset_dir
 from deterministic_numbers import numbers
 from genfl_shared.checkpoint import load_checkpoint
 from genfl_shared.runfiles import METRICS_JSONL, read_events
-from helpers import free_port, log_tail
+from helpers import free_port, kill_all, log_tail
 
 CLIENTS = 3
 # Both phases, every model the clients train (CVAE, then the classifier after a short pre-training).
@@ -67,10 +67,7 @@ def _run(work: Path, shards: Path, groups: list[list[int]]) -> Path:
         for n, client in enumerate(clients):
             assert client.wait(60) == 0, log_tail(work / f"client-{n}.log")
     finally:
-        for proc in [server, *clients]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all([server, *clients])
     return out
 
 
@@ -128,9 +125,7 @@ def test_a_refused_client_of_a_host_is_named_and_fails_the_process_after_the_oth
                               capture_output=True, text=True, timeout=120, env=_env())
         assert server.wait(60) == 0, log_tail(tmp_path / "server.log")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        kill_all([server])
     assert host.returncode == 3, host.stderr
     refused = [cid for cid in ("client-000", "client-001")
                if f"client {cid}: server {address} refused this client: RESOURCE_EXHAUSTED" in host.stderr
@@ -161,8 +156,6 @@ def test_a_host_sends_each_clients_own_token_from_token_dir(tmp_path, shards):
                               timeout=120, env=_env())
         assert server.wait(60) == 0, log_tail(tmp_path / "server.log")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        kill_all([server])
     assert host.returncode == 0, host.stderr
     assert json.loads((out / "summary.json").read_text())["clients"] == 2

@@ -616,8 +616,16 @@ def test_compose_generator_five_clients(tmp_path):
                            "--rounds", "3", "--test-data", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr
     check_compose(out, 5, shards)
-    env = yaml.safe_load(out.read_text())["services"]["server"]["environment"]
+    services = yaml.safe_load(out.read_text())["services"]
+    env = services["server"]["environment"]
     assert env["GENFL_DATASET"] == "fmnist" and env["GENFL_ROUNDS"] == "3"
+    assert "GENFL_SHARE_LABEL_COUNTS" not in services["client-000"]["environment"]  # labels stay private
+    mixed = tmp_path / "mixed" / "docker-compose.yml"
+    result = run_generator("--clients", "2", "--shards-dir", str(shards), "--out", str(mixed),
+                           "--server-option", "client-synthetic-mix=0.5")
+    assert result.returncode == 0, result.stderr
+    clients = [s for name, s in yaml.safe_load(mixed.read_text())["services"].items() if name.startswith("client-")]
+    assert len(clients) == 2 and all(c["environment"]["GENFL_SHARE_LABEL_COUNTS"] == "true" for c in clients)
 
 
 def test_compose_generator_secure(tmp_path):

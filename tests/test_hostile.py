@@ -154,7 +154,8 @@ BOT_EVAL_TASK = EvaluateTask(model="classifier", binarize=True)
 
 
 def run_federation(tmp_path: Path, bots: list[Bot], *, guard: UpdateGuard | None = None, rounds: int = 1,
-                   max_client_samples: int | None = DEFAULT_MAX_CLIENT_SAMPLES, strategy: str = "fedavg") -> Outcome:
+                   max_client_samples: int | None = DEFAULT_MAX_CLIENT_SAMPLES, strategy: str = "fedavg",
+                   post_aggregation=None) -> Outcome:
     """One federated phase of ``rounds`` rounds over the bots; the final global state."""
     coordinator = Coordinator(RUN_ID, expected_clients=len(bots), dataset=DATASET, poll_timeout=2.0,
                               max_client_samples=max_client_samples)
@@ -172,7 +173,7 @@ def run_federation(tmp_path: Path, bots: list[Bot], *, guard: UpdateGuard | None
             thread.start()
         engine.wait_for_clients(timeout=30)
         state = engine.run_rounds("classifier", template(), rounds=rounds, train_task=BOT_TRAIN_TASK,
-                                  eval_task=BOT_EVAL_TASK, strategy=strategy)
+                                  eval_task=BOT_EVAL_TASK, strategy=strategy, post_aggregation=post_aggregation)
         recorder.write_summary()
     finally:
         coordinator.shutdown(reason="test over")
@@ -291,6 +292,33 @@ def test_absurd_sample_count_is_refused_at_registration(tmp_path):
         stub.Register(pb.RegisterRequest(client_id="mallory", num_train_samples=DEFAULT_MAX_CLIENT_SAMPLES,
                                          num_heldout_samples=1, dataset=DATASET), timeout=RPC_TIMEOUT)
         assert coordinator.clients["mallory"].num_train_samples == DEFAULT_MAX_CLIENT_SAMPLES
+    server.stop(grace=1).wait(5)
+
+
+@pytest.mark.parametrize("counts, why", [([30] * 9, "for 9 classes"), ([27] * 9 + [28], "summing to 271"),
+                                         ([0] * 11, "for 11 classes"), ([1] * 100_000, "for 100000 classes")])
+def test_a_bad_label_histogram_is_refused_at_registration(tmp_path, counts, why):
+    """The label counts a client reports are untrusted: one per class, summing to its registered
+    train samples, or the registration is refused (INVALID_ARGUMENT, counted by reason)."""
+    coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET)
+    metrics = ServerMetrics()
+    server, port, _health = start_grpc_server(FederatedLearningService(coordinator, metrics), "127.0.0.1:0")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.FederatedLearningStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Register(pb.RegisterRequest(client_id="mallory", num_train_samples=270, num_heldout_samples=30,
+                                             dataset=DATASET, label_counts=counts), timeout=RPC_TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in info.value.details()
+        assert metrics.registry.get_sample_value("genfl_client_updates_rejected_total",
+                                                 {"reason": "bad_label_counts"}) == 1
+        assert "mallory" not in coordinator.clients
+        honest_counts = [27] * 10
+        stub.Register(pb.RegisterRequest(client_id="mallory", num_train_samples=270, num_heldout_samples=30,
+                                         dataset=DATASET, label_counts=honest_counts), timeout=RPC_TIMEOUT)
+        assert coordinator.clients["mallory"].label_counts == tuple(honest_counts)
+        stub.Register(pb.RegisterRequest(client_id="alice", num_train_samples=270, num_heldout_samples=30,
+                                         dataset=DATASET), timeout=RPC_TIMEOUT)
+        assert coordinator.clients["alice"].label_counts is None  # sharing them is the client's choice
     server.stop(grace=1).wait(5)
 
 

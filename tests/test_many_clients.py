@@ -118,3 +118,26 @@ def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_
     assert payload.wrapped and pb.TaskMessage.FromString(payload.chunks[0]).chunk.index == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         payload.chunks = ()
+
+
+def test_a_failed_fake_client_is_reported_at_once_not_waited_for(tmp_path):
+    """The M = 1,000 "hang": one fake client failed, its process cancelled its other clients, and
+    the server (rightly: no --round-timeout, no Presence streams) waited for them for ever, while
+    ``ClientProcesses.join`` waited for the other processes, whose clients waited for the server.
+    Here a server that takes 3 clients gets 4 in 2 processes: one registration is refused
+    (run_full), and join must say so at once, naming the step."""
+    out, log = tmp_path / "server", tmp_path / "server.log"
+    server, endpoint = start_server(out, "--phase", "cvae", "--rounds", "1", "--clients", "3",
+                                    "--local-epochs", "0", "--threads", "1", "--address", "127.0.0.1:0",
+                                    log=log)
+    clients = ClientProcesses(endpoint["address"], 4, processes=2)
+    try:
+        started = time.monotonic()
+        stats = clients.join(timeout=120)
+        waited = time.monotonic() - started
+    finally:
+        clients.stop()
+        server.kill()
+        server.wait()
+    assert stats.error is not None and "Register: RESOURCE_EXHAUSTED" in stats.error, stats.error
+    assert waited < 60, f"join took {waited:.0f} s"

@@ -19,7 +19,7 @@ import torch
 from genfl_experiments.poster import POSTER
 from genfl_experiments.reports import CellResult, fmt_pct, load_results, mean_std, write_table
 from genfl_experiments.sweep.cli import finetune_arm_args
-from genfl_experiments.sweep.plan import Arm, Distribution, build_arms, parse_distributions, plan_cells
+from genfl_experiments.sweep.plan import Arm, Distribution, PrivacyLevel, build_arms, parse_distributions, plan_cells
 from genfl_shared.checkpoint import load_checkpoint, save_checkpoint
 from genfl_shared.config import PRESETS
 from genfl_shared.models import initial_state
@@ -108,6 +108,74 @@ def test_mitigation_arms_start_from_the_shared_pretraining_with_their_one_option
         assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
 
 
+def test_the_iid_synthetic_arm_pretrains_from_the_iid_cvae_of_its_seed(tmp_path):
+    arms = build_arms(["pretrained-iid-synthetic", "pretrained", "baseline"], ["fedavg"])
+    assert [a.name for a in arms] == ["pretrained", "pretrained-iid-synthetic", "baseline"]
+    assert arms[1].label == "pre-trained on the IID CVAE's samples + FedAvg"
+    # IID not among the distributions: its CVAE phase is planned anyway, once per seed, and no
+    # IID classifier cell; at IID itself the arm would be the plain pre-trained arm, so it is left out.
+    for dists in ([Distribution(0.01)], [Distribution(None), Distribution(0.01)]):
+        cells = plan_cells(tmp_path, dists, [0, 1], arms, cvae_rounds=2, classifier_rounds=2, centralised=False)
+        keys = [c.key for c in cells]
+        assert len(keys) == len(set(keys))
+        for seed in (0, 1):
+            cell = next(c for c in cells if c.key == f"alpha-0.01/seed{seed}/pretrained-iid-synthetic")
+            iid_cvae = next(c for c in cells if c.key == f"iid/seed{seed}/cvae")
+            assert cell.deps == [iid_cvae.key] and keys.index(iid_cvae.key) < keys.index(cell.key)
+            assert cell.args[cell.args.index("--cvae-checkpoint") + 1] == str(iid_cvae.out / "cvae.pt")
+            assert "--pretrained-checkpoint" not in cell.args  # it samples, scores and pre-trains itself
+            assert cell.out == tmp_path / "runs" / "alpha-0.01" / f"seed{seed}" / "pretrained-iid-synthetic"
+            assert iid_cvae.distribution == Distribution(None) and iid_cvae.args == ["--phase", "cvae"]
+        assert not any(k.startswith("iid/") and k.endswith("iid-synthetic") for k in keys)
+        assert ("iid/seed0/pretrained" in keys) == (Distribution(None) in dists)
+    # Only this arm: the skewed groups need no CVAE phase of their own.
+    only = plan_cells(tmp_path, [Distribution(0.01)], [0], build_arms(["pretrained-iid-synthetic"], ["fedavg"]),
+                      cvae_rounds=2, classifier_rounds=2, centralised=False)
+    assert [c.key for c in only] == ["iid/seed0/cvae", "alpha-0.01/seed0/pretrained-iid-synthetic"]
+    with pytest.raises(ValueError, match="privacy axis"):
+        plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2, classifier_rounds=2,
+                   centralised=False, privacy=[PrivacyLevel(1.0)])
+
+
+def test_the_distillation_and_synthmix_arms_get_the_cvae_and_their_options_and_the_server_takes_them(tmp_path):
+    arms = build_arms(["pretrained-distill", "pretrained", "pretrained-synthmix"], ["fedavg"])
+    assert [a.name for a in arms] == ["pretrained", "pretrained-distill", "pretrained-synthmix"]
+    assert arms[1].label == "pre-trained + server distillation on synthetic inputs"
+    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2,
+                                          classifier_rounds=2, centralised=False,
+                                          distill_args=["--server-distill-steps", "50"])}
+    primary, cvae = cells["alpha-0.01/seed0/pretrained"], cells["alpha-0.01/seed0/cvae"]
+    distill, synthmix = cells["alpha-0.01/seed0/pretrained-distill"], cells["alpha-0.01/seed0/pretrained-synthmix"]
+    assert distill.deps == [primary.key, cvae.key] == synthmix.deps  # the CVAE samples their synthetic set
+    assert synthmix.args[synthmix.args.index("--client-synthetic-mix") + 1] == "0.5"
+    assert "--server-distill" not in synthmix.args
+    assert "--server-distill" in distill.args and "--server-distill" not in primary.args
+    assert distill.args[distill.args.index("--server-distill-steps") + 1] == "50"
+    assert distill.args[distill.args.index("--cvae-checkpoint") + 1] == str(cvae.out / "cvae.pt")
+    cvae.out.mkdir(parents=True)
+    primary.out.mkdir(parents=True)
+    save_checkpoint(cvae.out / "cvae.pt", "cvae", initial_state("cvae", 0))
+    save_checkpoint(primary.out / "pretrained_classifier.pt", "classifier", initial_state("classifier", 0))
+    for cell in (distill, synthmix):
+        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell.args, "--clients", "2", "--out",
+                                 str(cell.out), "--address", "127.0.0.1:0", "--register-timeout", "1"],
+                                capture_output=True, text=True, timeout=120)
+        assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
+
+
+def test_a_distillation_arm_that_cannot_run_is_refused_before_any_cell_starts(tmp_path, data_root):
+    """--server-distill keeps each client's model as a teacher, up to --server-distill-max-teachers:
+    a sweep asking for the arm with more clients fails at once, not after its CVAE and pre-training."""
+    out = tmp_path / "sweep"
+    sweep = subprocess.run([sys.executable, "-m", "genfl_experiments.sweep.cli", "--dataset", "mnist", "--data-root",
+                            str(data_root("mnist")), "--alphas", "0.01", "--repeats", "1", "--clients", "40",
+                            "--arms", "pretrained,pretrained-distill", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert sweep.returncode == 2, sweep.stderr[-2000:]
+    assert "--arms pretrained-distill" in sweep.stderr and "--server-distill-max-teachers 32" in sweep.stderr
+    assert not (out / "runs").exists()
+
+
 def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_seed(tmp_path):
     final = {("pretrained", 0): 0.60, ("pretrained", 1): 0.50, ("pretrained-balanced", 0): 0.70,
              ("pretrained-balanced", 1): 0.56, ("pretrained-finetune", 0): 0.80, ("pretrained-finetune", 1): 0.75,
@@ -128,6 +196,25 @@ def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_s
     # balanced: +10, +6 pp; fine-tuning: +20, +25 pp (per seed, against pre-trained + FedAvg)
     assert row == "| α=0.01 | +8.00 ± 2.83, n=2 | +22.50 ± 3.54, n=2 |"
     assert "α=0.01: best is **pre-trained + server fine-tuning on synthetic data** (77.50 %)" in section
+
+
+def test_the_cas_table_keeps_the_iid_synthetic_arms_generator_apart(tmp_path):
+    """A pretrained-iid-synthetic cell scores the IID federation's CVAE: its CAS is not the skewed
+    federation's own (found when a real sweep pooled them: 37 % and 62 % into 49.7 ± 13.9 %)."""
+    from genfl_experiments.reports import write_cas
+
+    def cell(arm: str, seed: int, cas: float) -> CellResult:
+        return CellResult(f"alpha-0.01/seed{seed}/{arm}", "classifier", seed, "alpha-0.01", 0.01, {"name": arm},
+                          1.0, {"cas": cas, "cas_federated": cas}, tmp_path)
+
+    results = [cell("pretrained", 0, 0.37), cell("pretrained", 1, 0.39),
+               cell("pretrained-iid-synthetic", 0, 0.62), cell("pretrained-iid-synthetic", 1, 0.64)]
+    write_cas(results, tmp_path / "cas.md", dataset="mnist", preset="quick")
+    rows = [line for line in (tmp_path / "cas.md").read_text().splitlines() if line.startswith("| ")]
+    own = next(r for r in rows if r.startswith("| α=0.01 |"))
+    iid = next(r for r in rows if r.startswith("| IID CVAE, scored in the α=0.01 federation"))
+    assert own.split(" | ")[1] == fmt_pct([0.37, 0.39]) and " | 2 | 0,1 |" in own
+    assert iid.split(" | ")[1] == fmt_pct([0.62, 0.64])
 
 
 def test_mean_and_sample_std_like_the_poster():
@@ -298,6 +385,29 @@ def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["arm"] for r in rows} >= {"pretrained-fedavgm", "baseline-fedavgm", "pretrained-only"}
 
+
+def test_the_iid_synthetic_arm_is_a_real_run_on_the_skewed_shards_from_the_iid_cvae(small_sweep, data_root):
+    out, _, _ = small_sweep
+    group, iid_cvae = out / "runs" / "alpha-0.5" / "seed1", out / "runs" / "iid" / "seed1" / "cvae"
+    iid_marker = json.loads((iid_cvae / "cell.json").read_text())
+    result = sweep(out, data_root("mnist"), "--alphas", "0.5", "--seed", "1", "--repeats", "1",
+                   "--arms", "pretrained-iid-synthetic")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert json.loads((iid_cvae / "cell.json").read_text())["run_id"] == iid_marker["run_id"]  # reused as it was
+    cell = json.loads((group / "pretrained-iid-synthetic" / "cell.json").read_text())
+    assert cell["inputs"]["iid/seed1/cvae"]["run_id"] == iid_marker["run_id"]
+    summary = json.loads((group / "pretrained-iid-synthetic" / "summary.json").read_text())
+    assert summary["cvae_checkpoint"] == str(iid_cvae / "cvae.pt") and 0 <= summary["cas"] <= 1
+    # Trained on the skewed group's shards: the clients report that partition's held-out sizes.
+    partition = json.loads((group / "shards" / "partition.json").read_text())
+    first_round = round_events(group / "pretrained-iid-synthetic" / METRICS_JSONL)[0]
+    assert {cid: m["samples"] for cid, m in first_round["per_client"].items()} == {
+        c["client_id"]: c["num_heldout"] for c in partition["clients"]}
+    # Pre-trained from another generator than the group's own pre-trained arm.
+    own = load_checkpoint(group / "pretrained" / "pretrained_classifier.pt", "classifier")
+    other = load_checkpoint(group / "pretrained-iid-synthetic" / "pretrained_classifier.pt", "classifier")
+    assert any(not torch.equal(own[k], other[k]) for k in own)
+    assert "pre-trained on the IID CVAE's samples + FedAvg" in (out / "table.md").read_text()
 
 def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
     args = [sys.executable, "-m", "genfl_experiments.sweep.cli", "--data-root", str(data_root("mnist")), "--out",

@@ -335,3 +335,34 @@ def test_error_result_with_weights_or_samples_is_malformed(bare):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no weights" in caught.value.details()
     assert batch.failures == {} and _task_errors(metrics) == 0.0
     assert metrics.registry.get_sample_value("genfl_client_updates_rejected_total", {"reason": "malformed"}) == 2
+
+
+# -- synthetic images of missing classes (--client-synthetic-mix) -----------------------------------
+
+def test_synthetic_images_round_trip_and_every_bad_buffer_is_refused_by_name():
+    from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX, encode_synthetic
+
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    pixels, labels = encode_synthetic(images, np.array([0, 7, 9]))
+    task = from_json(wire(synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels), "train")
+    got_images, got_labels = task.synthetic_set()
+    assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 7, 9]
+    assert from_json(task.to_json(), "train") == task
+
+    def refused_with(**changes):
+        return refused(wire(**{"synthetic_mix": 0.5, "synthetic_images": pixels, "synthetic_labels": labels,
+                               **changes})).key
+
+    assert refused_with(synthetic_images="not base64!") == "synthetic_images"
+    assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7]))[1]) == "synthetic_images"
+    assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7, 10]))[1]) == "synthetic_labels"
+    assert refused_with(synthetic_mix=0.0) == "synthetic_mix"  # images with nothing to mix them at
+    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300):  # a mix that would make a client draw ~forever
+        assert refused_with(synthetic_mix=mix) == "synthetic_mix"
+    assert refused(wire(synthetic_mix=float("nan"))).key == "synthetic_mix"
+    too_many = np.zeros((MAX_SYNTHETIC_IMAGES + 1, 28, 28), dtype=np.uint8)
+    assert refused_with(**dict(zip(("synthetic_images", "synthetic_labels"),
+                                   encode_synthetic(too_many, np.zeros(MAX_SYNTHETIC_IMAGES + 1))))) in (
+        "synthetic_images", "synthetic_labels")
+    cvae = json.dumps(dict(TRAIN, model="cvae", optimizer="adam", prox_mu=0.0, sgd_momentum=0.0, synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels))
+    assert refused(cvae).key == "synthetic_images"  # synthetic images are for the classifier only

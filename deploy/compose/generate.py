@@ -139,6 +139,13 @@ def server_option_env(options: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def _sends_synthetic_mix(server_env: dict[str, str]) -> bool:
+    try:
+        return float(server_env.get("GENFL_CLIENT_SYNTHETIC_MIX", "0")) > 0
+    except ValueError:  # genfl-server refuses it with a clear message when the stack starts
+        return False
+
+
 def build(opts: dict) -> tuple[dict, dict]:
     """(compose model, prometheus config) for the given options."""
     clients: int = opts["clients"]
@@ -222,6 +229,8 @@ def build(opts: dict) -> tuple[dict, dict]:
             "GENFL_THREADS": str(opts["client_threads"]),
             "GENFL_LOG_FORMAT": opts["log_format"],
         }
+        if _sends_synthetic_mix(server_env):  # the server needs each client's label counts for it
+            client_env["GENFL_SHARE_LABEL_COUNTS"] = "true"
         # Only this client's shard: the container cannot see any other client's data.
         client_volumes = [f"{shards}/{shard_name(index)}:/data/shard.npz:ro"]
         if secure:

@@ -42,9 +42,12 @@ SWEEP_DP_FIELDS = ("dp_max_grad_norm", "dp_delta", "dp_accountant")
 # The run settings genfl-sweep takes besides --seed (the rest keep the preset's values).
 # The pretrained-finetune arm's settings (its cells' arguments: a change re-runs those cells).
 SWEEP_FINETUNE_FIELDS = ("server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size")
+# The pretrained-distill arm's settings (besides --server-distill, which the arm sets).
+SWEEP_DISTILL_FIELDS = ("server_distill_teacher", "server_distill_max_teachers", "server_distill_steps",
+                        "server_distill_lr", "server_distill_temperature", "server_distill_batch_size")
 SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
                 "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *SWEEP_DP_FIELDS,
-                *SWEEP_FINETUNE_FIELDS)
+                *SWEEP_FINETUNE_FIELDS, *SWEEP_DISTILL_FIELDS, "client_synthetic_mix")
 
 
 def _interrupt(signum, _frame):
@@ -121,6 +124,11 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     config = resolve_config(preset, given_run_options(run_settings))  # its seed: the first; each cell has its own
+    if any(arm.mitigation == "distill" for arm in arm_list):
+        try:  # now, not when the arm's first cell starts after its CVAE and pre-training cells
+            dataclasses.replace(config, server_distill=True).check_distill()
+        except ValueError as error:
+            raise click.UsageError(f"--arms pretrained-distill: {error}") from None
     if centralised and config.cas_epochs == 0:
         log.info("--cas-epochs 0: no CAS, so no centralised CVAE reference either")
         centralised = False
@@ -139,7 +147,8 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
                        classifier_rounds=config.classifier_rounds, centralised=centralised,
                        privacy=privacy, dp_args=config.to_argv(SWEEP_DP_FIELDS),
-                       finetune_args=finetune_arm_args(config))
+                       finetune_args=finetune_arm_args(config), distill_args=config.to_argv(SWEEP_DISTILL_FIELDS),
+                       synthmix_args=config.to_argv(["client_synthetic_mix"]) if config.client_synthetic_mix else [])
     settings = SweepSettings(dataset, data_root, preset, config, device=device,
                              client_threads=client_threads, clients_per_process=clients_per_process,
                              server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
@@ -181,7 +190,8 @@ def _differences_from_paper(config: RunConfig) -> list[str]:
     paper = PRESETS["paper"]
     compared = [f.name for f in dataclasses.fields(RunConfig)
                 if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
-                                  "deterministic", *DP_FIELDS, "local_loss", *SWEEP_FINETUNE_FIELDS)]
+                                  "deterministic", *DP_FIELDS, "local_loss", *SWEEP_FINETUNE_FIELDS,
+                                  "server_distill", *SWEEP_DISTILL_FIELDS, "client_synthetic_mix")]
     # DP: privacy.md's, not the poster's; the local loss and fine-tuning: the mitigation arms' own
     return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
             for name in compared if getattr(config, name) != getattr(paper, name)]

@@ -23,10 +23,23 @@ from genfl_server.strategy import strategy_labels
 from genfl_shared.config import argv_for
 
 STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry
-ARM_CHOICES = ("pretrained", "baseline", "pretrained-only", "pretrained-balanced", "pretrained-finetune")
+ARM_CHOICES = ("pretrained", "baseline", "pretrained-only", "pretrained-balanced", "pretrained-finetune",
+               "pretrained-iid-synthetic", "pretrained-distill", "pretrained-synthmix")
 # Issue 14's mitigations of label skew, each a pre-trained FedAvg arm: the balanced-softmax local
-# loss (--local-loss balanced) and server-side fine-tuning on the synthetic set (--server-finetune-steps).
-MITIGATION_LABELS = {"balanced": "balanced softmax (local loss)", "finetune": "server fine-tuning on synthetic data"}
+# loss (--local-loss balanced), server-side fine-tuning on the synthetic set (--server-finetune-steps)
+# and server-side distillation towards the clients' models on the synthetic inputs (--server-distill);
+# and the poster's Figs 6-7 experiment: a skewed federation pre-trained on the synthetic data of the
+# IID federation's CVAE of the same seed (how much of the skew's harm is a worse generator).
+MITIGATION_LABELS = {"balanced": "balanced softmax (local loss)", "finetune": "server fine-tuning on synthetic data",
+                     "distill": "server distillation on synthetic inputs",
+                     "synthmix": "synthetic images of missing classes (clients)",
+                     "iid-synthetic": "pre-trained on the IID CVAE's samples + FedAvg"}
+IID_SYNTHETIC = "iid-synthetic"
+# The arms whose server samples the synthetic set during federation (their cells take the CVAE).
+SYNTHETIC_MITIGATIONS = ("finetune", "distill", "synthmix")
+# The synthetic-mix arm's ratio when the sweep is not given --client-synthetic-mix (its RunConfig
+# default, 0, means off): as many synthetic as real samples per epoch at most.
+SYNTHMIX_ARM_RATIO = 0.5
 # The fine-tuning arm's steps when the sweep is not given --server-finetune-steps (its RunConfig
 # default, 0, means off): benchmarks/bench_server_finetune.py measured 200 steps at +74 to +77 pp on
 # a one-class model (25 steps: +0 to +11 pp).
@@ -156,6 +169,8 @@ class Arm:
     def label(self) -> str:
         if self.local_epochs == 0:
             return "pre-training only (no local training)"
+        if self.mitigation == IID_SYNTHETIC:
+            return MITIGATION_LABELS[IID_SYNTHETIC]
         what = MITIGATION_LABELS[self.mitigation] if self.mitigation is not None else STRATEGY_LABELS[self.strategy]
         return f"{'pre-trained' if self.pretrain else 'baseline'} + {what}"
 
@@ -211,7 +226,8 @@ def group_dir(out: Path, dist: Distribution, seed: int) -> Path:
 def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], arms: list[Arm], *,
                cvae_rounds: int, classifier_rounds: int, centralised: bool,
                privacy: list[PrivacyLevel] | None = None, dp_args: list[str] = (),
-               finetune_args: list[str] = ()) -> list[Cell]:
+               finetune_args: list[str] = (), distill_args: list[str] = (),
+               synthmix_args: list[str] = ()) -> list[Cell]:
     """Every cell of the sweep, one (distribution, seed) group after another.
 
     The scheduler starts the first cell (in this order) whose dependencies are done, so earlier
@@ -220,46 +236,59 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
     privacy axis (None: no axis, one CVAE phase per group without DP); ``dp_args``: the DP-SGD
     options of their CVAE servers besides the target epsilon (clipping bound, delta, accountant);
     ``finetune_args``: the fine-tuning arm's --server-finetune-* options (default: FINETUNE_ARM_STEPS
-    steps at the RunConfig's learning rate and batch size)."""
+    steps at the RunConfig's learning rate and batch size); ``distill_args``: the distillation arm's
+    --server-distill-* options besides --server-distill (default: the RunConfig's)."""
     finetune_args = list(finetune_args) or argv_for(server_finetune_steps=FINETUNE_ARM_STEPS)
+    mitigation_args = {"finetune": finetune_args, "distill": [*argv_for(server_distill=True), *distill_args],
+                       "synthmix": list(synthmix_args) or argv_for(client_synthetic_mix=SYNTHMIX_ARM_RATIO)}
     cells: list[Cell] = []
-    pretrained_arms = [a for a in arms if a.pretrain]
+    pretrained_arms = [a for a in arms if a.pretrain and a.mitigation != IID_SYNTHETIC]
     baseline_arms = [a for a in arms if not a.pretrain]
+    iid_synthetic_arms = [a for a in arms if a.mitigation == IID_SYNTHETIC]
+    if iid_synthetic_arms and privacy is not None:
+        raise ValueError("the pretrained-iid-synthetic arm cannot be combined with a privacy axis (--epsilons)")
     for seed in seeds:
+        seed_start = len(cells)
         for dist in distributions:
             group = group_dir(out, dist, seed)
             prefix = f"{dist.name}/seed{seed}"
             if privacy is None:
                 cells += _cvae_and_pretrained_cells(group, group, prefix, dist, seed, pretrained_arms,
-                                                    cvae_rounds, classifier_rounds, None, [], finetune_args)
+                                                    cvae_rounds, classifier_rounds, None, [], mitigation_args)
             else:
                 for level in privacy:
                     cells += _cvae_and_pretrained_cells(group / level.name, group, f"{prefix}/{level.name}", dist,
                                                         seed, pretrained_arms, cvae_rounds, classifier_rounds, level,
-                                                        list(dp_args), finetune_args)
+                                                        list(dp_args), mitigation_args)
             for arm in baseline_arms:
                 cells.append(Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
                                   rounds=classifier_rounds, args=_arm_args(arm) + argv_for(pretrain=False)))
+            for arm in iid_synthetic_arms if dist.alpha is not None else ():  # at IID: the plain pre-trained arm
+                cells.append(_iid_synthetic_cell(out, prefix, dist, seed, arm, classifier_rounds))
+        iid_cvae = _iid_cvae_cell(out, seed, cvae_rounds)
+        if iid_synthetic_arms and all(c.key != iid_cvae.key for c in cells[seed_start:]):
+            cells.insert(seed_start, iid_cvae)  # the arm's generator, also when IID itself is not run
         if centralised:
             cells.append(Cell(f"centralised/seed{seed}", "centralised", out / "runs" / "centralised" / f"seed{seed}",
                               seed))
     return cells
 
 
-def _arm_args(arm: Arm, finetune_args: list[str] = ()) -> list[str]:
+def _arm_args(arm: Arm, mitigation_args: dict[str, list[str]] | None = None) -> list[str]:
     args = ["--phase", "classifier", *argv_for(strategy=arm.strategy)]
     if arm.local_epochs is not None:
         args += argv_for(local_epochs=arm.local_epochs)
     if arm.mitigation == "balanced":
         args += argv_for(local_loss="balanced")
-    elif arm.mitigation == "finetune":
-        args += list(finetune_args)
+    elif arm.mitigation in SYNTHETIC_MITIGATIONS:
+        args += list((mitigation_args or {})[arm.mitigation])
     return args
 
 
 def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Distribution, seed: int,
                                arms: list[Arm], cvae_rounds: int, classifier_rounds: int,
-                               level: PrivacyLevel | None, dp_args: list[str], finetune_args: list[str]) -> list[Cell]:
+                               level: PrivacyLevel | None, dp_args: list[str],
+                               mitigation_args: dict[str, list[str]]) -> list[Cell]:
     """One CVAE phase in ``folder`` and the pre-trained arms built on it (the first pre-trains)."""
     if not arms:
         return []
@@ -270,15 +299,32 @@ def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Dis
     cells = [cvae]
     for arm in arms:
         cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, rounds=classifier_rounds,
-                    args=_arm_args(arm, finetune_args), privacy=level, group_out=group_out)
+                    args=_arm_args(arm, mitigation_args), privacy=level, group_out=group_out)
         if len(cells) == 1:
             cell.deps.append(cvae.key)
             cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
         else:
             cell.deps.append(cells[1].key)
             cell.args += ["--pretrained-checkpoint", str(cells[1].out / "pretrained_classifier.pt")]
-            if arm.mitigation == "finetune":  # the CVAE samples the fine-tuning set
+            if arm.mitigation in SYNTHETIC_MITIGATIONS:  # the CVAE samples their synthetic set
                 cell.deps.append(cvae.key)
                 cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
         cells.append(cell)
     return cells
+
+
+def _iid_cvae_cell(out: Path, seed: int, cvae_rounds: int) -> Cell:
+    """The IID federation's CVAE phase of ``seed`` (its group's own cvae cell when IID is run)."""
+    iid = Distribution(None)
+    return Cell(f"{iid.name}/seed{seed}/cvae", "cvae", group_dir(out, iid, seed) / "cvae", seed, iid,
+                rounds=cvae_rounds, args=["--phase", "cvae"])
+
+
+def _iid_synthetic_cell(out: Path, prefix: str, dist: Distribution, seed: int, arm: Arm,
+                        classifier_rounds: int) -> Cell:
+    """A classifier cell on this group's shards that samples, scores and pre-trains from the IID CVAE
+    of the same seed (the poster's Figs 6-7) instead of its own federation's CVAE."""
+    iid_cvae = _iid_cvae_cell(out, seed, 0)
+    return Cell(f"{prefix}/{arm.name}", "classifier", group_dir(out, dist, seed) / arm.name, seed, dist, arm,
+                rounds=classifier_rounds, args=_arm_args(arm) + ["--cvae-checkpoint", str(iid_cvae.out / "cvae.pt")],
+                deps=[iid_cvae.key])

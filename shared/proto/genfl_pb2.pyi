@@ -21,18 +21,20 @@ TASK_TYPE_IDLE: TaskType
 TASK_TYPE_SHUTDOWN: TaskType
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("client_id", "num_train_samples", "num_heldout_samples", "dataset", "client_version")
+    __slots__ = ("client_id", "num_train_samples", "num_heldout_samples", "dataset", "client_version", "label_counts")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_HELDOUT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     num_train_samples: int
     num_heldout_samples: int
     dataset: str
     client_version: str
-    def __init__(self, client_id: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_heldout_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client_id: _Optional[str] = ..., num_train_samples: _Optional[int] = ..., num_heldout_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., client_version: _Optional[str] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("run_id", "poll_timeout_seconds", "session_secret")
