@@ -303,16 +303,19 @@ def test_balanced_loss_is_cross_entropy_of_the_logits_shifted_by_the_log_prior()
 def test_balanced_local_training_equals_plain_training_on_a_class_balanced_shard_only():
     images, labels = band_dataset(60)  # 6 of each class
     kwargs = dict(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.5, seed=4, device=CPU)
-    plain, balanced = fresh(ExquisiteNetV1), fresh(ExquisiteNetV1)
-    train_classifier(plain, images, labels, **kwargs)
-    train_classifier(balanced, images, labels, loss="balanced", **kwargs)
-    # A uniform prior shifts every logit by the same constant: same gradients, same weights.
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.state_dict().values(),
-                                                                 balanced.state_dict().values()))
-    skewed = labels < 3
-    plain, balanced = fresh(ExquisiteNetV1), fresh(ExquisiteNetV1)
-    train_classifier(plain, images[skewed], labels[skewed], **kwargs)
-    train_classifier(balanced, images[skewed], labels[skewed], loss="balanced", **kwargs)
-    assert not state_equal(plain, balanced)
+
+    def largest_difference(shard):
+        plain, balanced = fresh(ExquisiteNetV1), fresh(ExquisiteNetV1)
+        train_classifier(plain, images[shard], labels[shard], **kwargs)
+        train_classifier(balanced, images[shard], labels[shard], loss="balanced", **kwargs)
+        return max(float((a - b).abs().max()) for a, b in zip(plain.state_dict().values(), balanced.state_dict().values())
+                   if a.is_floating_point())
+
+    # A uniform prior shifts every logit by the same constant (log 0.1): in exact arithmetic the same
+    # gradients and weights. In float32 the shifted logits round differently (1 ulp of 2.3 is 2.4e-7),
+    # and 4 momentum steps carry that into the weights: measured up to 2.9e-6 on an AVX512-FP16 Xeon,
+    # under 1e-6 where the test was written. 1e-5 bounds that rounding; a skewed prior moves the weights by about 0.6.
+    assert largest_difference(labels >= 0) < 1e-5
+    assert largest_difference(labels < 3) > 1e-2
     with pytest.raises(ValueError, match="unknown loss"):
         train_classifier(fresh(ExquisiteNetV1), images, labels, loss="focal", **kwargs)
