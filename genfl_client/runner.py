@@ -95,10 +95,13 @@ class PresenceStream:
         self._call = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def open_for_session(self) -> None:
+        """After a registration: the first opens the stream, a later one renews it with its secret."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._hold, name="presence", daemon=True)
             self._thread.start()
+        else:
+            self.renew()
 
     def renew(self) -> None:
         """A new session: end the current stream so that it is reopened with the new secret."""
@@ -184,8 +187,7 @@ class ClientRunner:
                 backoff.reset()
                 unreachable_since = None
                 failures = 0
-                self.presence.start()
-                self.presence.renew()
+                self.presence.open_for_session()
                 status = self._serve_tasks()
                 return 0 if status == "completed" else 1
             except grpc.RpcError as error:

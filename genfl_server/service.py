@@ -369,7 +369,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             await self._check_session(request, context)
             client_id = request.client_id
             # The hooks wake waiting steps (taking batch locks, which a fold may hold): off the loop.
-            token = await self._in_executor(self.coordinator.presence_opened, client_id)
+            token = await self._presence_opened(client_id)
             wake = asyncio.Event()
             self._poll_events.add(wake)
             try:
@@ -380,13 +380,32 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                         await asyncio.wait_for(wake.wait(), PRESENCE_CHECK_SECONDS)
                     except asyncio.TimeoutError:
                         pass
-            finally:  # also when the call is cancelled (the client gone): not awaited, the loop moves on
+            finally:  # also when the call is cancelled (the client gone)
                 self._poll_events.discard(wake)
-                try:
-                    asyncio.get_running_loop().run_in_executor(self._executor, self.coordinator.presence_closed,
-                                                               client_id, token)
-                except RuntimeError:  # the server is stopping (its executor shut down): no step waits
-                    self.coordinator.presence_closed(client_id, token)
+                self._presence_closed(client_id, token)
+
+    async def _presence_opened(self, client_id: str) -> int:
+        """Records a presence stream's opening off the loop. If the call ends meanwhile (the client
+        renewed or died while the executor was busy), the opening still completes and its end is
+        recorded as well: a stream counted open but never closed would keep the client present."""
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(self._executor, self.coordinator.presence_opened, client_id)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            def close_when_recorded(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._presence_closed(client_id, done.result())
+            opening.add_done_callback(close_when_recorded)
+            raise
+
+    def _presence_closed(self, client_id: str, token: int) -> None:
+        """Records a presence stream's end off the loop, not awaited (the loop moves on)."""
+        try:
+            asyncio.get_running_loop().run_in_executor(self._executor, self.coordinator.presence_closed,
+                                                       client_id, token)
+        except RuntimeError:  # the server is stopping (its executor shut down): no step waits
+            self.coordinator.presence_closed(client_id, token)
 
     async def _accept(self, context, header, task: Task, batch, update) -> None:
         metrics = validated_metrics(header.metrics)

@@ -117,6 +117,32 @@ def test_presence_rpc_on_loopback_counts_the_client_present_then_away_when_the_s
         again.cancel()
 
 
+def test_a_presence_stream_cancelled_while_its_opening_is_recorded_does_not_hold_the_client_present():
+    # A stream may end at once (a runner renews it after a re-registration; a client dies just
+    # after opening it); on a loaded server the call may end while its opening is still being
+    # recorded off the event loop. That stream must count as closed too, or the client is never away.
+    coordinator = Coordinator("run-race", expected_clients=1, dataset=None, presence_grace=GRACE)
+    recorded = coordinator.presence_opened
+    entered = threading.Event()
+
+    def slow_opening(client_id):  # a busy executor, made certain
+        entered.set()
+        time.sleep(1.0)
+        return recorded(client_id)
+
+    coordinator.presence_opened = slow_opening
+    with loopback_server(coordinator) as (channel, _port):
+        stub = pb_grpc.FederatedLearningStub(channel)
+        reply = stub.Register(pb.RegisterRequest(client_id="a", num_train_samples=10, num_heldout_samples=2),
+                              timeout=10)
+        request = pb.PresenceRequest(run_id="run-race", client_id="a", session_secret=reply.session_secret)
+        call = stub.Presence(request)
+        assert entered.wait(10)
+        call.cancel()  # before the server recorded the opening
+        wait_until(lambda: coordinator.presence.is_away("a"), 10, "a to count as away")
+        assert coordinator.present_clients() == 0
+
+
 # -- the scenario, with real processes --------------------------------------------------------------
 
 CLIENTS = 4
