@@ -157,6 +157,16 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of a running process so far (fresh pages it touched); None once it is gone.
+    Unlike CPU time, hardly moved by other load on the machine."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return None
+
+
 class CpuTracker:
     """Last-seen CPU seconds of some processes: call ``sample()`` before reaping them."""
 

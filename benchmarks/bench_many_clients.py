@@ -9,6 +9,8 @@ as the update (valid manifest and digest), answer evaluations, exit at SHUTDOWN.
   * server CPU seconds per round per client: the server's user+system CPU (/proc) between the end
     of round 1 and the end of the last round (the steady state, without start-up and registration),
     over the rounds in between and M;
+  * server minor page faults per round per client, over the same rounds (/proc): fresh memory the
+    server touched, a load-independent sign of per-message allocations;
   * server peak RSS (VmHWM just before it exits) and the most threads seen (/proc, 20 ms poll);
   * weight bytes per client per round, counted by the fake clients (downloads + uploads).
 
@@ -48,22 +50,25 @@ class ServerWatch(threading.Thread):
         self.pid, self.metrics = pid, metrics
         self.peak_hwm_kb = self.max_threads = 0
         self.cpu_at_round: dict[int, float] = {}
+        self.faults_at_round: dict[int, int] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             cpu = c.cpu_seconds(self.pid)
+            faults = c.minor_faults(self.pid)
             try:
                 status = _status(self.pid)
             except OSError:
                 return
-            if cpu is None:
+            if cpu is None or faults is None:
                 return
             self.peak_hwm_kb = max(self.peak_hwm_kb, status.get("VmHWM", 0))
             self.max_threads = max(self.max_threads, status.get("Threads", 0))
             done = len(round_events(self.metrics))
             if done and done not in self.cpu_at_round:
                 self.cpu_at_round[done] = cpu
+                self.faults_at_round[done] = faults
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -106,9 +111,11 @@ def measure(clients: int, rounds: int, processes: int, work: Path, profile_dir: 
         raise RuntimeError(f"M = {clients}: {len(records)} round records, CPU seen at {sorted(watch.cpu_at_round)}")
     last = max(watch.cpu_at_round)
     steady_cpu = (watch.cpu_at_round[last] - watch.cpu_at_round[1]) / (last - 1)
+    steady_faults = (watch.faults_at_round[last] - watch.faults_at_round[1]) / (last - 1)
     return {"clients": clients, "round_seconds": c.median([r["seconds"] for r in records]),
             "round_seconds_all": [r["seconds"] for r in records], "wall": wall,
             "cpu_per_round": steady_cpu, "cpu_per_round_per_client": steady_cpu / clients,
+            "faults_per_round_per_client": steady_faults / clients,
             "peak_rss_mb": watch.peak_hwm_kb * 1024 / c.MB, "threads": watch.max_threads,
             "bytes_per_client_round": (stats.bytes_received + stats.bytes_sent) / clients / rounds,
             "tasks": stats.tasks}
@@ -137,6 +144,8 @@ def main(client_counts: str, rounds: int, processes: int, keep: bool, profile_di
                      extra="rounds: " + ", ".join(f"{s:.2f}" for s in run["round_seconds_all"]))
             c.result(f"{label}: server CPU per round", run["cpu_per_round"], "CPU-s")
             c.result(f"{label}: server CPU per round per client", run["cpu_per_round_per_client"] * 1e3, "CPU-ms")
+            c.result(f"{label}: server minor page faults per round per client",
+                     run["faults_per_round_per_client"], "faults")
             c.result(f"{label}: server peak RSS", run["peak_rss_mb"], "MB")
             c.result(f"{label}: server threads (most seen)", run["threads"], "threads")
             c.result(f"{label}: weight bytes per client per round", run["bytes_per_client_round"] / c.MB, "MB",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Iterator
@@ -208,7 +209,23 @@ def _squared_distance(values: torch.Tensor, reference: torch.Tensor) -> float:
     here: relative error ~1e-6 over a chunk's 262,144 elements, far finer than any bound it is
     compared with) and the pieces' sums in float64. guard.update_distance's float64 squares cost
     three times as much, 1.3 ms of the server's CPU per CVAE update."""
-    difference = torch.sub(values, reference)
+    difference = torch.sub(values, reference, out=_scratch(values.dtype, values.numel()))
     if difference.dtype not in (torch.float32, torch.float64):  # half precisions: too coarse to sum in
         difference = difference.float()
     return float(torch.dot(difference, difference))
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A 1-d buffer of ``numel`` elements, reused by this thread's later pieces: a fresh temporary of
+    a chunk's size is, in glibc, an mmap, a page fault per 4 KiB written and a munmap, per piece of
+    every upload (about 5 % of the server's CPU at M = 500 clients, seen with perf)."""
+    buffers = getattr(_scratch_buffers, "by_dtype", None)
+    if buffers is None:
+        buffers = _scratch_buffers.by_dtype = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
