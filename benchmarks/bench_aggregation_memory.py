@@ -17,6 +17,7 @@ Reported: (peak - idle) / model size; target < 3x the CVAE's 4.29 MB.
 from __future__ import annotations
 
 import multiprocessing as mp
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -141,12 +142,13 @@ class RssPoller(threading.Thread):
         self.join()
 
 
-def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = False) -> dict:
+def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = False,
+                 server_args: tuple[str, ...] = ()) -> dict:
     out = work / "server"
     server = procs.start("server", [c.tool("genfl-server"), "--phase", "cvae", "--rounds", "1",
                                     "--clients", str(clients), "--local-epochs", "0",
                                     "--address", "127.0.0.1:0", "--out", str(out), "--threads", "1",
-                                    "--log-level", "warning"], work / "server.log")
+                                    "--log-level", "warning", *server_args], work / "server.log")
     endpoint = wait_for_endpoint(out, 60, [server])
     ctx = mp.get_context("spawn")
     gate, registered, errors = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
@@ -225,20 +227,24 @@ def measure_once(clients: int, work: Path, procs: c.ProcessGroup, split: bool = 
 @click.option("--keep", is_flag=True, help="Keep the temp folder (server logs).")
 @click.option("--split", is_flag=True, help="Diagnosis: clients hold their uploads until every client has "
               "downloaded, so the broadcast's peak and the upload/aggregation peak are reported apart.")
+@click.option("--server-args", default="", help="More genfl-server options, one string (shell-split), e.g. "
+              "'--max-concurrent-uploads 4'.")
 @click.option("-v", "--verbose", is_flag=True)
-def main(clients: int, repeats: int, keep: bool, split: bool, verbose: bool) -> None:
+def main(clients: int, repeats: int, keep: bool, split: bool, server_args: str, verbose: bool) -> None:
     """Peak server memory above idle during one FedAvg round of CLIENTS fake clients, in CVAE sizes."""
     from genfl_shared.codec import state_dict_nbytes
     from genfl_shared.models import build_model
 
     c.setup_logging(verbose)
     print(c.machine_line())
+    if server_args:
+        print(f"server options: {server_args}")
     model_bytes = state_dict_nbytes(build_model("cvae").state_dict())
     runs = []
     with c.temp_dir("genfl-bench-mem-", keep) as tmp:
         for rep in range(repeats):
             with c.ProcessGroup() as procs:
-                run = measure_once(clients, tmp / f"run{rep}", procs, split)
+                run = measure_once(clients, tmp / f"run{rep}", procs, split, tuple(shlex.split(server_args)))
             runs.append(run)
             delta = (run["peak_kb"] - run["idle_kb"]) * 1024
             print(f"  run {rep}: idle {run['idle_kb'] / 1024:.1f} MiB, peak {run['peak_kb'] / 1024:.1f} MiB "

@@ -209,6 +209,10 @@ class ClientProcesses:
         for proc in self._procs:
             proc.start()
 
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
     def join(self, timeout: float) -> ClientStats:
         """Summed stats of every process (``error`` set if any client failed); raises TimeoutError
         when a process reports nothing within ``timeout``."""

@@ -183,6 +183,7 @@ class ServerApp:
             self.metrics.track_privacy(config.dp_delta)
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
                                            privacy=privacy, upload_timeout=config.upload_timeout,
+                                           max_concurrent_uploads=config.max_concurrent_uploads,
                                            max_streams_per_connection=config.max_streams_per_connection,
                                            max_streams_per_ip=config.max_streams_per_ip)
         self._server, port, self._health = start_grpc_server(service, s.address, credentials=self.credentials)

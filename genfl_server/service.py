@@ -46,14 +46,13 @@ from .transport import AioServer, EventLoopThread, ThreadsafeHealth
 
 log = logging.getLogger(__name__)
 
-# Weight uploads received and checked at once (each holds a receive slot from its first chunk to
-# its fold). Each costs about one model of memory (its received chunks, which are folded in as they
-# are: upload.ChunkedUpdate), so
-# this bounds the server's memory however many clients upload together; the rest wait in gRPC flow
+# Weight uploads are received and checked max_concurrent_uploads at a time (--max-concurrent-uploads,
+# default 2; each holds a receive slot from its first chunk to its fold). Each costs about one model
+# of memory (its received chunks, which are folded in as they are: upload.ChunkedUpdate), so this
+# bounds the server's memory however many clients upload together; the rest wait in gRPC flow
 # control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
 # grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a
 # chunk, and then for at most --upload-timeout; before that, a place in the upload queue.
-DEFAULT_MAX_CONCURRENT_UPLOADS = 2
 # Uploads that may hold their first chunk while they wait for a receive slot. Reading the first
 # chunk before a slot is taken keeps a stalled upload (a header, then nothing) from holding a slot;
 # bounding how many may do so keeps the waiting uploads from holding a chunk (1 MiB) each: with 50
@@ -152,7 +151,7 @@ class ResultStream:
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
-                 max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+                 max_concurrent_uploads: int = RunConfig.max_concurrent_uploads,
                  authenticator: TokenAuthenticator | None = None,
                  max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS, *,
                  upload_timeout: float = RunConfig.upload_timeout,

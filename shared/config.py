@@ -101,6 +101,10 @@ class RunConfig:
     upload_timeout: float = _setting(
         60.0, "Seconds a result upload may take to arrive (not counting waits for the server's receive slots); "
         "a slower one is cut with DEADLINE_EXCEEDED and its task stays open for a retry.", _RATE)
+    max_concurrent_uploads: int = _setting(
+        2, "Weight uploads received and checked at once (each holds about one model of memory until it is "
+        "folded in; the others wait in flow control): more trades server memory for round time with many "
+        "clients.", click.IntRange(1))
     max_streams_per_connection: int = _setting(
         64, "Most RPCs open at once on one client connection (0: no limit).", _COUNT)
     max_streams_per_ip: int = _setting(

@@ -268,6 +268,40 @@ def test_two_stalled_uploads_do_not_block_other_uploads_and_are_cut_at_the_uploa
                 client.close()
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_stall_that_sent_a_chunk_holds_one_of_max_concurrent_uploads_slots(tmp_path, slots):
+    """A stall past its first chunk holds a receive slot until --upload-timeout: with one slot it
+    holds every other upload up that long, with two the honest upload goes through beside it."""
+    with server(tmp_path, "--clients", "2", "--upload-timeout", str(UPLOAD_TIMEOUT),
+                "--max-concurrent-uploads", str(slots)) as s:
+        honest, hostile = EchoClient(s.address, "honest"), EchoClient(s.address, "stall")
+        try:
+            honest.register()
+            hostile.register()
+            task, weights = hostile.next_task()
+            payload = encode_state_dict(weights)
+            stall = StalledUpload(hostile.stub, [pb.ResultMessage(header=hostile.result_header(task, payload)),
+                                                 pb.ResultMessage(chunk=pb.Chunk(index=0, data=payload.chunks[0]))])
+            stalled_at = time.monotonic()
+            wait_until(lambda: s.metric("genfl_rpcs_open") >= 1, 20, "the stalled upload to be open", details=s.details)
+            time.sleep(1.0)  # its first chunk read and its slot taken
+
+            task, weights = honest.next_task()
+            assert honest.answer(task, weights).accepted
+            honest_took = time.monotonic() - stalled_at
+            if slots == 1:
+                assert honest_took >= UPLOAD_TIMEOUT - 1, f"the upload went through the only slot in {honest_took:.1f} s"
+                assert stall.code(30) == grpc.StatusCode.DEADLINE_EXCEEDED
+            else:
+                assert honest_took < UPLOAD_TIMEOUT - 1, f"the upload waited {honest_took:.1f} s beside one stall"
+                assert not stall.future.done()
+                assert stall.code(UPLOAD_TIMEOUT + 30) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert s.rejected("upload_timeout") == 1
+        finally:
+            honest.close()
+            hostile.close()
+
+
 # -- finding 6: idle streams -----------------------------------------------------------------------
 
 IDLE_STREAMS, IDLE_CONNECTIONS = 1000, 4
