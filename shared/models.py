@@ -96,6 +96,13 @@ def cvae_loss(recon: Tensor, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     return reconstruction + kl
 
 
+def cvae_loss_per_sample(recon: Tensor, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """:func:`cvae_loss` of each sample of the batch, ``[B]`` (DP-SGD clips each sample's gradient)."""
+    reconstruction = (recon - x).pow(2).flatten(1).sum(1)
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * torch.log(sigma)).sum(1)
+    return reconstruction + kl
+
+
 class _SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: rescale each channel by a gate computed from its global mean."""
 

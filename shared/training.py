@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dp import ClientPrivacy, fit_dp
-from .models import cvae_loss
+from .models import cvae_loss, cvae_loss_per_sample
 
 __all__ = ["balanced_cross_entropy", "evaluate_classifier", "evaluate_cvae", "label_log_prior", "train_classifier",
            "train_cvae"]
@@ -228,6 +228,11 @@ def _cvae_batch_loss(model, x, y):
     return loss, loss
 
 
+def _cvae_per_sample_loss(model, x, y):
+    recon, mu, sigma = model(x, y)
+    return cvae_loss_per_sample(recon, x, mu, sigma)
+
+
 def _classifier_batch_loss(model, x, y):
     loss = F.cross_entropy(model(x), y)  # mean over the batch
     return loss, loss * x.shape[0]
@@ -324,7 +329,7 @@ def _train_cvae_dp(model, images, labels, *, epochs, lr, seed, device, cuda_grap
         # Poisson batches vary in size and Opacus' per-sample gradient hooks run in Python: no graph.
         _log_once("DP-SGD: CUDA graphs are not used (Poisson-sampled batches vary in size); eager CUDA steps")
     with _mode(model, training=True):
-        result = fit_dp(model, images, labels, _cvae_batch_loss, epochs=epochs, lr=lr, seed=seed,
+        result = fit_dp(model, images, labels, _cvae_per_sample_loss, epochs=epochs, lr=lr, seed=seed,
                         privacy=privacy, progress=progress)
     logger.debug("train_cvae (DP-SGD): %s", result)
     return result

@@ -135,6 +135,61 @@ def test_dp_and_non_dp_training_with_the_same_seed_differ_and_dp_is_repeatable(m
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
+def _one_dp_step(model, x, y, *, ghost: bool, max_grad_norm: float) -> list[torch.Tensor]:
+    """The gradient DP-SGD applies for one batch with no noise: ghost clipping (fit_dp's way) or
+    Opacus' clipping of materialised per-sample gradients (the reference)."""
+    import warnings
+
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from genfl_shared.training import _cvae_per_sample_loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    if ghost:
+        wrapped = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+                                                       max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        optimizer = DPOptimizerFastGradientClipping(sgd, noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                                                    expected_batch_size=None, loss_reduction="sum")
+    else:
+        wrapped = GradSampleModule(model, loss_reduction="sum")
+        optimizer = DPOptimizer(sgd, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=None,
+                                loss_reduction="sum")
+    torch.manual_seed(3)  # the same reparameterisation noise for both
+    losses = _cvae_per_sample_loss(wrapped, x, y)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if ghost:
+            DPTensorFastGradientClipping(wrapped, optimizer, losses, "sum").backward()
+        else:
+            losses.sum().backward()
+    optimizer.step()
+    wrapped._close()
+    return [b - p.detach() for b, p in zip(before, model.parameters())]
+
+
+@pytest.mark.parametrize("batch", [16, 0])
+def test_ghost_clipping_applies_the_sum_of_per_sample_clipped_gradients(mnist, batch):
+    """fit_dp's ghost clipping applies what clipping each sample's own gradient does (the DP-SGD
+    mechanism its accounting assumes), also for an empty Poisson batch (nothing but noise)."""
+    images, labels = mnist
+    x, y = to_float_images(images[:batch]), torch.as_tensor(labels[:batch])
+    steps = {}
+    for ghost in (True, False):
+        model = build_model("cvae")
+        model.load_state_dict(initial_state("cvae", 0))
+        steps[ghost] = _one_dp_step(model, x, y, ghost=ghost, max_grad_norm=1.0)
+    for fast, reference in zip(steps[True], steps[False]):
+        assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-7)
+    total = math.sqrt(sum(float(t.pow(2).sum()) for t in steps[True]))
+    if batch:  # each of the 16 samples' gradients is clipped to norm 1 (the CVAE's are far larger)
+        assert 1.0 < total <= batch * 1.0 + 1e-4
+    else:
+        assert total == 0.0
+
+
 # -- settings ----------------------------------------------------------------------------------------
 
 def test_dp_task_settings_are_checked():
