@@ -3,9 +3,10 @@
 Partitions MNIST into 10 tiny IID shards (``--train-subset 1000``: 90 train / 10 held-out images
 per client), starts a real ``genfl-server --local-epochs 0 --threads 1`` and 10 real
 ``genfl-client --threads 1`` processes on this machine. With zero local epochs a client echoes
-the weights back unchanged, so a round is all protocol and bookkeeping: broadcast, upload, FedAvg,
-a second broadcast for the evaluation step, each client's (tiny) held-out evaluation and the
-replies. Per-round ``seconds`` come from the server's OUT/metrics.jsonl.
+the weights back unchanged, so a round is all protocol and bookkeeping: one broadcast, each
+client's (tiny) held-out evaluation of the received model (round r's evaluation rides on round
+r + 1's TRAIN task; only the last round has an EVALUATE step of its own), the upload, FedAvg and
+the replies. Per-round ``seconds`` come from the server's OUT/metrics.jsonl.
 
 Reports median and p90 seconds per round for the CVAE (4.29 MB) and for ExquisiteNetV1
 (``--phase classifier --no-pretrain``, 3.73 MB). Target: median < 0.3 s. For comparison, Flower
