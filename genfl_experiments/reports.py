@@ -461,8 +461,9 @@ def write_privacy(results: list[CellResult], path: Path, *, dataset: str, preset
     if not grouped:
         lines += ["", "No finished cells on the privacy axis yet."]
     else:
-        lines += ["", "## Wall time of the CVAE phase", "", "DP-SGD clips every sample's gradient (its norm, then a "
-                  "second backward pass): its CVAE rounds cost more than those without DP (the classifier phase is the same at every level).", "",
+        lines += ["", "## Wall time of the CVAE phase", "",
+                  "DP-SGD clips every sample's gradient (its norm, then a second backward pass): its CVAE rounds "
+                  "cost more than those without DP (the classifier phase is the same at every level).", "",
                   "| Target ε | CVAE cells | Median wall s per cell | Median s per CVAE round |", "|---|---|---|---|"]
         by_level = defaultdict(list)
         for levels in grouped.values():
