@@ -184,15 +184,23 @@ class Launcher:
         with self._lock:
             self._stopped = True
             alive = [p for p in self.running if p.poll() is None]
+        if not alive:
+            return
+        started = time.monotonic()
         for proc in alive:
             _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        deadline = started + 5
+        killed = []
         for proc in alive:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+                killed.append(proc.pid)
+        # How long a stop takes is worth seeing (a slow one is a bug in a child's shutdown path).
+        log.log(logging.WARNING if killed else logging.INFO, "stopped %d processes in %.1f s%s", len(alive),
+                time.monotonic() - started, f" (pids {killed} killed: not ended 5 s after SIGTERM)" if killed else "")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -274,6 +274,8 @@ class Coordinator:
         for batch in batches:  # a batch's lock is never taken under the Coordinator's
             with batch.completed:
                 batch.completed.notify_all()
+        with self._cond:  # and the end of run's wait for the clients to hear it (wait_shutdown_delivered)
+            self._cond.notify_all()
 
     # -- registration -------------------------------------------------------------------------
     def register(self, request: pb.RegisterRequest) -> tuple[ClientInfo, str]:
@@ -506,6 +508,9 @@ class Coordinator:
             self._wake_pollers()
 
     def wait_shutdown_delivered(self, timeout: float) -> bool:
-        """Give every registered client the chance to hear that the run is over."""
+        """Give every registered client the chance to hear that the run is over: True once each has
+        heard it or is disconnected (its presence stream closed: nobody is there to tell, e.g. a
+        client stopped by the same Ctrl-C as the server), False when ``timeout`` passes first."""
         with self._cond:
-            return self._cond.wait_for(lambda: set(self.clients) <= self.shutdown_delivered, timeout)
+            return self._cond.wait_for(lambda: all(cid in self.shutdown_delivered or self.presence.disconnected(cid)
+                                                   for cid in self.clients), timeout)

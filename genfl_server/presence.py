@@ -54,18 +54,22 @@ class Presence:
 
     def closed(self, client_id: str, token: int) -> None:
         """The stream ``token`` of ``client_id`` ended (idempotent: a second call is a no-op)."""
+        timer = None
         with self._lock:
             streams = self._streams.get(client_id)
             if streams is None or token not in streams:
                 return
             streams.discard(token)
-            if streams or client_id in self._timers or self._closed:
-                return
-            self._closed_at[client_id] = time.monotonic()
-            timer = threading.Timer(self.grace, self._expire, args=(client_id,))
-            timer.daemon = True
-            self._timers[client_id] = timer
-        timer.start()
+            disconnected = not streams
+            if disconnected and not self._closed and client_id not in self._timers:
+                self._closed_at[client_id] = time.monotonic()
+                timer = threading.Timer(self.grace, self._expire, args=(client_id,))
+                timer.daemon = True
+                self._timers[client_id] = timer
+        if timer is not None:
+            timer.start()
+        elif disconnected and self._closed:
+            self._notify()  # after the run: the wait to tell every client it ended need not wait for this one
 
     def _expire(self, client_id: str) -> None:
         with self._lock:
@@ -87,6 +91,12 @@ class Presence:
     def away(self) -> set[str]:
         with self._lock:
             return set(self._away)
+
+    def disconnected(self, client_id: str) -> bool:
+        """Whether ``client_id`` had a presence stream and has none open now (gone, or reconnecting).
+        A client that never opened one is not: nothing says it is gone."""
+        with self._lock:
+            return client_id in self._streams and not self._streams[client_id]
 
     def close(self) -> None:
         """End of run: cancel pending checks, and count nobody away from now on."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,12 +137,16 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, D, Z, ...), None when it is gone."""
     try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state != "Z"
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
 
 
 def test_ctrl_c_stops_every_child(tmp_path, data_root):
@@ -160,9 +165,16 @@ def test_ctrl_c_stops_every_child(tmp_path, data_root):
                    deadline - time.monotonic(), "the first round", interval=0.2)
         assert launch.poll() is None
         launch.send_signal(signal.SIGINT)
-        output, _ = launch.communicate(timeout=30)
+        try:
+            output, _ = launch.communicate(timeout=30)
+        except subprocess.TimeoutExpired as error:
+            alive = {pid: _state(pid) for pid in children if _alive(pid)}
+            raise AssertionError(f"the launcher did not exit within 30 s of Ctrl-C; children still there "
+                                 f"(pid: state): {alive}; its output so far:\n{error.output}") from None
         assert launch.returncode == 130, output
         assert "stopping the server and the clients" in output
+        # Its children end on SIGTERM (the server does not wait to tell clients that are already gone).
+        assert re.search(r"stopped 3 processes in \d+\.\d s$", output, re.MULTILINE), output
         time.sleep(0.5)
         assert not [pid for pid in children if _alive(pid)]
     finally:

@@ -95,6 +95,29 @@ def test_a_step_with_its_quorum_stops_waiting_when_the_rest_go_away_and_not_befo
     coordinator.shutdown(reason="test over")
 
 
+def test_the_end_of_run_waits_to_tell_connected_clients_only():
+    """At the end of a run the server waits (bounded) until every client has heard it ended, but not
+    for one whose presence stream has closed: nobody is there to tell (a client stopped by the same
+    Ctrl-C as the server), and a wait for it only delays the exit."""
+    coordinator = Coordinator("run-end", expected_clients=3, dataset=None, presence_grace=60)
+    for cid in ("a", "b", "c"):
+        coordinator.register(pb.RegisterRequest(client_id=cid, num_train_samples=10, num_heldout_samples=2))
+    tokens = {cid: coordinator.presence_opened(cid) for cid in ("a", "b")}  # c never opens one
+    coordinator.shutdown(reason="done")
+    coordinator.presence_closed("a", tokens["a"])  # a is gone before hearing it
+    assert coordinator.next_task("c", 1).type == pb.TASK_TYPE_SHUTDOWN
+    assert not coordinator.wait_shutdown_delivered(0.3)  # b is still connected and has not heard it
+    waiter_result = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(coordinator.wait_shutdown_delivered(30)))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    coordinator.presence_closed("b", tokens["b"])  # b goes too: the wait ends at once, not after 30 s
+    waiter.join(10)
+    assert waiter_result == [True] and time.monotonic() - started < 5
+    assert not coordinator.presence.is_away("b")  # and leaving after the run is no absence
+
+
 def test_presence_rpc_on_loopback_counts_the_client_present_then_away_when_the_stream_ends():
     coordinator = Coordinator("run-rpc", expected_clients=1, dataset=None, presence_grace=GRACE)
     with loopback_server(coordinator) as (channel, _port):
