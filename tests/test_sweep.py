@@ -386,6 +386,18 @@ def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(
     assert {r["arm"] for r in rows} >= {"pretrained-fedavgm", "baseline-fedavgm", "pretrained-only"}
 
 
+def test_a_sweep_folder_moved_elsewhere_resumes_without_re_running_its_cells(small_sweep, data_root, tmp_path):
+    out, _, _ = small_sweep
+    moved = tmp_path / "moved" / "sweep"
+    shutil.copytree(out, moved)  # a copy: the fixture's folder stays for the other tests
+    markers = {p: p.read_text() for p in (moved / "runs").glob("**/cell.json")}
+    pretrained = json.loads((moved / "runs" / "iid" / "seed0" / "pretrained" / "cell.json").read_text())
+    assert "../cvae/cvae.pt" in pretrained["args"]  # recorded relative to the cell's folder
+    result = sweep(moved, data_root("mnist"), "--alphas", "iid,0.5", "--repeats", "2", "--parallel", "2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert {p: p.read_text() for p in (moved / "runs").glob("**/cell.json")} == markers  # none re-run
+
+
 def test_the_iid_synthetic_arm_is_a_real_run_on_the_skewed_shards_from_the_iid_cvae(small_sweep, data_root):
     out, _, _ = small_sweep
     group, iid_cvae = out / "runs" / "alpha-0.5" / "seed1", out / "runs" / "iid" / "seed1" / "cvae"

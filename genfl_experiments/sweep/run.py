@@ -87,12 +87,25 @@ def current_inputs(cell: Cell, cells: dict[str, Cell]) -> dict | None:
     return inputs
 
 
+def recorded_args(cell: Cell, cells: dict[str, Cell]) -> list[str]:
+    """The cell's arguments as its folder records them: a path into a dependency's folder (a checkpoint)
+    relative to the cell's own, so a sweep folder that was moved or copied whole still resumes."""
+    dep_folders = [str(cells[key].out) + os.sep for key in cell.deps]
+    return [os.path.relpath(arg, cell.out) if any(arg.startswith(f) for f in dep_folders) else arg
+            for arg in cell.args]
+
+
+def same_args(recorded: list[str] | None, cell: Cell, cells: dict[str, Cell]) -> bool:
+    # Folders written before arguments were recorded relative hold them as given (absolute paths).
+    return recorded is not None and recorded in (recorded_args(cell, cells), cell.args)
+
+
 def is_finished(cell: Cell, cells: dict[str, Cell], _memo: dict[str, bool] | None = None) -> bool:
     """Finished with the arguments the plan gives it now, from its dependencies' current results."""
     memo = {} if _memo is None else _memo
     if cell.key not in memo:
         marker = read_json(cell.out / CELL_MARKER)
-        memo[cell.key] = (marker is not None and marker.get("args") == cell.args
+        memo[cell.key] = (marker is not None and same_args(marker.get("args"), cell, cells)
                           and all(is_finished(cells[d], cells, memo) for d in cell.deps)
                           and marker.get("inputs") == current_inputs(cell, cells))
     return memo[cell.key]
@@ -183,12 +196,12 @@ class SweepRunner:
         attempt = read_json(cell.out / INPUTS_FILE) or {}
         resume = (cell.kind != "centralised" and (cell.out / RUN_STATE_FILE).exists()
                   and not (cell.out / CELL_MARKER).exists()
-                  and attempt.get("args") == cell.args and attempt.get("inputs") == inputs)
+                  and same_args(attempt.get("args"), cell, self.cells) and attempt.get("inputs") == inputs)
         if not resume:
             if cell.out.exists():
                 shutil.rmtree(cell.out)
             cell.out.mkdir(parents=True)
-            write_json_atomic(cell.out / INPUTS_FILE, {"args": cell.args, "inputs": inputs})
+            write_json_atomic(cell.out / INPUTS_FILE, {"args": recorded_args(cell, self.cells), "inputs": inputs})
         started = time.monotonic()
         log.info("%s: %s", cell.key, "resuming from its last finished round" if resume else "starting")
         # Wall time over every attempt, so a resumed cell reports what it cost in total.
@@ -221,7 +234,7 @@ class SweepRunner:
                                                   "local_epochs": cell.arm.local_epochs,
                                                   "mitigation": cell.arm.mitigation},
             "epsilon": None if cell.privacy is None else cell.privacy.marker,  # the privacy axis' level
-            "args": cell.args, "inputs": inputs, "run_id": uuid.uuid4().hex,
+            "args": recorded_args(cell, self.cells), "inputs": inputs, "run_id": uuid.uuid4().hex,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         return f"{result}, {seconds:.0f} s"
