@@ -35,6 +35,7 @@ from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
 
+from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Rejected, Task, TaskResult
 from .guard import check_dp_epsilon, validated_metrics
 from .limits import OpenUploads, StreamLimits, UploadClock
@@ -108,6 +109,15 @@ def lenient_parser(message_type):
         except DecodeError as error:
             return Unparsable(message_type.DESCRIPTOR.name, str(error))
     return parse
+
+
+_parse_result_protobuf = lenient_parser(pb.ResultMessage)
+
+
+def parse_result_message(data: bytes):
+    """SubmitResult's request deserializer: an upload's chunk read in place (a view of ``data``,
+    chunk_parser) when canonically encoded, as almost all are; else as :func:`lenient_parser`."""
+    return read_chunk_in_place(data) or _parse_result_protobuf(data)
 
 
 def _refuse_unparsable(message) -> None:
@@ -555,7 +565,7 @@ def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMeth
             service.FetchTask, request_deserializer=lenient_parser(pb.FetchTaskRequest),
             response_serializer=_serialize_task_message),
         "SubmitResult": grpc.stream_unary_rpc_method_handler(
-            service.SubmitResult, request_deserializer=lenient_parser(pb.ResultMessage),
+            service.SubmitResult, request_deserializer=parse_result_message,
             response_serializer=pb.SubmitReply.SerializeToString),
         "Presence": grpc.unary_stream_rpc_method_handler(
             service.Presence, request_deserializer=lenient_parser(pb.PresenceRequest),

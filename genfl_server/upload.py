@@ -27,6 +27,8 @@ import torch
 from genfl_shared.codec import CHUNK_SIZE, CodecError, manifest_layout
 from genfl_shared.proto import genfl_pb2 as pb
 
+from .chunk_parser import WireChunk
+
 # The views are of the received (immutable) bytes and nothing writes to them: torch's warning that
 # it could would be noise.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -50,15 +52,16 @@ class ChunkedUpdate(Mapping):
         # elements are aligned (always, unless an odd-sized smaller-dtype tensor precedes them).
         self._floating = [(name, template[name].reshape(-1), offset, n, offset % dtype.itemsize == 0)
                           for name, dtype, _shape, offset, n in layout if dtype.is_floating_point and n]
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._received_bytes = 0
         self._hasher = hashlib.sha256()
         self._squares = 0.0  # sum of (update - global)^2 over the floating entries, in float64
         self._finished = False
 
     # -- receiving ----------------------------------------------------------------------------
-    def add(self, chunk: pb.Chunk) -> None:
-        """Check, hash and measure one chunk (in order); raises CodecError."""
+    def add(self, chunk: pb.Chunk | WireChunk) -> None:
+        """Check, hash and measure one chunk (in order); raises CodecError. A WireChunk's data (a
+        view of the received message) is kept as it is, not copied."""
         index = len(self._chunks)
         if chunk.index != index:
             raise CodecError("chunk_order", f"expected chunk {index}, got chunk {chunk.index}")
