@@ -45,7 +45,7 @@ def _varint(data: bytes, position: int, max_bytes: int) -> tuple[int, int] | Non
     """(value, next position) of the varint at ``position``, or None if it is not a varint of at
     most ``max_bytes`` bytes within ``data``."""
     value = shift = 0
-    for count in range(max_bytes):
+    for _ in range(max_bytes):
         if position >= len(data):
             return None
         byte = data[position]
@@ -72,12 +72,12 @@ def read_chunk_in_place(data: bytes) -> ChunkMessage | None:
         if read is None or read[0] >= 1 << 32:
             return None  # protobuf truncates wider values to 32 bits: left to it
         index, position = read
-    if position == len(data):  # no data field: empty data (as protobuf writes it)
-        return ChunkMessage(WireChunk(index, memoryview(data)[position:]))
-    if data[position] != _CHUNK_DATA:
-        return None
-    size = _varint(data, position + 1, 10)
-    if size is None or size[0] != len(data) - size[1]:
-        return None
-    return ChunkMessage(WireChunk(index, memoryview(data)[size[1]:]))
+    if position < len(data):  # else no data field: empty data, as protobuf writes it
+        if data[position] != _CHUNK_DATA:
+            return None
+        size = _varint(data, position + 1, 10)
+        if size is None or size[0] != len(data) - size[1]:
+            return None
+        position = size[1]
+    return ChunkMessage(WireChunk(index, memoryview(data)[position:]))
 

@@ -17,6 +17,7 @@ from genfl_server.service import Unparsable, parse_result_message
 from genfl_server.upload import ChunkedUpdate
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
+from wire_strategies import mutated_bytes
 
 
 def _chunk_message(index: int, data: bytes) -> bytes:
@@ -98,22 +99,6 @@ def test_bytes_that_are_no_message_are_unparsable(raw):
     assert isinstance(parse_result_message(raw), Unparsable)
 
 
-def _mutated(draw, raw: bytes) -> bytes:
-    data = bytearray(raw)
-    for _ in range(draw(st.integers(1, 3))):
-        position = draw(st.integers(0, max(0, len(data) - 1)))
-        operation = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
-        if operation == "flip" and data:
-            data[position] ^= draw(st.integers(1, 255))
-        elif operation == "truncate":
-            del data[position:]
-        elif operation == "insert":
-            data[position:position] = draw(st.binary(min_size=1, max_size=6))
-        else:
-            del data[position:position + draw(st.integers(1, 6))]
-    return bytes(data)
-
-
 @st.composite
 def _wire_bytes(draw) -> bytes:
     seeds = [_chunk_message(draw(st.sampled_from([0, 3, 200, 2**31])), draw(st.binary(max_size=40))),
@@ -122,7 +107,7 @@ def _wire_bytes(draw) -> bytes:
     if form == "random":
         return draw(st.binary(max_size=60))
     raw = draw(st.sampled_from(seeds))
-    return raw if form == "as sent" else _mutated(draw, raw)
+    return raw if form == "as sent" else draw(mutated_bytes([raw]))
 
 
 @given(raw=_wire_bytes())

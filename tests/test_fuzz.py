@@ -34,6 +34,7 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.tasks import EvaluateTask, TrainTask
 from helpers import loopback_server, run_rounds, start_server
+from wire_strategies import mutated_bytes
 
 
 def fuzz_settings(max_examples: int) -> settings:
@@ -274,23 +275,6 @@ def _valid_messages() -> list[bytes]:
             pb.TaskMessage(header=task).SerializeToString(),
             pb.RegisterRequest(client_id="alice", num_train_samples=100, num_heldout_samples=20,
                                dataset="mnist", client_version="0.1").SerializeToString()]
-
-
-@st.composite
-def mutated_bytes(draw, originals: list[bytes]) -> bytes:
-    data = bytearray(draw(st.sampled_from(originals)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
-        pos = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[pos] ^= draw(st.integers(1, 255))
-        elif op == "truncate":
-            del data[pos:]
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 8))]
-    return bytes(data)
 
 
 wire_bytes = st.one_of(st.binary(max_size=300), mutated_bytes(_valid_messages()))
