@@ -194,3 +194,30 @@ def test_cli_reference_documents_every_console_script_from_its_entry_point():
         assert reference.get(name) == target, (
             f"docs/cli.md documents {name} as {reference.get(name)}; pyproject.toml runs {target}")
         assert isinstance(load_entry_point(target), click.Command), f"{name} ({target}) is not a click command"
+
+
+# -- documented commands use real options ----------------------------------------------------------
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every console-script command line in the README's and docs' bash blocks."""
+    scripts = console_scripts()
+    found = []
+    for page in [README, *doc_pages()]:
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"(^|\s)#.*", "", line)
+                for part in re.split(r"&&|\|\||[;&|]", line):
+                    words = shlex.split(part)
+                    if words and words[0] in scripts:
+                        found.append((page.relative_to(REPO).as_posix(), words))
+    return found
+
+
+def test_documented_commands_use_real_options():
+    commands = documented_commands()
+    assert len(commands) >= 5, f"found only {commands}: are the examples gone?"
+    for page, (name, *args) in commands:
+        command = load_entry_point(console_scripts()[name])
+        options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        unknown = [arg for arg in args if arg.startswith("--") and arg.split("=", 1)[0] not in options]
+        assert not unknown, f"{page}: {name} has no option {unknown}"
