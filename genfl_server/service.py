@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import socket
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -29,7 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
@@ -41,6 +39,7 @@ from .guard import check_dp_epsilon, validated_metrics
 from .limits import OpenUploads, StreamLimits, UploadClock
 from .privacy import PrivacyLedger
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
+from .listening import ListenError, check_listen_address
 from .metrics import ServerMetrics
 from .upload import ChunkedUpdate
 from .transport import AioServer, EventLoopThread, ThreadsafeHealth
@@ -68,12 +67,6 @@ DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
 # How often an open presence stream checks whether the run ended (its end is seen at once).
 PRESENCE_CHECK_SECONDS = 1.0
-
-
-def task_frame(index: int, data: bytes) -> bytes:
-    """One chunk as a serialized TaskMessage: built once per broadcast (``encode_state_dict(...,
-    wrap=task_frame)``) and sent to every client as is, instead of once per client."""
-    return pb.TaskMessage(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
 
 
 def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
@@ -515,44 +508,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self.metrics.clients_connected.set(len(self._polling))
 
 
-class ListenError(OSError):
-    """The server cannot listen on the address it was given (in use, not this machine's, invalid)."""
-
-
-_BIND_REASONS = {
-    errno.EADDRINUSE: "address in use",
-    errno.EADDRNOTAVAIL: "not an address of this machine",
-    errno.EACCES: "permission denied (ports below 1024 need privileges)",
-}
-
-
-def _check_listen_address(address: str) -> None:
-    """Raise ListenError saying why ``address`` (host:port) cannot be listened on, if it cannot.
-
-    Done with a plain socket before gRPC tries: gRPC only says "failed to bind" (after logging
-    the reason in its own format), and falls back to port 443 for an address without a port.
-    """
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ListenError(f"cannot listen on {address}: not a host:port address (e.g. 0.0.0.0:50051)")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:50051
-    try:
-        candidates = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as error:
-        raise ListenError(f"cannot listen on {address}: unknown host {host!r} ({error})") from None
-    failures = []
-    for family, kind, proto, _, sockaddr in candidates:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
-                probe.bind(sockaddr)
-                return  # gRPC listens as long as one resolved address can be bound
-            except OSError as error:
-                failures.append(error)
-    error = failures[0]
-    raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror or error)}")
-
-
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
     """The generated registration's handler table, except that FetchTask also passes pre-serialized
     frames (``task_frame``) through, and requests that do not parse reach the handlers as
@@ -614,7 +569,7 @@ def start_grpc_server(service: FederatedLearningService, address: str, *,
     port and starts NOT_SERVING; the caller marks it SERVING once the run is ready. Raises
     ListenError, saying why, when ``address`` cannot be listened on.
     """
-    _check_listen_address(address)
+    check_listen_address(address)
     handlers = method_handlers(service)
     check_serves_every_method(handlers)
     loop_thread = EventLoopThread("grpc-loop")
