@@ -27,7 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc

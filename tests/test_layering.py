@@ -118,7 +118,7 @@ def project_graph(root: Path = REPO_ROOT) -> ModuleGraph:
                 while ".".join(parts) not in sources:
                     parts.pop()
                 target = ".".join(parts)
-                if target != module and target not in PACKAGE_DIRS.values():  # a package's __init__ alone is no edge
+                if target != module:
                     internal.add(target)
             else:
                 external.add(top)
@@ -261,7 +261,7 @@ def test_checker_finds_a_cycle_through_a_function_local_import(tiny_project):
     write(tiny_project, "genfl_server/b.py", "def f():\n    from genfl_server import a\n")
     write(tiny_project, "genfl_server/c.py", "from . import b\n")
     graph = project_graph(tiny_project)
-    assert graph.imports["genfl_server.c"] == {"genfl_server.b"}
+    assert graph.imports["genfl_server.c"] == {"genfl_server", "genfl_server.b"}
     assert find_cycle(graph.imports) == ["genfl_server.a", "genfl_server.b", "genfl_server.a"]
     assert find_cycle({"x": {"y"}, "y": {"z"}, "z": set()}) is None
 
