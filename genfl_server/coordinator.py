@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import grpc
 import torch
 
 from genfl_shared.codec import Payload
 from genfl_shared.data import NUM_CLASSES
+from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TaskSettings, TrainTask
 
@@ -57,15 +57,6 @@ def new_secret() -> str:
 
 def secret_digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
-class Rejected(Exception):
-    """A request the server refuses: carries the gRPC status code and a metrics label."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
 
 
 class RegistrationTimeout(TimeoutError):
@@ -201,13 +192,13 @@ class TaskTable:
         accepted (any more)."""
         state = self._states.get(task_id)
         if state is TaskState.DONE:
-            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "duplicate",
+            raise Rejected(RejectReason.DUPLICATE,
                            f"a result for task {task_id} was already accepted")
         if state is TaskState.CLOSED:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "late",
+            raise Rejected(RejectReason.LATE,
                            f"task {task_id} closed before this result arrived")
         if state is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_task", f"no task {shown(task_id)!r} was handed out")
+            raise Rejected(RejectReason.UNKNOWN_TASK, f"no task {shown(task_id)!r} was handed out")
         return self._open[task_id]
 
     def settle(self, task: Task, state: TaskState) -> None:
@@ -282,28 +273,28 @@ class Coordinator:
         """Register (again) ``request.client_id``; returns its info and the new session's secret."""
         cid = request.client_id
         if not cid or len(cid) > 128 or not cid.isprintable():
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_client_id",
+            raise Rejected(RejectReason.BAD_CLIENT_ID,
                            "client_id must be 1-128 printable characters")
         if request.num_train_samples <= 0:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
+            raise Rejected(RejectReason.BAD_SAMPLE_COUNT,
                            f"client {cid!r} reports {request.num_train_samples} training samples")
         check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
         label_counts = checked_label_counts(cid, request.label_counts, request.num_train_samples, NUM_CLASSES)
         if self.partition is not None:
             self.partition.check(cid, request.num_train_samples, request.num_heldout_samples)
         if self.dataset and request.dataset and request.dataset != self.dataset:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_dataset",
+            raise Rejected(RejectReason.WRONG_DATASET,
                            f"client {cid!r} holds {shown(request.dataset)!r} data but this run trains on {self.dataset!r}")
         with self._cond:
             known = self.clients.get(cid)
             if known is None and len(self.clients) >= self.expected_clients:
-                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "run_full",
+                raise Rejected(RejectReason.RUN_FULL,
                                f"this run takes {self.expected_clients} clients and all have registered")
             if known is not None and self.started and (
                     known.num_train_samples != request.num_train_samples
                     or known.num_heldout_samples != request.num_heldout_samples
                     or known.label_counts != label_counts):
-                raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "sample_count_changed",
+                raise Rejected(RejectReason.SAMPLE_COUNT_CHANGED,
                                f"client {cid!r} re-registered with different sample or label counts mid-run")
             secret = new_secret()
             info = ClientInfo(cid, request.num_train_samples, request.num_heldout_samples, request.dataset,
@@ -340,19 +331,19 @@ class Coordinator:
 
     def session(self, client_id: str, secret: str) -> ClientInfo:
         """The registered client ``client_id``, if ``secret`` is its current session's; else
-        Rejected: NOT_FOUND for an unknown client (a restarted server: register again),
-        PERMISSION_DENIED for a missing or wrong secret (another connection's request, or a session
+        Rejected: ``unknown_client`` for an unknown client (a restarted server: register again),
+        ``bad_session`` for a missing or wrong secret (another connection's request, or a session
         ended by a re-registration). Compared as digests, in constant time."""
         info = self.clients.get(client_id)
         if info is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, "unknown_client",
+            raise Rejected(RejectReason.UNKNOWN_CLIENT,
                            f"client {shown(client_id)!r} is not registered in run {self.run_id}")
         if not secret:
-            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "bad_session",
+            raise Rejected(RejectReason.BAD_SESSION,
                            f"the request for client {client_id!r} carries no session secret (the one its "
                            f"Register reply returned)")
         if not hmac.compare_digest(secret_digest(secret), info.session_digest):
-            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "bad_session",
+            raise Rejected(RejectReason.BAD_SESSION,
                            f"the session secret is not client {client_id!r}'s current one (a request from "
                            f"another connection, or from a session ended since: the client registered again)")
         info.last_seen = time.monotonic()
@@ -360,7 +351,7 @@ class Coordinator:
 
     def check_run(self, run_id: str) -> None:
         if run_id != self.run_id:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "wrong_run",
+            raise Rejected(RejectReason.WRONG_RUN,
                            f"run {shown(run_id)!r} is not running here (this is run {self.run_id}); register again")
 
     # -- tasks --------------------------------------------------------------------------------
@@ -427,14 +418,14 @@ class Coordinator:
         with self._lock:
             task, batch = self._tasks.accepting(header.task_id)
         if task.client_id != header.client_id:
-            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "wrong_client",
+            raise Rejected(RejectReason.WRONG_CLIENT,
                            f"task {task.task_id} belongs to another client")
         if header.phase != task.phase or header.round != task.round:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "stale_round",
+            raise Rejected(RejectReason.STALE_ROUND,
                            f"result names {shown(header.phase)} round {header.round}, but task {task.task_id} "
                            f"is {task.phase} round {task.round}")
         if header.type != task.type:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "wrong_type",
+            raise Rejected(RejectReason.WRONG_TYPE,
                            f"task {task.task_id} is {pb.TaskType.Name(task.type)}, not "
                            f"{pb.TaskType.Name(header.type) if header.type in pb.TaskType.values() else header.type}")
         if task.type == pb.TASK_TYPE_TRAIN:
@@ -442,7 +433,7 @@ class Coordinator:
         else:
             limit, plausible = info.num_heldout_samples, header.num_samples <= info.num_heldout_samples
         if not plausible and not header.error:  # an error report counts no samples
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
+            raise Rejected(RejectReason.BAD_SAMPLE_COUNT,
                            f"result claims {header.num_samples} samples; the client registered {limit}")
         return task, batch
 
@@ -473,14 +464,14 @@ class Coordinator:
         reported = sorted(name for name in metrics if name.startswith("eval_"))
         if not evaluated:
             if reported:
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_metrics",
+                raise Rejected(RejectReason.BAD_METRICS,
                                f"task {task.task_id} asked for no evaluation, but the result reports {reported}")
             return
         samples = metrics.get("eval_samples")
         info = self.clients.get(task.client_id)
         limit = info.num_heldout_samples if info is not None else 0
         if samples is None or samples != int(samples) or samples > limit:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "bad_sample_count",
+            raise Rejected(RejectReason.BAD_SAMPLE_COUNT,
                            f"task {task.task_id} evaluated first: its result must report eval_samples, a whole "
                            f"number <= the {limit} held-out samples the client registered (got {samples})")
 

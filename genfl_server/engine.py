@@ -41,7 +41,7 @@ from .coordinator import ClientInfo, Coordinator, TaskBatch, TaskResult
 from .guard import RoundGuard, UpdateGuard, aggregate_problem
 from .metrics import ServerMetrics
 from .results import RunRecorder
-from .service import task_frame
+from genfl_shared.codec import task_frame
 from .strategy import Strategy, build_strategy
 
 log = logging.getLogger(__name__)

@@ -23,21 +23,16 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import grpc
 import torch
 
 from genfl_shared.config import RunConfig
+from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.tasks import TrainTask
 
 from .logsafe import shown
 
 log = logging.getLogger(__name__)
 
-
-def _rejected(reason: str, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> Exception:
-    # Imported here: the coordinator calls into this module at registration.
-    from .coordinator import Rejected
-    return Rejected(code, reason, message)
 
 # The metrics a genfl-client sends (genfl_client/executor.py), with the range each must lie in.
 METRIC_RANGES: dict[str, tuple[float, float]] = {
@@ -73,27 +68,27 @@ MAX_ABS_WEIGHT = 1e6
 def checked_label_counts(client_id: str, label_counts, num_train_samples: int, num_classes: int
                          ) -> tuple[int, ...] | None:
     """A registration's label histogram (None when the client shares none), or Rejected
-    (INVALID_ARGUMENT, 'bad_label_counts'): one count per class, summing to the registered train
+    ('bad_label_counts'): one count per class, summing to the registered train
     samples. It is what the client says and stays untrusted: it only decides which synthetic
     classes the server sends it (--client-synthetic-mix), never a weight of the model."""
     if not len(label_counts):
         return None
     if len(label_counts) != num_classes:  # before converting: the repeated field may be huge
-        raise _rejected("bad_label_counts", f"client {client_id!r} reports label counts for {len(label_counts)} "
-                                            f"classes; the dataset has {num_classes}")
+        raise Rejected(RejectReason.BAD_LABEL_COUNTS, f"client {client_id!r} reports label counts for "
+                                                      f"{len(label_counts)} classes; the dataset has {num_classes}")
     counts = tuple(int(n) for n in label_counts)
     if sum(counts) != num_train_samples:
-        raise _rejected("bad_label_counts", f"client {client_id!r} reports label counts summing to {sum(counts)}, "
-                                            f"but {num_train_samples} training samples")
+        raise Rejected(RejectReason.BAD_LABEL_COUNTS, f"client {client_id!r} reports label counts summing to "
+                                                      f"{sum(counts)}, but {num_train_samples} training samples")
     return counts
 
 
 def check_registered_samples(client_id: str, num_train_samples: int, max_client_samples: int | None) -> None:
     """Refuse a registration claiming more training samples than the dataset holds."""
     if max_client_samples is not None and num_train_samples > max_client_samples:
-        raise _rejected("bad_sample_count",
-                        f"client {client_id!r} reports {num_train_samples} training samples; this server "
-                        f"accepts at most {max_client_samples} per client (--max-client-samples)")
+        raise Rejected(RejectReason.BAD_SAMPLE_COUNT,
+                       f"client {client_id!r} reports {num_train_samples} training samples; this server "
+                       f"accepts at most {max_client_samples} per client (--max-client-samples)")
 
 
 @dataclass(frozen=True)
@@ -127,28 +122,28 @@ class PartitionCounts:
         """Refuse a registration that does not match the partition."""
         expected = self.by_client.get(client_id)
         if expected is None:
-            raise _rejected("not_in_partition", f"client {shown(client_id)!r} is not in this run's partition "
-                            f"({self.source})", code=grpc.StatusCode.PERMISSION_DENIED)
+            raise Rejected(RejectReason.NOT_IN_PARTITION,
+                           f"client {shown(client_id)!r} is not in this run's partition ({self.source})")
         if expected != (num_train, num_heldout):
-            raise _rejected("partition_mismatch",
-                            f"client {client_id!r} reports {num_train} train / {num_heldout} held-out samples; "
-                            f"the partition ({self.source}) gives it {expected[0]} / {expected[1]}",
-                            code=grpc.StatusCode.FAILED_PRECONDITION)
+            raise Rejected(RejectReason.PARTITION_MISMATCH,
+                           f"client {client_id!r} reports {num_train} train / {num_heldout} held-out samples; "
+                           f"the partition ({self.source}) gives it {expected[0]} / {expected[1]}")
 
 
 def validated_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A result's metrics as floats, or Rejected(INVALID_ARGUMENT, 'bad_metrics')."""
+    """A result's metrics as floats, or Rejected('bad_metrics')."""
     if len(metrics) > MAX_METRICS:
-        raise _rejected("bad_metrics", f"a result carries at most {MAX_METRICS} metrics, got {len(metrics)}")
+        raise Rejected(RejectReason.BAD_METRICS,
+                       f"a result carries at most {MAX_METRICS} metrics, got {len(metrics)}")
     checked = {}
     for name, value in metrics.items():
         if name not in METRIC_RANGES:
             shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
-            raise _rejected("bad_metrics", f"unknown metric {shown!r}; known: {sorted(METRIC_RANGES)}")
+            raise Rejected(RejectReason.BAD_METRICS, f"unknown metric {shown!r}; known: {sorted(METRIC_RANGES)}")
         low, high = METRIC_RANGES[name]
         value = float(value)
         if not (math.isfinite(value) and low <= value <= high):
-            raise _rejected("bad_metrics", f"metric {name!r} = {value!r} is outside [{low}, {high}]")
+            raise Rejected(RejectReason.BAD_METRICS, f"metric {name!r} = {value!r} is outside [{low}, {high}]")
         checked[name] = value
     return checked
 
@@ -157,8 +152,8 @@ def check_dp_epsilon(task_settings, metrics: Mapping[str, float]) -> None:
     """In a DP run, a training result must say how much privacy its client has spent; one that
     does not is refused (reason 'missing_dp_epsilon'), as the run's guarantee could not cover it."""
     if isinstance(task_settings, TrainTask) and task_settings.dp and "dp_epsilon" not in metrics:
-        raise _rejected("missing_dp_epsilon", f"a DP-SGD {task_settings.model} result must report its "
-                                              f"client's spent epsilon (metric 'dp_epsilon')")
+        raise Rejected(RejectReason.MISSING_DP_EPSILON, f"a DP-SGD {task_settings.model} result must report "
+                                                        f"its client's spent epsilon (metric 'dp_epsilon')")
 
 
 # update_distance works through a tensor this many elements at a time, in two reused scratch

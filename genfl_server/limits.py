@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import grpc
-
-from .coordinator import Rejected
+from genfl_shared.errors import Rejected, RejectReason
 
 
 def peer_ip(peer: str) -> str:
@@ -33,14 +31,14 @@ class StreamLimits:
 
     def enter(self, peer: str) -> tuple[str, ...]:
         """Count one more RPC of ``peer``; returns the keys to pass to :meth:`leave`. Raises
-        Rejected(RESOURCE_EXHAUSTED) when the peer already holds its bound."""
+        Rejected (``too_many_streams``, ``too_many_streams_per_ip``) when the peer already holds its bound."""
         ip_key = "ip " + peer_ip(peer)
         if self.per_connection and self._open[peer] >= self.per_connection:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams",
+            raise Rejected(RejectReason.TOO_MANY_STREAMS,
                            f"this connection already has {self._open[peer]} requests open (the server allows "
                            f"{self.per_connection}: --max-streams-per-connection)")
         if self.per_ip and self._open[ip_key] >= self.per_ip:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams_per_ip",
+            raise Rejected(RejectReason.TOO_MANY_STREAMS_PER_IP,
                            f"{peer_ip(peer)} already has {self._open[ip_key]} requests open (the server allows "
                            f"{self.per_ip}: --max-streams-per-ip)")
         keys = (peer, ip_key)
@@ -67,7 +65,7 @@ class OpenUploads:
 
     def claim(self, client_id: str) -> None:
         if client_id in self._clients:
-            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, "upload_in_progress",
+            raise Rejected(RejectReason.UPLOAD_IN_PROGRESS,
                            f"client {client_id!r} already has a result upload open; one at a time")
         self._clients.add(client_id)
 
@@ -100,6 +98,6 @@ class UploadClock:
         return max(0.0, self._deadline - self._loop.time())
 
     def expired(self) -> Rejected:
-        return Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "upload_timeout",
+        return Rejected(RejectReason.UPLOAD_TIMEOUT,
                         f"the result did not arrive within {self.timeout:g} s (--upload-timeout); the task stays "
                         f"open: send it again")

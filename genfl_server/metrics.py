@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 from genfl_shared import __version__
 
+from .listening import ListenError
+
 PHASE_STATES = ["waiting", "cvae", "synthetic", "classifier", "done", "failed"]
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -80,7 +82,6 @@ class ServerMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Serve /metrics on ``port`` (0 picks a free one); returns the bound port."""
-        from .service import ListenError  # here: service imports this module
         try:
             server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as error:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import socket
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -29,19 +27,22 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
+from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
 
 from .chunk_parser import read_chunk_in_place
-from .coordinator import Coordinator, Rejected, Task, TaskResult
+from .coordinator import Coordinator, Task, TaskResult
 from .guard import check_dp_epsilon, validated_metrics
 from .limits import OpenUploads, StreamLimits, UploadClock
 from .privacy import PrivacyLedger
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
+from .listening import ListenError, check_listen_address
 from .metrics import ServerMetrics
+from .status_codes import status_code
 from .upload import ChunkedUpdate
 from .transport import AioServer, EventLoopThread, ThreadsafeHealth
 
@@ -70,24 +71,12 @@ DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
 PRESENCE_CHECK_SECONDS = 1.0
 
 
-def task_frame(index: int, data: bytes) -> bytes:
-    """One chunk as a serialized TaskMessage: built once per broadcast (``encode_state_dict(...,
-    wrap=task_frame)``) and sent to every client as is, instead of once per client."""
-    return pb.TaskMessage(chunk=pb.Chunk(index=index, data=data)).SerializeToString()
-
-
 def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
 SERVICE_NAME = _SERVICE.full_name  # genfl.v1.FederatedLearning
-
-_CODEC_STATUS = {
-    "digest_mismatch": grpc.StatusCode.DATA_LOSS,
-    "truncated": grpc.StatusCode.DATA_LOSS,
-    "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 
 
 @dataclass(frozen=True)
@@ -122,7 +111,7 @@ def parse_result_message(data: bytes):
 
 def _refuse_unparsable(message) -> None:
     if isinstance(message, Unparsable):
-        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+        raise Rejected(RejectReason.MALFORMED,
                        f"a message does not parse as {message.type_name}: {shown(message.error)}")
 
 
@@ -227,7 +216,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.updates_late.inc()
         message = shown(error, MAX_MESSAGE_CHARS)
         self._rejection_log.rejected(shown(client_id, 64) or context.peer(), error.reason, message)
-        await context.abort(error.code, message)
+        await context.abort(status_code(error.reason), message)
 
     @contextlib.asynccontextmanager
     async def _counted_stream(self, context: grpc.aio.ServicerContext):
@@ -244,17 +233,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.rpcs_open.dec()
 
     def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str | None) -> None:
-        """Raise Rejected(UNAUTHENTICATED) unless the call carries ``client_id``'s token (when
+        """Raise Rejected (``unauthenticated``) unless the call carries ``client_id``'s token (when
         tokens are required). ``client_id=None``: only check that some token was sent."""
         if self.authenticator is None:
             return
         token = bearer_token(context.invocation_metadata())
         if token is None:
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+            raise Rejected(RejectReason.UNAUTHENTICATED,
                            "this server requires a client token (metadata 'authorization: Bearer <token>'; "
                            "genfl-client --token-file)")
         if client_id is not None and not self.authenticator.check(client_id, token):
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+            raise Rejected(RejectReason.UNAUTHENTICATED,
                            f"invalid token for client {shown(client_id)!r}")
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -324,7 +313,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         self._authenticate(context, None)  # no token at all: refuse before reading anything
         first = await stream.next()
         if first is None or first.WhichOneof("kind") != "header":
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed", "a result must start with its header")
+            raise Rejected(RejectReason.MALFORMED, "a result must start with its header")
         header = stream.header = first.header
         self._authenticate(context, header.client_id)
         task, batch = self.coordinator.open_task(header)
@@ -336,12 +325,12 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 return None
             if task.expects_weights:
                 if not header.HasField("manifest"):
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                    raise Rejected(RejectReason.MALFORMED,
                                    "a training result must carry the updated weights")
                 await self._receive_in_slot(stream, context, header, task, batch)
             else:
                 if await stream.next() is not None:
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                    raise Rejected(RejectReason.MALFORMED,
                                    "an evaluation result carries no weights")
                 await self._accept(context, header, task, batch, None)
             return task
@@ -421,7 +410,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         check_dp_epsilon(task.config, metrics)
         result = TaskResult(task, int(header.num_samples), metrics)
         if context.cancelled():
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+            raise Rejected(RejectReason.MALFORMED,
                            "the result stream was aborted before it ended")
         await self._in_executor(self._finish, result, batch, update)  # folds: off the loop
         if self.privacy is not None and "dp_epsilon" in metrics:
@@ -441,7 +430,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         """The client could not execute ``task``: count it as failed for its step. ``trailing``:
         something followed the header (refused: an error report carries nothing)."""
         if header.HasField("manifest") or header.num_samples or trailing:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+            raise Rejected(RejectReason.MALFORMED,
                            "an error result carries no weights and no samples")
         message = shown(header.error.strip())
         self.coordinator.fail(task, batch, message)
@@ -460,7 +449,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             message = await stream.next()
             while message is not None:
                 if message.WhichOneof("kind") != "chunk":
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                    raise Rejected(RejectReason.MALFORMED,
                                    "only chunks may follow the result header")
                 await self._in_executor(update.add, message.chunk)
                 message = None  # its bytes are the update's now: dropped before the next one arrives
@@ -468,8 +457,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             self.metrics.bytes_received.inc(update.received_bytes)
             return await self._in_executor(update.finish)
         except CodecError as error:
-            raise Rejected(_CODEC_STATUS.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT),
-                           error.reason, f"update rejected: {error}") from None
+            raise Rejected(error.reason, f"update rejected: {error}") from None
 
     async def _next_task(self, client_id: str, timeout: float) -> Task | pb.TaskHeader | None:
         """The client's current task, the shutdown header, or None when neither came within
@@ -513,44 +501,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if self._polling[client_id] <= 0:
             del self._polling[client_id]
         self.metrics.clients_connected.set(len(self._polling))
-
-
-class ListenError(OSError):
-    """The server cannot listen on the address it was given (in use, not this machine's, invalid)."""
-
-
-_BIND_REASONS = {
-    errno.EADDRINUSE: "address in use",
-    errno.EADDRNOTAVAIL: "not an address of this machine",
-    errno.EACCES: "permission denied (ports below 1024 need privileges)",
-}
-
-
-def _check_listen_address(address: str) -> None:
-    """Raise ListenError saying why ``address`` (host:port) cannot be listened on, if it cannot.
-
-    Done with a plain socket before gRPC tries: gRPC only says "failed to bind" (after logging
-    the reason in its own format), and falls back to port 443 for an address without a port.
-    """
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ListenError(f"cannot listen on {address}: not a host:port address (e.g. 0.0.0.0:50051)")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:50051
-    try:
-        candidates = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as error:
-        raise ListenError(f"cannot listen on {address}: unknown host {host!r} ({error})") from None
-    failures = []
-    for family, kind, proto, _, sockaddr in candidates:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
-                probe.bind(sockaddr)
-                return  # gRPC listens as long as one resolved address can be bound
-            except OSError as error:
-                failures.append(error)
-    error = failures[0]
-    raise ListenError(f"cannot listen on {address}: {_BIND_REASONS.get(error.errno, error.strerror or error)}")
 
 
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
@@ -614,7 +564,7 @@ def start_grpc_server(service: FederatedLearningService, address: str, *,
     port and starts NOT_SERVING; the caller marks it SERVING once the run is ready. Raises
     ListenError, saying why, when ``address`` cannot be listened on.
     """
-    _check_listen_address(address)
+    check_listen_address(address)
     handlers = method_handlers(service)
     check_serves_every_method(handlers)
     loop_thread = EventLoopThread("grpc-loop")

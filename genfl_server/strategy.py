@@ -16,6 +16,8 @@ from typing import Mapping, Protocol
 
 import torch
 
+from genfl_shared.config import ROUND_HOLDING_STRATEGIES, STRATEGY_NAMES
+
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
@@ -362,3 +364,10 @@ def build_strategy(name: str, **settings) -> Strategy:
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
     return cls.from_settings(**settings)
+
+
+# The run settings (genfl_shared.config) name the strategies without importing this module.
+if (tuple(STRATEGIES), {name for name in STRATEGIES if strategy_holds_round(name)}) != (
+        STRATEGY_NAMES, ROUND_HOLDING_STRATEGIES):
+    raise RuntimeError(f"the strategy registry {list(STRATEGIES)} does not match genfl_shared.config's "
+                       f"STRATEGY_NAMES {list(STRATEGY_NAMES)} and ROUND_HOLDING_STRATEGIES")

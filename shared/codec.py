@@ -262,3 +262,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 def state_dict_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def task_frame(index: int, data: bytes) -> bytes:
+    """One chunk as a serialized TaskMessage: built once per broadcast (``encode_state_dict(...,
+    wrap=task_frame)``) and sent to every client as is, instead of once per client."""
+    return pb.TaskMessage(chunk=pb.Chunk(index=index, data=data)).SerializeToString()

@@ -23,6 +23,12 @@ from .dp import ACCOUNTANTS, DEFAULT_DELTA
 from .tasks import LOCAL_LOSSES
 
 DISTILL_TEACHERS = ("clients", "previous")  # genfl_server/distill.py
+# The aggregation strategies, in the order choice lists and reports show them, and those among
+# them that hold every update of a round and do not trust their mean (the robust ones).
+# genfl_server/strategy.py implements each under its name and refuses to load if its registry
+# differs, so the settings can offer them without importing the server.
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum")
+ROUND_HOLDING_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,6 @@ class RunOption:
 
 def _setting(default, help: str, type=None, **kwargs) -> Any:
     return field(default=default, metadata={"option": RunOption(help, type, **kwargs)})
-
-
-def _strategy_choice() -> click.Choice:
-    # The registry lives with the strategies (genfl_server.strategy), which install with every tool.
-    from genfl_server.strategy import strategy_names
-
-    return click.Choice(strategy_names())
 
 
 _COUNT = click.IntRange(0)
@@ -72,7 +71,7 @@ class RunConfig:
                                "(balanced softmax: logits adjusted by the client's own label prior, computed "
                                "from its train part and never sent).", click.Choice(LOCAL_LOSSES))
     strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
-                             "each).", _strategy_choice)
+                             "each).", click.Choice(STRATEGY_NAMES))
     prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
     fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE)
     fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1))
@@ -193,9 +192,7 @@ class RunConfig:
         """ValueError for server-distillation settings that cannot run (checked before the server starts)."""
         if not self.server_distill or self.server_distill_teacher != "clients":
             return
-        from genfl_server.strategy import strategy_holds_round
-
-        if strategy_holds_round(self.strategy):
+        if self.strategy in ROUND_HOLDING_STRATEGIES:
             raise ValueError(f"--server-distill towards the clients' models cannot go with --strategy {self.strategy}: "
                              "the teacher is the mean of the accepted models, which a robust strategy exists not to "
                              "trust (use --server-distill-teacher previous, or another strategy)")

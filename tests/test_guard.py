@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from genfl_server.coordinator import Rejected
 from genfl_server.guard import (DEFAULT_MAX_CLIENT_WEIGHT_SHARE, UpdateGuard, capped_weights, update_distance,
                                 validated_metrics)
 from genfl_server.strategy import FedAvg
 from genfl_shared.config import PRESETS
 from genfl_shared.data import load_dataset, to_float_images
+from genfl_shared.errors import Rejected
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import dirichlet_partition, iid_partition
 from genfl_shared.training import train_classifier, train_cvae

@@ -17,12 +17,14 @@ import grpc
 import pytest
 import torch
 
-from genfl_server.coordinator import Coordinator, Rejected, TaskResult, TaskState
+from genfl_server.coordinator import Coordinator, TaskResult, TaskState
 from genfl_server.metrics import ServerMetrics
 from genfl_server.service import (SERVICE_NAME, FederatedLearningService, UnservedMethodError,
                                   check_serves_every_method, method_handlers)
+from genfl_server.status_codes import status_code
 from genfl_server.strategy import FedAvg
 from genfl_shared.codec import CHUNK_SIZE, PayloadAssembler, encode_state_dict
+from genfl_shared.errors import Rejected
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -430,7 +432,7 @@ def test_task_life_cycle_decides_duplicate_and_late_in_one_place():
     def refused(call, *args):
         with pytest.raises(Rejected) as info:
             call(*args)
-        return info.value.code, info.value.reason
+        return status_code(info.value.reason), info.value.reason
 
     # Two uploads of alice's result pass open_task; the first accepted makes the second a duplicate.
     first, second = coordinator.open_task(header(alice)), coordinator.open_task(header(alice))
