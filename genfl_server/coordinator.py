@@ -86,6 +86,9 @@ class Task:
     round: int
     config: TaskSettings
     payload: Payload | None = None
+    # The model the client starts from: a TRAIN result's update is checked against its names and
+    # shapes and measured from it.
+    model: Mapping[str, torch.Tensor] | None = None
 
     @property
     def expects_weights(self) -> bool:
@@ -125,10 +128,8 @@ class TaskBatch:
     (so the engine never reads a half-folded aggregate), without holding up other clients' polls.
     """
 
-    def __init__(self, tasks: list[Task], *, template: Mapping[str, torch.Tensor] | None,
-                 on_update: UpdateHook | None):
+    def __init__(self, tasks: list[Task], *, on_update: UpdateHook | None):
         self.tasks = {t.task_id: t for t in tasks}
-        self.template = template
         self.on_update = on_update
         self.results: dict[str, TaskResult] = {}
         self.failures: dict[str, str] = {}  # task_id -> the client's error: it could not run the task
@@ -356,14 +357,18 @@ class Coordinator:
 
     # -- tasks --------------------------------------------------------------------------------
     def new_task(self, client_id: str, type_: int, phase: str, rnd: int, config: TaskSettings,
-                 payload: Payload | None) -> Task:
+                 payload: Payload | None, model: Mapping[str, torch.Tensor] | None = None) -> Task:
         # Random, not sequential: a task id handed to one client says nothing about another's.
-        return Task(new_secret(), client_id, type_, phase, rnd, config, payload)
+        return Task(new_secret(), client_id, type_, phase, rnd, config, payload, model)
 
     def dispatch(self, tasks: list[Task], *, template: Mapping[str, torch.Tensor] | None = None,
                  on_update: UpdateHook | None = None) -> TaskBatch:
-        """Post one task per client and wake their pollers at once."""
-        batch = TaskBatch(tasks, template=template, on_update=on_update)
+        """Post one task per client and wake their pollers at once; ``template`` is the start model
+        of the tasks that name none."""
+        for task in tasks:
+            if task.model is None:
+                task.model = template
+        batch = TaskBatch(tasks, on_update=on_update)
         with self._cond:
             self._tasks.post(batch)
             self._wake_pollers()

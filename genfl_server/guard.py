@@ -30,6 +30,7 @@ from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.tasks import TrainTask
 
 from .logsafe import shown
+from .updates import as_update
 
 log = logging.getLogger(__name__)
 
@@ -156,36 +157,6 @@ def check_dp_epsilon(task_settings, metrics: Mapping[str, float]) -> None:
                                                         f"its client's spent epsilon (metric 'dp_epsilon')")
 
 
-# update_distance works through a tensor this many elements at a time, in two reused scratch
-# blocks (cache-sized), instead of float64 copies of whole tensors (three of the largest CVAE
-# layer were 10 MB, and 12-40 ms of the server's CPU per update).
-DISTANCE_BLOCK_ELEMENTS = 1 << 16
-
-
-def update_distance(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    """||update - reference|| over the floating-point entries.
-
-    Computed on the tensors as they are (an upload's are views of its received bytes), block by
-    block: each difference in the tensors' own precision, the squares summed in float64. No copy
-    of the update, no model-sized temporary.
-    """
-    total = 0.0
-    squares = torch.empty(DISTANCE_BLOCK_ELEMENTS, dtype=torch.float64)
-    for name, ref in reference.items():
-        if not ref.is_floating_point():
-            continue
-        values, ref_values = update[name].reshape(-1), ref.reshape(-1)
-        difference = torch.empty(DISTANCE_BLOCK_ELEMENTS, dtype=torch.promote_types(values.dtype, ref.dtype))
-        for start in range(0, values.numel(), DISTANCE_BLOCK_ELEMENTS):
-            end = min(start + DISTANCE_BLOCK_ELEMENTS, values.numel())
-            block = difference[:end - start]
-            torch.sub(values[start:end], ref_values[start:end], out=block)
-            wide = squares[:end - start]
-            wide.copy_(block)
-            total += float(torch.dot(wide, wide))
-    return math.sqrt(total)
-
-
 def _scaled_towards(update, reference, factor: float) -> dict[str, torch.Tensor]:
     """reference + factor * (update - reference) on floating entries (clipping the step)."""
     return {name: (ref + (update[name].double() - ref.double()).mul_(factor).to(ref.dtype) if ref.is_floating_point()
@@ -249,12 +220,7 @@ class RoundGuard:
     def admit(self, client_id: str, num_samples: int, update: Mapping[str, torch.Tensor]
               ) -> tuple[float, Mapping[str, torch.Tensor]]:
         """(FedAvg weight, update to fold in) for one arriving update; records its distance."""
-        # An upload measured its distance from this round's model chunk by chunk as it arrived
-        # (upload.ChunkedUpdate); anything else is measured here.
-        if getattr(update, "reference", None) is self.global_state:
-            distance = update.distance
-        else:
-            distance = update_distance(update, self.global_state)
+        distance = as_update(update).distance_from(self.global_state)
         self.distances[client_id] = distance
         limit = self.bounds.max_update_norm
         if self.bounds.clip and limit is not None and distance > limit:

@@ -262,7 +262,7 @@ class PostAggregationSteps:
 
     @property
     def keeps_updates(self) -> bool:
-        return any(getattr(step, "keeps_updates", False) for step in self.steps)
+        return any(step.keeps_updates for step in self.steps)
 
     def __call__(self, rnd: int, aggregate: State, models: RoundModels) -> tuple[State, dict]:
         state, parts = aggregate, {}

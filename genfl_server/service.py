@@ -353,7 +353,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 self._upload_queue.release()
                 queued = False
                 stream.clock.resume()
-                update = await self._receive_update(stream, header, batch.template)
+                update = await self._receive_update(stream, header, task.model)
                 await self._accept(context, header, task, batch, update)
         finally:
             if queued:

@@ -1,22 +1,26 @@
-"""Aggregation strategies: how client updates become the next global model.
+"""Aggregation strategies: what each client is asked, and how their updates become the next global model.
 
-A strategy sees a round as ``begin(global_state)``, then ``accumulate(update, num_samples)`` once
-per accepted update (in arrival order, from gRPC threads, serialised by the caller), then
-``finish() -> new global state``. FedAvg and its variants fold updates into a running sum as they
-arrive, so the server holds one model's worth of accumulator, never K updates. The robust
-strategies (coordinate-wise median, trimmed mean, Krum) need every update of a round at once:
-they hold all K of them until ``finish()``.
+A strategy sees a round as Flower's do: ``configure_train`` (each client's task and the model it
+starts from), then ``begin(global_state)``, ``accumulate(update, weight)`` once per accepted update
+(in arrival order, from gRPC threads, serialised by the caller) and ``finish() -> new global state``;
+``configure_evaluate`` asks for the evaluations. FedAvg and its variants fold updates into a running
+sum as they arrive, so the server holds one model's worth of accumulator, never K updates. The robust
+strategies (coordinate-wise median, trimmed mean, Krum) need every update of a round at once: they
+hold all K of them until ``finish()``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Mapping, Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Mapping
 
 import torch
 
 from genfl_shared.config import ROUND_HOLDING_STRATEGIES, STRATEGY_NAMES
+from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
+
+from .updates import Update, as_update
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +35,51 @@ class ClientTrainSettings:
     prox_mu: float = 0.0  # FedProx's proximal weight; 0: no proximal term
 
 
-class Strategy(Protocol):
+@dataclass(frozen=True)
+class Instruction:
+    """What one client is asked: its task, and the model it starts from. Clients given the very
+    same model object share one encoded download."""
+
+    task: TaskSettings
+    model: Mapping[str, torch.Tensor]
+
+
+class Strategy:
+    """The base of every strategy: one shared model for all clients, each task as the phase set it
+    plus the strategy's ``client_config``."""
+
     name: str
+    label: str
     # Settings every client's training task must carry for this strategy (e.g. FedProx's mu).
-    client_config: ClientTrainSettings
+    client_config = ClientTrainSettings()
 
-    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None: ...
+    def configure_train(self, rnd: int, model: Mapping[str, torch.Tensor],
+                        tasks: Mapping[str, TrainTask]) -> dict[str, Instruction]:
+        """client_id -> what it trains in round ``rnd``, from each client's seeded task."""
+        settings = asdict(self.client_config)
+        return {client_id: Instruction(replace(task, **settings), model) for client_id, task in tasks.items()}
 
-    def accumulate(self, update: Mapping[str, torch.Tensor], num_samples: float) -> None: ...
+    def configure_evaluate(self, rnd: int, model: Mapping[str, torch.Tensor],
+                           tasks: Mapping[str, EvaluateTask]) -> dict[str, Instruction]:
+        """client_id -> what it evaluates after round ``rnd``."""
+        return {client_id: Instruction(task, model) for client_id, task in tasks.items()}
 
-    def finish(self) -> State: ...
+    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
 
-    # What carries over between rounds (FedAvgM's velocity), so that a resumed run continues exactly.
-    def state_dict(self) -> State: ...
+    def accumulate(self, update: Update | Mapping[str, torch.Tensor], num_samples: float) -> None:
+        raise NotImplementedError
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+    def finish(self) -> State:
+        raise NotImplementedError
+
+    def state_dict(self) -> State:
+        """What carries over between rounds (FedAvgM's velocity), so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state between rounds, got {sorted(state)[:3]}")
 
 
 # name -> strategy class; every --strategy/--strategies choice list and label derives from it.
@@ -75,13 +109,12 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @register_strategy
-class FedAvg:
+class FedAvg(Strategy):
     """FedAvg (McMahan et al. 2017): the sample-weighted mean of every state_dict entry,
     BatchNorm running statistics and counters included; integer entries stay integer."""
 
     name = "fedavg"
     label = "FedAvg"
-    client_config = ClientTrainSettings()
 
     @classmethod
     def from_settings(cls, **settings) -> "FedAvg":
@@ -102,27 +135,12 @@ class FedAvg:
             raise RuntimeError("accumulate() before begin()")
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
-        fold_into = getattr(update, "fold_into", None)
-        if fold_into is not None:  # an upload, folded in piece by piece from its chunks (upload.py)
-            fold_into(self._sum, num_samples)
-        else:
-            for name, acc in self._sum.items():
-                value = update[name]
-                if value.dtype != acc.dtype:
-                    value = value.to(acc.dtype)
-                acc.add_(value, alpha=num_samples)
+        as_update(update).fold_into(self._sum, num_samples)  # an upload folds piece by piece from its chunks
         self._total_samples += num_samples
 
     @property
     def total_samples(self) -> int:
         return self._total_samples
-
-    def state_dict(self) -> State:
-        return {}  # nothing outlives a round
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state between rounds, got {sorted(state)[:3]}")
 
     def finish(self) -> State:
         if self._sum is None or self._template is None:
@@ -205,12 +223,10 @@ class FedAvgM(FedAvg):
         return result
 
 
-class _HoldsRound:
+class _HoldsRound(Strategy):
     """Base of the robust strategies: holds every update of the round (K models of memory) because
     a median, a trimmed mean or Krum's distances need them all at once. Sample counts are not
     used: a client's claimed count is exactly what a hostile client would inflate."""
-
-    client_config = ClientTrainSettings()
 
     @classmethod
     def from_settings(cls, **settings) -> "_HoldsRound":
@@ -230,13 +246,6 @@ class _HoldsRound:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self._updates.append(update)
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state between rounds, got {sorted(state)[:3]}")
 
     def finish(self) -> State:
         if self._global is None:

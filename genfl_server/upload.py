@@ -28,6 +28,7 @@ from genfl_shared.codec import CHUNK_SIZE, CodecError, manifest_layout
 from genfl_shared.proto import genfl_pb2 as pb
 
 from .chunk_parser import WireChunk
+from .updates import update_distance
 
 # The views are of the received (immutable) bytes and nothing writes to them: torch's warning that
 # it could would be noise.
@@ -111,6 +112,11 @@ class ChunkedUpdate(Mapping):
     def distance(self) -> float:
         """||update - global|| over the floating-point entries (as guard.update_distance)."""
         return math.sqrt(self._squares)
+
+    def distance_from(self, reference: Mapping[str, torch.Tensor]) -> float:
+        """||update - reference||: the distance measured as the chunks arrived when ``reference``
+        is the model they were measured against, else measured now."""
+        return self.distance if reference is self.reference else update_distance(self, reference)
 
     # -- folding ------------------------------------------------------------------------------
     def fold_into(self, sums: Mapping[str, torch.Tensor], weight: float) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from genfl_server.guard import (DEFAULT_MAX_CLIENT_WEIGHT_SHARE, UpdateGuard, capped_weights, update_distance,
-                                validated_metrics)
+from genfl_server.guard import DEFAULT_MAX_CLIENT_WEIGHT_SHARE, UpdateGuard, capped_weights, validated_metrics
+from genfl_server.updates import update_distance
 from genfl_server.strategy import FedAvg
 from genfl_shared.config import PRESETS
 from genfl_shared.data import load_dataset, to_float_images
@@ -110,7 +110,7 @@ def _float64_distance(update, reference) -> float:
 
 
 def test_update_distance_over_many_blocks_matches_float64_on_received_views():
-    from genfl_server.guard import DISTANCE_BLOCK_ELEMENTS
+    from genfl_server.updates import DISTANCE_BLOCK_ELEMENTS
     from genfl_shared.codec import decode_payload, encode_state_dict
 
     generator = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genfl_server.guard import update_distance
+from genfl_server.updates import update_distance
 from genfl_server.strategy import FedAvg
 from genfl_server.upload import ChunkedUpdate
 from genfl_shared.codec import CodecError, encode_state_dict
