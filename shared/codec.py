@@ -8,6 +8,10 @@ validation catches.
 
 Encoding copies every byte once, straight from tensor memory into its chunk; decoding writes chunks into one preallocated buffer and returns tensors that are views of
 it, so a decoded model costs its own size in memory and nothing more.
+
+Every receiver of a payload is a ``ChunkReceiver``, which makes all the checks of the manifest and
+of the chunks; its subclasses only say what to keep of a checked chunk: ``PayloadAssembler`` copies
+it into that buffer, the server's upload receiver keeps the received bytes themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hashlib
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple, Protocol
+from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -293,7 +297,7 @@ def check_names_match(names: Iterable[str], template: Mapping[str, torch.Tensor]
         raise CodecError("extra_tensor", f"update has unexpected tensors: {sorted(extra)[:5]}")
 
 
-def check_tensor_matches(name: str, dtype: torch.dtype, shape: Iterable[int], expected: torch.Tensor) -> None:
+def check_tensor_matches(name: str, dtype: torch.dtype, shape: Sequence[int], expected: torch.Tensor) -> None:
     """Raise CodecError unless tensor ``name`` of ``dtype`` and ``shape`` could stand for ``expected``."""
     if dtype != expected.dtype:
         raise CodecError("bad_dtype", f"tensor {name!r}: dtype {dtype} but the model has {expected.dtype}")
