@@ -88,6 +88,37 @@ def bench_payload(label: str, state: dict[str, torch.Tensor], repeats: int) -> N
              extra=f"{c.median(t_floor) * 1e3:.2f} ms")
     c.result(f"codec {label} round trip ({size})", nbytes / (enc + dec) / c.GB, "GB/s", target=TARGET_GBPS,
              lower_is_better=False, extra=f"{(enc + dec) * 1e3:.2f} ms")
+    bench_server_receive(label, state, payload, repeats)
+
+
+def bench_server_receive(label: str, state: dict[str, torch.Tensor], payload, repeats: int) -> None:
+    from genfl_server.service import parse_result_message
+    from genfl_server.upload import ChunkedUpdate
+    from genfl_shared.proto import genfl_pb2 as pb
+
+    nbytes = payload.nbytes
+    serialized = [pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)).SerializeToString()
+                  for i, d in enumerate(payload.chunks)]
+    messages = [parse_result_message(data) for data in serialized]
+    template = {name: tensor.clone() for name, tensor in state.items()}
+    sums = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+
+    def receive():
+        update = ChunkedUpdate(payload.manifest, template, max_bytes=nbytes)
+        for message in messages:
+            update.add(message.chunk)
+        return update.finish()
+
+    update = receive()
+    if update.distance != 0.0 or not all(torch.equal(update[name], state[name]) for name in state):
+        raise AssertionError("the server's receive path changed the update")
+    t_receive = _best_times(receive, repeats)
+    t_fold = _best_times(lambda: update.fold_into(sums, 3.0), repeats)
+    size = f"{nbytes / c.MB:.2f} MB"
+    c.result(f"  server {label} receive: add + finish ({size})", nbytes / c.median(t_receive) / c.GB, "GB/s",
+             extra=f"{c.median(t_receive) * 1e3:.2f} ms")
+    c.result(f"  server {label} fold_into ({size})", nbytes / c.median(t_fold) / c.GB, "GB/s",
+             extra=f"{c.median(t_fold) * 1e3:.2f} ms")
 
 
 def bench_context(nbytes: int, repeats: int) -> None:

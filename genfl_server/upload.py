@@ -1,8 +1,9 @@
 """An upload checked and measured chunk by chunk, and folded in from the chunks themselves.
 
 ``ChunkedUpdate`` takes a TRAIN result's chunks as they are read: each one is checked (order,
-size), hashed, its floating-point values checked finite and their distance to the round's global
-model summed, all on zero-copy views of the chunk's own bytes. No decoded copy of the model is
+size) and hashed as every payload is (``genfl_shared.codec.ChunkReceiver``), then its
+floating-point values are checked finite and their distance to the round's global model summed,
+all on zero-copy views of the chunk's own bytes. No decoded copy of the model is
 made: the update is the list of received chunks, and FedAvg folds it in piece by piece
 (``fold_into``). Nothing reaches an accumulator before ``finish()`` has checked the digest, so an
 update refused for any reason (a wrong digest or a NaN in its last chunk included) leaves the
@@ -15,7 +16,6 @@ a tensor that lies in one chunk is a view of it, one that spans chunks is joined
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 import warnings
@@ -24,10 +24,10 @@ from typing import Iterator
 
 import torch
 
-from genfl_shared.codec import CHUNK_SIZE, CodecError, manifest_layout
+from genfl_shared.codec import (CHUNK_SIZE, ChunkReceiver, CodecError, all_finite, check_names_match,
+                                check_tensor_matches)
 from genfl_shared.proto import genfl_pb2 as pb
 
-from .chunk_parser import WireChunk
 from .updates import update_distance
 
 # The views are of the received (immutable) bytes and nothing writes to them: torch's warning that
@@ -35,49 +35,38 @@ from .updates import update_distance
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-class ChunkedUpdate(Mapping):
-    """One upload against ``template`` (the round's global state): see the module docstring."""
+class ChunkedUpdate(ChunkReceiver, Mapping):
+    """One upload against ``template`` (the round's global state): see the module docstring. The
+    checks of the manifest and of each chunk are ``ChunkReceiver``'s; this keeps the chunks as they
+    arrived and measures them."""
 
     def __init__(self, manifest: pb.Manifest, template: Mapping[str, torch.Tensor], *, max_bytes: int,
                  chunk_size: int = CHUNK_SIZE):
         if chunk_size % 8:
             raise ValueError("chunk_size must be a multiple of 8 (no aligned element may straddle chunks)")
-        self.manifest = manifest
-        self.chunk_size = chunk_size
-        layout = manifest_layout(manifest, max_bytes, chunk_size)
-        _check_layout_matches(layout, template)
+        super().__init__(manifest, max_bytes=max_bytes, chunk_size=chunk_size)
+        # The manifest must have exactly the template's entries, dtypes and shapes (before any
+        # payload byte is read).
+        check_names_match((slot.name for slot in self.layout), template)
+        for name, dtype, shape, _offset, _n in self.layout:
+            check_tensor_matches(name, dtype, shape, template[name])
         self.reference = template  # what ``distance`` is measured from
-        # name -> (dtype, shape, byte offset, bytes); floats also get their global model's flat view.
-        self._layout = {name: (dtype, shape, offset, n) for name, dtype, shape, offset, n in layout}
+        # name -> (dtype, shape, byte offset, bytes)
+        self._slots = {name: (dtype, shape, offset, n) for name, dtype, shape, offset, n in self.layout}
         # Floating entries, with their global model's flat view: checked chunk by chunk when their
         # elements are aligned (always, unless an odd-sized smaller-dtype tensor precedes them).
         self._floating = [(name, template[name].reshape(-1), offset, n, offset % dtype.itemsize == 0)
-                          for name, dtype, _shape, offset, n in layout if dtype.is_floating_point and n]
+                          for name, dtype, _shape, offset, n in self.layout if dtype.is_floating_point and n]
         self._chunks: list[bytes | memoryview] = []
-        self._received_bytes = 0
-        self._hasher = hashlib.sha256()
         self._squares = 0.0  # sum of (update - global)^2 over the floating entries, in float64
         self._finished = False
 
     # -- receiving ----------------------------------------------------------------------------
-    def add(self, chunk: pb.Chunk | WireChunk) -> None:
-        """Check, hash and measure one chunk (in order); raises CodecError. A WireChunk's data (a
-        view of the received message) is kept as it is, not copied."""
-        index = len(self._chunks)
-        if chunk.index != index:
-            raise CodecError("chunk_order", f"expected chunk {index}, got chunk {chunk.index}")
-        data = chunk.data  # with upb protobuf every .data access copies the bytes: read it once
-        size = len(data)
-        is_last = index == self.manifest.num_chunks - 1
-        expected = (self.manifest.total_bytes - self._received_bytes) if is_last else self.chunk_size
-        if index >= self.manifest.num_chunks or size != expected:
-            raise CodecError("bad_chunk", f"chunk {index} has {size} bytes, expected {expected} "
-                                          f"(of {self.manifest.num_chunks} chunks)")
-        self._hasher.update(data)
-        start = self._received_bytes
+    def _keep(self, index: int, start: int, data: bytes | memoryview) -> None:
+        """Keep the chunk as it is (a WireChunk's data, a view of the received message, is not
+        copied) and measure its floating-point values."""
         self._chunks.append(data)
-        self._received_bytes += size
-        for name, values, reference in self._float_pieces(index, start, start + size):
+        for name, values, reference in self._float_pieces(index, start, start + len(data)):
             self._measure(name, values, reference)
 
     def _measure(self, name: str, values: torch.Tensor, reference: torch.Tensor) -> None:
@@ -86,21 +75,15 @@ class ChunkedUpdate(Mapping):
         # is the piece searched for one (a finite sum proves every value finite; finite values so
         # huge that the float32 squares overflow are not refused here but measured as infinitely
         # far, which the norm bounds and the aggregate check refuse).
-        if not math.isfinite(squares) and not _all_finite(values):
+        if not math.isfinite(squares) and not all_finite(values):
             raise CodecError("non_finite", f"tensor {name!r} holds NaN or Inf values")
         self._squares += squares
 
-    @property
-    def received_bytes(self) -> int:
-        return self._received_bytes
-
     def finish(self) -> "ChunkedUpdate":
         """Verify completeness and digest; from here on the update may be folded in."""
-        if len(self._chunks) != self.manifest.num_chunks:
-            raise CodecError("truncated", f"payload truncated: {len(self._chunks)} of "
-                                          f"{self.manifest.num_chunks} chunks arrived")
-        if self._hasher.digest() != self.manifest.sha256:
-            raise CodecError("digest_mismatch", "SHA-256 of the received bytes does not match the manifest")
+        return super().finish()
+
+    def _complete(self) -> "ChunkedUpdate":
         for name, reference, _offset, _n, aligned in self._floating:
             if not aligned:
                 for _start, values in self._pieces(name):
@@ -110,7 +93,7 @@ class ChunkedUpdate(Mapping):
 
     @property
     def distance(self) -> float:
-        """||update - global|| over the floating-point entries (as guard.update_distance)."""
+        """||update - global|| over the floating-point entries (as updates.update_distance)."""
         return math.sqrt(self._squares)
 
     def distance_from(self, reference: Mapping[str, torch.Tensor]) -> float:
@@ -131,7 +114,7 @@ class ChunkedUpdate(Mapping):
     # -- Mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
         self._check_finished()
-        dtype, shape, _offset, n = self._layout[name]
+        dtype, shape, _offset, n = self._slots[name]
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         pieces = [piece for _start, piece in self._pieces(name)]
@@ -139,10 +122,10 @@ class ChunkedUpdate(Mapping):
         return flat.reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._layout)
+        return iter(self._slots)
 
     def __len__(self) -> int:
-        return len(self._layout)
+        return len(self._slots)
 
     # -- layout -------------------------------------------------------------------------------
     def _check_finished(self) -> None:
@@ -156,14 +139,14 @@ class ChunkedUpdate(Mapping):
             low, high = max(begin, offset), min(end, offset + n)
             if low >= high or not aligned:
                 continue
-            itemsize = self._layout[name][0].itemsize
+            itemsize = self._slots[name][0].itemsize
             values = self._view(index, name, low, high)
             first = (low - offset) // itemsize
             yield name, values, reference[first:first + values.numel()]
 
     def _pieces(self, name: str):
         """(first element, 1-d tensor) of each chunk's part of tensor ``name``, in order."""
-        dtype, _shape, offset, n = self._layout[name]
+        dtype, _shape, offset, n = self._slots[name]
         itemsize = dtype.itemsize
         if n == 0:
             return
@@ -182,41 +165,16 @@ class ChunkedUpdate(Mapping):
     def _view(self, index: int, name: str, low: int, high: int) -> torch.Tensor:
         """Bytes [low, high) of the payload, all in chunk ``index`` and element-aligned, as tensor
         ``name``'s dtype (a zero-copy view of the chunk)."""
-        dtype = self._layout[name][0]
+        dtype = self._slots[name][0]
         base = index * self.chunk_size
         return torch.frombuffer(self._chunks[index], dtype=dtype, count=(high - low) // dtype.itemsize,
                                 offset=low - base)
 
 
-def _check_layout_matches(layout, template: Mapping[str, torch.Tensor]) -> None:
-    """The manifest must have exactly the template's entries, dtypes and shapes (before any
-    payload byte is read)."""
-    names = {name for name, *_ in layout}
-    missing = template.keys() - names
-    if missing:
-        raise CodecError("missing_tensor", f"update lacks tensors: {sorted(missing)[:5]}")
-    extra = names - template.keys()
-    if extra:
-        raise CodecError("extra_tensor", f"update has unexpected tensors: {sorted(extra)[:5]}")
-    for name, dtype, shape, _offset, _n in layout:
-        expected = template[name]
-        if dtype != expected.dtype:
-            raise CodecError("bad_dtype", f"tensor {name!r}: dtype {dtype} but the model has {expected.dtype}")
-        if torch.Size(shape) != expected.shape:
-            raise CodecError("bad_shape", f"tensor {name!r}: shape {tuple(shape)} but the model has "
-                                          f"{tuple(expected.shape)}")
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    # aminmax propagates NaN and surfaces +-Inf without a temporary of the input's size.
-    low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
-
-
 def _squared_distance(values: torch.Tensor, reference: torch.Tensor) -> float:
     """sum((values - reference)^2), the squares summed by BLAS in the tensors' precision (float32
     here: relative error ~1e-6 over a chunk's 262,144 elements, far finer than any bound it is
-    compared with) and the pieces' sums in float64. guard.update_distance's float64 squares cost
+    compared with) and the pieces' sums in float64. updates.update_distance's float64 squares cost
     three times as much, 1.3 ms of the server's CPU per CVAE update."""
     difference = torch.sub(values, reference, out=_scratch(values.dtype, values.numel()))
     if difference.dtype not in (torch.float32, torch.float64):  # half precisions: too coarse to sum in

@@ -11,6 +11,7 @@ import torch
 from genfl_shared.codec import (
     CHUNK_SIZE,
     DTYPES,
+    ChunkReceiver,
     CodecError,
     PayloadAssembler,
     check_matches_template,
@@ -240,6 +241,45 @@ def test_wrongly_sized_chunk_is_refused(cvae_payload):
     with pytest.raises(CodecError) as info:
         assembler.add(pb.Chunk(index=0, data=payload.chunks[0][:-1]))
     assert info.value.reason == "bad_chunk"
+
+
+class _Recorder(ChunkReceiver):
+    """A receiver that only records what it is handed."""
+
+    def __init__(self, manifest):
+        super().__init__(manifest, max_bytes=1 << 30)
+        self.kept, self.completed = [], False
+
+    def _keep(self, index, start, data):
+        self.kept.append((index, start, bytes(data)))
+
+    def _complete(self):
+        self.completed = True
+        return "made"
+
+
+def test_a_receiver_is_handed_each_chunk_once_checked_and_completes_only_after_the_digest(cvae_payload):
+    _, payload = cvae_payload
+    receiver = _Recorder(payload.manifest)
+    msgs = _chunk_msgs(payload)
+    for msg in msgs:
+        receiver.add(msg)
+    assert receiver.kept == [(i, i * CHUNK_SIZE, data) for i, data in enumerate(payload.chunks)]
+    assert receiver.finish() == "made" and receiver.received_bytes == payload.nbytes
+    refused = _Recorder(payload.manifest)
+    refused.add(msgs[0])
+    with pytest.raises(CodecError):
+        refused.add(pb.Chunk(index=1, data=msgs[1].data[:-1]))  # a wrong size is never handed over
+    with pytest.raises(CodecError):
+        refused.add(msgs[2])
+    assert [index for index, _start, _data in refused.kept] == [0]
+    flipped = _Recorder(payload.manifest)
+    for msg in msgs[:-1]:
+        flipped.add(msg)
+    flipped.add(pb.Chunk(index=msgs[-1].index, data=bytes([msgs[-1].data[0] ^ 1]) + msgs[-1].data[1:]))
+    with pytest.raises(CodecError) as info:
+        flipped.finish()
+    assert info.value.reason == "digest_mismatch" and not flipped.completed
 
 
 def _manifest(payload, **changes) -> pb.Manifest:

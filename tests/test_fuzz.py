@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
 from genfl_server.strategy import FedAvg
+from genfl_server.upload import ChunkedUpdate
 from genfl_shared.codec import (CHUNK_SIZE, DTYPES, MAX_MESSAGE_BYTES, CodecError, PayloadAssembler, check_matches_template,
                                 decode_payload, encode_state_dict, state_dict_nbytes)
 from genfl_shared.models import build_model
@@ -231,6 +232,16 @@ def test_decoder_mutated_real_payload_raises_only_codec_error(classifier_state, 
         chunks = mutate_chunks(data.draw, chunks)
     if touch_manifest:
         manifest = data.draw(manifest_mutations(manifest), label="manifest")
+    # The server's receiver makes the same checks (with the template's, and finiteness, on the way):
+    # it accepts exactly what the client's accepts and passes check_matches_template, bit for bit.
+    try:
+        with one_torch_thread():
+            update = ChunkedUpdate(manifest, classifier_state, max_bytes=MAX_BYTES, chunk_size=REAL_CHUNK)
+            for chunk in chunks:
+                update.add(chunk)
+            update = update.finish()
+    except CodecError:
+        update = None
     try:
         assembler = PayloadAssembler(manifest, max_bytes=MAX_BYTES, chunk_size=REAL_CHUNK)
         for chunk in chunks:
@@ -239,9 +250,23 @@ def test_decoder_mutated_real_payload_raises_only_codec_error(classifier_state, 
         check_decoded(state, manifest)
         check_matches_template(state, classifier_state)
     except CodecError:
+        assert update is None, "the server accepted an upload the client's receiver refuses"
         return
+    assert update is not None and all(torch.equal(update[k], state[k]) for k in state)
     if not touch_manifest:  # only the bytes changed: success means they were the original bytes
         assert all(torch.equal(state[k], classifier_state[k]) for k in classifier_state)
+
+
+@contextmanager
+def one_torch_thread():
+    # A chunk's distance is a few small torch ops: on a shared machine, intra-op threads cost
+    # many times what they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _PAYLOADS: dict[int, object] = {}

@@ -1,6 +1,7 @@
 """genfl_server/upload.py's ChunkedUpdate: an upload measured and folded chunk by chunk gives the
 same tensors, distance and FedAvg sum as the whole decoded update, whatever the chunk size cuts
-(tensors spanning chunks, an element cut by a chunk boundary, integer buffers)."""
+(tensors spanning chunks, an element cut by a chunk boundary, integer buffers); and it refuses a
+hostile stream exactly as the client's PayloadAssembler does (one receiver's checks)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from genfl_server.updates import update_distance
 from genfl_server.strategy import FedAvg
 from genfl_server.upload import ChunkedUpdate
-from genfl_shared.codec import CodecError, encode_state_dict
+from genfl_shared.codec import CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 
 CHUNK = 64  # bytes: every tensor below spans several chunks
@@ -89,3 +90,56 @@ def test_the_round_guard_uses_the_measured_distance_only_against_its_own_model()
     other = UpdateGuard().round(other_model, {"a": 10})
     other.admit("a", 10, update)
     assert other.distances["a"] == pytest.approx(update_distance(update, other_model), rel=1e-12)
+
+
+def _flip_first_byte(chunks):
+    first = chunks[0]  # a low mantissa bit: still finite, so only the digest tells
+    return [pb.Chunk(index=0, data=bytes([first.data[0] ^ 1]) + first.data[1:])] + chunks[1:]
+
+
+# Each turns an upload's chunk messages (numbered as sent) into a hostile stream of them.
+HOSTILE_STREAMS = {
+    "swapped": lambda chunks: [chunks[0], chunks[2], chunks[1]] + chunks[3:],
+    "repeated": lambda chunks: [chunks[0], chunks[0]] + chunks[1:],
+    "short": lambda chunks: [pb.Chunk(index=0, data=chunks[0].data[:-1])] + chunks[1:],
+    "one_too_many": lambda chunks: chunks + [pb.Chunk(index=len(chunks), data=chunks[-1].data)],
+    "truncated": lambda chunks: chunks[:-1],
+    "flipped": _flip_first_byte,
+}
+
+
+def _refusal(receiver, chunks) -> tuple[str, str]:
+    with pytest.raises(CodecError) as info:
+        for chunk in chunks:
+            receiver.add(chunk)
+        receiver.finish()
+    return info.value.reason, str(info.value)
+
+
+@pytest.mark.parametrize("stream", HOSTILE_STREAMS)
+def test_server_and_client_refuse_a_hostile_stream_alike(stream):
+    template = _template()
+    payload = encode_state_dict(_update(template, 1), chunk_size=CHUNK)
+    chunks = HOSTILE_STREAMS[stream]([pb.Chunk(index=i, data=data) for i, data in enumerate(payload.chunks)])
+    server = _refusal(ChunkedUpdate(payload.manifest, template, max_bytes=1 << 20, chunk_size=CHUNK), chunks)
+    client = _refusal(PayloadAssembler(payload.manifest, max_bytes=1 << 20, chunk_size=CHUNK), chunks)
+    assert server == client
+    assert server[0] == {"swapped": "chunk_order", "repeated": "chunk_order", "short": "bad_chunk",
+                         "one_too_many": "bad_chunk", "truncated": "truncated",
+                         "flipped": "digest_mismatch"}[stream]
+
+
+@pytest.mark.parametrize("changes", [{"num_chunks": 1}, {"sha256": b"\x00" * 31}, {"total_bytes": 4}])
+def test_server_and_client_refuse_a_hostile_manifest_alike(changes):
+    template = _template()
+    manifest = pb.Manifest()
+    manifest.CopyFrom(encode_state_dict(_update(template, 1), chunk_size=CHUNK).manifest)
+    for key, value in changes.items():
+        setattr(manifest, key, value)
+    refusals = []
+    for receive in (lambda: ChunkedUpdate(manifest, template, max_bytes=1 << 20, chunk_size=CHUNK),
+                    lambda: PayloadAssembler(manifest, max_bytes=1 << 20, chunk_size=CHUNK)):
+        with pytest.raises(CodecError) as info:
+            receive()
+        refusals.append((info.value.reason, str(info.value)))
+    assert refusals[0] == refusals[1] and refusals[0][0] == "bad_manifest"
