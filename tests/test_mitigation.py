@@ -148,6 +148,7 @@ def test_the_engine_broadcasts_a_post_aggregation_model_only_when_it_passes_the_
             return {k: v + 1e-3 if v.is_floating_point() else v for k, v in aggregate.items()}, {"kind": "nudge"}
         return {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in aggregate.items()}, \
             {"kind": "break"}
+    nudge_then_break.keeps_updates = False  # a PostAggregation step that needs no client updates
 
     with federation(tmp_path, ("alice",)) as (engine, metrics, _runners):
         engine.run_rounds("cvae", initial_state("cvae", 0), rounds=2, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL,
