@@ -37,9 +37,9 @@ def data_root():
 # Every test belongs to exactly one tier, so `pytest -m unit` is a fast, honest subset. Tiers, by
 # what a test starts:
 #   unit         everything stays in the pytest process (no subprocess, no network socket, no
-#                container) and takes about a second at most
+#                container) and is quick: the whole tier runs in under a minute on two cores
 #   integration  real gRPC over loopback (an in-process server or one genfl-server process, with the
-#                clients the test drives), single CLI processes, external tools (promtool, Prometheus,
+#                clients the test drives), CLI processes, external tools (promtool, Prometheus,
 #                openssl, sh, ip netns); also in-process tests that train models for several seconds,
 #                which would make the unit tier slow
 #   system       the whole method end to end: genfl-launch, genfl-sweep, a `--phase all` run of server
