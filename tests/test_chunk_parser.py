@@ -19,6 +19,8 @@ from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 from wire_strategies import mutated_bytes
 
+pytestmark = pytest.mark.unit
+
 
 def _chunk_message(index: int, data: bytes) -> bytes:
     return pb.ResultMessage(chunk=pb.Chunk(index=index, data=data)).SerializeToString()

@@ -26,6 +26,8 @@ from genfl_shared.partition import write_shard
 
 from conftest import dataset_dir
 
+pytestmark = pytest.mark.integration
+
 BIN = Path(sys.executable).parent  # the venv's console scripts, as a user runs them
 
 # genfl-server's exit codes (README, "genfl-server").

@@ -71,6 +71,7 @@ def _run(work: Path, shards: Path, groups: list[list[int]]) -> Path:
     return out
 
 
+@pytest.mark.system
 def test_a_host_process_computes_exactly_what_separate_processes_do(tmp_path, shards):
     separate = _run(tmp_path / "separate", shards, [[i] for i in range(CLIENTS)])
     hosted = _run(tmp_path / "hosted", shards, [list(range(CLIENTS))])
@@ -89,6 +90,7 @@ def test_a_host_process_computes_exactly_what_separate_processes_do(tmp_path, sh
         assert f"client client-{i:03d} registered with" in log_text
 
 
+@pytest.mark.system
 def test_launch_with_clients_per_process_starts_fewer_client_processes(tmp_path):
     out = tmp_path / "launch"
     result = subprocess.run([sys.executable, "-m", "genfl_experiments.launch", "--data-root", str(dataset_dir("mnist")),
@@ -107,6 +109,7 @@ def test_launch_with_clients_per_process_starts_fewer_client_processes(tmp_path)
     assert summary["clients"] == 3 and [r["phase"] for r in summary["rounds"]] == ["cvae", "classifier"]
 
 
+@pytest.mark.integration
 def test_a_refused_client_of_a_host_is_named_and_fails_the_process_after_the_others(tmp_path, shards):
     # The server wants one client; the host brings two: whichever registers second is refused
     # (run full, a fatal refusal) while the other one completes the run. (Should the second one
@@ -135,6 +138,7 @@ def test_a_refused_client_of_a_host_is_named_and_fails_the_process_after_the_oth
     assert f"1 of 2 hosted clients did not complete: {refused[0]} (exit 3)" in host.stderr
 
 
+@pytest.mark.integration
 def test_a_host_sends_each_clients_own_token_from_token_dir(tmp_path, shards):
     from genfl_shared.security import make_tokens
     secrets = tmp_path / "secrets"

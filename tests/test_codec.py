@@ -22,6 +22,8 @@ from genfl_shared.codec import (
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's raw bytes (compares NaN payloads, -0.0 and bools bit for bit)."""

@@ -36,6 +36,8 @@ import pytest
 
 from helpers import free_port, wait_until
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = REPO / "deploy" / "compose" / "generate.py"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "genfl.json"

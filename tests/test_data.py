@@ -19,6 +19,8 @@ from genfl_shared.data import (
     to_float_images,
 )
 
+pytestmark = pytest.mark.unit
+
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 

@@ -136,6 +136,7 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+@pytest.mark.unit
 def test_every_cli_option_has_its_genfl_environment_variable():
     """The deployments configure everything through GENFL_<OPTION>; an option without it is unusable there."""
     for role in ("server", "client", "partition"):
@@ -158,6 +159,7 @@ def load_docs(path: Path) -> list:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+@pytest.mark.unit
 def test_deploy_has_yaml_files():
     names = {p.relative_to(DEPLOY).as_posix() for p in YAML_FILES}
     assert {"compose/docker-compose.yml", "compose/prometheus.yml", "k8s/kustomization.yaml",
@@ -165,6 +167,7 @@ def test_deploy_has_yaml_files():
             "grafana/provisioning/dashboards/genfl.yml"} <= names
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.relative_to(DEPLOY).as_posix())
 def test_yaml_parses(path):
     docs = load_docs(path)
@@ -234,6 +237,7 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
+@pytest.mark.unit
 def test_dockerfile_base_user_ports_entrypoint():
     # The base is a build argument: python:3.11-slim by default, genfl-base:bookworm offline.
     assert "BASE_IMAGE=python:3.11-slim" in dockerfile("ARG")
@@ -257,6 +261,7 @@ def test_dockerfile_base_user_ports_entrypoint():
     assert f"--uid {IMAGE_UID}" in runs
 
 
+@pytest.mark.unit
 def test_dockerfile_final_stage_holds_nothing_of_the_build_host():
     """Package sources are build arguments of the venv stage only; the final stage installs with no index."""
     build, wheel, final = dockerfile_stages()
@@ -273,6 +278,7 @@ def test_dockerfile_final_stage_holds_nothing_of_the_build_host():
     assert "PATH=/opt/genfl/bin:" in final_env
 
 
+@pytest.mark.unit
 def test_image_requirements_pin_every_package_the_project_needs():
     lines = [line.split("#")[0].strip() for line in (DEPLOY / "requirements.txt").read_text().splitlines()]
     pins = dict(line.split("==") for line in lines if line)
@@ -286,6 +292,7 @@ def test_image_requirements_pin_every_package_the_project_needs():
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
 
 
+@pytest.mark.unit
 def test_dockerfile_copies_exist_and_are_in_the_build_context():
     for rest in dockerfile("COPY"):
         if rest.startswith("--from="):  # from the build stage, not from the context
@@ -301,6 +308,7 @@ def test_dockerfile_copies_exist_and_are_in_the_build_context():
         assert ignored_by_docker(heavy), f".dockerignore lets {heavy} into the build context"
 
 
+@pytest.mark.unit
 def test_image_commands_are_console_scripts():
     scripts = set(console_scripts())
     extra = set(installed_by_dockerfile())
@@ -312,6 +320,7 @@ def test_image_commands_are_console_scripts():
         assert name in scripts | extra, f"{name} is neither a console script nor installed by the Dockerfile"
 
 
+@pytest.mark.unit
 def test_dockerfile_documented_commands_use_real_options():
     """``docker run ... genfl:latest ROLE --flag`` lines in the Dockerfile's comments."""
     checked = 0
@@ -351,6 +360,7 @@ def run_entrypoint(args, env, timeout=10, **extra_env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
 def test_entrypoint_dispatches_roles(stubs):
     env, log = stubs
     for role, command in entrypoint_roles().items():
@@ -365,6 +375,7 @@ def test_entrypoint_dispatches_roles(stubs):
     assert run_entrypoint(["true"], env).returncode == 0  # anything else runs as a command
 
 
+@pytest.mark.integration
 def test_entrypoint_once_server(stubs, tmp_path):
     env, log = stubs
     out = tmp_path / "out"
@@ -393,6 +404,7 @@ def test_entrypoint_once_server(stubs, tmp_path):
     assert log.read_text().splitlines() == ["genfl-server --resume --seed 1 shard="]
 
 
+@pytest.mark.unit
 def test_entrypoint_flags_are_real_options():
     """The flags entrypoint.sh passes itself: --resume to genfl-server, --port and the server's TLS
     files to genfl-health idle."""
@@ -406,6 +418,7 @@ def test_entrypoint_flags_are_real_options():
     assert {"GENFL_TLS_CERT", "GENFL_TLS_KEY", "GENFL_CLIENT_CA"} <= role_cli("server").envvars
 
 
+@pytest.mark.integration
 def test_entrypoint_once_client_idles_and_forwards_sigterm(stubs):
     env, log = stubs
     proc = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh"), "once", "client"], env=env,
@@ -431,6 +444,7 @@ def test_entrypoint_once_client_idles_and_forwards_sigterm(stubs):
         proc.kill()
 
 
+@pytest.mark.integration
 def test_health_helper_probe_and_idle():
     """The compose healthcheck's probe, against the idle responder the Kubernetes server runs after its run."""
     port = free_port()
@@ -462,6 +476,7 @@ def compose_secrets(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_health_helper_speaks_mutual_tls(compose_secrets):
     """With TLS on, the healthcheck still works: the idle responder serves mutual TLS like the server,
     and the probe shows the health certificate; without it, or in plaintext, it is refused."""
@@ -488,6 +503,7 @@ def test_health_helper_speaks_mutual_tls(compose_secrets):
         assert idle.wait(timeout=10) == 0
 
 
+@pytest.mark.unit
 def test_health_service_name_matches_the_server():
     from genfl_server import service
 
@@ -609,6 +625,7 @@ def check_compose(compose_file: Path, clients: int, shards_dir: Path) -> None:
     assert home == f"{dashboards_path}/{DASHBOARD.name}"
 
 
+@pytest.mark.integration
 def test_compose_generator_five_clients(tmp_path):
     out = tmp_path / "compose" / "docker-compose.yml"
     shards = tmp_path / "shards"
@@ -628,6 +645,7 @@ def test_compose_generator_five_clients(tmp_path):
     assert len(clients) == 2 and all(c["environment"]["GENFL_SHARE_LABEL_COUNTS"] == "true" for c in clients)
 
 
+@pytest.mark.integration
 def test_compose_generator_secure(tmp_path):
     """--secure: mutual TLS and a token per client; each container gets only its own secrets."""
     from genfl_shared.security import hash_token
@@ -670,6 +688,7 @@ def test_compose_generator_secure(tmp_path):
         assert (key.stat().st_uid, key.stat().st_mode & 0o777) == (IMAGE_UID, 0o600)
 
 
+@pytest.mark.integration
 def test_compose_file_passes_docker_compose_v1_config(tmp_path):
     """docker-compose v1 (1.29, Debian's) accepts the generated file, secure or not."""
     v1 = shutil.which("docker-compose")
@@ -683,6 +702,7 @@ def test_compose_file_passes_docker_compose_v1_config(tmp_path):
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.integration
 def test_compose_generator_refuses_a_mismatched_partition(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -691,6 +711,7 @@ def test_compose_generator_refuses_a_mismatched_partition(tmp_path):
     assert result.returncode != 0 and "4 clients" in result.stderr
 
 
+@pytest.mark.integration
 def test_committed_compose_example_is_current():
     """deploy/compose/docker-compose.yml (K=3) is what its header's command generates, and valid."""
     compose_file = COMPOSE_DIR / "docker-compose.yml"
@@ -704,6 +725,7 @@ def test_committed_compose_example_is_current():
     check_compose(compose_file, clients, REPO / args[args.index("--shards-dir") + 1])
 
 
+@pytest.mark.integration
 def test_generated_prometheus_config_passes_promtool(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed (Debian package 'prometheus'; .ci/run installs it)"
@@ -715,6 +737,7 @@ def test_generated_prometheus_config_passes_promtool(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_yaml_writer_round_trips():
     tricky = {"no": "no", "yes": "Yes", "time": "1:30", "address": "0.0.0.0:50051", "interp": "${X:-y}",
               "empty": "", "list": [], "map": {}, "nested": [{"a": 1, "b": [1, "2"]}, "s", [3]],
@@ -725,6 +748,7 @@ def test_yaml_writer_round_trips():
     assert yaml.safe_load(generate.to_yaml(tricky, "header\nline")) == tricky
 
 
+@pytest.mark.unit
 def test_generator_shard_names_match_the_partitioner():
     for index in (0, 7, 42, 999):
         assert generate.shard_name(index) == shard_file_name(index)
@@ -795,6 +819,7 @@ def named_port(container: dict, name: str) -> int:
     return port
 
 
+@pytest.mark.unit
 def test_kustomization_resources_are_complete():
     kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_resources()}
     assert {("Namespace", "genfl"), ("Deployment", "genfl-server"), ("Service", "genfl-server"),
@@ -805,6 +830,7 @@ def test_kustomization_resources_are_complete():
         assert {"apiVersion", "kind", "metadata"} <= doc.keys()
 
 
+@pytest.mark.unit
 def test_k8s_genfl_containers_use_real_options_and_consistent_ports():
     [server] = k8s_find("Deployment", "genfl-server")
     [clients] = k8s_find("StatefulSet", "genfl-client")
@@ -853,6 +879,7 @@ def test_k8s_genfl_containers_use_real_options_and_consistent_ports():
     assert clients["spec"]["serviceName"] in {d["metadata"]["name"] for d in k8s_find("Service")}
 
 
+@pytest.mark.unit
 def test_k8s_volumes_reference_existing_claims():
     claims = {d["metadata"]["name"] for d in k8s_find("PersistentVolumeClaim")}
     for workload in k8s_find("Deployment") + k8s_find("StatefulSet"):
@@ -863,6 +890,7 @@ def test_k8s_volumes_reference_existing_claims():
                 assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ordinal", [0, 1, 12, 123])
 def test_statefulset_ordinal_selects_its_shard(stubs, ordinal):
     """Run the client container's real shell script for pod genfl-client-N (with a stub entry point)."""
@@ -937,6 +965,7 @@ def dashboard_problems(dashboard: dict) -> list[str]:
     return problems
 
 
+@pytest.mark.unit
 def test_dashboard_metrics_are_exported():
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = dashboard_exprs(dashboard)
@@ -944,6 +973,7 @@ def test_dashboard_metrics_are_exported():
     assert dashboard_problems(dashboard) == []
 
 
+@pytest.mark.unit
 def test_dashboard_check_catches_typos():
     dashboard = json.loads(DASHBOARD.read_text())
     text = json.dumps(dashboard)
@@ -955,6 +985,7 @@ def test_dashboard_check_catches_typos():
     assert any("label reasons" in p for p in problems), problems
 
 
+@pytest.mark.unit
 def test_dashboard_panels_and_datasource():
     dashboard = json.loads(DASHBOARD.read_text())
     panels = {p["title"]: p for p in dashboard["panels"]}
@@ -1013,6 +1044,7 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.unit
 def test_readme_commands_use_real_options():
     checked = 0
     for words in readme_commands():

@@ -58,6 +58,7 @@ def train_header(task: TrainTask, rnd: int) -> pb.TaskHeader:
 
 # -- the client's accounting -------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_epsilon_grows_with_rounds_as_the_accountant_says(mnist):
     images, labels = mnist
     n = 200
@@ -82,6 +83,7 @@ def test_epsilon_grows_with_rounds_as_the_accountant_says(mnist):
     assert 0 < reported[0] < reported[1] < reported[2]
 
 
+@pytest.mark.unit
 def test_a_task_that_changes_the_dp_settings_within_the_run_is_refused(mnist):
     images, labels = mnist
     shard = Shard("alice", 0, "mnist", images[:100], labels[:100], images[100:110], labels[100:110])
@@ -91,6 +93,7 @@ def test_a_task_that_changes_the_dp_settings_within_the_run_is_refused(mnist):
         executor.run(train_header(dp_task(dp_noise_multiplier=2.0), 2), initial_state("cvae", 0))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_noise_multiplier_found_for_a_target_epsilon_meets_it(accountant):
     target, rounds, epochs = 3.0, 4, 2
@@ -112,6 +115,7 @@ def test_noise_multiplier_found_for_a_target_epsilon_meets_it(accountant):
     assert weaker.get_epsilon(delta=1e-5) > target
 
 
+@pytest.mark.integration
 def test_dp_and_non_dp_training_with_the_same_seed_differ_and_dp_is_repeatable(mnist):
     images, labels = mnist
     x, y = to_float_images(images[:128]), torch.as_tensor(labels[:128])
@@ -170,6 +174,7 @@ def _one_dp_step(model, x, y, *, ghost: bool, max_grad_norm: float) -> list[torc
     return [b - p.detach() for b, p in zip(before, model.parameters())]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batch", [16, 0])
 def test_ghost_clipping_applies_the_sum_of_per_sample_clipped_gradients(mnist, batch):
     """fit_dp's ghost clipping applies what clipping each sample's own gradient does (the DP-SGD
@@ -192,6 +197,7 @@ def test_ghost_clipping_applies_the_sum_of_per_sample_clipped_gradients(mnist, b
 
 # -- settings ----------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_dp_task_settings_are_checked():
     with pytest.raises(TaskSettingsError, match="dp_noise_multiplier.*dp is off"):
         TrainTask(model="cvae", epochs=1, batch_size=32, optimizer="adam", lr=1e-3, sgd_momentum=0.0,
@@ -209,12 +215,14 @@ def test_dp_task_settings_are_checked():
     assert TrainTask.from_json(dp_task().to_json()) == dp_task()
 
 
+@pytest.mark.unit
 def test_run_options_refuse_both_a_noise_multiplier_and_a_target_epsilon():
     with pytest.raises(click.UsageError, match="not both"):
         resolve_config("quick", {"dp_noise_multiplier": 1.0, "dp_target_epsilon": 3.0})
     assert not resolve_config("quick", {}).dp and resolve_config("quick", {"dp_target_epsilon": 3.0}).dp
 
 
+@pytest.mark.unit
 def test_ledger_takes_the_weakest_client_and_adds_up_a_restarted_clients_accountants():
     ledger = PrivacyLedger(RunConfig(dp_noise_multiplier=1.0))
     assert ledger.guarantee() == (None, 1e-5)
@@ -228,6 +236,7 @@ def test_ledger_takes_the_weakest_client_and_adds_up_a_restarted_clients_account
     assert summary["epsilon"] == pytest.approx(0.9) and summary["delta"] == 2e-5
 
 
+@pytest.mark.unit
 def test_only_a_dp_run_exports_an_epsilon():
     plain, private = ServerMetrics(), ServerMetrics()
     private.track_privacy(1e-5)
@@ -248,6 +257,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+@pytest.mark.integration
 def test_a_dp_result_without_epsilon_is_refused_by_a_real_server(tmp_path):
     out = tmp_path / "run"
     log_path = tmp_path / "server.log"
@@ -308,6 +318,7 @@ def test_a_dp_result_without_epsilon_is_refused_by_a_real_server(tmp_path):
     assert summary["dp"]["noise_multiplier"] == 1.3 and summary["dp"]["per_client"]["bot"]["epsilon"] == 0.75
 
 
+@pytest.mark.system
 def test_a_small_dp_run_completes_with_its_guarantee_in_summary_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
     result = subprocess.run(
@@ -331,6 +342,7 @@ def test_a_small_dp_run_completes_with_its_guarantee_in_summary_json(tmp_path):
 
 # -- the privacy axis of genfl-sweep ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(tmp_path):
     from genfl_experiments.sweep.plan import Distribution, build_arms, parse_epsilons, plan_cells
 
@@ -356,6 +368,7 @@ def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(
     assert keys["alpha-0.1/seed0/baseline"].deps == [] and keys["alpha-0.1/seed0/baseline"].out == group / "baseline"
 
 
+@pytest.mark.system
 def test_sweep_with_an_epsilon_axis_reports_privacy_against_utility(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENFL_")}
     result = subprocess.run(

@@ -42,6 +42,7 @@ def full_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.system
 def test_summary_has_every_field(full_run):
     out, _ = full_run
     summary = json.loads((out / "summary.json").read_text())
@@ -61,6 +62,7 @@ def test_summary_has_every_field(full_run):
     assert {"synthetic", "cas", "pretrain"} <= {e["event"] for e in events}
 
 
+@pytest.mark.system
 def test_accuracy_beats_chance_clearly(full_run):
     out, _ = full_run
     final = json.loads((out / "summary.json").read_text())["final"]
@@ -68,6 +70,7 @@ def test_accuracy_beats_chance_clearly(full_run):
     assert final["test_accuracy"] > 0.3, final
 
 
+@pytest.mark.system
 def test_outputs_are_weights_only_checkpoints_and_a_sample_grid(full_run):
     out, result = full_run
     for name, model in (("cvae.pt", "cvae"), ("classifier.pt", "classifier"),
@@ -81,6 +84,7 @@ def test_outputs_are_weights_only_checkpoints_and_a_sample_grid(full_run):
     assert "test acc" in result.stdout  # the results table
 
 
+@pytest.mark.integration
 def test_client_exits_nonzero_with_clear_message_for_a_wrong_shard_path(tmp_path):
     missing = tmp_path / "no-such-shard.npz"
     result = run_cli("genfl_client.cli", "--server", "127.0.0.1:1", "--shard", str(missing), timeout=60)
@@ -88,6 +92,7 @@ def test_client_exits_nonzero_with_clear_message_for_a_wrong_shard_path(tmp_path
     assert "no-such-shard.npz" in result.stderr and "cannot use shard" in result.stderr
 
 
+@pytest.mark.integration
 def test_client_exits_nonzero_for_a_corrupt_shard(tmp_path):
     bad = tmp_path / "client-000.npz"
     bad.write_bytes(b"not a shard at all")
@@ -95,6 +100,7 @@ def test_client_exits_nonzero_for_a_corrupt_shard(tmp_path):
     assert result.returncode != 0 and "client-000.npz" in result.stderr
 
 
+@pytest.mark.integration
 def test_client_waits_for_a_late_server_then_fails_cleanly_on_the_wrong_dataset(tmp_path, data_root):
     """The client keeps retrying while the server is down; once up, the server refuses its dataset
     and the client exits non-zero with the server's reason."""
@@ -149,6 +155,7 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z")
 
 
+@pytest.mark.system
 def test_ctrl_c_stops_every_child(tmp_path, data_root):
     launch = subprocess.Popen([sys.executable, "-m", "genfl_experiments.launch", "--data-root", str(data_root("mnist")),
                                "--out", str(tmp_path), "--clients", "2", "--iid", "--train-subset", "600",
@@ -182,6 +189,7 @@ def test_ctrl_c_stops_every_child(tmp_path, data_root):
             launch.kill()
 
 
+@pytest.mark.integration
 def test_fedprox_and_fedavgm_runs_complete(tmp_path, data_root):
     """Each strategy end to end: real server and 2 client processes, the setting recorded."""
     shards = tmp_path / "shards"

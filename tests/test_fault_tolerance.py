@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from helpers import kill_all, partition_mnist, run_rounds, start_client, start_server, wait_until
+
+pytestmark = pytest.mark.integration
 
 CLIENTS = 4
 # A dead client is no longer waited for (presence), so rounds take seconds: enough of them that the

@@ -145,6 +145,7 @@ def check_decoded(state, manifest: pb.Manifest) -> None:
 
 # -- (a) the decoder ------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @given(case=random_payloads(), as_bytes=st.booleans())
 @fuzz_settings(300)
 def test_decoder_random_manifests_raise_only_codec_error(case, as_bytes):
@@ -220,6 +221,7 @@ def manifest_mutations(draw, manifest: pb.Manifest, *, reorder: bool = True) -> 
     return mutated
 
 
+@pytest.mark.unit
 @given(data=st.data())
 @fuzz_settings(200)
 def test_decoder_mutated_real_payload_raises_only_codec_error(classifier_state, data):
@@ -279,6 +281,7 @@ def _classifier_payload(state):
     return _PAYLOADS[key]
 
 
+@pytest.mark.unit
 def test_decoder_unmutated_real_payload_round_trips(classifier_state):
     payload = _classifier_payload(classifier_state)
     assert payload.manifest.num_chunks == 15 and state_dict_nbytes(classifier_state) < MAX_BYTES
@@ -307,6 +310,7 @@ MESSAGE_TYPES = [pb.ResultMessage, pb.TaskMessage, pb.RegisterRequest, pb.FetchT
                  pb.ResultHeader, pb.TaskHeader, pb.SubmitReply, pb.RegisterReply]
 
 
+@pytest.mark.unit
 @given(data=wire_bytes, message_type=st.sampled_from(MESSAGE_TYPES))
 @fuzz_settings(500)
 def test_protobuf_parses_or_raises_decode_error(data, message_type):
@@ -580,6 +584,7 @@ def fuzzed_server():
         yield coordinator, metrics, channel
 
 
+@pytest.mark.integration
 def test_loopback_server_survives_fuzzed_rpcs(cvae_template):
     template = cvae_template
     with fuzzed_server() as (coordinator, metrics, channel):
@@ -637,6 +642,7 @@ def test_loopback_server_survives_fuzzed_rpcs(cvae_template):
         assert rejected > 0
 
 
+@pytest.mark.integration
 def test_result_aborted_by_an_unparsable_trailing_message_is_not_accepted():
     """A message that does not parse after a valid result: the call is refused as malformed
     (INVALID_ARGUMENT). The result must not count (the client was told it failed), and the server
@@ -672,6 +678,7 @@ def test_result_aborted_by_an_unparsable_trailing_message_is_not_accepted():
 
 # -- (c') a real genfl-server process ----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_server_process_survives_fuzz_and_completes_its_run(tmp_path, cvae_template):
     out = tmp_path / "run"
     log_path = tmp_path / "server.log"

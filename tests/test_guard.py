@@ -19,6 +19,8 @@ from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import dirichlet_partition, iid_partition
 from genfl_shared.training import train_classifier, train_cvae
 
+pytestmark = pytest.mark.unit
+
 
 def test_capped_weights_cut_only_the_client_beyond_the_share():
     honest = {"a": 300, "b": 200, "c": 100}

@@ -206,6 +206,7 @@ def huge(weights, task):
     return HONEST_SAMPLES, {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in weights.items()}
 
 
+@pytest.mark.integration
 def test_huge_finite_update_is_rejected_and_the_round_redone_without_it(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="genfl_server")
     outcome = run_federation(tmp_path, [*map(honest, HONEST), Bot("mallory", huge)])
@@ -218,6 +219,7 @@ def test_huge_finite_update_is_rejected_and_the_round_redone_without_it(tmp_path
     assert math.isfinite(round_record["weighted_client_loss"])
 
 
+@pytest.mark.integration
 def test_huge_update_without_norm_bounds_is_caught_by_the_aggregate_check(tmp_path):
     outcome = run_federation(tmp_path, [*map(honest, HONEST), Bot("mallory", huge)],
                              guard=UpdateGuard(norm_factor=None, max_weight_share=None))
@@ -226,6 +228,7 @@ def test_huge_update_without_norm_bounds_is_caught_by_the_aggregate_check(tmp_pa
         torch.testing.assert_close(value, expected_honest_round(HONEST)[name])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "krum"])
 @pytest.mark.parametrize("bounds", ["off", "default"])
 def test_robust_strategies_over_grpc_keep_the_model_near_the_honest_updates(tmp_path, strategy, bounds):
@@ -246,6 +249,7 @@ def _boosted(weights, task):  # model replacement: the honest step scaled a thou
                             for k, v in weights.items()}
 
 
+@pytest.mark.integration
 def test_explicit_max_update_norm_rejects_or_clips(tmp_path):
     bound = 5 * STEP * math.sqrt(64 * 32 + 64)  # five honest steps
     rejected = run_federation(tmp_path / "reject", [*map(honest, HONEST), Bot("mallory", _boosted)],
@@ -275,6 +279,7 @@ def task_samples(task) -> int:
     return DEFAULT_MAX_CLIENT_SAMPLES
 
 
+@pytest.mark.integration
 def test_absurd_sample_count_is_refused_at_registration(tmp_path):
     coordinator = Coordinator(RUN_ID, expected_clients=2, dataset=DATASET, max_client_samples=DEFAULT_MAX_CLIENT_SAMPLES)
     metrics = ServerMetrics()
@@ -295,6 +300,7 @@ def test_absurd_sample_count_is_refused_at_registration(tmp_path):
     server.stop(grace=1).wait(5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("counts, why", [([30] * 9, "for 9 classes"), ([27] * 9 + [28], "summing to 271"),
                                          ([0] * 11, "for 11 classes"), ([1] * 100_000, "for 100000 classes")])
 def test_a_bad_label_histogram_is_refused_at_registration(tmp_path, counts, why):
@@ -322,6 +328,7 @@ def test_a_bad_label_histogram_is_refused_at_registration(tmp_path, counts, why)
     server.stop(grace=1).wait(5)
 
 
+@pytest.mark.integration
 def test_zero_update_with_a_huge_sample_count_cannot_replace_the_model(tmp_path):
     # Default guard: the zeroed model is far beyond the honest steps, so the round is redone without it.
     outcome = run_federation(tmp_path / "default", [*map(honest, HONEST), Bot("mallory", zeros,
@@ -349,6 +356,7 @@ HOSTILE_METRICS = [{"loss": math.nan, "accuracy": 0.5}, {"loss": 1.0, "accuracy"
                    {"loss": 1.0, "accuracy": 0.5, "precision": 0.5}]
 
 
+@pytest.mark.integration
 def test_invalid_metrics_are_refused_and_run_files_stay_strict_json(tmp_path):
     liar = Bot("mallory", lambda weights, task: (HONEST_SAMPLES, honest_update(weights, "mallory", task.round)),
                evaluations=list(HOSTILE_METRICS))
@@ -364,6 +372,7 @@ def test_invalid_metrics_are_refused_and_run_files_stay_strict_json(tmp_path):
     assert 0 <= summary["final"]["weighted_client_accuracy"] <= 1
 
 
+@pytest.mark.unit
 def test_run_files_stay_strict_json_when_the_server_measures_a_diverged_model(tmp_path, caplog):
     # Client metrics are refused above; the server's own numbers (the test loss of a model that
     # diverged honestly, e.g. FedAvgM) are recorded as null, with a warning, and the run goes on.

@@ -96,6 +96,7 @@ def dispatch_evaluation(run: Run, client_ids=("alice", "bob")):
 
 # -- finding 4: acting in another client's name --------------------------------------------------
 
+@pytest.mark.unit
 def test_task_ids_are_random_128_bit_hex():
     coordinator = Coordinator(RUN_ID, expected_clients=1, dataset=DATASET)
     ids = [coordinator.new_task("alice", pb.TASK_TYPE_EVALUATE, "cvae", 1, EVALUATE, None).task_id
@@ -105,6 +106,7 @@ def test_task_ids_are_random_128_bit_hex():
     assert not any(task_id.startswith(RUN_ID) for task_id in ids)
 
 
+@pytest.mark.integration
 def test_result_in_another_clients_name_is_refused_and_the_real_client_is_unaffected(run: Run):
     alice = run.register("alice").session_secret
     mallory = run.register("bob").session_secret  # mallory holds bob's registration, a session of its own
@@ -134,6 +136,7 @@ def test_result_in_another_clients_name_is_refused_and_the_real_client_is_unaffe
     assert batch.results[alice_task.task_id].metrics == {"loss": 1.0}
 
 
+@pytest.mark.integration
 def test_missing_or_wrong_secret_is_refused_on_every_call(run: Run):
     alice = run.register("alice").session_secret
     for secret, said in (("", "no session secret"), ("0" * 32, "current one"), (alice + "0", "current one"),
@@ -146,6 +149,7 @@ def test_missing_or_wrong_secret_is_refused_on_every_call(run: Run):
     assert alice not in repr(run.coordinator.clients["alice"])
 
 
+@pytest.mark.integration
 def test_reregistration_starts_a_new_session_and_ends_the_old(run: Run, caplog):
     caplog.set_level(logging.INFO, logger="genfl_server")
     first = run.register("alice").session_secret
@@ -171,6 +175,7 @@ def test_reregistration_starts_a_new_session_and_ends_the_old(run: Run, caplog):
     assert run.fetch("alice", third).type == pb.TASK_TYPE_IDLE
 
 
+@pytest.mark.integration
 def test_a_session_that_holds_a_task_is_live(run: Run, caplog):
     alice = run.register("alice").session_secret
     run.register("bob")
@@ -189,6 +194,7 @@ def _server_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name.startswith("genfl_server")]
 
 
+@pytest.mark.integration
 def test_huge_ids_give_bounded_printable_log_lines_and_error_details(run: Run, caplog):
     caplog.set_level(logging.INFO, logger="genfl_server")
     alice = run.register("alice").session_secret
@@ -211,6 +217,7 @@ def test_huge_ids_give_bounded_printable_log_lines_and_error_details(run: Run, c
     assert sum(map(len, lines)) < 20_000
 
 
+@pytest.mark.unit
 def test_shown_escapes_and_cuts():
     assert shown("alice") == "alice"
     assert shown("a\nb\x00c\x1b") == "a\\nb\\x00c\\x1b"
@@ -220,6 +227,7 @@ def test_shown_escapes_and_cuts():
     assert len(shown("\x00" * 10_000)) <= MAX_SHOWN_CHARS + 20
 
 
+@pytest.mark.integration
 def test_repeated_rejections_of_one_client_are_rate_limited_in_the_log(run: Run, caplog):
     caplog.set_level(logging.WARNING, logger="genfl_server")
     run.register("alice")
@@ -233,6 +241,7 @@ def test_repeated_rejections_of_one_client_are_rate_limited_in_the_log(run: Run,
     assert any("'carol'" in line for line in _server_lines(caplog))
 
 
+@pytest.mark.integration
 def test_repeated_re_registrations_are_rate_limited_in_the_log(run: Run, caplog):
     """Re-registrations are accepted (a restarted client comes back), so a hostile connection could
     repeat them: their log lines are limited like rejections."""
@@ -251,6 +260,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.unit
 def test_rejection_log_says_how_many_it_left_out(caplog):
     clock = FakeClock()
     logger = logging.getLogger("genfl_server.test_rejection_log")
@@ -286,6 +296,7 @@ def _rejected_sample(text: str, reason: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+@pytest.mark.integration
 def test_server_process_refuses_unparsable_requests_as_malformed_without_tracebacks(tmp_path):
     out, log_path = tmp_path / "run", tmp_path / "server.log"
     server, endpoint = start_server(out, "--clients", "1", "--phase", "cvae", "--rounds", "1", "--address",
@@ -353,6 +364,7 @@ def test_server_process_refuses_unparsable_requests_as_malformed_without_traceba
 
 # -- the real client, when its session is taken over -----------------------------------------------
 
+@pytest.mark.integration
 def test_client_whose_session_was_taken_over_stops_with_a_clear_error(run: Run):
     """It must not retry for ever (re-registering would take the id back, and the two would take
     it from each other in turn); it stops, saying why."""

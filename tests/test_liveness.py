@@ -30,6 +30,7 @@ GRACE = 0.5
 
 # -- the bookkeeping --------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_a_client_is_away_only_after_its_last_stream_stayed_closed_for_the_grace():
     presence = Presence(grace=GRACE)
     changes = []
@@ -48,6 +49,7 @@ def test_a_client_is_away_only_after_its_last_stream_stayed_closed_for_the_grace
     assert not presence.is_away("never-opened")  # a client without the stream is never away
 
 
+@pytest.mark.unit
 def test_a_stream_reopened_within_the_grace_leaves_the_client_present():
     presence = Presence(grace=GRACE)
     presence.closed("a", presence.opened("a"))
@@ -58,6 +60,7 @@ def test_a_stream_reopened_within_the_grace_leaves_the_client_present():
     wait_until(lambda: presence.is_away("a"), 5, "a to count as away")
 
 
+@pytest.mark.unit
 def test_clients_leaving_after_the_run_ended_are_not_counted_away():
     presence = Presence(grace=0)
     token = presence.opened("a")
@@ -73,6 +76,7 @@ def _batch(coordinator: Coordinator, clients: list[str]):
     return tasks, coordinator.dispatch(tasks)
 
 
+@pytest.mark.unit
 def test_a_step_with_its_quorum_stops_waiting_when_the_rest_go_away_and_not_before():
     coordinator = Coordinator("run-live", expected_clients=3, dataset=None, presence_grace=GRACE)
     tokens = {cid: coordinator.presence_opened(cid) for cid in ("a", "b", "c")}
@@ -95,6 +99,7 @@ def test_a_step_with_its_quorum_stops_waiting_when_the_rest_go_away_and_not_befo
     coordinator.shutdown(reason="test over")
 
 
+@pytest.mark.unit
 def test_the_end_of_run_waits_to_tell_connected_clients_only():
     """At the end of a run the server waits (bounded) until every client has heard it ended, but not
     for one whose presence stream has closed: nobody is there to tell (a client stopped by the same
@@ -118,6 +123,7 @@ def test_the_end_of_run_waits_to_tell_connected_clients_only():
     assert not coordinator.presence.is_away("b")  # and leaving after the run is no absence
 
 
+@pytest.mark.integration
 def test_presence_rpc_on_loopback_counts_the_client_present_then_away_when_the_stream_ends():
     coordinator = Coordinator("run-rpc", expected_clients=1, dataset=None, presence_grace=GRACE)
     with loopback_server(coordinator) as (channel, _port):
@@ -140,6 +146,7 @@ def test_presence_rpc_on_loopback_counts_the_client_present_then_away_when_the_s
         again.cancel()
 
 
+@pytest.mark.integration
 def test_a_presence_stream_cancelled_while_its_opening_is_recorded_does_not_hold_the_client_present():
     # A stream may end at once (a runner renews it after a re-registration; a client dies just
     # after opening it); on a loaded server the call may end while its opening is still being
@@ -203,6 +210,7 @@ def _kill_victim_in_round_2(clients, metrics_port):
     return killed_at
 
 
+@pytest.mark.integration
 def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_path):
     rounds = 4
     out, server, metrics_port, start = _start_run(tmp_path, rounds)
@@ -230,6 +238,7 @@ def test_a_killed_client_is_not_waited_for_and_the_run_finishes_in_seconds(tmp_p
     assert "within 300 s" not in log  # no step ran into its deadline
 
 
+@pytest.mark.integration
 def test_a_killed_client_restarted_takes_part_again(tmp_path):
     # Enough (short) rounds that the restarted process, which loads torch and its shard first,
     # is back well before the end, also on a loaded machine.

@@ -62,6 +62,7 @@ class HealthProbe(threading.Thread):
         self.join(5)
 
 
+@pytest.mark.integration
 def test_server_completes_rounds_with_200_protocol_clients_and_stays_responsive(tmp_path):
     out, log = tmp_path / "server", tmp_path / "server.log"
     server, endpoint = start_server(out, "--phase", "cvae", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
@@ -93,6 +94,7 @@ def test_server_completes_rounds_with_200_protocol_clients_and_stays_responsive(
     assert max(probe.latencies) < PROBE_DEADLINE_SECONDS
 
 
+@pytest.mark.unit
 def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_path):
     """However many clients, a step's weights are encoded once: every client's task carries the
     same frozen Payload, whose chunks are immutable bytes (ready-to-send TaskMessage frames)."""
@@ -120,6 +122,7 @@ def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_
         payload.chunks = ()
 
 
+@pytest.mark.integration
 def test_a_failed_fake_client_is_reported_at_once_not_waited_for(tmp_path):
     """The M = 1,000 "hang": one fake client failed, its process cancelled its other clients, and
     the server (rightly: no --round-timeout, no Presence streams) waited for them for ever, while

@@ -59,6 +59,7 @@ def _run(out: Path, shards: Path, *server_args: str, client_args: tuple[str, ...
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.integration
 def test_a_classifier_run_with_the_balanced_local_loss_completes(tmp_path, data_root):
     summary = _run(tmp_path / "balanced", _shards(tmp_path, data_root), "--phase", "classifier", "--no-pretrain",
                    "--rounds", "2", "--local-loss", "balanced", "--seed", "0")
@@ -78,6 +79,7 @@ def _balanced(images, labels, per_class: int, seed: int):
     return to_float_images(images[chosen]), labels[chosen]
 
 
+@pytest.mark.unit
 def test_class_balanced_batches_hold_every_class_equally_and_repeat_for_a_seed():
     labels = torch.tensor([0] * 30 + [1] * 5 + [2] * 12)
     batches = list(class_balanced_batches(labels, 7, 20, seed=3))  # ceil(7 / 3) = 3 of each class
@@ -88,6 +90,7 @@ def test_class_balanced_batches_hold_every_class_equally_and_repeat_for_a_seed()
     assert all(torch.equal(a, b) for a, b in zip(batches, class_balanced_batches(labels, 7, 20, seed=3)))
 
 
+@pytest.mark.integration
 def test_finetuning_a_one_class_model_on_a_class_balanced_set_raises_its_balanced_accuracy(data_root):
     """benchmarks/bench_server_finetune.py measured this setting (lr 0.01, batch 50, 100 images per
     class) at +58 to +67 pp with 100 steps over 2 seeds (200 steps: +74 to +77 pp; 25 steps: +0 to
@@ -112,6 +115,7 @@ def test_finetuning_a_one_class_model_on_a_class_balanced_set_raises_its_balance
     assert all(torch.equal(skewed_state[k], v) for k, v in skewed.state_dict().items())  # input untouched
 
 
+@pytest.mark.integration
 def test_a_classifier_run_with_server_finetuning_records_it_in_every_round(tmp_path, data_root):
     """A real run: each aggregate is fine-tuned on the synthetic set of the given CVAE (one epoch on
     400 real images: rough digits. An untrained CVAE's images are all ones after the per-image max
@@ -135,6 +139,7 @@ def test_a_classifier_run_with_server_finetuning_records_it_in_every_round(tmp_p
     assert [e["samples"] for e in read_events(out / METRICS_JSONL) if e["event"] == "synthetic"] == [200]
 
 
+@pytest.mark.integration
 def test_the_engine_broadcasts_a_post_aggregation_model_only_when_it_passes_the_aggregate_checks(tmp_path):
     """The round engine's hook is generic (a CVAE phase here), over real gRPC with real clients: a
     sane result is what the next round trains from, a non-finite one is refused (counted, logged,
@@ -165,6 +170,7 @@ def test_the_engine_broadcasts_a_post_aggregation_model_only_when_it_passes_the_
     assert metrics.registry.get_sample_value("genfl_post_aggregation_refused_total", {"phase": "cvae"}) == 1
 
 
+@pytest.mark.integration
 def test_server_finetuning_without_a_cvae_to_sample_from_is_a_usage_error(tmp_path):
     pretrained = save_checkpoint(tmp_path / "pretrained.pt", "classifier", initial_state("classifier", 0))
     cvae = save_checkpoint(tmp_path / "cvae.pt", "cvae", initial_state("cvae", 0))
@@ -199,6 +205,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.integration
 def test_distilling_a_one_class_model_towards_an_ensemble_raises_its_agreement_with_it(data_root, one_thread):
     """Two teachers, each trained on half the classes (skewed clients), and a student trained on
     class 0 alone; distilled on unlabelled images. Measured (60 steps, batch 32, Adam 1e-3, frozen
@@ -222,6 +229,7 @@ def test_distilling_a_one_class_model_towards_an_ensemble_raises_its_agreement_w
     assert distilled.keys() == student.keys() and all(torch.isfinite(v).all() for v in distilled.values())
 
 
+@pytest.mark.integration
 def test_a_teacher_with_non_finite_logits_is_left_out_and_no_teacher_leaves_the_aggregate_as_it_is():
     """A client's update may hold finite weights that give NaN logits (a negative BatchNorm running
     variance): as a teacher it would make the whole ensemble NaN, so it is dropped and named; with no
@@ -248,6 +256,7 @@ def test_a_teacher_with_non_finite_logits_is_left_out_and_no_teacher_leaves_the_
     assert "non-finite logits" in skipped["skipped"] and all(torch.equal(only_bad[k], v) for k, v in student.items())
 
 
+@pytest.mark.integration
 def test_only_accepted_unclipped_updates_reach_the_teacher_set(tmp_path):
     """Over real gRPC (test_hostile's hand-made clients): a refused update (huge, beyond the adaptive
     bound) and a clipped one (beyond --max-update-norm with --clip-updates) are not among the models
@@ -285,6 +294,7 @@ def test_only_accepted_unclipped_updates_reach_the_teacher_set(tmp_path):
     assert plain.seen[1] == {}
 
 
+@pytest.mark.integration
 def test_a_classifier_run_with_server_distillation_records_it_in_every_round(tmp_path, data_root):
     """A real run (server and 2 client processes over gRPC): each aggregate is distilled towards the
     round's 2 client models on the synthetic inputs, and each round's record says so."""
@@ -308,6 +318,7 @@ def test_a_classifier_run_with_server_distillation_records_it_in_every_round(tmp
         assert all(math.isfinite(step[k]) for k in ("kl_before", "kl_after", "agreement_before", "agreement_after"))
 
 
+@pytest.mark.integration
 def test_server_distillation_options_that_cannot_run_are_usage_errors(tmp_path):
     cvae = save_checkpoint(tmp_path / "cvae.pt", "cvae", initial_state("cvae", 0))
     base = [sys.executable, "-m", "genfl_server.cli", "--phase", "classifier", "--no-pretrain", "--address",
@@ -337,6 +348,7 @@ def test_server_distillation_options_that_cannot_run_are_usage_errors(tmp_path):
 
 # -- synthetic data for the classes a client lacks (--client-synthetic-mix) -----------------------
 
+@pytest.mark.integration
 def test_a_run_with_client_synthetic_mix_sends_each_client_images_of_exactly_its_missing_classes(tmp_path, data_root):
     """A real run (server and 2 client processes over gRPC, Dirichlet 0.1 shards): each client reports
     its label counts, and the synthetic images it mixes in are of the classes its shard lacks."""
@@ -366,6 +378,7 @@ def test_a_run_with_client_synthetic_mix_sends_each_client_images_of_exactly_its
     assert lacking >= 1  # the Dirichlet 0.1 shards leave some client without some class: the case under test
 
 
+@pytest.mark.system
 def test_genfl_launch_has_its_clients_share_their_label_counts_only_for_a_synthetic_mix_run(tmp_path, data_root):
     """Clients keep their label histogram to themselves unless told (--share-label-counts); genfl-launch
     tells its own clients when, and only when, the server sends synthetic images of missing classes."""

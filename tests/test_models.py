@@ -15,6 +15,8 @@ from genfl_shared.models import (
     cvae_loss,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("kind", "cls", "expected"),

@@ -20,6 +20,8 @@ import pytest
 from conftest import dataset_dir
 from helpers import run_rounds, start_server, wait_until
 
+pytestmark = pytest.mark.integration
+
 CLIENTS = 2
 ROUNDS = 5
 CUT_SECONDS = 5.0

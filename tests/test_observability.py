@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import dataset_dir
 from helpers import free_port, wait_until
 
+pytestmark = pytest.mark.integration
+
 ROUNDS = 2
 CLIENTS = 2
 

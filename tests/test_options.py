@@ -22,6 +22,8 @@ from genfl_server.strategy import STRATEGIES, FedAvg, build_strategy, register_s
 from genfl_shared import partition_cli
 from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config)
 
+pytestmark = pytest.mark.unit
+
 COMMANDS = {"genfl-server": server_cli.main, "genfl-launch": launch.main, "genfl-sweep": sweep_cli.main,
             "genfl-centralised": centralised.main, "genfl-partition": partition_cli.main}
 RUN_OPTION_NAMES = RunConfig.field_names() | {ROUNDS}

@@ -69,6 +69,7 @@ def _mean_label_entropy(parts, labels):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dirichlet_exact_cover_and_determinism(mnist_labels):
     parts = dirichlet_partition(mnist_labels, num_clients=10, alpha=0.5, seed=3)
     assert len(parts) == 10
@@ -81,6 +82,7 @@ def test_dirichlet_exact_cover_and_determinism(mnist_labels):
     assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
 
 
+@pytest.mark.unit
 def test_skew_grows_as_alpha_shrinks(mnist_labels):
     entropies = [
         _mean_label_entropy(dirichlet_partition(mnist_labels, 10, alpha, seed=0, min_samples=0), mnist_labels)
@@ -91,6 +93,7 @@ def test_skew_grows_as_alpha_shrinks(mnist_labels):
     assert entropies[-1] < 0.5  # alpha=0.01: nearly one class per client
 
 
+@pytest.mark.unit
 def test_min_samples_forces_redraw(mnist_labels):
     first = dirichlet_partition(mnist_labels, 10, alpha=0.1, seed=7, min_samples=0, max_retries=1)
     smallest = min(len(p) for p in first)
@@ -99,6 +102,7 @@ def test_min_samples_forces_redraw(mnist_labels):
     _assert_exact_cover(redrawn, len(mnist_labels))
 
 
+@pytest.mark.unit
 def test_impossible_partition_errors(mnist_labels):
     # Not enough samples at all: refused at once, with the parameters in the message.
     with pytest.raises(PartitionError, match=r"alpha=0\.1, 40 clients, min_samples=2000"):
@@ -108,6 +112,7 @@ def test_impossible_partition_errors(mnist_labels):
         dirichlet_partition(mnist_labels, num_clients=10, alpha=0.01, seed=0, min_samples=1000, max_retries=5)
 
 
+@pytest.mark.unit
 def test_dirichlet_rejects_bad_arguments(mnist_labels):
     with pytest.raises(ValueError, match="alpha"):
         dirichlet_partition(mnist_labels, 10, alpha=0.0, seed=0)
@@ -115,6 +120,7 @@ def test_dirichlet_rejects_bad_arguments(mnist_labels):
         dirichlet_partition(mnist_labels, 0, alpha=1.0, seed=0)
 
 
+@pytest.mark.unit
 def test_iid_partition():
     parts = iid_partition(1003, num_clients=10, seed=1)
     _assert_exact_cover(parts, 1003)
@@ -125,6 +131,7 @@ def test_iid_partition():
         iid_partition(5, num_clients=10, seed=0)
 
 
+@pytest.mark.unit
 def test_split_train_heldout():
     indices = np.arange(100, 300, 2)  # 100 arbitrary indices
     train, heldout = split_train_heldout(indices, 0.1, rng=0)
@@ -143,6 +150,7 @@ def test_split_train_heldout():
         split_train_heldout(indices, 1.0, rng=0)
 
 
+@pytest.mark.unit
 def test_subsample(mnist_labels):
     chosen = subsample(mnist_labels, 1000, seed=0)
     assert len(chosen) == 1000 and len(np.unique(chosen)) == 1000
@@ -162,6 +170,7 @@ def _rows(images, labels):
     return sorted(zip(labels.tolist(), (img.tobytes() for img in images)))
 
 
+@pytest.mark.unit
 def test_partition_dataset_files(tmp_path, data_root, mnist_train):
     images, labels = mnist_train
     summary = partition_dataset(
@@ -203,6 +212,7 @@ def test_partition_dataset_files(tmp_path, data_root, mnist_train):
     assert not set(train_rows) & set(heldout_rows)
 
 
+@pytest.mark.unit
 def test_partition_dataset_iid_subset_and_stale_shards(tmp_path, data_root):
     root = data_root("mnist")
     partition_dataset("mnist", root, num_clients=5, alpha=None, seed=1, out_dir=tmp_path, train_subset=1000)
@@ -237,6 +247,7 @@ def _good_arrays(n_train=5, n_heldout=2):
 GOOD_META = {"client_id": "client-000", "client_index": 0, "dataset": "mnist"}
 
 
+@pytest.mark.unit
 def test_write_shard_round_trip_and_bytes(tmp_path):
     arrays = _good_arrays()
     sha = write_shard(tmp_path / "a.npz", **arrays, meta=GOOD_META)
@@ -257,6 +268,7 @@ def _raw_npz(path, arrays, meta=json.dumps(GOOD_META)):
     np.savez(path, **arrays, meta=np.array(meta))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "problem, expected",
     [
@@ -347,6 +359,7 @@ def _dir_bytes(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+@pytest.mark.integration
 def test_cli_deterministic(tmp_path, data_root):
     common = ["--dataset", "mnist", "--data-root", str(data_root("mnist")), "--clients", "4",
               "--alpha", "0.3", "--train-subset", "4000", "--log-level", "WARNING"]
@@ -362,6 +375,7 @@ def test_cli_deterministic(tmp_path, data_root):
     assert all(f"client-{i:03d}" in result.stdout for i in range(4))
 
 
+@pytest.mark.integration
 def test_cli_environment_variables(tmp_path, data_root):
     env = {
         "GENFL_DATASET": "fmnist",
@@ -384,6 +398,7 @@ def test_cli_environment_variables(tmp_path, data_root):
     assert [c["num_heldout"] for c in summary["clients"]] == [50, 50, 50]
 
 
+@pytest.mark.integration
 def test_cli_missing_dataset_is_clean_error(tmp_path):
     result = _run_cli(["--dataset", "mnist", "--data-root", str(tmp_path), "--clients", "2", "--iid",
                        "--out", str(tmp_path / "out")])
@@ -392,6 +407,7 @@ def test_cli_missing_dataset_is_clean_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "extra, env, expected",
     [
@@ -410,6 +426,7 @@ def test_cli_alpha_iid_usage_errors(tmp_path, extra, env, expected):
     assert re.search(expected, result.output), result.output
 
 
+@pytest.mark.unit
 def test_cli_impossible_partition(tmp_path, data_root):
     args = ["--dataset", "mnist", "--data-root", str(data_root("mnist")), "--clients", "40", "--alpha", "0.1",
             "--min-samples", "2000", "--out", str(tmp_path / "o")]

@@ -21,6 +21,8 @@ from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 
 from helpers import free_port, run_rounds, start_server
 
+pytestmark = pytest.mark.integration
+
 
 def registration(client_id: str, train: int, heldout: int) -> pb.RegisterRequest:
     return pb.RegisterRequest(client_id=client_id, num_train_samples=train, num_heldout_samples=heldout,

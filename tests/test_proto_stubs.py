@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUBS = ("genfl_pb2.py", "genfl_pb2.pyi", "genfl_pb2_grpc.py")
 

@@ -177,6 +177,7 @@ def template():
     return {k: v.clone() for k, v in build_model("cvae").state_dict().items()}  # 4.3 MB: 5 chunks
 
 
+@pytest.mark.integration
 def test_round_trip_and_every_rejection(server: Server, template):
     srv, stub, coordinator = server, server.stub, server.coordinator
 
@@ -380,6 +381,7 @@ def test_round_trip_and_every_rejection(server: Server, template):
     assert srv.sample("genfl_client_updates_accepted_total", {"phase": "cvae", "type": "TASK_TYPE_EVALUATE"}) == 2
 
 
+@pytest.mark.integration
 def test_idle_when_nothing_comes(server: Server):
     register(server.stub, "alice")
     server.coordinator.poll_timeout = 0.3
@@ -388,6 +390,7 @@ def test_idle_when_nothing_comes(server: Server):
     assert 0.25 <= seconds < 5
 
 
+@pytest.mark.integration
 def test_shutdown_releases_a_waiting_poll(server: Server):
     register(server.stub, "alice")
     register(server.stub, "bob")
@@ -408,6 +411,7 @@ def test_shutdown_releases_a_waiting_poll(server: Server):
 
 # -- one task life-cycle ----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_task_life_cycle_decides_duplicate_and_late_in_one_place():
     """pending -> delivered -> done or closed; a result that passed open_task is still refused when
     its task was answered or closed during the upload, with the same status as an immediate one."""
@@ -465,12 +469,14 @@ def _handlers() -> dict:
     return method_handlers(FederatedLearningService(coordinator, ServerMetrics()))
 
 
+@pytest.mark.unit
 def test_the_handler_table_serves_every_method_of_the_proto():
     proto_methods = {m.name for m in pb.DESCRIPTOR.services_by_name["FederatedLearning"].methods}
     assert set(_handlers()) == proto_methods
     check_serves_every_method(_handlers())  # what start_grpc_server checks before it serves
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["Register", "FetchTask", "SubmitResult"])
 def test_a_method_left_unserved_stops_the_start(method):
     handlers = _handlers()
@@ -479,6 +485,7 @@ def test_a_method_left_unserved_stops_the_start(method):
         check_serves_every_method(handlers)
 
 
+@pytest.mark.unit
 def test_a_method_served_with_the_wrong_streaming_stops_the_start():
     handlers = _handlers()
     fetch_task = handlers["FetchTask"]
@@ -490,6 +497,7 @@ def test_a_method_served_with_the_wrong_streaming_stops_the_start():
         check_serves_every_method(handlers)
 
 
+@pytest.mark.integration
 def test_no_method_of_the_proto_answers_unimplemented(server: Server):
     """Every method of the proto's service, called on a real server with an empty request, gets a
     real answer or a refusal, never UNIMPLEMENTED (an RPC added to the proto but not served)."""
@@ -514,6 +522,7 @@ TRAIN_SETTINGS = TrainTask(model="cvae", epochs=1, batch_size=32, optimizer="ada
                            binarize=True, seed=7)
 
 
+@pytest.mark.integration
 def test_an_upload_refused_in_its_last_chunk_leaves_the_aggregate_exactly_as_it_was(server: Server, template):
     """Uploads are checked and folded chunk by chunk (genfl_server/upload.py): an update whose
     last chunk carries a wrong digest or a NaN must leave the running FedAvg sum bit for bit as it

@@ -225,6 +225,7 @@ def timed(call) -> tuple[float, object]:
 UPLOAD_TIMEOUT = 10.0
 
 
+@pytest.mark.integration
 def test_two_stalled_uploads_do_not_block_other_uploads_and_are_cut_at_the_upload_timeout(tmp_path):
     with server(tmp_path, "--clients", "4", "--upload-timeout", str(UPLOAD_TIMEOUT)) as s:
         honest = [EchoClient(s.address, f"honest-{i}") for i in range(2)]
@@ -268,6 +269,7 @@ def test_two_stalled_uploads_do_not_block_other_uploads_and_are_cut_at_the_uploa
                 client.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("slots", [1, 2])
 def test_a_stall_that_sent_a_chunk_holds_one_of_max_concurrent_uploads_slots(tmp_path, slots):
     """A stall past its first chunk holds a receive slot until --upload-timeout: with one slot it
@@ -357,6 +359,7 @@ class IdleStreams:
             self._thread.join(10)
 
 
+@pytest.mark.integration
 def test_a_thousand_idle_streams_do_not_starve_health_register_or_fetch(tmp_path):
     with server(tmp_path, "--clients", "2", "--upload-timeout", "600",
                 "--max-streams-per-connection", str(IDLE_STREAMS)) as s:
@@ -395,6 +398,7 @@ def test_a_thousand_idle_streams_do_not_starve_health_register_or_fetch(tmp_path
 
 # -- threads do not grow with waiting clients ------------------------------------------------------
 
+@pytest.mark.integration
 def test_server_thread_count_does_not_grow_with_waiting_clients(tmp_path):
     few, many = 2, 100
     with server(tmp_path, "--clients", str(many + 1)) as s:
@@ -439,6 +443,7 @@ def test_server_thread_count_does_not_grow_with_waiting_clients(tmp_path):
 
 # -- one upload per client, streams per connection and per IP --------------------------------------
 
+@pytest.mark.integration
 def test_one_upload_per_client_and_streams_per_connection_and_ip_are_bounded(tmp_path):
     per_connection, per_ip = 4, 6
     with server(tmp_path, "--clients", "1", "--upload-timeout", "120", "--max-streams-per-connection",
@@ -504,6 +509,7 @@ def test_one_upload_per_client_and_streams_per_connection_and_ip_are_bounded(tmp
                 channel.close()
 
 
+@pytest.mark.unit
 def test_peer_ip_is_the_address_without_the_port():
     assert peer_ip("ipv4:127.0.0.1:50051") == "ipv4:127.0.0.1"
     assert peer_ip("ipv6:[::1]:50051") == "ipv6:[::1]"

@@ -17,6 +17,8 @@ import torch
 from conftest import dataset_dir
 from helpers import free_port, run_rounds, wait_until
 
+pytestmark = pytest.mark.system
+
 CLIENTS = 2
 SERVER_ARGS = ["--phase", "all", "--clients", str(CLIENTS), "--cvae-rounds", "2", "--classifier-rounds", "3",
                "--synthetic-samples", "500", "--cas-epochs", "1", "--pretrain-epochs", "1", "--seed", "3",

@@ -17,6 +17,8 @@ from torch import nn
 from genfl_server.strategy import build_strategy
 from genfl_shared.data import load_dataset, to_float_images
 
+pytestmark = pytest.mark.unit
+
 CLIENTS, PER_CLIENT, ROUNDS, LOCAL_STEPS = 5, 200, 5, 20
 TOLERANCE = 0.08  # "a few points": sign flips shift a median by one order statistic per weight
 ATTACKS = ("scaled", "sign_flipped", "random")

@@ -82,6 +82,7 @@ def _accepted(metrics: ServerMetrics, kind: str) -> float:
                                              {"phase": "cvae", "type": f"TASK_TYPE_{kind}"}) or 0.0
 
 
+@pytest.mark.integration
 def test_one_download_per_round_and_each_round_records_the_evaluation_of_its_own_aggregate(two_clients, tmp_path):
     engine, metrics, runners = two_clients
     rounds = 3
@@ -107,6 +108,7 @@ def test_one_download_per_round_and_each_round_records_the_evaluation_of_its_own
     assert all(torch.equal(final[k], aggregates[rounds][k]) for k in final)
 
 
+@pytest.mark.unit
 def test_a_pending_round_survives_export_and_restore(tmp_path):
     recorder = RunRecorder(tmp_path / "a", run_id="r")
     recorder.hold_round({"phase": "cvae", "round": 2, "train_loss": 1.5, "test_accuracy": None,
@@ -122,6 +124,7 @@ def test_a_pending_round_survives_export_and_restore(tmp_path):
     assert resumed.pending is None and [r["round"] for r in run_rounds(tmp_path / "b")] == [2]
 
 
+@pytest.mark.system
 def test_a_deterministic_run_reports_exactly_the_numbers_recorded_before_the_change(tmp_path):
     """The numbers in tests/data/deterministic_numbers.json were recorded with the code before
     evaluations rode on training (python tests/deterministic_numbers.py)."""
@@ -135,6 +138,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_a_phase_resumed_with_a_pending_round_records_what_an_uninterrupted_one_does(one_client, tmp_path):
     """Crash right after round 2's checkpoint (round 1 recorded, round 2's record pending), resume
     from what was saved: the records, evaluations included, are those of an uninterrupted phase

@@ -152,6 +152,7 @@ def _failed_cleanly(procs: Processes, name: str, *expected: str, within: float =
 
 # -- TLS and mutual TLS, real processes -----------------------------------------------------------
 
+@pytest.mark.integration
 def test_tls_run_completes_and_a_plaintext_client_fails_cleanly(procs, pki, shards):
     address = procs.server("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
     # While the server waits for its clients, a plaintext client cannot even connect; it gives up.
@@ -165,6 +166,7 @@ def test_tls_run_completes_and_a_plaintext_client_fails_cleanly(procs, pki, shar
     assert "(TLS)" in procs.output("server")
 
 
+@pytest.mark.integration
 def test_mutual_tls_with_tokens_run_completes_and_intruders_are_refused(procs, pki, shards, tmp_path):
     """The full setting: mutual TLS and per-client tokens. Clients without a certificate from the
     server's client CA cannot connect; clients with one but a wrong or no token are UNAUTHENTICATED;
@@ -206,6 +208,7 @@ def test_mutual_tls_with_tokens_run_completes_and_intruders_are_refused(procs, p
 
 # -- tokens, in process ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_make_tokens_stores_only_hashes_and_round_trips(tmp_path):
     from click.testing import CliRunner
 
@@ -237,6 +240,7 @@ def test_make_tokens_stores_only_hashes_and_round_trips(tmp_path):
     assert hashed.output.strip() == stored["client-002"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("entry", ["s3cret-token", "sha256:" + "ab" * 31, "sha256:" + "AB" * 32, 42, None])
 def test_a_tokens_file_with_anything_but_hashes_is_refused(tmp_path, entry):
     path = tmp_path / "tokens.json"
@@ -247,6 +251,7 @@ def test_a_tokens_file_with_anything_but_hashes_is_refused(tmp_path, entry):
         _security(_opts(tokens_file=path))
 
 
+@pytest.mark.integration
 def test_the_documented_entry_point_runs_the_token_tools(tmp_path):
     """README: ``python -m genfl_server.security make-tokens`` / ``hash-token`` (the tools live in
     genfl_shared.security)."""
@@ -263,6 +268,7 @@ def test_the_documented_entry_point_runs_the_token_tools(tmp_path):
     assert "python -m genfl_server.security" in usage.stdout
 
 
+@pytest.mark.unit
 def test_token_file_round_trips_through_bearer_metadata(tmp_path, caplog):
     path = tmp_path / "client.token"
     path.write_text("s3cret-token\n")
@@ -279,6 +285,7 @@ def test_token_file_round_trips_through_bearer_metadata(tmp_path, caplog):
         read_token_file(path)
 
 
+@pytest.mark.unit
 def test_bearer_token_parsing():
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("x-other", "1"), ("authorization", "bearer  abc ")]) == "abc"
@@ -287,6 +294,7 @@ def test_bearer_token_parsing():
     assert bearer_token([]) is None and bearer_token(None) is None
 
 
+@pytest.mark.integration
 def test_every_rpc_needs_the_named_clients_token(tmp_path):
     """Register, FetchTask and SubmitResult with a missing, wrong or another client's token:
     UNAUTHENTICATED, counted as reason="unauthenticated"; with the right token, all work."""
@@ -358,6 +366,7 @@ def _opts(**overrides):
     return opts
 
 
+@pytest.mark.integration
 def test_server_security_options_are_checked(pki):
     assert _security(_opts()) == (None, None)
     credentials, _ = _security(_opts(tls_cert=pki / "server.pem", tls_key=pki / "server.key",
@@ -375,6 +384,7 @@ def test_server_security_options_are_checked(pki):
         server_credentials(pki / "missing.pem", pki / "server.key")
 
 
+@pytest.mark.integration
 def test_client_security_options_are_checked(pki, tmp_path):
     assert _credentials(None, None, None, None) is None
     assert isinstance(_credentials(pki / "ca.pem", None, None, None), grpc.ChannelCredentials)

@@ -8,11 +8,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import dataset_dir
 from genfl_server.app import ServerApp, ServerSettings, new_run_state
 from genfl_shared.config import PRESETS
 from genfl_shared.partition import partition_dataset, shard_file_name
 from genfl_shared.runfiles import ENDPOINT_JSON
+
+pytestmark = pytest.mark.integration
 
 CLIENTS = 2
 

@@ -11,6 +11,8 @@ from genfl_server.strategy import ClientTrainSettings, FedAvg, build_strategy
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def global_state():

@@ -39,6 +39,7 @@ def sweep(out: Path, data: Path, *args: str, timeout: float = 900) -> subprocess
 # -- plan and statistics (no processes) -------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_distributions_parse_in_order_and_reject_bad_input():
     assert [d.name for d in parse_distributions("iid,100,0.1,0.01")] == ["iid", "alpha-100", "alpha-0.1",
                                                                           "alpha-0.01"]
@@ -48,6 +49,7 @@ def test_distributions_parse_in_order_and_reject_bad_input():
             parse_distributions(bad)
 
 
+@pytest.mark.unit
 def test_plan_shares_one_cvae_and_one_pretraining_per_group(tmp_path):
     arms = build_arms(["baseline", "pretrained-only", "pretrained"], ["fedprox", "fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-fedprox", "pretrained-only", "baseline",
@@ -77,6 +79,7 @@ def test_plan_shares_one_cvae_and_one_pretraining_per_group(tmp_path):
     assert Arm(True, "fedavgm").label == "pre-trained + FedAvgM"
 
 
+@pytest.mark.integration
 def test_mitigation_arms_start_from_the_shared_pretraining_with_their_one_option(tmp_path):
     arms = build_arms(["pretrained-finetune", "baseline", "pretrained-balanced", "pretrained"], ["fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-balanced", "pretrained-finetune", "baseline"]
@@ -108,6 +111,7 @@ def test_mitigation_arms_start_from_the_shared_pretraining_with_their_one_option
         assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_the_iid_synthetic_arm_pretrains_from_the_iid_cvae_of_its_seed(tmp_path):
     arms = build_arms(["pretrained-iid-synthetic", "pretrained", "baseline"], ["fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-iid-synthetic", "baseline"]
@@ -137,6 +141,7 @@ def test_the_iid_synthetic_arm_pretrains_from_the_iid_cvae_of_its_seed(tmp_path)
                    centralised=False, privacy=[PrivacyLevel(1.0)])
 
 
+@pytest.mark.integration
 def test_the_distillation_and_synthmix_arms_get_the_cvae_and_their_options_and_the_server_takes_them(tmp_path):
     arms = build_arms(["pretrained-distill", "pretrained", "pretrained-synthmix"], ["fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-distill", "pretrained-synthmix"]
@@ -163,6 +168,7 @@ def test_the_distillation_and_synthmix_arms_get_the_cvae_and_their_options_and_t
         assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_a_distillation_arm_that_cannot_run_is_refused_before_any_cell_starts(tmp_path, data_root):
     """--server-distill keeps each client's model as a teacher, up to --server-distill-max-teachers:
     a sweep asking for the arm with more clients fails at once, not after its CVAE and pre-training."""
@@ -176,6 +182,7 @@ def test_a_distillation_arm_that_cannot_run_is_refused_before_any_cell_starts(tm
     assert not (out / "runs").exists()
 
 
+@pytest.mark.unit
 def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_seed(tmp_path):
     final = {("pretrained", 0): 0.60, ("pretrained", 1): 0.50, ("pretrained-balanced", 0): 0.70,
              ("pretrained-balanced", 1): 0.56, ("pretrained-finetune", 0): 0.80, ("pretrained-finetune", 1): 0.75,
@@ -198,6 +205,7 @@ def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_s
     assert "α=0.01: best is **pre-trained + server fine-tuning on synthetic data** (77.50 %)" in section
 
 
+@pytest.mark.unit
 def test_the_cas_table_keeps_the_iid_synthetic_arms_generator_apart(tmp_path):
     """A pretrained-iid-synthetic cell scores the IID federation's CVAE: its CAS is not the skewed
     federation's own (found when a real sweep pooled them: 37 % and 62 % into 49.7 ± 13.9 %)."""
@@ -217,6 +225,7 @@ def test_the_cas_table_keeps_the_iid_synthetic_arms_generator_apart(tmp_path):
     assert iid.split(" | ")[1] == fmt_pct([0.62, 0.64])
 
 
+@pytest.mark.unit
 def test_mean_and_sample_std_like_the_poster():
     mean, std, n = mean_std([90.0, 92.0, 94.0])
     assert (mean, std, n) == (92.0, 2.0, 3)
@@ -225,6 +234,7 @@ def test_mean_and_sample_std_like_the_poster():
     assert fmt_pct([None]) == "–"
 
 
+@pytest.mark.unit
 def test_reports_leave_out_cells_built_from_a_since_replaced_dependency(tmp_path):
     def cell(path: Path, key: str, run_id: str, inputs: dict | None = None) -> None:
         path.mkdir(parents=True)
@@ -241,6 +251,7 @@ def test_reports_leave_out_cells_built_from_a_since_replaced_dependency(tmp_path
     assert sorted(r.key for r in load_results(tmp_path)) == ["iid/seed0/cvae", "iid/seed0/pretrained"]
 
 
+@pytest.mark.unit
 def test_alpha_folder_names_never_collide():
     assert Distribution(0.1).name == "alpha-0.1" and Distribution(100.0).name == "alpha-100"
     assert Distribution(0.1000001).name != Distribution(0.1).name
@@ -269,6 +280,7 @@ def _final_rows(out: Path) -> dict[tuple[str, str], list[float]]:
     return finals
 
 
+@pytest.mark.system
 def test_every_cell_is_a_real_run_with_its_own_server_and_clients(small_sweep):
     out, _, _ = small_sweep
     for group in ("iid/seed0", "iid/seed1", "alpha-0.5/seed0", "alpha-0.5/seed1"):
@@ -294,6 +306,7 @@ def test_every_cell_is_a_real_run_with_its_own_server_and_clients(small_sweep):
         assert {cid: m["samples"] for cid, m in first_round["per_client"].items()} == expected, arm
 
 
+@pytest.mark.system
 def test_results_csv_has_one_row_per_run_and_round(small_sweep):
     out, _, _ = small_sweep
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -307,6 +320,7 @@ def test_results_csv_has_one_row_per_run_and_round(small_sweep):
             assert 0 <= float(r["weighted_client_accuracy"]) <= 1 and 0 <= float(r["test_accuracy"]) <= 1
 
 
+@pytest.mark.system
 def test_table_matches_the_raw_results_and_shows_the_poster(small_sweep):
     out, result, _ = small_sweep
     table = (out / "table.md").read_text()
@@ -326,6 +340,7 @@ def test_table_matches_the_raw_results_and_shows_the_poster(small_sweep):
     assert table in result.stdout
 
 
+@pytest.mark.system
 def test_cas_table_has_each_distribution_and_the_centralised_cvae(small_sweep):
     out, _, _ = small_sweep
     cas = (out / "cas.md").read_text()
@@ -337,6 +352,7 @@ def test_cas_table_has_each_distribution_and_the_centralised_cvae(small_sweep):
     assert f"| Centralised CVAE (all data) | {mean:.2f} ± {std:.2f} | – | 2 | 0,1 |" in cas
 
 
+@pytest.mark.system
 def test_figures_are_real_pngs(small_sweep):
     out, _, _ = small_sweep
     from PIL import Image
@@ -348,6 +364,7 @@ def test_figures_are_real_pngs(small_sweep):
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
 
 
+@pytest.mark.system
 def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(small_sweep, data_root):
     out, _, _ = small_sweep
     group = out / "runs" / "alpha-0.5" / "seed0"
@@ -386,6 +403,7 @@ def test_rerun_skips_finished_cells_and_adds_new_arms_from_the_same_pretraining(
     assert {r["arm"] for r in rows} >= {"pretrained-fedavgm", "baseline-fedavgm", "pretrained-only"}
 
 
+@pytest.mark.system
 def test_a_sweep_folder_moved_elsewhere_resumes_without_re_running_its_cells(small_sweep, data_root, tmp_path):
     out, _, _ = small_sweep
     moved = tmp_path / "moved" / "sweep"
@@ -398,6 +416,7 @@ def test_a_sweep_folder_moved_elsewhere_resumes_without_re_running_its_cells(sma
     assert {p: p.read_text() for p in (moved / "runs").glob("**/cell.json")} == markers  # none re-run
 
 
+@pytest.mark.system
 def test_the_iid_synthetic_arm_is_a_real_run_on_the_skewed_shards_from_the_iid_cvae(small_sweep, data_root):
     out, _, _ = small_sweep
     group, iid_cvae = out / "runs" / "alpha-0.5" / "seed1", out / "runs" / "iid" / "seed1" / "cvae"
@@ -421,6 +440,7 @@ def test_the_iid_synthetic_arm_is_a_real_run_on_the_skewed_shards_from_the_iid_c
     assert any(not torch.equal(own[k], other[k]) for k in own)
     assert "pre-trained on the IID CVAE's samples + FedAvg" in (out / "table.md").read_text()
 
+@pytest.mark.system
 def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
     args = [sys.executable, "-m", "genfl_experiments.sweep.cli", "--data-root", str(data_root("mnist")), "--out",
             str(tmp_path), "--preset", "quick", "--alphas", "iid", "--repeats", "1", "--arms", "baseline",
@@ -448,6 +468,7 @@ def test_an_interrupted_cell_resumes_from_its_last_round(tmp_path, data_root):
     assert rounds[:len(done)] == [{k: v for k, v in e.items() if k not in ("event", "per_client")} for e in done]
 
 
+@pytest.mark.system
 def test_changed_settings_are_refused_and_failed_cells_fail_the_sweep(tmp_path, data_root):
     # 200 clients cannot each get 40 of 600 images: every partition fails, so nothing depending on it runs.
     result = sweep(tmp_path, data_root("mnist"), "--alphas", "0.5", "--repeats", "1", "--clients", "200",
@@ -461,6 +482,7 @@ def test_changed_settings_are_refused_and_failed_cells_fail_the_sweep(tmp_path, 
     assert "holds a sweep with other settings" in changed.stderr and "clients: 200 -> 3" in changed.stderr
 
 
+@pytest.mark.system
 def test_fashion_mnist_sweep_reports_against_the_fmnist_poster_numbers(tmp_path, data_root):
     result = sweep(tmp_path, data_root("fmnist"), "--dataset", "fmnist", "--alphas", "iid", "--repeats", "1",
                    "--arms", "baseline", "--no-centralised", "--classifier-rounds", "1")

@@ -63,6 +63,7 @@ def refused(text: str, kind: str = "train") -> TaskSettingsError:
 
 # -- the contract -----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_round_trip_keeps_every_value_exactly():
     train = TrainTask(**TRAIN)
     evaluate = EvaluateTask(**EVALUATE)
@@ -73,6 +74,7 @@ def test_round_trip_keeps_every_value_exactly():
     assert from_json(awkward.to_json(), "train").lr == 0.1 + 0.2
 
 
+@pytest.mark.unit
 def test_an_int_is_a_float_but_a_bool_is_not_an_int():
     task = from_json(wire(lr=1, prox_mu=0), "train")
     assert task.lr == 1.0 and isinstance(task.lr, float) and isinstance(task.prox_mu, float)
@@ -85,6 +87,7 @@ def test_an_int_is_a_float_but_a_bool_is_not_an_int():
     assert refused(wire(seed=None)).key == "seed"
 
 
+@pytest.mark.unit
 def test_unknown_and_misspelt_keys_are_refused_by_name():
     error = refused(wire(lr=..., learning_rate=0.01))
     assert error.key == "learning_rate" and "unknown setting" in str(error) and "lr" in str(error)
@@ -92,6 +95,7 @@ def test_unknown_and_misspelt_keys_are_refused_by_name():
     assert refused(json.dumps(dict(EVALUATE, epochs=1)), "evaluate").key == "epochs"
 
 
+@pytest.mark.unit
 def test_missing_required_keys_are_refused_and_only_off_switches_are_optional():
     for key in ("model", "epochs", "batch_size", "optimizer", "lr", "sgd_momentum", "binarize", "seed"):
         error = refused(wire(**{key: ...}))
@@ -103,6 +107,7 @@ def test_missing_required_keys_are_refused_and_only_off_switches_are_optional():
         0.0, False, False, 0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key, value", [
     ("epochs", -1), ("batch_size", 0), ("lr", 0), ("lr", -0.1), ("model", "resnet"), ("optimizer", "rmsprop"),
     ("sgd_momentum", -0.1), ("sgd_momentum", 1.0), ("prox_mu", -0.01), ("seed", -1), ("seed", 2**63),
@@ -113,6 +118,7 @@ def test_out_of_range_values_are_refused(key, value):
     assert error.key == key, error
 
 
+@pytest.mark.unit
 def test_values_that_do_not_fit_together_are_refused():
     # train_cvae always uses Adam: a CVAE task asking for SGD would be quietly ignored otherwise.
     assert refused(wire(model="cvae")).key == "optimizer"
@@ -123,6 +129,7 @@ def test_values_that_do_not_fit_together_are_refused():
     assert refused(wire(evaluate_first=1)).key == "evaluate_first"
 
 
+@pytest.mark.unit
 def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain():
     balanced = from_json(wire(local_loss="balanced"), "train")
     assert balanced.local_loss == "balanced"
@@ -139,28 +146,33 @@ def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain
     assert train_task(balanced_config, "cvae").local_loss == "ce"
 
 
+@pytest.mark.unit
 def test_evaluate_first_names_the_evaluation_it_stands_for():
     train = from_json(wire(evaluate_first=True, evaluate_seed=77), "train")
     assert train.first_evaluation() == EvaluateTask(model="classifier", binarize=False, seed=77)
     assert TrainTask(**TRAIN).first_evaluation() is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '"text"', "null", '{"model": "cvae", "model": "cvae"}'])
 def test_malformed_documents_are_refused(text):
     error = refused(text)
     assert str(error)
 
 
+@pytest.mark.unit
 def test_non_finite_floats_are_refused_by_name():
     assert refused(wire(lr=float("inf"))).key == "lr"
     assert refused(wire(prox_mu=float("nan"))).key == "prox_mu"
 
 
+@pytest.mark.unit
 def test_unknown_kind_is_refused():
     with pytest.raises(TaskSettingsError, match="unknown task kind"):
         from_json(TrainTask(**TRAIN).to_json(), "shutdown")
 
 
+@pytest.mark.unit
 def test_construction_checks_too_and_an_unseeded_task_does_not_go_out():
     with pytest.raises(TaskSettingsError) as caught:
         TrainTask(**dict(TRAIN, batch_size=0))
@@ -171,6 +183,7 @@ def test_construction_checks_too_and_an_unseeded_task_does_not_go_out():
     assert caught.value.key == "seed"
 
 
+@pytest.mark.unit
 def test_phase_settings_carry_the_run_config():
     cfg = PRESETS["quick"]
     cvae, classifier = train_task(cfg, "cvae"), train_task(cfg, "classifier")
@@ -236,6 +249,7 @@ def _task_errors(metrics: ServerMetrics) -> float:
     return metrics.registry.get_sample_value("genfl_client_updates_rejected_total", {"reason": "task_error"}) or 0.0
 
 
+@pytest.mark.integration
 def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(live, caplog):
     engine, metrics, shard, thread, outcome = live
     bad = MisspeltTrainTask(model="cvae", epochs=1, batch_size=16, optimizer="adam", lr=1e-3, sgd_momentum=0.0,
@@ -301,6 +315,7 @@ def _error_header(task, error: str) -> pb.ResultHeader:
                            round=task.round, type=task.type, error=error, session_secret=SESSION["alice"])
 
 
+@pytest.mark.integration
 def test_error_result_is_recorded_once_shortened_and_ends_the_wait(bare, caplog):
     coordinator, metrics, stub = bare
     task, batch = _train_batch(coordinator)
@@ -322,6 +337,7 @@ def test_error_result_is_recorded_once_shortened_and_ends_the_wait(bare, caplog)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and _task_errors(metrics) == 1.0
 
 
+@pytest.mark.integration
 def test_error_result_with_weights_or_samples_is_malformed(bare):
     coordinator, metrics, stub = bare
     task, batch = _train_batch(coordinator)
@@ -339,6 +355,7 @@ def test_error_result_with_weights_or_samples_is_malformed(bare):
 
 # -- synthetic images of missing classes (--client-synthetic-mix) -----------------------------------
 
+@pytest.mark.unit
 def test_synthetic_images_round_trip_and_every_bad_buffer_is_refused_by_name():
     from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX, encode_synthetic
 

@@ -45,6 +45,7 @@ def fresh(cls, seed: int = 0) -> nn.Module:
 # --------------------------------------------------------------------------- classifier
 
 
+@pytest.mark.integration
 def test_train_classifier_learns_separable_problem():
     images, labels = band_dataset(300)
     test_images, test_labels = band_dataset(200, seed=1)
@@ -66,6 +67,7 @@ def test_train_classifier_learns_separable_problem():
     assert model.training  # train() mode of a fresh module is restored
 
 
+@pytest.mark.integration
 def test_train_classifier_adam_lowers_training_loss():
     images, labels = band_dataset(100)
     model = fresh(ExquisiteNetV1)
@@ -75,6 +77,7 @@ def test_train_classifier_adam_lowers_training_loss():
     assert result["last_epoch_loss"] < 0.5 * result["loss"]
 
 
+@pytest.mark.integration
 def test_train_classifier_is_deterministic_for_a_seed():
     images, labels = band_dataset(64)
     kwargs = dict(epochs=2, batch_size=16, optimizer="adam", lr=1e-3, device=CPU)
@@ -87,6 +90,7 @@ def test_train_classifier_is_deterministic_for_a_seed():
     assert not state_equal(a, c)  # a different seed shuffles (and drops out) differently
 
 
+@pytest.mark.integration
 def test_train_classifier_merges_trailing_single_sample_batch():
     # 33 = 32 + 1: a 1-sample batch would crash BatchNorm at ExquisiteNetV1's 1x1 stage.
     images, labels = band_dataset(33)
@@ -102,6 +106,7 @@ def test_train_classifier_merges_trailing_single_sample_batch():
         )
 
 
+@pytest.mark.unit
 def test_zero_epochs_trains_nothing():
     images, labels = band_dataset(20)
     model = fresh(ExquisiteNetV1)
@@ -115,6 +120,7 @@ def test_zero_epochs_trains_nothing():
     assert math.isnan(cvae_result["loss"]) and cvae_result["steps"] == 0
 
 
+@pytest.mark.unit
 def test_invalid_arguments_raise():
     images, labels = band_dataset(10)
     empty_x, empty_y = images[:0], labels[:0]
@@ -146,6 +152,7 @@ class FirstPixelsAsLogits(nn.Module):
         return x.flatten(1)[:, :10]
 
 
+@pytest.mark.unit
 def test_evaluate_classifier_hand_made_case():
     images = torch.zeros(4, 1, 28, 28)
     predicted = [3, 1, 4, 1]
@@ -167,6 +174,7 @@ def test_evaluate_classifier_hand_made_case():
 # --------------------------------------------------------------------------------- CVAE
 
 
+@pytest.mark.integration
 def test_train_cvae_lowers_loss_and_is_deterministic():
     images, labels = band_dataset(256)
     a, b = fresh(CVAE), fresh(CVAE)
@@ -185,6 +193,7 @@ def test_train_cvae_lowers_loss_and_is_deterministic():
     assert after["samples"] == 256
 
 
+@pytest.mark.unit
 def test_evaluate_cvae_is_the_mean_per_sample_loss():
     images, labels = band_dataset(5)
     model = fresh(CVAE)
@@ -201,6 +210,7 @@ def test_evaluate_cvae_is_the_mean_per_sample_loss():
 # ---------------------------------------------------------------------------- synthetic
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("n", "expected"), [(1000, [100] * 10), (1005, [101] * 5 + [100] * 5), (7, [1] * 7 + [0] * 3)])
 def test_balanced_labels_counts(n, expected):
     labels = balanced_labels(n, 10)
@@ -208,6 +218,7 @@ def test_balanced_labels_counts(n, expected):
     assert torch.bincount(labels, minlength=10).tolist() == expected
 
 
+@pytest.mark.unit
 def test_sample_synthetic_balanced_binary_and_deterministic():
     cvae = fresh(CVAE)
     with torch.no_grad():
@@ -230,6 +241,7 @@ def test_sample_synthetic_balanced_binary_and_deterministic():
     assert not torch.equal(images, other)
 
 
+@pytest.mark.integration
 def test_sample_synthetic_output_is_trainable():
     # Tensors made under inference_mode cannot be saved for backward; the sampler must not
     # return such tensors because the server trains the classifier on them.
@@ -242,11 +254,13 @@ def test_sample_synthetic_output_is_trainable():
     assert result["steps"] == 2 and math.isfinite(result["loss"])
 
 
+@pytest.mark.unit
 def test_sample_synthetic_rejects_class_mismatch():
     with pytest.raises(ValueError, match="num_classes"):
         sample_synthetic(CVAE(num_classes=10), 10, num_classes=5, seed=0, device=CPU)
 
 
+@pytest.mark.unit
 def test_save_grid_writes_png_with_one_row_per_class(tmp_path):
     images, labels = band_dataset(95)  # 9 or 10 per class: short rows are padded
     path = tmp_path / "sub" / "grid.png"
@@ -264,6 +278,7 @@ def test_save_grid_writes_png_with_one_row_per_class(tmp_path):
         assert gray.getpixel((2 + 30 * 9 + 14, 2 + 30 * 9 + 22)) == 0
 
 
+@pytest.mark.integration
 def test_fedprox_term_keeps_weights_near_their_start():
     from genfl_shared.models import build_model
     from genfl_shared.training import train_cvae
@@ -284,6 +299,7 @@ def test_fedprox_term_keeps_weights_near_their_start():
 
 # -- balanced softmax (--local-loss balanced) ---------------------------------------------------
 
+@pytest.mark.unit
 def test_balanced_loss_is_cross_entropy_of_the_logits_shifted_by_the_log_prior():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn((64, 10), generator=g) * 3
@@ -300,6 +316,7 @@ def test_balanced_loss_is_cross_entropy_of_the_logits_shifted_by_the_log_prior()
     assert torch.allclose(balanced_cross_entropy(logits, labels, uniform), nn.functional.cross_entropy(logits, labels))
 
 
+@pytest.mark.integration
 def test_balanced_local_training_equals_plain_training_on_a_class_balanced_shard_only():
     images, labels = band_dataset(60)  # 6 of each class
     kwargs = dict(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.5, seed=4, device=CPU)

@@ -14,6 +14,8 @@ from genfl_server.upload import ChunkedUpdate
 from genfl_shared.codec import CodecError, PayloadAssembler, encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb
 
+pytestmark = pytest.mark.unit
+
 CHUNK = 64  # bytes: every tensor below spans several chunks
 
 
