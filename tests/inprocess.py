@@ -63,6 +63,7 @@ class ReceivedTask:
     round: int
     settings: TaskSettings
     weights: State
+    payload: Payload | None  # the encoded download: clients given one model share one
 
     @property
     def is_train(self) -> bool:
@@ -164,7 +165,7 @@ class InProcessClient:
         header = task_header(self.coordinator.run_id, task)
         weights = downloaded_weights(task.payload) if task.payload is not None else None
         received = ReceivedTask(task.task_id, task.type, task.phase, task.round,
-                                from_json(header.config_json, TASK_KINDS[task.type]), weights)
+                                from_json(header.config_json, TASK_KINDS[task.type]), weights, task.payload)
         self.received.append(received)
         result = pb.ResultHeader(run_id=header.run_id, task_id=task.task_id, client_id=self.client_id,
                                  phase=task.phase, round=task.round, type=task.type, session_secret=self.secret)
