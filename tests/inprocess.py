@@ -27,7 +27,7 @@ import torch
 from genfl_client.executor import TaskError, TaskExecutor
 from genfl_server.coordinator import Coordinator, Task, TaskResult
 from genfl_server.engine import RoundEngine
-from genfl_server.guard import UpdateGuard, check_dp_epsilon, validated_metrics
+from genfl_server.guard import check_dp_epsilon, validated_metrics
 from genfl_server.metrics import ServerMetrics
 from genfl_server.results import RunRecorder
 from genfl_server.upload import ChunkedUpdate
@@ -237,16 +237,16 @@ class Federation:
 
 
 @contextmanager
-def federation(out_dir, shards: Sequence[Shard], *, seed: int = 11, deterministic: bool = True,
-               guard: UpdateGuard | None = None, tamper: Mapping[str, Tamper] | None = None,
-               round_timeout: float = 60.0, run_id: str = "run-inprocess") -> Iterator[Federation]:
+def federation(out_dir, shards: Sequence[Shard], *, tamper: Mapping[str, Tamper] | None = None,
+               run_id: str = "run-inprocess", **engine_options) -> Iterator[Federation]:
     """A federation of one in-process client per shard (``tamper``: client_id -> its hostile change
-    of the weights it sends), every client registered before the body runs."""
+    of the weights it sends), every client registered before the body runs. ``engine_options``
+    go to the RoundEngine (default: seed 11, deterministic, a 60 s round timeout)."""
     coordinator = Coordinator(run_id, expected_clients=len(shards), dataset="mnist", poll_timeout=POLL_SECONDS)
     metrics = ServerMetrics()
     recorder = RunRecorder(out_dir, run_id=run_id)
-    engine = RoundEngine(coordinator, metrics, recorder, seed=seed, round_timeout=round_timeout,
-                         deterministic=deterministic, guard=guard)
+    engine = RoundEngine(coordinator, metrics, recorder,
+                         **{"seed": 11, "deterministic": True, "round_timeout": 60.0, **engine_options})
     compute = threading.Lock()  # one task at a time: each seeds torch's global RNG alone
     clients = {shard.client_id: InProcessClient(coordinator, TaskExecutor(shard, torch.device("cpu"), compute),
                                                 tamper=(tamper or {}).get(shard.client_id))

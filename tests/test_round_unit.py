@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from genfl_server.engine import RoundModels
+from genfl_server.engine import RoundFailed, RoundModels
 from genfl_server.guard import UpdateGuard
 from genfl_server.strategy import FedAvg, FedProx, Instruction
 from genfl_shared.models import initial_state
@@ -213,3 +213,47 @@ def test_the_guard_measures_a_per_client_start_models_update_from_that_model(tmp
         assert fed.metrics.updates_rejected.labels("update_norm_adaptive")._value.get() == 0
         (bob_update,) = fed.clients["bob"].updates("cvae", 1)
         assert guard.rounds[0].distances["bob"] == pytest.approx(distance(bob_update.weights, own), rel=1e-5)
+
+
+def test_an_update_beyond_max_update_norm_is_clipped_into_the_aggregate_and_kept_from_the_step(tmp_path):
+    start, bound = initial_state("cvae", 0), 5.0
+    step = RecordingStep(keeps_updates=True, shift=0.0)
+    with federation(tmp_path, shards(("alice", "bob", "mallory")), tamper={"mallory": scaled_step(50.0)},
+                    guard=UpdateGuard(max_update_norm=bound, clip=True, norm_factor=None)) as fed:
+        final = fed.engine.run_rounds("cvae", start, rounds=1, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL,
+                                      post_aggregation=step)
+        sent = {cid: client.updates("cvae", 1) for cid, client in fed.clients.items()}
+    assert all(len(updates) == 1 for updates in sent.values())  # clipped, not refused: no redo
+    (alice, bob, mallory) = (sent[cid][0] for cid in ("alice", "bob", "mallory"))
+    assert distance(alice.weights, start) < bound < distance(mallory.weights, start)
+    factor = bound / distance(mallory.weights, start)
+    clipped = {k: start[k] + factor * (mallory.weights[k] - start[k]) for k in start}
+    assert_states_close(final, fedavg([(alice.num_samples, alice.weights), (bob.num_samples, bob.weights),
+                                       (mallory.num_samples, clipped)]))
+    ((_rnd, models),) = step.seen
+    assert sorted(models.accepted) == ["alice", "bob"]
+
+
+class MisfitModel(OwnStartModel):
+    """Sends one client weights that do not fit the task's model: the client cannot run its task."""
+
+
+def test_a_client_that_cannot_run_its_task_fails_the_round_with_its_error(tmp_path):
+    with federation(tmp_path, shards()) as fed:
+        with pytest.raises(RoundFailed, match="client carol could not execute its task: .*do not fit a cvae model"):
+            fed.engine.run_rounds("cvae", initial_state("cvae", 0), rounds=1, train_task=CVAE_TRAIN,
+                                  eval_task=CVAE_EVAL, strategy=MisfitModel("carol", initial_state("classifier", 0)))
+        assert len(fed.clients["carol"].tasks("cvae", train=True)) == 1  # not retried: the same task would fail
+        assert fed.clients["carol"].updates("cvae", 1) == []
+
+
+def test_with_min_clients_a_round_goes_on_without_a_client_that_cannot_run_its_task(tmp_path):
+    with federation(tmp_path, shards(), min_clients=2) as fed:
+        final = fed.engine.run_rounds("cvae", initial_state("cvae", 0), rounds=1, train_task=CVAE_TRAIN,
+                                      eval_task=CVAE_EVAL, strategy=MisfitModel("carol", initial_state("classifier", 0)))
+        alice, bob = (fed.clients[cid].updates("cvae", 1)[0] for cid in ("alice", "bob"))
+    assert_states_close(final, fedavg([(alice.num_samples, alice.weights), (bob.num_samples, bob.weights)]))
+    (record,) = run_rounds(tmp_path)
+    assert record["train_loss"] == pytest.approx(
+        (alice.metrics["loss"] * alice.num_samples + bob.metrics["loss"] * bob.num_samples)
+        / (alice.num_samples + bob.num_samples))
