@@ -257,3 +257,15 @@ def test_with_min_clients_a_round_goes_on_without_a_client_that_cannot_run_its_t
     assert record["train_loss"] == pytest.approx(
         (alice.metrics["loss"] * alice.num_samples + bob.metrics["loss"] * bob.num_samples)
         / (alice.num_samples + bob.num_samples))
+
+
+def test_the_median_strategy_outvotes_a_hostile_update_the_guard_lets_through(tmp_path):
+    start = initial_state("cvae", 0)
+    with federation(tmp_path, shards(("alice", "bob", "mallory")), tamper={"mallory": scaled_step(50.0)},
+                    guard=UpdateGuard(norm_factor=None)) as fed:
+        final = fed.engine.run_rounds("cvae", start, rounds=1, train_task=CVAE_TRAIN, eval_task=CVAE_EVAL,
+                                      strategy="median")
+        sent = [fed.clients[cid].updates("cvae", 1)[0].weights for cid in ("alice", "bob", "mallory")]
+    for name in start:  # each weight the middle one of the three clients' values
+        assert torch.equal(final[name], torch.stack([s[name] for s in sent]).median(dim=0).values), name
+    assert distance(final, start) < 2 * max(distance(s, start) for s in sent[:2])
