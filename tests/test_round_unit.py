@@ -234,15 +234,16 @@ def test_an_update_beyond_max_update_norm_is_clipped_into_the_aggregate_and_kept
     assert sorted(models.accepted) == ["alice", "bob"]
 
 
-class MisfitModel(OwnStartModel):
-    """Sends one client weights that do not fit the task's model: the client cannot run its task."""
+def carol_gets_a_misfit_model() -> OwnStartModel:
+    """FedAvg sending Carol weights that do not fit the task's model: she cannot run her task."""
+    return OwnStartModel("carol", initial_state("classifier", 0))
 
 
 def test_a_client_that_cannot_run_its_task_fails_the_round_with_its_error(tmp_path):
     with federation(tmp_path, shards()) as fed:
         with pytest.raises(RoundFailed, match="client carol could not execute its task: .*do not fit a cvae model"):
             fed.engine.run_rounds("cvae", initial_state("cvae", 0), rounds=1, train_task=CVAE_TRAIN,
-                                  eval_task=CVAE_EVAL, strategy=MisfitModel("carol", initial_state("classifier", 0)))
+                                  eval_task=CVAE_EVAL, strategy=carol_gets_a_misfit_model())
         assert len(fed.clients["carol"].tasks("cvae", train=True)) == 1  # not retried: the same task would fail
         assert fed.clients["carol"].updates("cvae", 1) == []
 
@@ -250,7 +251,7 @@ def test_a_client_that_cannot_run_its_task_fails_the_round_with_its_error(tmp_pa
 def test_with_min_clients_a_round_goes_on_without_a_client_that_cannot_run_its_task(tmp_path):
     with federation(tmp_path, shards(), min_clients=2) as fed:
         final = fed.engine.run_rounds("cvae", initial_state("cvae", 0), rounds=1, train_task=CVAE_TRAIN,
-                                      eval_task=CVAE_EVAL, strategy=MisfitModel("carol", initial_state("classifier", 0)))
+                                      eval_task=CVAE_EVAL, strategy=carol_gets_a_misfit_model())
         alice, bob = (fed.clients[cid].updates("cvae", 1)[0] for cid in ("alice", "bob"))
     assert_states_close(final, fedavg([(alice.num_samples, alice.weights), (bob.num_samples, bob.weights)]))
     (record,) = run_rounds(tmp_path)
