@@ -252,6 +252,8 @@ def federation(out_dir, shards: Sequence[Shard], *, tamper: Mapping[str, Tamper]
                                                 tamper=(tamper or {}).get(shard.client_id))
                for shard in shards}
     running = Federation(coordinator, engine, metrics, recorder, clients)
+    # A deterministic TRAIN task switches torch to deterministic kernels process-wide: undone after.
+    deterministic_kernels = torch.are_deterministic_algorithms_enabled()
     for client in clients.values():
         client.start()
     try:
@@ -262,3 +264,4 @@ def federation(out_dir, shards: Sequence[Shard], *, tamper: Mapping[str, Tamper]
         coordinator.shutdown(reason="test over")
         for client in clients.values():
             client.stop()
+        torch.use_deterministic_algorithms(deterministic_kernels)
