@@ -166,7 +166,7 @@ class Aggregation:
 
     def fold(self, task: Task, num_samples: int, update: Update) -> None:
         received = update
-        weight, update = self.guard.admit(task.client_id, num_samples, update)
+        weight, update = self.guard.admit(task.client_id, num_samples, update, start=task.model)
         if self.keep_updates:  # admitted only; an upload holds its received bytes: one model's size, no copy
             self.kept[task.client_id] = received
         if self.deterministic:

@@ -217,17 +217,19 @@ class RoundGuard:
     distances: dict[str, float] = field(default_factory=dict)
     clipped: set[str] = field(default_factory=set)
 
-    def admit(self, client_id: str, num_samples: int, update: Mapping[str, torch.Tensor]
-              ) -> tuple[float, Mapping[str, torch.Tensor]]:
-        """(FedAvg weight, update to fold in) for one arriving update; records its distance."""
-        distance = as_update(update).distance_from(self.global_state)
+    def admit(self, client_id: str, num_samples: int, update: Mapping[str, torch.Tensor],
+              start: Mapping[str, torch.Tensor] | None = None) -> tuple[float, Mapping[str, torch.Tensor]]:
+        """(FedAvg weight, update to fold in) for one arriving update; records its distance from
+        ``start``, the model its client trained from (default: the round's global model)."""
+        start = self.global_state if start is None else start
+        distance = as_update(update).distance_from(start)
         self.distances[client_id] = distance
         limit = self.bounds.max_update_norm
         if self.bounds.clip and limit is not None and distance > limit:
             self.clipped.add(client_id)
             log.warning("client %s: update distance %.4g beyond --max-update-norm %.4g, clipped",
                         client_id, distance, limit)
-            update = _scaled_towards(update, self.global_state, limit / distance)
+            update = _scaled_towards(update, start, limit / distance)
         # The result's count never exceeds the registered one (checked when it arrived); the cap
         # scales it by the registered count's cut.
         registered = self.weights.get(client_id)
