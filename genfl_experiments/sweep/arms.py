@@ -22,12 +22,12 @@ from typing import Any, Mapping
 from genfl_server.strategy import strategy_labels
 from genfl_shared.config import RunConfig
 
-STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry
+STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry; the sweep's one use of it
 
 PRETRAINED_PREFIX = "pretrained-"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per entry: compared and hashed by identity
 class ArmSpec:
     """One ``--arms`` choice.
 
@@ -60,8 +60,10 @@ class ArmSpec:
         spelling, so it is left out)."""
         resolved = {}
         for name in dict.fromkeys([*self.settings, *self.sweep_settings]):
-            given = getattr(sweep, name) if name in self.sweep_settings else None
-            value = given if given or (name not in self.settings) else self.settings[name]
+            if name in self.sweep_settings and (getattr(sweep, name) or name not in self.settings):
+                value = getattr(sweep, name)
+            else:
+                value = self.settings[name]
             if value is not None:
                 resolved[name] = value
         return resolved
@@ -75,6 +77,7 @@ FINETUNE_ARM_STEPS = 200
 # default, 0, means off): as many synthetic as real samples per epoch at most.
 SYNTHMIX_ARM_RATIO = 0.5
 
+# The --arms choices, in the order --help lists them.
 ARM_SPECS: dict[str, ArmSpec] = {spec.name: spec for spec in (
     ArmSpec("pretrained", "pre-trained + {strategy}", per_strategy=True, is_mitigation=False),
     ArmSpec("baseline", "baseline + {strategy}", {"pretrain": False}, pretrained=False, per_strategy=True,

@@ -22,13 +22,11 @@ import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
-
-from genfl_server.strategy import strategy_names
 from genfl_shared.config import (DP_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config,
                                  run_options)
 from genfl_shared.runfiles import write_json_atomic
 
-from .arms import ARM_CHOICES, MITIGATION_FIELDS, SWEEP_ARM_FIELDS, build_arms
+from .arms import ARM_CHOICES, MITIGATION_FIELDS, STRATEGY_LABELS, SWEEP_ARM_FIELDS, build_arms
 from .plan import SWEEP_DP_FIELDS, parse_distributions, parse_epsilons, plan_cells
 from ..launch import clients_per_process_option
 from ..reports import write_reports
@@ -79,7 +77,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
         "(pretrained-only: the pre-trained model with --local-epochs 0, clients only evaluate).")
 @option("--strategies", default="fedavg",
         help=f"Aggregation strategies of the classifier phase, comma-separated, from: "
-        f"{', '.join(strategy_names())}; every pretrained/baseline arm runs with each.")
+        f"{', '.join(STRATEGY_LABELS)}; every pretrained/baseline arm runs with each.")
 @option("--epsilons", default=None,
         help="A privacy axis: for each epsilon (comma-separated; 'inf': no DP, e.g. 1,3,8,inf) its own "
         "federated CVAE phase with DP-SGD calibrated to it (--dp-target-epsilon) and its own pre-trained "

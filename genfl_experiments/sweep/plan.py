@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Any
 
 from genfl_shared.config import RunConfig
