@@ -30,8 +30,9 @@ from genfl_shared.training import evaluate_classifier, train_cvae
 
 log = logging.getLogger("genfl_centralised")
 
-# The run settings that shape the centralised reference (the rest keep the preset's values).
-CENTRALISED_FIELDS = ("train_subset", "cvae_rounds", "local_epochs", "synthetic_samples", "cas_epochs", "seed")
+# The run settings that shape the centralised reference besides the seed (the rest keep the preset's
+# values); genfl-sweep gives its centralised cells the sweep's values of these.
+CENTRALISED_FIELDS = ("train_subset", "cvae_rounds", "local_epochs", "synthetic_samples", "cas_epochs")
 
 
 def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
@@ -86,7 +87,7 @@ def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, de
 @option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist")
 @option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @option("--preset", type=click.Choice(sorted(PRESETS)), default="paper")
-@run_options(*CENTRALISED_FIELDS)
+@run_options(*CENTRALISED_FIELDS, "seed")
 @option("--device", default="cpu")
 @option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
 @option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 from genfl_shared.runfiles import read_json
 
 from .poster import POSTER, POSTER_ROUND, POSTER_RUNS
-from .sweep.plan import MITIGATION_LABELS, STRATEGY_LABELS, Distribution
+from .sweep.arms import MITIGATIONS, STRATEGY_LABELS
+from .sweep.plan import Distribution
 from .sweep.run import CELL_MARKER
 
 log = logging.getLogger("genfl_sweep")
@@ -224,7 +225,7 @@ def arm_order(name: str) -> tuple:
     strategies, strategies in STRATEGY_LABELS' order, then the mitigations (the order build_arms() runs them)."""
     pretrain = not name.startswith("baseline")
     suffix = name.split("-", 1)[1] if "-" in name and name != "pretrained-only" else "fedavg"
-    mitigations = list(MITIGATION_LABELS)  # after the strategies and pre-training only, as build_arms() runs them
+    mitigations = list(MITIGATIONS)  # after the strategies and pre-training only, as build_arms() runs them
     return (not pretrain, suffix in mitigations, name == "pretrained-only",
             list(STRATEGY_LABELS).index(suffix) if suffix in STRATEGY_LABELS else
             mitigations.index(suffix) if suffix in mitigations else 99, name)

@@ -344,7 +344,9 @@ def test_a_small_dp_run_completes_with_its_guarantee_in_summary_json(tmp_path):
 
 @pytest.mark.unit
 def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(tmp_path):
-    from genfl_experiments.sweep.plan import Distribution, build_arms, parse_epsilons, plan_cells
+    from genfl_experiments.sweep.arms import build_arms
+    from genfl_experiments.sweep.plan import Distribution, parse_epsilons, plan_cells
+    from genfl_experiments.sweep.run import cell_args
 
     levels = parse_epsilons("1, 3,8,inf")
     assert [lv.name for lv in levels] == ["eps-1", "eps-3", "eps-8", "eps-inf"]
@@ -352,19 +354,20 @@ def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(
         with pytest.raises(ValueError):
             parse_epsilons(bad)
     arms = build_arms(["pretrained", "baseline"], ["fedavg"])
-    cells = plan_cells(tmp_path, [Distribution(0.1)], [0], arms, cvae_rounds=2, classifier_rounds=2,
-                       centralised=False, privacy=levels, dp_args=["--dp-delta", "1e-06"])
+    sweep = RunConfig(cvae_rounds=2, classifier_rounds=2, dp_delta=1e-6)
+    cells = plan_cells(tmp_path, [Distribution(0.1)], [0], arms, sweep=sweep, centralised=False, privacy=levels)
     keys = {c.key: c for c in cells}
     assert sorted(keys) == sorted([f"alpha-0.1/seed0/{lv.name}/{k}" for lv in levels for k in ("cvae", "pretrained")]
                                   + ["alpha-0.1/seed0/baseline"])
     group = tmp_path / "runs" / "alpha-0.1" / "seed0"
     three = keys["alpha-0.1/seed0/eps-3/cvae"]
-    assert three.args == ["--phase", "cvae", "--dp-target-epsilon", "3.0", "--dp-delta", "1e-06"]
+    assert cell_args(three) == ["--phase", "cvae", "--dp-target-epsilon", "3.0", "--dp-max-grad-norm", "1.0",
+                                "--dp-delta", "1e-06", "--dp-accountant", "rdp"]
     assert three.out == group / "eps-3" / "cvae" and three.group == group  # one partition per group
-    assert keys["alpha-0.1/seed0/eps-inf/cvae"].args == ["--phase", "cvae"]  # ∞: no DP
+    assert cell_args(keys["alpha-0.1/seed0/eps-inf/cvae"]) == ["--phase", "cvae"]  # ∞: no DP
     pretrained = keys["alpha-0.1/seed0/eps-3/pretrained"]
-    assert pretrained.deps == [three.key] and str(three.out / "cvae.pt") in pretrained.args
-    assert "--dp-target-epsilon" not in pretrained.args  # the classifier phase is not DP
+    assert pretrained.deps == [three.key] and str(three.out / "cvae.pt") in cell_args(pretrained)
+    assert "--dp-target-epsilon" not in cell_args(pretrained)  # the classifier phase is not DP
     assert keys["alpha-0.1/seed0/baseline"].deps == [] and keys["alpha-0.1/seed0/baseline"].out == group / "baseline"
 
 

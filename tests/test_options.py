@@ -14,7 +14,8 @@ import pytest
 from conftest import dataset_dir
 from genfl_experiments import centralised, launch
 from genfl_experiments.sweep import cli as sweep_cli
-from genfl_experiments.sweep.plan import STRATEGY_LABELS
+from genfl_experiments.centralised import CENTRALISED_FIELDS
+from genfl_experiments.sweep.arms import STRATEGY_LABELS
 from genfl_experiments.sweep.run import FIXED_SERVER_FIELDS
 from genfl_server import cli as server_cli
 from genfl_server.app import new_run_state
@@ -56,6 +57,8 @@ def test_every_cli_spells_each_run_option_the_same():
     assert {"genfl-server", "genfl-launch", "genfl-sweep", "genfl-centralised"} <= set(seen["local_epochs"])
     local_epochs = _run_params(sweep_cli.main)["local_epochs"].type
     assert (local_epochs.min, local_epochs.max) == (0, None)  # 0: the pretrained-only arm
+    # genfl-sweep gives its centralised cells exactly the settings genfl-centralised takes.
+    assert set(_run_params(centralised.main)) == {*CENTRALISED_FIELDS, "seed"}
 
 
 def test_help_of_a_run_option_states_the_presets_values():

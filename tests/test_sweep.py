@@ -4,6 +4,7 @@ tiny sizes: reports that match the raw results, resuming finished and interrupte
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import signal
@@ -18,10 +19,11 @@ import torch
 
 from genfl_experiments.poster import POSTER
 from genfl_experiments.reports import CellResult, fmt_pct, load_results, mean_std, write_table
-from genfl_experiments.sweep.cli import finetune_arm_args
-from genfl_experiments.sweep.plan import Arm, Distribution, PrivacyLevel, build_arms, parse_distributions, plan_cells
+from genfl_experiments.sweep.arms import ARM_CHOICES, ARM_SPECS, MITIGATIONS, Arm, build_arms
+from genfl_experiments.sweep.plan import Distribution, PrivacyLevel, parse_distributions, plan_cells
+from genfl_experiments.sweep.run import cell_args
 from genfl_shared.checkpoint import load_checkpoint, save_checkpoint
-from genfl_shared.config import PRESETS
+from genfl_shared.config import PRESETS, RunConfig
 from genfl_shared.models import initial_state
 from genfl_shared.runfiles import METRICS_JSONL, round_events
 from helpers import wait_until
@@ -37,6 +39,11 @@ def sweep(out: Path, data: Path, *args: str, timeout: float = 900) -> subprocess
 
 
 # -- plan and statistics (no processes) -------------------------------------------------------
+
+
+def sweep_settings(**changes) -> RunConfig:
+    """A sweep's settings for planning: the quick preset with 2 rounds of each phase."""
+    return dataclasses.replace(PRESETS["quick"], **{"cvae_rounds": 2, "classifier_rounds": 2, **changes})
 
 
 @pytest.mark.unit
@@ -55,28 +62,54 @@ def test_plan_shares_one_cvae_and_one_pretraining_per_group(tmp_path):
     assert [a.name for a in arms] == ["pretrained", "pretrained-fedprox", "pretrained-only", "baseline",
                                       "baseline-fedprox"]
     cells = plan_cells(tmp_path, [Distribution(None), Distribution(0.1)], [0, 1], arms,
-                       cvae_rounds=3, classifier_rounds=2, centralised=True)
+                       sweep=sweep_settings(cvae_rounds=3), centralised=True)
     keys = {c.key: c for c in cells}
     assert len(cells) == 2 * 2 * (1 + 5) + 2
     primary = keys["alpha-0.1/seed1/pretrained"]
     assert primary.deps == ["alpha-0.1/seed1/cvae"]
-    assert "--cvae-checkpoint" in primary.args
+    assert "--cvae-checkpoint" in cell_args(primary)
+    assert (primary.rounds, keys["alpha-0.1/seed1/cvae"].rounds) == (2, 3)
     for name in ("pretrained-fedprox", "pretrained-only"):
         cell = keys[f"alpha-0.1/seed1/{name}"]
         assert cell.deps == [primary.key]
-        assert cell.args[cell.args.index("--pretrained-checkpoint") + 1] == str(primary.out /
-                                                                               "pretrained_classifier.pt")
-    only = keys["alpha-0.1/seed1/pretrained-only"].args
+        args = cell_args(cell)
+        assert args[args.index("--pretrained-checkpoint") + 1] == str(primary.out / "pretrained_classifier.pt")
+    only = cell_args(keys["alpha-0.1/seed1/pretrained-only"])
     assert only[only.index("--local-epochs") + 1] == "0"
     base = keys["iid/seed0/baseline-fedprox"]
-    assert base.deps == [] and "--no-pretrain" in base.args and base.args[base.args.index("--strategy") + 1] == "fedprox"
+    assert cell_args(base) == ["--phase", "classifier", "--strategy", "fedprox", "--no-pretrain"] and base.deps == []
     # Group by group: a group's cells come before the next group's, so groups finish in order.
     assert [c.key for c in cells][:6] == [f"iid/seed0/{n}" for n in ("cvae", "pretrained", "pretrained-fedprox",
                                                                      "pretrained-only", "baseline",
                                                                      "baseline-fedprox")]
     with pytest.raises(ValueError):
         build_arms(["pretrained"], ["fedsgd"])
-    assert Arm(True, "fedavgm").label == "pre-trained + FedAvgM"
+    assert Arm.named("pretrained", "fedavgm").label == "pre-trained + FedAvgM"
+    assert Arm.named("baseline", "fedprox").name == "baseline-fedprox"
+
+
+@pytest.mark.unit
+def test_each_arm_is_one_registry_entry_whose_flags_match_its_settings():
+    assert ARM_CHOICES == tuple(ARM_SPECS) and ARM_CHOICES[:3] == ("pretrained", "baseline", "pretrained-only")
+    assert MITIGATIONS == ("balanced", "finetune", "distill", "synthmix", "iid-synthetic")  # reports' order
+    for name, spec in ARM_SPECS.items():
+        assert set(spec.settings) | set(spec.sweep_settings) <= RunConfig.field_names(), name
+        arm = Arm(spec)
+        settings = arm.settings(RunConfig())
+        # The flag that gives an arm the CVAE is the one the server checks its settings by.
+        uses_synthetic = dataclasses.replace(RunConfig(), **settings).federated_synthetic_options()
+        assert spec.samples_synthetic == bool(uses_synthetic), name
+        assert arm.record() == {"name": name, "label": arm.label, "pretrain": spec.pretrained, "strategy": "fedavg",
+                                "local_epochs": 0 if name == "pretrained-only" else None,
+                                "mitigation": name.removeprefix("pretrained-") if spec.is_mitigation else None}
+    # An arm's own value stands where the sweep's setting is off; the sweep's replaces it when on.
+    finetune = Arm.named("pretrained-finetune")
+    assert finetune.settings(RunConfig())["server_finetune_steps"] == 200
+    assert finetune.settings(RunConfig(server_finetune_steps=7))["server_finetune_steps"] == 7
+    assert Arm.named("pretrained-synthmix").settings(RunConfig(client_synthetic_mix=2.0))["client_synthetic_mix"] == 2.0
+    assert list(Arm.named("pretrained-distill").settings(RunConfig())) == [
+        "strategy", "server_distill", "server_distill_teacher", "server_distill_max_teachers", "server_distill_steps",
+        "server_distill_lr", "server_distill_temperature", "server_distill_batch_size"]
 
 
 @pytest.mark.integration
@@ -84,28 +117,26 @@ def test_mitigation_arms_start_from_the_shared_pretraining_with_their_one_option
     arms = build_arms(["pretrained-finetune", "baseline", "pretrained-balanced", "pretrained"], ["fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-balanced", "pretrained-finetune", "baseline"]
     assert arms[1].label == "pre-trained + balanced softmax (local loss)"
-    finetune_args = finetune_arm_args(PRESETS["quick"])  # not given: the arm's own default steps
-    assert finetune_args == ["--server-finetune-steps", "200", "--server-finetune-lr", "0.01",
-                             "--server-finetune-batch-size", "50"]
-    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2,
-                                          classifier_rounds=2, centralised=False, finetune_args=finetune_args)}
+    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms, sweep=sweep_settings(),
+                                          centralised=False)}
     primary, cvae = cells["alpha-0.01/seed0/pretrained"], cells["alpha-0.01/seed0/cvae"]
     balanced, finetune = cells["alpha-0.01/seed0/pretrained-balanced"], cells["alpha-0.01/seed0/pretrained-finetune"]
     assert balanced.deps == [primary.key]
-    assert balanced.args[balanced.args.index("--local-loss") + 1] == "balanced"
-    assert "--server-finetune-steps" not in balanced.args and "--local-loss" not in primary.args
+    assert cell_args(balanced)[cell_args(balanced).index("--local-loss") + 1] == "balanced"
+    assert "--server-finetune-steps" not in cell_args(balanced) and "--local-loss" not in cell_args(primary)
     assert finetune.deps == [primary.key, cvae.key]  # the CVAE samples its fine-tuning set
-    assert finetune.args[finetune.args.index("--cvae-checkpoint") + 1] == str(cvae.out / "cvae.pt")
-    assert finetune.args[finetune.args.index("--pretrained-checkpoint") + 1] == str(primary.out /
-                                                                                   "pretrained_classifier.pt")
-    assert finetune.args[finetune.args.index("--server-finetune-steps") + 1] == "200"
+    # --server-finetune-steps not given: the arm's own default steps, the sweep's learning rate and batch size.
+    assert cell_args(finetune) == ["--phase", "classifier", "--strategy", "fedavg", "--server-finetune-steps", "200",
+                                   "--server-finetune-lr", "0.01", "--server-finetune-batch-size", "50",
+                                   "--pretrained-checkpoint", str(primary.out / "pretrained_classifier.pt"),
+                                   "--cvae-checkpoint", str(cvae.out / "cvae.pt")]
     # The real genfl-server takes the planned options: it gets past its checks and waits for clients.
     cvae.out.mkdir(parents=True)
     primary.out.mkdir(parents=True)
     save_checkpoint(cvae.out / "cvae.pt", "cvae", initial_state("cvae", 0))
     save_checkpoint(primary.out / "pretrained_classifier.pt", "classifier", initial_state("classifier", 0))
     for cell in (balanced, finetune):
-        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell.args, "--clients", "2", "--out",
+        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell_args(cell), "--clients", "2", "--out",
                                  str(cell.out), "--address", "127.0.0.1:0", "--register-timeout", "1"],
                                 capture_output=True, text=True, timeout=120)
         assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
@@ -119,26 +150,26 @@ def test_the_iid_synthetic_arm_pretrains_from_the_iid_cvae_of_its_seed(tmp_path)
     # IID not among the distributions: its CVAE phase is planned anyway, once per seed, and no
     # IID classifier cell; at IID itself the arm would be the plain pre-trained arm, so it is left out.
     for dists in ([Distribution(0.01)], [Distribution(None), Distribution(0.01)]):
-        cells = plan_cells(tmp_path, dists, [0, 1], arms, cvae_rounds=2, classifier_rounds=2, centralised=False)
+        cells = plan_cells(tmp_path, dists, [0, 1], arms, sweep=sweep_settings(), centralised=False)
         keys = [c.key for c in cells]
         assert len(keys) == len(set(keys))
         for seed in (0, 1):
             cell = next(c for c in cells if c.key == f"alpha-0.01/seed{seed}/pretrained-iid-synthetic")
             iid_cvae = next(c for c in cells if c.key == f"iid/seed{seed}/cvae")
             assert cell.deps == [iid_cvae.key] and keys.index(iid_cvae.key) < keys.index(cell.key)
-            assert cell.args[cell.args.index("--cvae-checkpoint") + 1] == str(iid_cvae.out / "cvae.pt")
-            assert "--pretrained-checkpoint" not in cell.args  # it samples, scores and pre-trains itself
+            assert cell_args(cell)[cell_args(cell).index("--cvae-checkpoint") + 1] == str(iid_cvae.out / "cvae.pt")
+            assert "--pretrained-checkpoint" not in cell_args(cell)  # it samples, scores and pre-trains itself
             assert cell.out == tmp_path / "runs" / "alpha-0.01" / f"seed{seed}" / "pretrained-iid-synthetic"
-            assert iid_cvae.distribution == Distribution(None) and iid_cvae.args == ["--phase", "cvae"]
+            assert iid_cvae.distribution == Distribution(None) and cell_args(iid_cvae) == ["--phase", "cvae"]
         assert not any(k.startswith("iid/") and k.endswith("iid-synthetic") for k in keys)
         assert ("iid/seed0/pretrained" in keys) == (Distribution(None) in dists)
     # Only this arm: the skewed groups need no CVAE phase of their own.
     only = plan_cells(tmp_path, [Distribution(0.01)], [0], build_arms(["pretrained-iid-synthetic"], ["fedavg"]),
-                      cvae_rounds=2, classifier_rounds=2, centralised=False)
+                      sweep=sweep_settings(), centralised=False)
     assert [c.key for c in only] == ["iid/seed0/cvae", "alpha-0.01/seed0/pretrained-iid-synthetic"]
     with pytest.raises(ValueError, match="privacy axis"):
-        plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2, classifier_rounds=2,
-                   centralised=False, privacy=[PrivacyLevel(1.0)])
+        plan_cells(tmp_path, [Distribution(0.01)], [0], arms, sweep=sweep_settings(), centralised=False,
+                   privacy=[PrivacyLevel(1.0)])
 
 
 @pytest.mark.integration
@@ -146,23 +177,23 @@ def test_the_distillation_and_synthmix_arms_get_the_cvae_and_their_options_and_t
     arms = build_arms(["pretrained-distill", "pretrained", "pretrained-synthmix"], ["fedavg"])
     assert [a.name for a in arms] == ["pretrained", "pretrained-distill", "pretrained-synthmix"]
     assert arms[1].label == "pre-trained + server distillation on synthetic inputs"
-    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms, cvae_rounds=2,
-                                          classifier_rounds=2, centralised=False,
-                                          distill_args=["--server-distill-steps", "50"])}
+    cells = {c.key: c for c in plan_cells(tmp_path, [Distribution(0.01)], [0], arms,
+                                          sweep=sweep_settings(server_distill_steps=50), centralised=False)}
     primary, cvae = cells["alpha-0.01/seed0/pretrained"], cells["alpha-0.01/seed0/cvae"]
     distill, synthmix = cells["alpha-0.01/seed0/pretrained-distill"], cells["alpha-0.01/seed0/pretrained-synthmix"]
     assert distill.deps == [primary.key, cvae.key] == synthmix.deps  # the CVAE samples their synthetic set
-    assert synthmix.args[synthmix.args.index("--client-synthetic-mix") + 1] == "0.5"
-    assert "--server-distill" not in synthmix.args
-    assert "--server-distill" in distill.args and "--server-distill" not in primary.args
-    assert distill.args[distill.args.index("--server-distill-steps") + 1] == "50"
-    assert distill.args[distill.args.index("--cvae-checkpoint") + 1] == str(cvae.out / "cvae.pt")
+    synthmix_args, distill_args = cell_args(synthmix), cell_args(distill)
+    assert synthmix_args[synthmix_args.index("--client-synthetic-mix") + 1] == "0.5"
+    assert "--server-distill" not in synthmix_args
+    assert "--server-distill" in distill_args and "--server-distill" not in cell_args(primary)
+    assert distill_args[distill_args.index("--server-distill-steps") + 1] == "50"
+    assert distill_args[distill_args.index("--cvae-checkpoint") + 1] == str(cvae.out / "cvae.pt")
     cvae.out.mkdir(parents=True)
     primary.out.mkdir(parents=True)
     save_checkpoint(cvae.out / "cvae.pt", "cvae", initial_state("cvae", 0))
     save_checkpoint(primary.out / "pretrained_classifier.pt", "classifier", initial_state("classifier", 0))
     for cell in (distill, synthmix):
-        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell.args, "--clients", "2", "--out",
+        server = subprocess.run([sys.executable, "-m", "genfl_server.cli", *cell_args(cell), "--clients", "2", "--out",
                                  str(cell.out), "--address", "127.0.0.1:0", "--register-timeout", "1"],
                                 capture_output=True, text=True, timeout=120)
         assert server.returncode == 4 and "clients registered" in server.stderr, server.stderr[-2000:]
@@ -189,8 +220,7 @@ def test_the_mitigation_table_pairs_each_arm_with_the_plain_pretrained_arm_per_s
              ("baseline", 0): 0.20, ("baseline", 1): 0.25}
     results = []
     for (name, seed), accuracy in final.items():
-        arm = {"name": name, "label": Arm(not name.startswith("baseline"), mitigation=name.split("-")[1]
-                                           if "-" in name else None).label}
+        arm = {"name": name, "label": Arm.named(name).label}
         summary = {"rounds": [], "final": {"round": 2, "weighted_client_accuracy": accuracy, "test_accuracy": accuracy}}
         results.append(CellResult(f"alpha-0.01/seed{seed}/{name}", "classifier", seed, "alpha-0.01", 0.01, arm, 1.0,
                                   summary, tmp_path))

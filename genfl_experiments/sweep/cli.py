@@ -22,13 +22,12 @@ import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
-
-from genfl_server.strategy import strategy_names
-from genfl_shared.config import (DP_FIELDS, PRESETS, ROUNDS, RunConfig, argv_for, given_run_options, resolve_config,
+from genfl_shared.config import (DP_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config,
                                  run_options)
 from genfl_shared.runfiles import write_json_atomic
 
-from .plan import ARM_CHOICES, FINETUNE_ARM_STEPS, build_arms, parse_distributions, parse_epsilons, plan_cells
+from .arms import ARM_CHOICES, MITIGATION_FIELDS, STRATEGY_LABELS, SWEEP_ARM_FIELDS, build_arms
+from .plan import SWEEP_DP_FIELDS, parse_distributions, parse_epsilons, plan_cells
 from ..launch import clients_per_process_option
 from ..reports import write_reports
 from .run import FIXED_SERVER_FIELDS, SweepRunner, SweepSettings
@@ -37,17 +36,10 @@ log = logging.getLogger("genfl_sweep")
 
 SWEEP_JSON = "sweep.json"
 
-# The DP-SGD settings of the privacy axis' CVAE cells besides the target epsilon (--epsilons).
-SWEEP_DP_FIELDS = ("dp_max_grad_norm", "dp_delta", "dp_accountant")
-# The run settings genfl-sweep takes besides --seed (the rest keep the preset's values).
-# The pretrained-finetune arm's settings (its cells' arguments: a change re-runs those cells).
-SWEEP_FINETUNE_FIELDS = ("server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size")
-# The pretrained-distill arm's settings (besides --server-distill, which the arm sets).
-SWEEP_DISTILL_FIELDS = ("server_distill_teacher", "server_distill_max_teachers", "server_distill_steps",
-                        "server_distill_lr", "server_distill_temperature", "server_distill_batch_size")
+# The run settings genfl-sweep takes besides --seed (the rest keep the preset's values); the arms'
+# own options (SWEEP_ARM_FIELDS) reach only their cells, so a change re-runs only those.
 SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
-                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *SWEEP_DP_FIELDS,
-                *SWEEP_FINETUNE_FIELDS, *SWEEP_DISTILL_FIELDS, "client_synthetic_mix")
+                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *SWEEP_DP_FIELDS, *SWEEP_ARM_FIELDS)
 
 
 def _interrupt(signum, _frame):
@@ -85,7 +77,7 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
         "(pretrained-only: the pre-trained model with --local-epochs 0, clients only evaluate).")
 @option("--strategies", default="fedavg",
         help=f"Aggregation strategies of the classifier phase, comma-separated, from: "
-        f"{', '.join(strategy_names())}; every pretrained/baseline arm runs with each.")
+        f"{', '.join(STRATEGY_LABELS)}; every pretrained/baseline arm runs with each.")
 @option("--epsilons", default=None,
         help="A privacy axis: for each epsilon (comma-separated; 'inf': no DP, e.g. 1,3,8,inf) its own "
         "federated CVAE phase with DP-SGD calibrated to it (--dp-target-epsilon) and its own pre-trained "
@@ -124,11 +116,11 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     config = resolve_config(preset, given_run_options(run_settings))  # its seed: the first; each cell has its own
-    if any(arm.mitigation == "distill" for arm in arm_list):
+    for arm in arm_list:
         try:  # now, not when the arm's first cell starts after its CVAE and pre-training cells
-            dataclasses.replace(config, server_distill=True).check_distill()
+            dataclasses.replace(config, **arm.settings(config)).check_distill()
         except ValueError as error:
-            raise click.UsageError(f"--arms pretrained-distill: {error}") from None
+            raise click.UsageError(f"--arms {arm.name}: {error}") from None
     if centralised and config.cas_epochs == 0:
         log.info("--cas-epochs 0: no CAS, so no centralised CVAE reference either")
         centralised = False
@@ -144,11 +136,7 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
                                          "differences_from_paper": differences})
 
     seeds = list(range(config.seed, config.seed + repeats))
-    cells = plan_cells(out, distributions, seeds, arm_list, cvae_rounds=config.cvae_rounds,
-                       classifier_rounds=config.classifier_rounds, centralised=centralised,
-                       privacy=privacy, dp_args=config.to_argv(SWEEP_DP_FIELDS),
-                       finetune_args=finetune_arm_args(config), distill_args=config.to_argv(SWEEP_DISTILL_FIELDS),
-                       synthmix_args=config.to_argv(["client_synthetic_mix"]) if config.client_synthetic_mix else [])
+    cells = plan_cells(out, distributions, seeds, arm_list, sweep=config, centralised=centralised, privacy=privacy)
     settings = SweepSettings(dataset, data_root, preset, config, device=device,
                              client_threads=client_threads, clients_per_process=clients_per_process,
                              server_threads=server_threads or max(1, (os.cpu_count() or 1) // parallel),
@@ -177,22 +165,13 @@ def _read_sweep(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def finetune_arm_args(config: RunConfig) -> list[str]:
-    """The pretrained-finetune arm's server options: the sweep's --server-finetune-* settings, with
-    FINETUNE_ARM_STEPS steps unless --server-finetune-steps was given (0, the default, means off)."""
-    steps = config.server_finetune_steps or FINETUNE_ARM_STEPS
-    return argv_for(server_finetune_steps=steps, server_finetune_lr=config.server_finetune_lr,
-                    server_finetune_batch_size=config.server_finetune_batch_size)
-
-
 def _differences_from_paper(config: RunConfig) -> list[str]:
     """The settings in which this sweep is not the poster's configuration (for table.md)."""
     paper = PRESETS["paper"]
     compared = [f.name for f in dataclasses.fields(RunConfig)
                 if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
-                                  "deterministic", *DP_FIELDS, "local_loss", *SWEEP_FINETUNE_FIELDS,
-                                  "server_distill", *SWEEP_DISTILL_FIELDS, "client_synthetic_mix")]
-    # DP: privacy.md's, not the poster's; the local loss and fine-tuning: the mitigation arms' own
+                                  "deterministic", *DP_FIELDS, *MITIGATION_FIELDS)]
+    # DP: privacy.md's, not the poster's; the mitigations' settings: those arms' own
     return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
             for name in compared if getattr(config, name) != getattr(paper, name)]
 

@@ -18,32 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from genfl_server.strategy import strategy_labels
-from genfl_shared.config import argv_for
+from genfl_shared.config import RunConfig
 
-STRATEGY_LABELS = strategy_labels()  # {name: label}, from the strategy registry
-ARM_CHOICES = ("pretrained", "baseline", "pretrained-only", "pretrained-balanced", "pretrained-finetune",
-               "pretrained-iid-synthetic", "pretrained-distill", "pretrained-synthmix")
-# Issue 14's mitigations of label skew, each a pre-trained FedAvg arm: the balanced-softmax local
-# loss (--local-loss balanced), server-side fine-tuning on the synthetic set (--server-finetune-steps)
-# and server-side distillation towards the clients' models on the synthetic inputs (--server-distill);
-# and the poster's Figs 6-7 experiment: a skewed federation pre-trained on the synthetic data of the
-# IID federation's CVAE of the same seed (how much of the skew's harm is a worse generator).
-MITIGATION_LABELS = {"balanced": "balanced softmax (local loss)", "finetune": "server fine-tuning on synthetic data",
-                     "distill": "server distillation on synthetic inputs",
-                     "synthmix": "synthetic images of missing classes (clients)",
-                     "iid-synthetic": "pre-trained on the IID CVAE's samples + FedAvg"}
-IID_SYNTHETIC = "iid-synthetic"
-# The arms whose server samples the synthetic set during federation (their cells take the CVAE).
-SYNTHETIC_MITIGATIONS = ("finetune", "distill", "synthmix")
-# The synthetic-mix arm's ratio when the sweep is not given --client-synthetic-mix (its RunConfig
-# default, 0, means off): as many synthetic as real samples per epoch at most.
-SYNTHMIX_ARM_RATIO = 0.5
-# The fine-tuning arm's steps when the sweep is not given --server-finetune-steps (its RunConfig
-# default, 0, means off): benchmarks/bench_server_finetune.py measured 200 steps at +74 to +77 pp on
-# a one-class model (25 steps: +0 to +11 pp).
-FINETUNE_ARM_STEPS = 200
+from .arms import Arm
+
+# The DP-SGD settings of the privacy axis' CVAE cells besides the target epsilon (--epsilons).
+SWEEP_DP_FIELDS = ("dp_max_grad_norm", "dp_delta", "dp_accountant")
 
 
 @dataclass(frozen=True)
@@ -123,9 +105,13 @@ class PrivacyLevel:
     def from_marker(cls, value: float | str) -> "PrivacyLevel":
         return cls(math.inf if value == "inf" else float(value))
 
-    def server_args(self, dp_args: list[str]) -> list[str]:
-        """The CVAE server's options at this level (``dp_args``: the sweep's other DP-SGD settings)."""
-        return [] if math.isinf(self.epsilon) else [*argv_for(dp_target_epsilon=self.epsilon), *dp_args]
+    def settings(self, sweep: RunConfig) -> dict[str, Any]:
+        """The CVAE server's settings at this level: the target epsilon and the sweep's (``sweep``)
+        other DP-SGD settings; none without DP."""
+        if math.isinf(self.epsilon):
+            return {}
+        dp = {name: getattr(sweep, name) for name in SWEEP_DP_FIELDS if getattr(sweep, name) is not None}
+        return {"dp_target_epsilon": self.epsilon, **dp}
 
 
 def parse_epsilons(text: str) -> list[PrivacyLevel]:
@@ -147,67 +133,23 @@ def parse_epsilons(text: str) -> list[PrivacyLevel]:
     return result
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One way of running the classifier phase."""
-
-    pretrain: bool
-    strategy: str = "fedavg"
-    local_epochs: int | None = None  # None: the preset's
-    mitigation: str | None = None  # a key of MITIGATION_LABELS, or None
-
-    @property
-    def name(self) -> str:
-        if self.local_epochs == 0:
-            return "pretrained-only"
-        base = "pretrained" if self.pretrain else "baseline"
-        if self.mitigation is not None:
-            return f"{base}-{self.mitigation}"
-        return base if self.strategy == "fedavg" else f"{base}-{self.strategy}"
-
-    @property
-    def label(self) -> str:
-        if self.local_epochs == 0:
-            return "pre-training only (no local training)"
-        if self.mitigation == IID_SYNTHETIC:
-            return MITIGATION_LABELS[IID_SYNTHETIC]
-        what = MITIGATION_LABELS[self.mitigation] if self.mitigation is not None else STRATEGY_LABELS[self.strategy]
-        return f"{'pre-trained' if self.pretrain else 'baseline'} + {what}"
-
-
-def build_arms(arms: list[str], strategies: list[str]) -> list[Arm]:
-    """The arms to run, pre-trained ones first, FedAvg first (the first pre-trained arm pre-trains)."""
-    for arm in arms:
-        if arm not in ARM_CHOICES:
-            raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARM_CHOICES)}")
-    for strategy in strategies:
-        if strategy not in STRATEGY_LABELS:
-            raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_LABELS)}")
-    ordered = sorted(set(strategies), key=list(STRATEGY_LABELS).index)
-    result = []
-    if "pretrained" in arms:
-        result += [Arm(True, s) for s in ordered]
-    if "pretrained-only" in arms:
-        result.append(Arm(True, "fedavg", local_epochs=0))
-    result += [Arm(True, mitigation=m) for m in MITIGATION_LABELS if f"pretrained-{m}" in arms]
-    if "baseline" in arms:
-        result += [Arm(False, s) for s in ordered]
-    if not result:
-        raise ValueError("no arms to run")
-    return result
-
-
 @dataclass
 class Cell:
-    """One real run: a server with its client processes (or the centralised trainer)."""
+    """One real run: a server with its client processes (or the centralised trainer).
+
+    It holds what the run is, not how a process is told: the run settings it sets besides the
+    sweep's own and the checkpoints it starts from; genfl_experiments.sweep.run spells them as
+    command-line options where it starts the server."""
 
     key: str  # "alpha-0.1/seed0/pretrained"
-    kind: str  # "cvae" | "classifier" | "centralised"
+    kind: str  # "cvae" | "classifier" | "centralised"; a federated cell's server runs this phase
     out: Path
     seed: int
     distribution: Distribution | None = None  # None for centralised
     arm: Arm | None = None
-    args: list[str] = field(default_factory=list)  # kind-specific server / trainer options
+    settings: dict[str, Any] = field(default_factory=dict)  # RunConfig field -> value, in the order given
+    pretrained_checkpoint: Path | None = None  # the classifier it starts from, pre-trained by another cell
+    cvae_checkpoint: Path | None = None  # the CVAE it samples its synthetic data from
     deps: list[str] = field(default_factory=list)
     rounds: int = 0
     privacy: PrivacyLevel | None = None  # on a privacy axis: the level of this CVAE / pre-trained cell
@@ -224,48 +166,38 @@ def group_dir(out: Path, dist: Distribution, seed: int) -> Path:
 
 
 def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], arms: list[Arm], *,
-               cvae_rounds: int, classifier_rounds: int, centralised: bool,
-               privacy: list[PrivacyLevel] | None = None, dp_args: list[str] = (),
-               finetune_args: list[str] = (), distill_args: list[str] = (),
-               synthmix_args: list[str] = ()) -> list[Cell]:
+               sweep: RunConfig, centralised: bool, privacy: list[PrivacyLevel] | None = None) -> list[Cell]:
     """Every cell of the sweep, one (distribution, seed) group after another.
 
     The scheduler starts the first cell (in this order) whose dependencies are done, so earlier
     groups start first and tend to finish first, while independent cells (a baseline next to its
-    CVAE phase, the next group's CVAE phase) fill the free slots. ``privacy``: the levels of the
-    privacy axis (None: no axis, one CVAE phase per group without DP); ``dp_args``: the DP-SGD
-    options of their CVAE servers besides the target epsilon (clipping bound, delta, accountant);
-    ``finetune_args``: the fine-tuning arm's --server-finetune-* options (default: FINETUNE_ARM_STEPS
-    steps at the RunConfig's learning rate and batch size); ``distill_args``: the distillation arm's
-    --server-distill-* options besides --server-distill (default: the RunConfig's)."""
-    finetune_args = list(finetune_args) or argv_for(server_finetune_steps=FINETUNE_ARM_STEPS)
-    mitigation_args = {"finetune": finetune_args, "distill": [*argv_for(server_distill=True), *distill_args],
-                       "synthmix": list(synthmix_args) or argv_for(client_synthetic_mix=SYNTHMIX_ARM_RATIO)}
+    CVAE phase, the next group's CVAE phase) fill the free slots. ``sweep``: the sweep's settings
+    (rounds of each phase, the DP-SGD settings of the privacy axis, the options of the arms that
+    take the sweep's); ``privacy``: the levels of the privacy axis (None: no axis, one CVAE phase
+    per group without DP)."""
     cells: list[Cell] = []
-    pretrained_arms = [a for a in arms if a.pretrain and a.mitigation != IID_SYNTHETIC]
+    pretrained_arms = [a for a in arms if a.pretrain and not a.spec.iid_generator]
     baseline_arms = [a for a in arms if not a.pretrain]
-    iid_synthetic_arms = [a for a in arms if a.mitigation == IID_SYNTHETIC]
+    iid_synthetic_arms = [a for a in arms if a.spec.iid_generator]
     if iid_synthetic_arms and privacy is not None:
-        raise ValueError("the pretrained-iid-synthetic arm cannot be combined with a privacy axis (--epsilons)")
+        names = ", ".join(a.name for a in iid_synthetic_arms)
+        raise ValueError(f"the {names} arm cannot be combined with a privacy axis (--epsilons)")
     for seed in seeds:
         seed_start = len(cells)
         for dist in distributions:
             group = group_dir(out, dist, seed)
             prefix = f"{dist.name}/seed{seed}"
-            if privacy is None:
-                cells += _cvae_and_pretrained_cells(group, group, prefix, dist, seed, pretrained_arms,
-                                                    cvae_rounds, classifier_rounds, None, [], mitigation_args)
-            else:
-                for level in privacy:
-                    cells += _cvae_and_pretrained_cells(group / level.name, group, f"{prefix}/{level.name}", dist,
-                                                        seed, pretrained_arms, cvae_rounds, classifier_rounds, level,
-                                                        list(dp_args), mitigation_args)
+            for level in [None] if privacy is None else privacy:
+                folder, key_prefix = (group, prefix) if level is None else (group / level.name,
+                                                                           f"{prefix}/{level.name}")
+                cells += _cvae_and_pretrained_cells(folder, group, key_prefix, dist, seed, pretrained_arms, sweep,
+                                                    level)
             for arm in baseline_arms:
                 cells.append(Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
-                                  rounds=classifier_rounds, args=_arm_args(arm) + argv_for(pretrain=False)))
+                                  arm.settings(sweep), rounds=sweep.classifier_rounds))
             for arm in iid_synthetic_arms if dist.alpha is not None else ():  # at IID: the plain pre-trained arm
-                cells.append(_iid_synthetic_cell(out, prefix, dist, seed, arm, classifier_rounds))
-        iid_cvae = _iid_cvae_cell(out, seed, cvae_rounds)
+                cells.append(_iid_synthetic_cell(out, prefix, dist, seed, arm, sweep))
+        iid_cvae = _iid_cvae_cell(out, seed, sweep.cvae_rounds)
         if iid_synthetic_arms and all(c.key != iid_cvae.key for c in cells[seed_start:]):
             cells.insert(seed_start, iid_cvae)  # the arm's generator, also when IID itself is not run
         if centralised:
@@ -274,41 +206,28 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
     return cells
 
 
-def _arm_args(arm: Arm, mitigation_args: dict[str, list[str]] | None = None) -> list[str]:
-    args = ["--phase", "classifier", *argv_for(strategy=arm.strategy)]
-    if arm.local_epochs is not None:
-        args += argv_for(local_epochs=arm.local_epochs)
-    if arm.mitigation == "balanced":
-        args += argv_for(local_loss="balanced")
-    elif arm.mitigation in SYNTHETIC_MITIGATIONS:
-        args += list((mitigation_args or {})[arm.mitigation])
-    return args
-
-
 def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Distribution, seed: int,
-                               arms: list[Arm], cvae_rounds: int, classifier_rounds: int,
-                               level: PrivacyLevel | None, dp_args: list[str],
-                               mitigation_args: dict[str, list[str]]) -> list[Cell]:
+                               arms: list[Arm], sweep: RunConfig, level: PrivacyLevel | None) -> list[Cell]:
     """One CVAE phase in ``folder`` and the pre-trained arms built on it (the first pre-trains)."""
     if not arms:
         return []
     group_out = None if folder == group else group
-    cvae = Cell(f"{prefix}/cvae", "cvae", folder / "cvae", seed, dist, rounds=cvae_rounds,
-                args=["--phase", "cvae", *(level.server_args(dp_args) if level else [])],  # --phase: the server's
-                privacy=level, group_out=group_out)
+    cvae = Cell(f"{prefix}/cvae", "cvae", folder / "cvae", seed, dist, rounds=sweep.cvae_rounds,
+                settings=level.settings(sweep) if level else {}, privacy=level, group_out=group_out)
+    cvae_checkpoint = cvae.out / "cvae.pt"
     cells = [cvae]
     for arm in arms:
-        cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, rounds=classifier_rounds,
-                    args=_arm_args(arm, mitigation_args), privacy=level, group_out=group_out)
+        cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, arm.settings(sweep),
+                    rounds=sweep.classifier_rounds, privacy=level, group_out=group_out)
         if len(cells) == 1:
             cell.deps.append(cvae.key)
-            cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
+            cell.cvae_checkpoint = cvae_checkpoint
         else:
             cell.deps.append(cells[1].key)
-            cell.args += ["--pretrained-checkpoint", str(cells[1].out / "pretrained_classifier.pt")]
-            if arm.mitigation in SYNTHETIC_MITIGATIONS:  # the CVAE samples their synthetic set
+            cell.pretrained_checkpoint = cells[1].out / "pretrained_classifier.pt"
+            if arm.spec.samples_synthetic:  # the CVAE samples their synthetic set
                 cell.deps.append(cvae.key)
-                cell.args += ["--cvae-checkpoint", str(cvae.out / "cvae.pt")]
+                cell.cvae_checkpoint = cvae_checkpoint
         cells.append(cell)
     return cells
 
@@ -317,14 +236,13 @@ def _iid_cvae_cell(out: Path, seed: int, cvae_rounds: int) -> Cell:
     """The IID federation's CVAE phase of ``seed`` (its group's own cvae cell when IID is run)."""
     iid = Distribution(None)
     return Cell(f"{iid.name}/seed{seed}/cvae", "cvae", group_dir(out, iid, seed) / "cvae", seed, iid,
-                rounds=cvae_rounds, args=["--phase", "cvae"])
+                rounds=cvae_rounds)
 
 
-def _iid_synthetic_cell(out: Path, prefix: str, dist: Distribution, seed: int, arm: Arm,
-                        classifier_rounds: int) -> Cell:
+def _iid_synthetic_cell(out: Path, prefix: str, dist: Distribution, seed: int, arm: Arm, sweep: RunConfig) -> Cell:
     """A classifier cell on this group's shards that samples, scores and pre-trains from the IID CVAE
     of the same seed (the poster's Figs 6-7) instead of its own federation's CVAE."""
     iid_cvae = _iid_cvae_cell(out, seed, 0)
     return Cell(f"{prefix}/{arm.name}", "classifier", group_dir(out, dist, seed) / arm.name, seed, dist, arm,
-                rounds=classifier_rounds, args=_arm_args(arm) + ["--cvae-checkpoint", str(iid_cvae.out / "cvae.pt")],
+                arm.settings(sweep), cvae_checkpoint=iid_cvae.out / "cvae.pt", rounds=sweep.classifier_rounds,
                 deps=[iid_cvae.key])

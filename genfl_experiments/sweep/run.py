@@ -27,6 +27,7 @@ from genfl_shared.config import RunConfig, argv_for
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
 from genfl_shared.runfiles import read_json, write_json_atomic
 
+from ..centralised import CENTRALISED_FIELDS
 from ..launch import Launcher, LaunchError, Stage, child_env, log_tail, pct, resolve_clients_per_process
 from .plan import Cell
 
@@ -63,8 +64,6 @@ class SweepSettings:
 # The settings every server of a sweep is given (in sweep.json's "fixed": cells mean the same).
 FIXED_SERVER_FIELDS = ("cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
                        "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
-# The ones that also shape the centralised baseline (the rest are federated-only).
-CENTRALISED_FIELDS = ("train_subset", "cvae_rounds", "local_epochs", "synthetic_samples", "cas_epochs")
 
 
 @dataclass
@@ -87,17 +86,32 @@ def current_inputs(cell: Cell, cells: dict[str, Cell]) -> dict | None:
     return inputs
 
 
+def cell_args(cell: Cell) -> list[str]:
+    """The options that make a federated cell's server this cell's run (after the sweep's own);
+    a centralised cell has none (its trainer takes the sweep's settings only)."""
+    if cell.kind == "centralised":
+        return []
+    args = ["--phase", cell.kind, *argv_for(**cell.settings)]
+    if cell.pretrained_checkpoint is not None:
+        args += ["--pretrained-checkpoint", str(cell.pretrained_checkpoint)]
+    if cell.cvae_checkpoint is not None:
+        args += ["--cvae-checkpoint", str(cell.cvae_checkpoint)]
+    return args
+
+
 def recorded_args(cell: Cell, cells: dict[str, Cell]) -> list[str]:
     """The cell's arguments as its folder records them: a path into a dependency's folder (a checkpoint)
     relative to the cell's own, so a sweep folder that was moved or copied whole still resumes."""
     dep_folders = [str(cells[key].out) + os.sep for key in cell.deps]
     return [os.path.relpath(arg, cell.out) if any(arg.startswith(f) for f in dep_folders) else arg
-            for arg in cell.args]
+            for arg in cell_args(cell)]
 
 
 def same_args(recorded: list[str] | None, cell: Cell, cells: dict[str, Cell]) -> bool:
+    """Whether a cell's folder was run with the arguments the plan gives it now (a finished cell is
+    resumed or skipped by this comparison)."""
     # Folders written before arguments were recorded relative hold them as given (absolute paths).
-    return recorded is not None and recorded in (recorded_args(cell, cells), cell.args)
+    return recorded is not None and recorded in (recorded_args(cell, cells), cell_args(cell))
 
 
 def is_finished(cell: Cell, cells: dict[str, Cell], _memo: dict[str, bool] | None = None) -> bool:
@@ -229,10 +243,7 @@ class SweepRunner:
             "dataset": self.settings.dataset, "preset": self.settings.preset, "device": self.settings.device,
             "alpha": None if cell.distribution is None else (cell.distribution.alpha or "iid"),
             "distribution": None if cell.distribution is None else cell.distribution.name,
-            "arm": None if cell.arm is None else {"name": cell.arm.name, "label": cell.arm.label,
-                                                  "pretrain": cell.arm.pretrain, "strategy": cell.arm.strategy,
-                                                  "local_epochs": cell.arm.local_epochs,
-                                                  "mitigation": cell.arm.mitigation},
+            "arm": None if cell.arm is None else cell.arm.record(),
             "epsilon": None if cell.privacy is None else cell.privacy.marker,  # the privacy axis' level
             "args": recorded_args(cell, self.cells), "inputs": inputs, "run_id": uuid.uuid4().hex,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -265,7 +276,7 @@ class SweepRunner:
         else:
             server_args += ["--preset", s.preset, *argv_for(clients=s.clients, seed=cell.seed),
                             "--dataset", s.dataset, "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
-                            *s.config.to_argv(FIXED_SERVER_FIELDS), *cell.args]
+                            *s.config.to_argv(FIXED_SERVER_FIELDS), *cell_args(cell)]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
                             timeout=s.cell_timeout, progress_bar=False,
