@@ -11,7 +11,6 @@ next task may well be fine and the server decides whether the run can go on with
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -246,9 +245,8 @@ class ClientRunner:
             if header.type == pb.TASK_TYPE_IDLE:
                 continue
             if header.type == pb.TASK_TYPE_SHUTDOWN:
-                info = json.loads(header.config_json or "{}")
-                status = info.get("status", "completed")
-                log.info("server ended run %s: %s %s", header.run_id, status, info.get("reason", ""))
+                status = "failed" if header.shutdown.outcome == pb.RUN_OUTCOME_FAILED else "completed"
+                log.info("server ended run %s: %s %s", header.run_id, status, header.shutdown.reason)
                 return status
             self._execute(header, weights)
 

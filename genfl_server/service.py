@@ -34,6 +34,7 @@ from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
+from genfl_shared.tasks import set_settings
 
 from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Rejected, Task, TaskResult
@@ -81,7 +82,7 @@ def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
-SERVICE_NAME = _SERVICE.full_name  # genfl.v1.FederatedLearning
+SERVICE_NAME = _SERVICE.full_name  # genfl.v2.FederatedLearning
 
 _CODEC_STATUS = {
     "digest_mismatch": grpc.StatusCode.DATA_LOSS,
@@ -502,8 +503,8 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             return False
 
     def _header(self, task: Task) -> pb.TaskHeader:
-        header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
-                               phase=task.phase, round=task.round, config_json=task.config.to_json())
+        header = set_settings(pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
+                                            phase=task.phase, round=task.round), task.config)
         if task.payload is not None:
             header.manifest.CopyFrom(task.payload.manifest)
         return header
