@@ -75,16 +75,19 @@ class TaskExecutor:
             )
         return self._tensors[binarize]
 
-    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
-        """Execute one TRAIN or EVALUATE task; raises TaskError for one it cannot execute."""
+    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None,
+            synthetic: Mapping[str, torch.Tensor] | None = None) -> TaskOutcome:
+        """Execute one TRAIN or EVALUATE task (``synthetic``: the tensors of its synthetic images'
+        payload, as received); raises TaskError for one it cannot execute."""
         with self._compute_lock:
-            return self._run(header, weights)
+            return self._run(header, weights, synthetic)
 
-    def _run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
+    def _run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None,
+             synthetic: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
         if header.type not in TASK_KINDS:
             raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
         try:
-            settings = from_header(header)
+            settings = from_header(header, synthetic)
         except TaskSettingsError as error:
             raise TaskError(f"task {header.task_id}: {error}") from None
         if weights is None:

@@ -1,7 +1,9 @@
 """The task contract: what the server asks a client to do, one frozen dataclass per task kind.
 
 On the wire a task is the proto message of the same name (``TaskHeader.train`` / ``.evaluate``,
-proto/genfl.proto); ``to_proto()`` writes one and ``from_proto(message)`` reads it back. The proto
+proto/genfl.proto): ``set_settings(header, task)`` writes one and ``from_header(header)`` reads it
+back. A training task's synthetic images travel as a second payload whose chunks follow the
+weights' (``TrainTask.synthetic``, encoded by ``set_settings``, decoded by the receiver). The proto
 fixes the types; what it cannot say is checked here, from two tables: ``FIELD_RULES`` (each
 field's range or choices) and ``COMBINATION_RULES`` (fields that must fit together). A value out
 of range, a required field left out, a field this client does not know or a task of the wrong
@@ -18,11 +20,13 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Mapping, Union
 
 import numpy as np
+import torch
 from google.protobuf import unknown_fields
 
+from .codec import Payload, encode_state_dict
 from .dp import ACCOUNTANTS as DP_ACCOUNTANTS, DPSettings
 from .models import MODEL_KINDS
 from .proto import genfl_pb2 as pb
@@ -31,13 +35,16 @@ OPTIMIZERS = ("sgd", "adam")
 # Local classifier losses: "ce" plain cross-entropy; "balanced" balanced softmax (logit adjustment
 # by the client's own label prior, genfl_shared.training.balanced_cross_entropy).
 LOCAL_LOSSES = ("ce", "balanced")
-# --client-synthetic-mix: the most synthetic images one task may carry (raw uint8 28x28 images in
-# the task header: 500 images are 392 KB, well inside the 1 MiB message a task header travels in)
-# and the pixels of one image.
+# --client-synthetic-mix: the most synthetic images one task may carry (uint8 28x28 images and a
+# uint8 label each, as a payload after the weights: 500 images are 392 KB) and their layout.
 MAX_SYNTHETIC_IMAGES = 500
 IMAGE_PIXELS = 28 * 28
+IMAGE_SHAPE = (28, 28)
 NUM_LABELS = 10
+MAX_SYNTHETIC_BYTES = MAX_SYNTHETIC_IMAGES * (IMAGE_PIXELS + 1)
 SYNTHETIC_KEYS = frozenset({"synthetic_mix", "synthetic_images", "synthetic_labels"})
+# TrainTask's fields that travel as the synthetic payload's tensors, not as fields of the message.
+SYNTHETIC_TENSORS = {"synthetic_images": "images", "synthetic_labels": "labels"}
 # Synthetic samples per real sample and epoch, at most: beyond it the local data is a rounding
 # error, and a task cannot make a client draw (and allocate) an unbounded number of indices.
 MAX_SYNTHETIC_MIX = 10.0
@@ -193,27 +200,30 @@ class _TaskSettings:
         if self.seed is None:
             raise TaskSettingsError("seed", "not set: the round engine sets a seed per client before sending")
         message = self.MESSAGE()
-        for key in _field_types(type(self)):
+        for key in _message_fields(type(self)):
             value = getattr(self, key)
             if key not in self.WIRE_OPTIONAL or value != _defaults(type(self))[key]:
                 setattr(message, key, value)
         return message
 
     @classmethod
-    def from_proto(cls, message):
-        """Read and check the wire form (see the module docstring)."""
+    def from_proto(cls, message, synthetic: Mapping[str, torch.Tensor] | None = None):
+        """Read and check the wire form (see the module docstring); ``synthetic``: the tensors of the
+        payload a TrainTask's ``synthetic`` manifest announces, as received."""
         unknown = sorted({field.field_number for field in unknown_fields.UnknownFieldSet(message)})
         if unknown:
             key = f"#{unknown[0]}"
             raise TaskSettingsError(key, f"unknown setting for a {cls.KIND} task (field numbers "
                                          f"{', '.join(map(str, unknown))}; known: {', '.join(_field_types(cls))})")
-        missing = [key for key in _field_types(cls) if key not in cls.WIRE_OPTIONAL and not message.HasField(key)]
+        missing = [key for key in _message_fields(cls) if key not in cls.WIRE_OPTIONAL and not message.HasField(key)]
         if missing:
             raise TaskSettingsError(missing[0], f"missing from the {cls.KIND} task (missing: {', '.join(missing)})")
-        values = {key: getattr(message, key) for key in _field_types(cls)}
+        values = {key: getattr(message, key) for key in _message_fields(cls)}
         # proto3 reads a string left out as "": such a field means its dataclass default.
         values.update({key: default for key, default in _defaults(cls).items()
-                       if key in cls.WIRE_OPTIONAL and isinstance(default, str) and values[key] == ""})
+                       if key in values and key in cls.WIRE_OPTIONAL and isinstance(default, str) and values[key] == ""})
+        if issubclass(cls, TrainTask) and message.HasField("synthetic"):
+            values.update(_synthetic_fields(message.synthetic, synthetic))
         return cls(**values)
 
 
@@ -323,14 +333,49 @@ TASK_KINDS: dict[int, tuple[str, type[TrainTask] | type[EvaluateTask]]] = {
 }
 
 
-def set_settings(header: pb.TaskHeader, settings: TaskSettings) -> pb.TaskHeader:
-    """``header`` with ``settings`` in its oneof field (train or evaluate, by their type)."""
-    getattr(header, settings.KIND).CopyFrom(settings.to_proto())
-    return header
+def set_settings(header: pb.TaskHeader, settings: TaskSettings) -> Payload | None:
+    """Put ``settings`` in ``header``'s oneof field (train or evaluate, by their type); returns the
+    payload of a training task's synthetic images (its manifest set in the header), whose chunks
+    the stream carries after the weights' (None without synthetic images)."""
+    message = getattr(header, settings.KIND)
+    message.CopyFrom(settings.to_proto())
+    synthetic = synthetic_payload(settings)
+    if synthetic is not None:
+        message.synthetic.CopyFrom(synthetic.manifest)
+    return synthetic
 
 
-def from_header(header: pb.TaskHeader) -> TaskSettings:
-    """The checked settings of a TRAIN or EVALUATE task header; raises TaskSettingsError."""
+def synthetic_payload(settings: TaskSettings) -> Payload | None:
+    """A training task's synthetic images and labels encoded as a payload (None without)."""
+    if not isinstance(settings, TrainTask) or not _has_synthetic(settings):
+        return None
+    images = np.frombuffer(settings.synthetic_images, dtype=np.uint8).reshape(-1, *IMAGE_SHAPE)
+    labels = np.frombuffer(settings.synthetic_labels, dtype=np.uint8)
+    return encode_state_dict({"images": torch.from_numpy(images.copy()), "labels": torch.from_numpy(labels.copy())})
+
+
+def check_synthetic_manifest(manifest: pb.Manifest) -> None:
+    """Refuse (TaskSettingsError) a synthetic payload that is not images and labels of at most
+    MAX_SYNTHETIC_IMAGES images: checked before a byte of it is received."""
+    specs = {spec.name: spec for spec in manifest.tensors}
+    if [spec.name for spec in manifest.tensors] != list(SYNTHETIC_TENSORS.values()):
+        raise TaskSettingsError("synthetic_images", f"the synthetic payload must hold the tensors "
+                                                    f"{list(SYNTHETIC_TENSORS.values())}, got {list(specs)}")
+    images, labels = specs["images"], specs["labels"]
+    if images.dtype != "uint8" or labels.dtype != "uint8":
+        raise TaskSettingsError("synthetic_images", f"synthetic images and labels must be uint8, got "
+                                                    f"{images.dtype} and {labels.dtype}")
+    if len(labels.shape) != 1 or list(images.shape) != [labels.shape[0], *IMAGE_SHAPE]:
+        raise TaskSettingsError("synthetic_images", f"images of shape {list(images.shape)} are not one 28x28 "
+                                                    f"image for each of the labels of shape {list(labels.shape)}")
+    if not 1 <= labels.shape[0] <= MAX_SYNTHETIC_IMAGES:
+        raise TaskSettingsError("synthetic_images", f"{labels.shape[0]} images: must be at least one and no "
+                                                    f"more than {MAX_SYNTHETIC_IMAGES}")
+
+
+def from_header(header: pb.TaskHeader, synthetic: Mapping[str, torch.Tensor] | None = None) -> TaskSettings:
+    """The checked settings of a TRAIN or EVALUATE task header (``synthetic``: the tensors of its
+    synthetic payload, as received); raises TaskSettingsError."""
     if header.type not in TASK_KINDS:
         raise TaskSettingsError(None, f"task type {header.type} carries no train or evaluate settings")
     field, cls = TASK_KINDS[header.type]
@@ -338,7 +383,7 @@ def from_header(header: pb.TaskHeader) -> TaskSettings:
     if carried != field:
         raise TaskSettingsError(None, f"a {pb.TaskType.Name(header.type)} task must carry {field} settings, "
                                       f"got {carried or 'none'}")
-    return cls.from_proto(getattr(header, field))
+    return cls.from_proto(getattr(header, field), synthetic)
 
 
 def encode_synthetic(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
@@ -355,6 +400,20 @@ def _field_types(cls: type) -> types.MappingProxyType:
     server, one per task received on a client) is checked through this."""
     hints = typing.get_type_hints(cls)
     return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls)})
+
+
+@functools.cache
+def _message_fields(cls: type) -> tuple[str, ...]:
+    """The fields that travel as fields of the task's proto message."""
+    return tuple(key for key in _field_types(cls) if key not in SYNTHETIC_TENSORS)
+
+
+def _synthetic_fields(manifest: pb.Manifest, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, bytes]:
+    """TrainTask's synthetic_images and synthetic_labels from the received synthetic payload."""
+    check_synthetic_manifest(manifest)
+    if tensors is None:
+        raise TaskSettingsError("synthetic_images", "announced in the task but not received")
+    return {key: tensors[tensor].numpy().tobytes() for key, tensor in SYNTHETIC_TENSORS.items()}
 
 
 @functools.cache

@@ -24,14 +24,14 @@ import torch
 
 from genfl_client.executor import TaskExecutor
 from genfl_client.metrics import ClientMetrics
-from genfl_client.runner import ClientRunner
+from genfl_client.runner import ClientRunner, receive_synthetic
 from genfl_server.coordinator import Coordinator
 from genfl_server.engine import RoundEngine, RoundFailed
 from genfl_server.metrics import ServerMetrics
 from genfl_server.phases import eval_task, train_task
 from genfl_server.results import RunRecorder
 from genfl_server.logsafe import MAX_SHOWN_CHARS
-from genfl_shared.codec import encode_state_dict
+from genfl_shared.codec import CodecError, decode_payload, encode_state_dict
 from genfl_shared.config import PRESETS
 from genfl_shared.models import initial_state
 from genfl_shared.partition import Shard
@@ -91,7 +91,8 @@ def test_round_trip_keeps_every_value_exactly():
     evaluate = EvaluateTask(**EVALUATE)
     assert from_header(header_of(train.to_proto())) == train
     assert from_header(header_of(evaluate.to_proto())) == evaluate
-    assert from_header(set_settings(pb.TaskHeader(type=pb.TASK_TYPE_TRAIN), train)) == train
+    header = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    assert set_settings(header, train) is None and from_header(header) == train  # no synthetic payload
     # The wire carries the fields by their names; off switches at their defaults are left out.
     assert {field.name: value for field, value in train.to_proto().ListFields()} == {
         key: value for key, value in TRAIN.items() if key not in ("evaluate_first", "evaluate_seed")}
@@ -379,31 +380,104 @@ def test_error_result_with_weights_or_samples_is_malformed(bare):
 
 # -- synthetic images of missing classes (--client-synthetic-mix) -----------------------------------
 
-def test_synthetic_images_round_trip_and_every_bad_buffer_is_refused_by_name():
+def sent_with_synthetic(tensors: dict[str, torch.Tensor], **changes) -> tuple[pb.TaskHeader, dict]:
+    """A TRAIN header whose synthetic payload holds ``tensors`` (as any sender may encode them), and
+    those tensors as the client receives them."""
+    payload = encode_state_dict(tensors)
+    message = wire(**{"synthetic_mix": 0.5, **changes})
+    message.synthetic.CopyFrom(payload.manifest)
+    header = header_of(message)
+    return header, decode_payload(header.train.synthetic, payload.chunks, max_bytes=1 << 30)
+
+
+def synthetic_tensors(count: int, labels=None) -> dict[str, torch.Tensor]:
+    return {"images": torch.zeros(count, 28, 28, dtype=torch.uint8),
+            "labels": torch.tensor(labels if labels is not None else [0] * count, dtype=torch.uint8)}
+
+
+def test_synthetic_images_travel_as_a_payload_after_the_weights():
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    pixels, labels = encode_synthetic(images, np.array([0, 7, 9]))
+    task = TrainTask(**TRAIN, synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels)
+    header = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    payload = set_settings(header, task)
+    header = pb.TaskHeader.FromString(header.SerializeToString())
+    assert [spec.name for spec in header.train.synthetic.tensors] == ["images", "labels"]
+    assert header.train.synthetic == payload.manifest and header.train.synthetic_mix == 0.5
+    # What the client reads after the weights' chunks: exactly this payload's chunks.
+    stream = iter([pb.TaskMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(payload.chunks)])
+    received = receive_synthetic(header, stream)
+    got = from_header(header, received)
+    assert got == task
+    got_images, got_labels = got.synthetic_set()
+    assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 7, 9]
+    # No synthetic images: no payload, no manifest, and nothing may follow the weights.
+    plain = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    assert set_settings(plain, TrainTask(**TRAIN)) is None and not plain.train.HasField("synthetic")
+    assert receive_synthetic(plain, iter([])) is None
+    with pytest.raises(CodecError, match="more chunks"):
+        receive_synthetic(plain, iter([pb.TaskMessage(chunk=pb.Chunk(index=0, data=b"x"))]))
+    with pytest.raises(CodecError):  # one chunk short
+        receive_synthetic(header, iter([]))
+
+
+def test_every_bad_synthetic_set_is_refused_by_name_when_built():
     from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX
 
     images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
     pixels, labels = encode_synthetic(images, np.array([0, 7, 9]))
-    task = from_header(header_of(wire(synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels)))
-    got_images, got_labels = task.synthetic_set()
-    assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 7, 9]
-    assert from_header(header_of(task.to_proto())) == task
 
     def refused_with(**changes):
-        return refused(wire(**{"synthetic_mix": 0.5, "synthetic_images": pixels, "synthetic_labels": labels,
-                               **changes})).key
+        return refused_when_built(**{"synthetic_mix": 0.5, "synthetic_images": pixels, "synthetic_labels": labels,
+                                     **changes}).key
 
     assert refused_with(synthetic_images=pixels[:-5]) == "synthetic_images"  # not whole images
     assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7]))[1]) == "synthetic_images"
     assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7, 10]))[1]) == "synthetic_labels"
     assert refused_with(synthetic_mix=0.0) == "synthetic_mix"  # images with nothing to mix them at
-    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300):  # a mix that would make a client draw ~forever
+    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300, float("nan")):  # a mix that would make a client draw ~forever
         assert refused_with(synthetic_mix=mix) == "synthetic_mix"
-    assert refused(wire(synthetic_mix=float("nan"))).key == "synthetic_mix"
     too_many = np.zeros((MAX_SYNTHETIC_IMAGES + 1, 28, 28), dtype=np.uint8)
     assert refused_with(**dict(zip(("synthetic_images", "synthetic_labels"),
                                    encode_synthetic(too_many, np.zeros(MAX_SYNTHETIC_IMAGES + 1))))) in (
         "synthetic_images", "synthetic_labels")
-    cvae = wire(model="cvae", optimizer="adam", prox_mu=0.0, sgd_momentum=0.0, synthetic_mix=0.5,
-                synthetic_images=pixels, synthetic_labels=labels)
-    assert refused(cvae).key == "synthetic_images"  # synthetic images are for the classifier only
+    # Synthetic images are for the classifier only.
+    assert refused_with(model="cvae", optimizer="adam", prox_mu=0.0, sgd_momentum=0.0) == "synthetic_images"
+
+
+def test_every_bad_synthetic_payload_is_refused_by_name_when_received():
+    from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX
+
+    def refused_on_receipt(tensors, **changes) -> str:
+        header, received = sent_with_synthetic(tensors, **changes)
+        with pytest.raises(TaskSettingsError) as caught:
+            from_header(header, received)
+        return caught.value.key
+
+    assert from_header(*sent_with_synthetic(synthetic_tensors(3, [0, 7, 9]))).synthetic_set()[1].tolist() == [0, 7, 9]
+    assert refused_on_receipt(synthetic_tensors(3, [0, 7, 10])) == "synthetic_labels"
+    assert refused_on_receipt({"images": torch.zeros(2, 28, 28, dtype=torch.uint8),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt({"images": torch.zeros(3, 28, 27, dtype=torch.uint8),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt({"images": torch.zeros(3, 28, 28),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"  # not uint8
+    assert refused_on_receipt({**synthetic_tensors(3), "extra": torch.zeros(1)}) == "synthetic_images"
+    assert refused_on_receipt({"labels": torch.zeros(3, dtype=torch.uint8),
+                               "images": torch.zeros(3, 28, 28, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt(synthetic_tensors(0)) == "synthetic_images"  # announced, but no image
+    assert refused_on_receipt(synthetic_tensors(3), synthetic_mix=0.0) == "synthetic_mix"
+    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300, float("nan")):
+        assert refused_on_receipt(synthetic_tensors(3), synthetic_mix=mix) == "synthetic_mix"
+    assert refused_on_receipt(synthetic_tensors(3), model="cvae", optimizer="adam", prox_mu=0.0,
+                              sgd_momentum=0.0) == "synthetic_images"
+    # Too many images: refused from the manifest, before a byte of them is received.
+    too_many, _ = sent_with_synthetic(synthetic_tensors(MAX_SYNTHETIC_IMAGES + 1))
+    assert receive_synthetic(too_many, iter([pb.TaskMessage(chunk=pb.Chunk(index=0, data=b"x"))])) is None
+    with pytest.raises(TaskSettingsError, match=f"no more than {MAX_SYNTHETIC_IMAGES}") as caught:
+        from_header(too_many)
+    assert caught.value.key == "synthetic_images"
+    # Announced but not received.
+    header, _ = sent_with_synthetic(synthetic_tensors(3))
+    with pytest.raises(TaskSettingsError, match="not received"):
+        from_header(header)

@@ -118,7 +118,7 @@ class TaskHeader(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("model", "epochs", "batch_size", "optimizer", "lr", "sgd_momentum", "binarize", "prox_mu", "deterministic", "evaluate_first", "evaluate_seed", "local_loss", "synthetic_mix", "synthetic_images", "synthetic_labels", "dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm", "dp_delta", "dp_accountant", "seed")
+    __slots__ = ("model", "epochs", "batch_size", "optimizer", "lr", "sgd_momentum", "binarize", "prox_mu", "deterministic", "evaluate_first", "evaluate_seed", "local_loss", "synthetic_mix", "synthetic", "dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm", "dp_delta", "dp_accountant", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -132,8 +132,7 @@ class TrainTask(_message.Message):
     EVALUATE_SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_MIX_FIELD_NUMBER: _ClassVar[int]
-    SYNTHETIC_IMAGES_FIELD_NUMBER: _ClassVar[int]
-    SYNTHETIC_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
@@ -155,8 +154,7 @@ class TrainTask(_message.Message):
     evaluate_seed: int
     local_loss: str
     synthetic_mix: float
-    synthetic_images: bytes
-    synthetic_labels: bytes
+    synthetic: Manifest
     dp: bool
     dp_noise_multiplier: float
     dp_target_epsilon: float
@@ -165,7 +163,7 @@ class TrainTask(_message.Message):
     dp_delta: float
     dp_accountant: str
     seed: int
-    def __init__(self, model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., sgd_momentum: _Optional[float] = ..., binarize: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., deterministic: _Optional[bool] = ..., evaluate_first: _Optional[bool] = ..., evaluate_seed: _Optional[int] = ..., local_loss: _Optional[str] = ..., synthetic_mix: _Optional[float] = ..., synthetic_images: _Optional[bytes] = ..., synthetic_labels: _Optional[bytes] = ..., dp: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., dp_rounds: _Optional[int] = ..., dp_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_accountant: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., sgd_momentum: _Optional[float] = ..., binarize: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., deterministic: _Optional[bool] = ..., evaluate_first: _Optional[bool] = ..., evaluate_seed: _Optional[int] = ..., local_loss: _Optional[str] = ..., synthetic_mix: _Optional[float] = ..., synthetic: _Optional[_Union[Manifest, _Mapping]] = ..., dp: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., dp_rounds: _Optional[int] = ..., dp_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_accountant: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EvaluateTask(_message.Message):
     __slots__ = ("model", "binarize", "seed")

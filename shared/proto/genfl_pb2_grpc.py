@@ -69,7 +69,7 @@ class FederatedLearningServicer:
 
     def FetchTask(self, request, context):
         """Long poll for the next task. The stream carries one TaskHeader, then the model chunks it
-        announces (none for IDLE/SHUTDOWN).
+        announces (none for IDLE/SHUTDOWN), then the chunks of TrainTask.synthetic if it has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
