@@ -214,17 +214,20 @@ class _TaskSettings:
         if unknown:
             key = f"#{unknown[0]}"
             raise TaskSettingsError(key, f"unknown setting for a {cls.KIND} task (field numbers "
-                                         f"{', '.join(map(str, unknown))}; known: {', '.join(_field_types(cls))})")
+                                         f"{', '.join(map(str, unknown))}; known: {', '.join(_message_fields(cls))})")
         missing = [key for key in _message_fields(cls) if key not in cls.WIRE_OPTIONAL and not message.HasField(key)]
         if missing:
             raise TaskSettingsError(missing[0], f"missing from the {cls.KIND} task (missing: {', '.join(missing)})")
         values = {key: getattr(message, key) for key in _message_fields(cls)}
         # proto3 reads a string left out as "": such a field means its dataclass default.
         values.update({key: default for key, default in _defaults(cls).items()
-                       if key in values and key in cls.WIRE_OPTIONAL and isinstance(default, str) and values[key] == ""})
-        if issubclass(cls, TrainTask) and message.HasField("synthetic"):
-            values.update(_synthetic_fields(message.synthetic, synthetic))
-        return cls(**values)
+                       if key in cls.WIRE_OPTIONAL and isinstance(default, str) and values.get(key) == ""})
+        return cls(**values, **cls._received_payload(message, synthetic))
+
+    @classmethod
+    def _received_payload(cls, message, synthetic: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+        """The fields that travel as a payload after the weights (none by default)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,16 @@ class TrainTask(_TaskSettings):
     def _check_contents(self) -> None:
         if _has_synthetic(self):
             self.synthetic_set()  # decodes and checks them
+
+    @classmethod
+    def _received_payload(cls, message, synthetic: Mapping[str, torch.Tensor] | None) -> dict[str, bytes]:
+        """synthetic_images and synthetic_labels from the synthetic payload the message announces."""
+        if not message.HasField("synthetic"):
+            return {}
+        check_synthetic_manifest(message.synthetic)
+        if synthetic is None:
+            raise TaskSettingsError("synthetic_images", "announced in the task but not received")
+        return {key: synthetic[tensor].numpy().tobytes() for key, tensor in SYNTHETIC_TENSORS.items()}
 
     def synthetic_set(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The task's synthetic images (uint8 [N, 28, 28]) and labels (int64 [N]), or None;
@@ -406,14 +419,6 @@ def _field_types(cls: type) -> types.MappingProxyType:
 def _message_fields(cls: type) -> tuple[str, ...]:
     """The fields that travel as fields of the task's proto message."""
     return tuple(key for key in _field_types(cls) if key not in SYNTHETIC_TENSORS)
-
-
-def _synthetic_fields(manifest: pb.Manifest, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, bytes]:
-    """TrainTask's synthetic_images and synthetic_labels from the received synthetic payload."""
-    check_synthetic_manifest(manifest)
-    if tensors is None:
-        raise TaskSettingsError("synthetic_images", "announced in the task but not received")
-    return {key: tensors[tensor].numpy().tobytes() for key, tensor in SYNTHETIC_TENSORS.items()}
 
 
 @functools.cache
