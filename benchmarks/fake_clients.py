@@ -15,7 +15,6 @@ each) so that the clients' own CPU time is spread over cores too.
 from __future__ import annotations
 
 import asyncio
-import json
 import hashlib
 import multiprocessing as mp
 import traceback
@@ -126,7 +125,7 @@ async def _serve(address: str, client_id: str, num_train: int, num_heldout: int,
             if header.type == pb.TASK_TYPE_TRAIN:
                 result.num_samples = num_train
                 result.manifest.CopyFrom(header.manifest)  # the echo: same bytes, same digest
-                if json.loads(header.config_json).get("evaluate_first"):
+                if header.train.evaluate_first:
                     # The previous round's evaluation rides on this TRAIN task: report it too.
                     result.metrics.update(eval_loss=1.0, eval_accuracy=0.5, eval_samples=float(num_heldout))
             else:

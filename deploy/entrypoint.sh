@@ -19,7 +19,7 @@ usage: <image> ROLE [ARGS...]
                            server continues an interrupted run in $GENFL_OUT (run_state.pt there:
                            genfl-server --resume), skips a run whose $GENFL_OUT already holds
                            summary.json and, while idle, answers gRPC health on its port:
-                           "" SERVING (alive), genfl.v1.FederatedLearning NOT_SERVING (not ready).
+                           "" SERVING (alive), genfl.v2.FederatedLearning NOT_SERVING (not ready).
   help                     this text
   anything else            run as a command (sh, python, ...)
 

@@ -7,11 +7,11 @@
     client certificates, ``--tls-cert``/``--tls-key``; ``--tls-server-name`` when the address is not a
     name in the server's certificate), as for genfl-client. The docker compose healthcheck of the server uses it; Kubernetes
     uses its native gRPC probe instead. ``genfl-server`` answers for "" (the whole server) and
-    ``genfl.v1.FederatedLearning``: NOT_SERVING until it listens with its data loaded, SERVING while
+    ``genfl.v2.FederatedLearning``: NOT_SERVING until it listens with its data loaded, SERVING while
     the run goes on.
 
 ``genfl-health idle [--port 50051] [--tls-cert C --tls-key K [--client-ca CA]]``
-    Serve only the health service (with TLS, and mutual TLS, like the server it stands in for), "" SERVING and ``genfl.v1.FederatedLearning`` NOT_SERVING, until
+    Serve only the health service (with TLS, and mutual TLS, like the server it stands in for), "" SERVING and ``genfl.v2.FederatedLearning`` NOT_SERVING, until
     SIGTERM/SIGINT: what ``genfl-entrypoint once server`` runs after a completed run, so that
     Kubernetes sees the pod alive (liveness: "") but not ready (readiness: the service) and neither
     restarts it into a new run nor routes clients to it.
@@ -28,7 +28,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-SERVICE_NAME = "genfl.v1.FederatedLearning"
+SERVICE_NAME = "genfl.v2.FederatedLearning"
 
 
 def _read(path: str | None) -> bytes | None:

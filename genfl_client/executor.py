@@ -22,7 +22,7 @@ from genfl_shared.dp import ClientPrivacy
 from genfl_shared.models import build_model
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
-from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_json
+from genfl_shared.tasks import TASK_KINDS, EvaluateTask, TaskSettingsError, TrainTask, from_header
 from genfl_shared.training import evaluate_classifier, evaluate_cvae, train_classifier, train_cvae
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 class TaskError(ValueError):
     """A task this client cannot execute (bad settings or weights that do not fit the model): the
     runner reports it back to the server in ResultHeader.error."""
-
-
-TASK_KINDS = {pb.TASK_TYPE_TRAIN: "train", pb.TASK_TYPE_EVALUATE: "evaluate"}  # the genfl_shared.tasks kinds
 
 
 def evaluation_metrics(evaluated: "TaskOutcome") -> dict[str, float]:
@@ -78,16 +75,19 @@ class TaskExecutor:
             )
         return self._tensors[binarize]
 
-    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
-        """Execute one TRAIN or EVALUATE task; raises TaskError for one it cannot execute."""
+    def run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None,
+            synthetic: Mapping[str, torch.Tensor] | None = None) -> TaskOutcome:
+        """Execute one TRAIN or EVALUATE task (``synthetic``: the tensors of its synthetic images'
+        payload, as received); raises TaskError for one it cannot execute."""
         with self._compute_lock:
-            return self._run(header, weights)
+            return self._run(header, weights, synthetic)
 
-    def _run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
+    def _run(self, header: pb.TaskHeader, weights: Mapping[str, torch.Tensor] | None,
+             synthetic: Mapping[str, torch.Tensor] | None) -> TaskOutcome:
         if header.type not in TASK_KINDS:
             raise TaskError(f"task {header.task_id}: cannot execute task type {header.type}")
         try:
-            settings = from_json(header.config_json, TASK_KINDS[header.type])
+            settings = from_header(header, synthetic)
         except TaskSettingsError as error:
             raise TaskError(f"task {header.task_id}: {error}") from None
         if weights is None:

@@ -11,7 +11,7 @@ next task may well be fine and the server decides whether the run can go on with
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import random
 import threading
@@ -29,6 +29,7 @@ from genfl_shared.data import NUM_CLASSES
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.security import bearer_metadata
+from genfl_shared.tasks import MAX_SYNTHETIC_BYTES, TaskSettingsError, check_synthetic_manifest
 
 from .executor import TaskError, TaskExecutor
 from .metrics import ClientMetrics
@@ -58,6 +59,26 @@ WARN_EVERY = 5
 def shard_label_counts(shard) -> list[int]:
     """The shard's train images per class (index = label), as registration reports them."""
     return np.bincount(shard.train_labels, minlength=NUM_CLASSES).tolist()
+
+
+def receive_synthetic(header: pb.TaskHeader, stream) -> dict | None:
+    """The tensors of a training task's synthetic images, whose chunks follow the weights' in
+    ``stream`` (None without them). A manifest the task may not carry is not received: the
+    executor refuses the task, naming why; CodecError for chunks that do not make the payload,
+    or for chunks after the last payload."""
+    synthetic = None
+    if header.WhichOneof("settings") == "train" and header.train.HasField("synthetic"):
+        try:
+            check_synthetic_manifest(header.train.synthetic)
+        except TaskSettingsError:
+            return None
+        assembler = PayloadAssembler(header.train.synthetic, max_bytes=MAX_SYNTHETIC_BYTES)
+        for message in itertools.islice(stream, header.train.synthetic.num_chunks):
+            assembler.add(message.chunk)
+        synthetic = assembler.finish()
+    if next(stream, None) is not None:
+        raise CodecError("bad_chunk", "more chunks than the task's payloads announce")
+    return synthetic
 
 
 class FatalClientError(RuntimeError):
@@ -242,15 +263,14 @@ class ClientRunner:
 
     def _serve_tasks(self) -> str:
         while True:
-            header, weights = self._fetch()
+            header, weights, synthetic = self._fetch()
             if header.type == pb.TASK_TYPE_IDLE:
                 continue
             if header.type == pb.TASK_TYPE_SHUTDOWN:
-                info = json.loads(header.config_json or "{}")
-                status = info.get("status", "completed")
-                log.info("server ended run %s: %s %s", header.run_id, status, info.get("reason", ""))
+                status = "failed" if header.shutdown.outcome == pb.RUN_OUTCOME_FAILED else "completed"
+                log.info("server ended run %s: %s %s", header.run_id, status, header.shutdown.reason)
                 return status
-            self._execute(header, weights)
+            self._execute(header, weights, synthetic)
 
     def _fetch(self):
         stream = self.stub.FetchTask(pb.FetchTaskRequest(run_id=self.run_id, client_id=self.client_id,
@@ -261,20 +281,21 @@ class ClientRunner:
             raise FatalClientError("server sent a task without a header")
         header = first.header
         if not header.HasField("manifest") or header.type not in (pb.TASK_TYPE_TRAIN, pb.TASK_TYPE_EVALUATE):
-            return header, None
+            return header, None, None
         try:
             assembler = PayloadAssembler(header.manifest, max_bytes=MAX_MODEL_BYTES)
-            for message in stream:
+            for message in itertools.islice(stream, header.manifest.num_chunks):
                 assembler.add(message.chunk)
             weights = assembler.finish()
+            synthetic = receive_synthetic(header, stream)
         except CodecError as error:
             # A corrupted download: drop it; the task is re-delivered on the next poll.
             log.warning("task %s: discarded corrupt weights (%s)", header.task_id, error)
-            return pb.TaskHeader(type=pb.TASK_TYPE_IDLE), None
+            return pb.TaskHeader(type=pb.TASK_TYPE_IDLE), None, None
         self.metrics.bytes_received.inc(header.manifest.total_bytes)
-        return header, weights
+        return header, weights, synthetic
 
-    def _execute(self, header: pb.TaskHeader, weights) -> None:
+    def _execute(self, header: pb.TaskHeader, weights, synthetic) -> None:
         kind = pb.TaskType.Name(header.type).removeprefix("TASK_TYPE_").lower()
         set_thread_log_context(phase=header.phase, round=header.round)
         log.info("%s task %s", kind, header.task_id)
@@ -282,7 +303,7 @@ class ClientRunner:
                                  phase=header.phase, round=header.round, type=header.type,
                                  session_secret=self.session_secret)
         try:
-            outcome = self.executor.run(header, weights)
+            outcome = self.executor.run(header, weights, synthetic)
         except TaskError as error:
             log.error("cannot execute %s task %s, reporting it to the server: %s", kind, header.task_id, error)
             result.error = str(error)

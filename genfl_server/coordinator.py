@@ -23,7 +23,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import threading
@@ -496,11 +495,11 @@ class Coordinator:
         return self._shutdown is not None
 
     def shutdown(self, *, failed: bool = False, reason: str = "") -> None:
-        config = {"status": "failed" if failed else "completed", "reason": reason}
+        outcome = pb.RUN_OUTCOME_FAILED if failed else pb.RUN_OUTCOME_COMPLETED
         self.presence.close()
         with self._cond:
             self._shutdown = pb.TaskHeader(run_id=self.run_id, type=pb.TASK_TYPE_SHUTDOWN,
-                                           config_json=json.dumps(config))
+                                           shutdown=pb.Shutdown(outcome=outcome, reason=reason))
             self._wake_pollers()
 
     def wait_shutdown_delivered(self, timeout: float) -> bool:

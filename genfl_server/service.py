@@ -27,12 +27,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
+from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, Payload, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
+from genfl_shared.tasks import set_settings
 
 from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Task, TaskResult
@@ -76,7 +77,7 @@ def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
-SERVICE_NAME = _SERVICE.full_name  # genfl.v1.FederatedLearning
+SERVICE_NAME = _SERVICE.full_name  # genfl.v2.FederatedLearning
 
 
 @dataclass(frozen=True)
@@ -284,12 +285,15 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             if isinstance(item, pb.TaskHeader):  # shutdown
                 yield pb.TaskMessage(header=item)
                 return
-            yield pb.TaskMessage(header=self._header(item))
+            header, synthetic = self._header(item)
+            yield pb.TaskMessage(header=header)
             if item.payload is not None:
                 slot = await self._download_slot()
                 try:
                     for index, chunk in enumerate(item.payload.chunks):
                         yield chunk if item.payload.wrapped else pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
+                    for index, chunk in enumerate(synthetic.chunks if synthetic is not None else ()):
+                        yield pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
                 finally:
                     if slot:
                         self._downloads.release()
@@ -489,12 +493,14 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         except TimeoutError:
             return False
 
-    def _header(self, task: Task) -> pb.TaskHeader:
+    def _header(self, task: Task) -> tuple[pb.TaskHeader, Payload | None]:
+        """The task's header, and the synthetic images' payload whose chunks follow the weights'."""
         header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
-                               phase=task.phase, round=task.round, config_json=task.config.to_json())
+                               phase=task.phase, round=task.round)
+        synthetic = set_settings(header, task.config)
         if task.payload is not None:
             header.manifest.CopyFrom(task.payload.manifest)
-        return header
+        return header, synthetic
 
     def _count_poller(self, client_id: str, delta: int) -> None:
         self._polling[client_id] = self._polling.get(client_id, 0) + delta

@@ -1,4 +1,4 @@
-"""Synthetic data for the classes a client lacks (issue 14, ``--client-synthetic-mix RATIO``).
+"""Synthetic data for the classes a client lacks (``--client-synthetic-mix RATIO``).
 
 A client may report its train part's label histogram at registration (RegisterRequest.label_counts,
 checked by guard.checked_label_counts). For the classes it holds fewer than MISSING_BELOW images of,

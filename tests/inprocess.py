@@ -35,13 +35,12 @@ from genfl_shared.codec import CodecError, Payload, decode_payload, encode_state
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
-from genfl_shared.tasks import TaskSettings, from_json
+from genfl_shared.tasks import TaskSettings, from_header, set_settings
 
 State = dict[str, torch.Tensor]
 # (the task as the client received it, the weights it trained) -> the weights it sends instead.
 Tamper = Callable[["ReceivedTask", State], State]
 
-TASK_KINDS = {pb.TASK_TYPE_TRAIN: "train", pb.TASK_TYPE_EVALUATE: "evaluate"}
 POLL_SECONDS = 0.2  # how long one poll waits: bounds how late a stopped client notices
 
 
@@ -80,13 +79,16 @@ class SentResult:
     weights: State | None
 
 
-def task_header(run_id: str, task: Task) -> pb.TaskHeader:
-    """The header FetchTask sends for ``task`` (as the servicer's ``_header`` builds it)."""
+def task_header(run_id: str, task: Task) -> tuple[pb.TaskHeader, dict[str, torch.Tensor] | None]:
+    """The header FetchTask sends for ``task`` (as the servicer's ``_header`` builds it), and its
+    synthetic images as the client receives them (None without)."""
     header = pb.TaskHeader(run_id=run_id, task_id=task.task_id, type=task.type, phase=task.phase,
-                           round=task.round, config_json=task.config.to_json())
+                           round=task.round)
+    synthetic = set_settings(header, task.config)
     if task.payload is not None:
         header.manifest.CopyFrom(task.payload.manifest)
-    return header
+    received = None if synthetic is None else decode_payload(synthetic.manifest, synthetic.chunks)
+    return header, received
 
 
 def downloaded_weights(payload: Payload) -> State:
@@ -162,15 +164,15 @@ class InProcessClient:
 
     # -- one task ------------------------------------------------------------------------------
     def _answer(self, task: Task) -> None:
-        header = task_header(self.coordinator.run_id, task)
+        header, synthetic = task_header(self.coordinator.run_id, task)
         weights = downloaded_weights(task.payload) if task.payload is not None else None
-        received = ReceivedTask(task.task_id, task.type, task.phase, task.round,
-                                from_json(header.config_json, TASK_KINDS[task.type]), weights, task.payload)
+        received = ReceivedTask(task.task_id, task.type, task.phase, task.round, from_header(header, synthetic),
+                                weights, task.payload)
         self.received.append(received)
         result = pb.ResultHeader(run_id=header.run_id, task_id=task.task_id, client_id=self.client_id,
                                  phase=task.phase, round=task.round, type=task.type, session_secret=self.secret)
         try:
-            outcome = self.executor.run(header, weights)
+            outcome = self.executor.run(header, weights, synthetic)
         except TaskError as error:
             result.error = str(error)
             self._submit(result, None)

@@ -221,3 +221,36 @@ def test_documented_commands_use_real_options():
         options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
         unknown = [arg for arg in args if arg.startswith("--") and arg.split("=", 1)[0] not in options]
         assert not unknown, f"{page}: {name} has no option {unknown}"
+
+
+def walkthrough_names() -> list[str]:
+    """The dotted names (``genfl_…``) that docs/architecture.md's walk-throughs pass through."""
+    text = prose(DOCS / "architecture.md")
+    section = text[text.index("## Walk-throughs"):]
+    return [name for name in BACKTICKED.findall(section) if name.startswith("genfl_") and "." in name]
+
+
+def resolve(dotted: str):
+    """The object a dotted name stands for: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            target = getattr(target, attribute)
+        return target
+    raise ModuleNotFoundError(dotted)
+
+
+def test_the_walkthroughs_name_functions_that_exist():
+    names = walkthrough_names()
+    assert len(names) >= 20, names  # one weight tensor's round trip and one setting's path, step by step
+    missing = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"docs/architecture.md's walk-throughs name what the code does not have: {missing}"

@@ -53,7 +53,7 @@ def dp_task(**changes) -> TrainTask:
 
 def train_header(task: TrainTask, rnd: int) -> pb.TaskHeader:
     return pb.TaskHeader(task_id=f"t{rnd}", type=pb.TASK_TYPE_TRAIN, phase="cvae", round=rnd,
-                         config_json=task.to_json())
+                         train=task.to_proto())
 
 
 # -- the client's accounting -------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_dp_task_settings_are_checked():
         dp_task(prox_mu=0.01)
     with pytest.raises(TaskSettingsError, match="dp_accountant"):
         dp_task(dp_accountant="gdp")
-    assert TrainTask.from_json(dp_task().to_json()) == dp_task()
+    assert TrainTask.from_proto(dp_task().to_proto()) == dp_task()
 
 
 @pytest.mark.unit
@@ -292,7 +292,7 @@ def test_a_dp_result_without_epsilon_is_refused_by_a_real_server(tmp_path):
                 pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(chunks)]), timeout=RPC_TIMEOUT)
 
         task, weights = fetch()
-        assert task.type == pb.TASK_TYPE_TRAIN and json.loads(task.config_json)["dp"] is True
+        assert task.type == pb.TASK_TYPE_TRAIN and task.train.dp is True
         with pytest.raises(grpc.RpcError) as refused:
             submit(task, 100, {"loss": 190.0, "steps": 4.0}, weights)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

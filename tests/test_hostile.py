@@ -92,7 +92,7 @@ class Bot:
                 weights = decode_payload(task.manifest, [m.chunk for m in messages[1:]], max_bytes=1 << 30)
                 if task.type == pb.TASK_TYPE_TRAIN:
                     metrics = {"loss": 0.5, "steps": 9.0}
-                    if json.loads(task.config_json).get("evaluate_first"):  # the previous round's evaluation
+                    if task.train.evaluate_first:  # the previous round's evaluation
                         metrics.update({f"eval_{k}": v for k, v in honest_evaluation(weights).items()},
                                        eval_samples=30.0)
                     num_samples, update = self.train(weights, task)

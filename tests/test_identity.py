@@ -33,7 +33,7 @@ from helpers import loopback_server, start_server
 RUN_ID = "run-identity"
 DATASET = "mnist"
 RPC_TIMEOUT = 20.0
-SERVICE = "/genfl.v1.FederatedLearning"
+SERVICE = "/genfl.v2.FederatedLearning"
 EVALUATE = EvaluateTask(model="cvae", binarize=True, seed=1)
 HELDOUT = 20
 GARBAGE = b"\xff\xff\xff"  # parses as no message: a truncated varint

@@ -100,7 +100,7 @@ def test_metrics_endpoints_pass_promtool_and_health_goes_serving(tmp_path, shard
         status = wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status,
                           60, "the health service")
         assert status == health_pb2.HealthCheckResponse.SERVING
-        named = stub.Check(health_pb2.HealthCheckRequest(service="genfl.v1.FederatedLearning"), timeout=1)
+        named = stub.Check(health_pb2.HealthCheckRequest(service="genfl.v2.FederatedLearning"), timeout=1)
         assert named.status == health_pb2.HealthCheckResponse.SERVING
         # Wait for the run to finish; the server lingers with its final metrics.
         wait_for(lambda: (run.out / "summary.json").exists(), 180, "the run to finish")

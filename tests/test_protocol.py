@@ -8,7 +8,6 @@ out exactly as if only the good updates had ever been sent.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -229,7 +228,7 @@ def test_round_trip_and_every_rejection(server: Server, template):
     header_a = first.header
     assert header_a.type == pb.TASK_TYPE_TRAIN and header_a.run_id == RUN_ID
     assert (header_a.phase, header_a.round, header_a.task_id) == ("cvae", 1, tasks[0].task_id)
-    assert TrainTask.from_json(header_a.config_json) == config
+    assert header_a.WhichOneof("settings") == "train" and TrainTask.from_proto(header_a.train) == config
     assert len(rest) == header_a.manifest.num_chunks == payload.manifest.num_chunks
     assert [m.chunk.index for m in rest] == list(range(len(rest)))
     assert all(len(m.chunk.data) <= CHUNK_SIZE for m in rest)
@@ -402,7 +401,7 @@ def test_shutdown_releases_a_waiting_poll(server: Server):
     assert poller.header_at - released_at < PROMPT < POLL_TIMEOUT
     first, rest = poller.outcome
     assert first.header.type == pb.TASK_TYPE_SHUTDOWN and rest == []
-    assert json.loads(first.header.config_json) == {"status": "completed", "reason": "all rounds done"}
+    assert first.header.shutdown == pb.Shutdown(outcome=pb.RUN_OUTCOME_COMPLETED, reason="all rounds done")
     assert not server.coordinator.wait_shutdown_delivered(0.1)  # bob has not heard yet
     header, _, seconds = fetch(server.stub, "bob")  # later polls hear it at once
     assert header.type == pb.TASK_TYPE_SHUTDOWN and seconds < PROMPT

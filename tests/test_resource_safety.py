@@ -168,12 +168,12 @@ class EchoClient:
         messages += [pb.ResultMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(payload.chunks if payload else ())]
         return self.stub.SubmitResult(iter(messages), timeout=RPC_TIMEOUT)
 
-    def serve_until_shutdown(self, timeout: float = 120) -> str:
-        """Answer every task until the run ends; returns the run's final status."""
+    def serve_until_shutdown(self, timeout: float = 120) -> int:
+        """Answer every task until the run ends; returns the run's outcome (a pb.RunOutcome)."""
         while True:
             task, weights = self.next_task(timeout)
             if task.type == pb.TASK_TYPE_SHUTDOWN:
-                return task.config_json
+                return task.shutdown.outcome
             assert self.answer(task, weights).accepted
 
     def close(self) -> None:
@@ -261,7 +261,7 @@ def test_two_stalled_uploads_do_not_block_other_uploads_and_are_cut_at_the_uploa
             # The same clients retry honestly (their task is handed out again) and the run completes.
             with ThreadPoolExecutor(4) as pool:
                 statuses = list(pool.map(lambda c: c.serve_until_shutdown(), honest + hostile))
-            assert all('"completed"' in status for status in statuses), statuses
+            assert all(status == pb.RUN_OUTCOME_COMPLETED for status in statuses), statuses
             s.finish()
             assert "rejected (upload_timeout)" in s.log.read_text()
         finally:
@@ -386,7 +386,7 @@ def test_a_thousand_idle_streams_do_not_starve_health_register_or_fetch(tmp_path
             assert check_health(s.address) < 1.0
             with ThreadPoolExecutor(2) as pool:
                 statuses = list(pool.map(lambda c: c.serve_until_shutdown(), clients))
-            assert all('"completed"' in status for status in statuses), statuses
+            assert all(status == pb.RUN_OUTCOME_COMPLETED for status in statuses), statuses
             s.finish()
         finally:
             outcome = idle.close()
@@ -499,7 +499,7 @@ def test_one_upload_per_client_and_streams_per_connection_and_ip_are_bounded(tmp
             first.release()
             wait_until(lambda: s.metric("genfl_rpcs_open") == 0, 30, "the streams to close", details=s.details)
             assert client.answer(task, weights).accepted
-            assert '"completed"' in client.serve_until_shutdown()
+            assert client.serve_until_shutdown() == pb.RUN_OUTCOME_COMPLETED
             s.finish()
         finally:
             for stream in held:

@@ -204,7 +204,7 @@ def test_client_settings_of_every_strategy_are_train_task_fields():
         assert {f.name for f in dataclasses.fields(settings)} <= train_fields
         configured = dataclasses.replace(task, **dataclasses.asdict(settings))
         assert configured.prox_mu == (0.25 if name == "fedprox" else 0.0)
-        assert TrainTask.from_json(configured.to_json()) == configured
+        assert TrainTask.from_proto(configured.to_proto()) == configured
 
 
 def test_fedavgm_applies_server_momentum_over_rounds():

@@ -1,16 +1,17 @@
 """The typed task contract (genfl_shared.tasks) and what happens to a task a client cannot execute.
 
-Parsing is strict: every kind of bad input is refused with a TaskSettingsError naming the key.
-End to end over real gRPC on loopback: a real round engine whose training task carries a misspelt
-key, and a real client (ClientRunner + TaskExecutor in a thread): the client reports the error, the
-server logs it, counts it in genfl_client_updates_rejected_total{reason="task_error"} and fails
-the round at once with the client's message; the client keeps serving the next (good) task.
+The proto types the wire; the ranges are checked over it: every out-of-range, missing, unknown or
+misplaced setting is refused with a TaskSettingsError naming the field.
+End to end over real gRPC on loopback: a real round engine whose training task carries a field the
+client does not know, and a real client (ClientRunner + TaskExecutor in a thread): the client
+reports the error, the server logs it, counts it in genfl_client_updates_rejected_total{reason=
+"task_error"} and fails the round at once with the client's message; the client keeps serving the
+next (good) task.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import threading
@@ -23,41 +24,63 @@ import torch
 
 from genfl_client.executor import TaskExecutor
 from genfl_client.metrics import ClientMetrics
-from genfl_client.runner import ClientRunner
+from genfl_client.runner import ClientRunner, receive_synthetic
 from genfl_server.coordinator import Coordinator
 from genfl_server.engine import RoundEngine, RoundFailed
 from genfl_server.metrics import ServerMetrics
 from genfl_server.phases import eval_task, train_task
 from genfl_server.results import RunRecorder
 from genfl_server.logsafe import MAX_SHOWN_CHARS
-from genfl_shared.codec import encode_state_dict
+from genfl_shared.codec import CodecError, decode_payload, encode_state_dict
 from genfl_shared.config import PRESETS
 from genfl_shared.models import initial_state
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
-from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask, from_json
+from genfl_shared.tasks import (EvaluateTask, TaskSettingsError, TrainTask, encode_synthetic, from_header,
+                                set_settings)
 from helpers import loopback_server, wait_until
 
 TRAIN = dict(model="classifier", epochs=2, batch_size=16, optimizer="sgd", lr=0.01, sgd_momentum=0.5,
              binarize=False, prox_mu=0.1, deterministic=True, evaluate_first=False, evaluate_seed=0, seed=12345)
 EVALUATE = dict(model="cvae", binarize=True, seed=7)
+# A field number neither task message uses: what a newer sender's extra setting looks like here.
+UNKNOWN_FIELD = 99
 
 
-def wire(**changes) -> str:
-    """TRAIN's wire JSON with keys changed (a value of ... deletes the key)."""
-    data = dict(TRAIN)
+def wire(**changes) -> pb.TrainTask:
+    """TRAIN's wire message with fields changed (a value of ... leaves the field out)."""
+    message = pb.TrainTask(**{key: value for key, value in TRAIN.items() if key not in changes})
     for key, value in changes.items():
-        if value is ...:
-            del data[key]
-        else:
-            data[key] = value
-    return json.dumps(data)
+        if value is not ...:
+            setattr(message, key, value)
+    return message
 
 
-def refused(text: str, kind: str = "train") -> TaskSettingsError:
+def with_unknown_field(message):
+    """``message`` as a newer sender writes it: with a varint field this client does not know."""
+    key = UNKNOWN_FIELD << 3  # wire type 0: varint
+    tag = bytes([key & 0x7F | 0x80, key >> 7])  # the key as a two-byte varint (128 <= key < 16384)
+    return type(message).FromString(message.SerializeToString() + tag + b"\x01")
+
+
+def header_of(message, task_type: int | None = None) -> pb.TaskHeader:
+    kind = "train" if isinstance(message, pb.TrainTask) else "evaluate"
+    default_type = pb.TASK_TYPE_TRAIN if kind == "train" else pb.TASK_TYPE_EVALUATE
+    header = pb.TaskHeader(task_id="t-1", type=default_type if task_type is None else task_type)
+    getattr(header, kind).CopyFrom(message)
+    return pb.TaskHeader.FromString(header.SerializeToString())  # as the client receives it
+
+
+def refused(message) -> TaskSettingsError:
     with pytest.raises(TaskSettingsError) as caught:
-        from_json(text, kind)
+        from_header(header_of(message))
+    return caught.value
+
+
+def refused_when_built(**changes) -> TaskSettingsError:
+    with pytest.raises(TaskSettingsError) as caught:
+        TrainTask(**{**TRAIN, **changes})
     return caught.value
 
 
@@ -67,42 +90,52 @@ def refused(text: str, kind: str = "train") -> TaskSettingsError:
 def test_round_trip_keeps_every_value_exactly():
     train = TrainTask(**TRAIN)
     evaluate = EvaluateTask(**EVALUATE)
-    assert from_json(train.to_json(), "train") == train
-    assert from_json(evaluate.to_json(), "evaluate") == evaluate
-    assert json.loads(train.to_json()) == TRAIN  # the wire carries the fields by their names
-    awkward = dataclasses.replace(train, lr=0.1 + 0.2, seed=2**31 - 1)  # a float with no short decimal
-    assert from_json(awkward.to_json(), "train").lr == 0.1 + 0.2
+    assert from_header(header_of(train.to_proto())) == train
+    assert from_header(header_of(evaluate.to_proto())) == evaluate
+    header = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    assert set_settings(header, train) is None and from_header(header) == train  # no synthetic payload
+    # The wire carries the fields by their names; off switches at their defaults are left out.
+    assert {field.name: value for field, value in train.to_proto().ListFields()} == {
+        key: value for key, value in TRAIN.items() if key not in ("evaluate_first", "evaluate_seed")}
+    awkward = dataclasses.replace(train, lr=0.1 + 0.2, seed=2**63 - 1)  # a float with no short decimal
+    assert from_header(header_of(awkward.to_proto())).lr == 0.1 + 0.2
 
 
 @pytest.mark.unit
 def test_an_int_is_a_float_but_a_bool_is_not_an_int():
-    task = from_json(wire(lr=1, prox_mu=0), "train")
+    task = TrainTask(**dict(TRAIN, lr=1, prox_mu=0))
     assert task.lr == 1.0 and isinstance(task.lr, float) and isinstance(task.prox_mu, float)
     for key in ("epochs", "batch_size", "seed"):
-        assert refused(wire(**{key: True})).key == key
-    assert refused(wire(lr=True)).key == "lr"
-    assert refused(wire(epochs=2.0)).key == "epochs"  # an int field takes no float, however round
-    assert refused(wire(binarize=1)).key == "binarize"
-    assert refused(wire(model=1)).key == "model"
-    assert refused(wire(seed=None)).key == "seed"
+        assert refused_when_built(**{key: True}).key == key
+    assert refused_when_built(lr=True).key == "lr"
+    assert refused_when_built(epochs=2.0).key == "epochs"  # an int field takes no float, however round
+    assert refused_when_built(binarize=1).key == "binarize"
+    assert refused_when_built(model=1).key == "model"
+    assert refused_when_built(evaluate_first=1).key == "evaluate_first"
+    # On the wire the proto's types hold: such values cannot even be written.
+    for key, value in (("epochs", True), ("epochs", 2.0), ("lr", "0.1"), ("model", 1)):
+        with pytest.raises(TypeError):
+            wire(**{key: value})
 
 
 @pytest.mark.unit
-def test_unknown_and_misspelt_keys_are_refused_by_name():
-    error = refused(wire(lr=..., learning_rate=0.01))
-    assert error.key == "learning_rate" and "unknown setting" in str(error) and "lr" in str(error)
-    assert refused(wire(momentum=0.5)).key == "momentum"  # the old wire name is not quietly taken
-    assert refused(json.dumps(dict(EVALUATE, epochs=1)), "evaluate").key == "epochs"
+def test_unknown_fields_are_refused_by_number():
+    error = refused(with_unknown_field(wire()))
+    assert error.key == f"#{UNKNOWN_FIELD}" and "unknown setting" in str(error) and "lr" in str(error)
+    error = refused(with_unknown_field(EvaluateTask(**EVALUATE).to_proto()))
+    assert error.key == f"#{UNKNOWN_FIELD}" and "evaluate task" in str(error)
 
 
 @pytest.mark.unit
-def test_missing_required_keys_are_refused_and_only_off_switches_are_optional():
+def test_missing_required_fields_are_refused_and_only_off_switches_are_optional():
     for key in ("model", "epochs", "batch_size", "optimizer", "lr", "sgd_momentum", "binarize", "seed"):
         error = refused(wire(**{key: ...}))
         assert error.key == key and "missing" in str(error)
     for key in ("model", "binarize", "seed"):
-        assert refused(json.dumps({k: v for k, v in EVALUATE.items() if k != key}), "evaluate").key == key
-    lenient = from_json(wire(prox_mu=..., deterministic=..., evaluate_first=..., evaluate_seed=...), "train")
+        message = pb.EvaluateTask(**EVALUATE)
+        message.ClearField(key)
+        assert refused(message).key == key
+    lenient = from_header(header_of(wire(prox_mu=..., deterministic=..., evaluate_first=..., evaluate_seed=...)))
     assert (lenient.prox_mu, lenient.deterministic, lenient.evaluate_first, lenient.evaluate_seed) == (
         0.0, False, False, 0)
 
@@ -114,7 +147,12 @@ def test_missing_required_keys_are_refused_and_only_off_switches_are_optional():
     ("lr", 10**400), ("evaluate_seed", -1), ("evaluate_seed", 2**63),
 ])
 def test_out_of_range_values_are_refused(key, value):
-    error = refused(wire(**{key: value}))
+    assert refused_when_built(**{key: value}).key == key
+    try:
+        message = wire(**{key: value})
+    except (ValueError, OverflowError):
+        return  # beyond the wire type (int64, double): no sender can write it
+    error = refused(message)
     assert error.key == key, error
 
 
@@ -123,21 +161,20 @@ def test_values_that_do_not_fit_together_are_refused():
     # train_cvae always uses Adam: a CVAE task asking for SGD would be quietly ignored otherwise.
     assert refused(wire(model="cvae")).key == "optimizer"
     assert refused(wire(optimizer="adam")).key == "sgd_momentum"  # momentum means nothing to Adam
-    assert from_json(wire(model="cvae", optimizer="adam", sgd_momentum=0), "train").model == "cvae"
+    assert from_header(header_of(wire(model="cvae", optimizer="adam", sgd_momentum=0))).model == "cvae"
     # A seed for an evaluation nobody asked for is a sender's mistake, not something to ignore.
     assert refused(wire(evaluate_seed=5)).key == "evaluate_seed"
-    assert refused(wire(evaluate_first=1)).key == "evaluate_first"
 
 
 @pytest.mark.unit
 def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain():
-    balanced = from_json(wire(local_loss="balanced"), "train")
+    balanced = from_header(header_of(wire(local_loss="balanced")))
     assert balanced.local_loss == "balanced"
-    assert json.loads(balanced.to_json())["local_loss"] == "balanced"
-    assert from_json(wire(), "train").local_loss == "ce"  # a sender that predates the field
-    assert "local_loss" not in json.loads(TrainTask(**TRAIN, local_loss="ce").to_json())
+    assert balanced.to_proto().local_loss == "balanced"
+    assert from_header(header_of(wire())).local_loss == "ce"  # left out: the default
+    assert TrainTask(**TRAIN, local_loss="ce").to_proto().local_loss == ""  # left out
     assert refused(wire(local_loss="focal")).key == "local_loss"
-    assert refused(wire(local_loss=1)).key == "local_loss"
+    assert refused_when_built(local_loss=1).key == "local_loss"
     # The CVAE has no classes to balance: asking for it is a sender's mistake.
     assert refused(wire(model="cvae", optimizer="adam", sgd_momentum=0, local_loss="balanced")).key == "local_loss"
     assert train_task(PRESETS["quick"], "classifier").local_loss == "ce"
@@ -148,16 +185,22 @@ def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain
 
 @pytest.mark.unit
 def test_evaluate_first_names_the_evaluation_it_stands_for():
-    train = from_json(wire(evaluate_first=True, evaluate_seed=77), "train")
+    train = from_header(header_of(wire(evaluate_first=True, evaluate_seed=77)))
     assert train.first_evaluation() == EvaluateTask(model="classifier", binarize=False, seed=77)
     assert TrainTask(**TRAIN).first_evaluation() is None
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text", ["not json", "[1, 2]", '"text"', "null", '{"model": "cvae", "model": "cvae"}'])
-def test_malformed_documents_are_refused(text):
-    error = refused(text)
-    assert str(error)
+@pytest.mark.parametrize("header", [
+    pb.TaskHeader(type=pb.TASK_TYPE_TRAIN),  # no settings at all
+    pb.TaskHeader(type=pb.TASK_TYPE_TRAIN, evaluate=pb.EvaluateTask(**EVALUATE)),
+    pb.TaskHeader(type=pb.TASK_TYPE_EVALUATE, train=pb.TrainTask(**TRAIN)),
+    pb.TaskHeader(type=pb.TASK_TYPE_TRAIN, shutdown=pb.Shutdown(outcome=pb.RUN_OUTCOME_COMPLETED)),
+])
+def test_settings_of_another_kind_than_the_task_are_refused(header):
+    with pytest.raises(TaskSettingsError, match="must carry") as caught:
+        from_header(header)
+    assert str(caught.value)
 
 
 @pytest.mark.unit
@@ -167,9 +210,9 @@ def test_non_finite_floats_are_refused_by_name():
 
 
 @pytest.mark.unit
-def test_unknown_kind_is_refused():
-    with pytest.raises(TaskSettingsError, match="unknown task kind"):
-        from_json(TrainTask(**TRAIN).to_json(), "shutdown")
+def test_a_task_type_without_settings_is_refused():
+    with pytest.raises(TaskSettingsError, match="carries no train or evaluate settings"):
+        from_header(header_of(TrainTask(**TRAIN).to_proto(), pb.TASK_TYPE_SHUTDOWN))
 
 
 @pytest.mark.unit
@@ -179,7 +222,7 @@ def test_construction_checks_too_and_an_unseeded_task_does_not_go_out():
     assert caught.value.key == "batch_size"
     template = TrainTask(**dict(TRAIN, seed=None))  # what a phase builds; the engine seeds it per client
     with pytest.raises(TaskSettingsError, match="round engine") as caught:
-        template.to_json()
+        template.to_proto()
     assert caught.value.key == "seed"
 
 
@@ -199,13 +242,11 @@ def test_phase_settings_carry_the_run_config():
 # -- a real server and a real client -----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class MisspeltTrainTask(TrainTask):
-    """A training task whose wire form says "learning_rate" for "lr" (a sender-side typo)."""
+class NewerTrainTask(TrainTask):
+    """A training task whose wire form carries a setting this client does not know (a newer sender)."""
 
-    def to_json(self) -> str:
-        data = json.loads(super().to_json())
-        data["learning_rate"] = data.pop("lr")
-        return json.dumps(data)
+    def to_proto(self) -> pb.TrainTask:
+        return with_unknown_field(super().to_proto())
 
 
 def _shard(client_id: str, train: int = 48, heldout: int = 16) -> Shard:
@@ -252,7 +293,7 @@ def _task_errors(metrics: ServerMetrics) -> float:
 @pytest.mark.integration
 def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(live, caplog):
     engine, metrics, shard, thread, outcome = live
-    bad = MisspeltTrainTask(model="cvae", epochs=1, batch_size=16, optimizer="adam", lr=1e-3, sgd_momentum=0.0,
+    bad = NewerTrainTask(model="cvae", epochs=1, batch_size=16, optimizer="adam", lr=1e-3, sgd_momentum=0.0,
                             binarize=True)
     caplog.set_level(logging.WARNING, logger="genfl_server")
     started = time.monotonic()
@@ -264,7 +305,7 @@ def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(liv
     assert seconds < 60, f"the round waited {seconds:.0f} s for a client that had reported an error"
     message = str(failed.value)
     assert "cvae round 1: training got 0 results, 1 required" in message
-    assert "client alice could not execute its task" in message and "'learning_rate'" in message
+    assert "client alice could not execute its task" in message and f"'#{UNKNOWN_FIELD}'" in message
     assert _task_errors(metrics) == 1.0
     assert metrics.registry.get_sample_value("genfl_client_updates_accepted_total",
                                              {"phase": "cvae", "type": "TASK_TYPE_TRAIN"}) is None
@@ -272,7 +313,7 @@ def test_client_reports_a_task_it_cannot_execute_and_the_round_fails_at_once(liv
     logged = wait_until(lambda: [r.getMessage() for r in caplog.records if "could not execute task" in r.getMessage()],
                         5.0, "the server's log line of the task error")
     assert len(logged) == 1 and re.match(r"client alice could not execute task [0-9a-f]{32} \(", logged[0]), logged
-    assert "cvae round 1" in logged[0] and "unknown setting" in logged[0] and "'learning_rate'" in logged[0]
+    assert "cvae round 1" in logged[0] and "unknown setting" in logged[0] and f"'#{UNKNOWN_FIELD}'" in logged[0]
 
     # The client kept polling: the next task, a good one, is served as usual.
     report = engine.evaluate("cvae", 1, initial_state("cvae", 0), EvaluateTask(model="cvae", binarize=True))
@@ -355,31 +396,107 @@ def test_error_result_with_weights_or_samples_is_malformed(bare):
 
 # -- synthetic images of missing classes (--client-synthetic-mix) -----------------------------------
 
+def sent_with_synthetic(tensors: dict[str, torch.Tensor], **changes) -> tuple[pb.TaskHeader, dict]:
+    """A TRAIN header whose synthetic payload holds ``tensors`` (as any sender may encode them), and
+    those tensors as the client receives them."""
+    payload = encode_state_dict(tensors)
+    message = wire(**{"synthetic_mix": 0.5, **changes})
+    message.synthetic.CopyFrom(payload.manifest)
+    header = header_of(message)
+    return header, decode_payload(header.train.synthetic, payload.chunks, max_bytes=1 << 30)
+
+
+def synthetic_tensors(count: int, labels=None) -> dict[str, torch.Tensor]:
+    return {"images": torch.zeros(count, 28, 28, dtype=torch.uint8),
+            "labels": torch.tensor(labels if labels is not None else [0] * count, dtype=torch.uint8)}
+
+
 @pytest.mark.unit
-def test_synthetic_images_round_trip_and_every_bad_buffer_is_refused_by_name():
-    from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX, encode_synthetic
+def test_synthetic_images_travel_as_a_payload_after_the_weights():
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    pixels, labels = encode_synthetic(images, np.array([0, 7, 9]))
+    task = TrainTask(**TRAIN, synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels)
+    header = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    payload = set_settings(header, task)
+    header = pb.TaskHeader.FromString(header.SerializeToString())
+    assert [spec.name for spec in header.train.synthetic.tensors] == ["images", "labels"]
+    assert header.train.synthetic == payload.manifest and header.train.synthetic_mix == 0.5
+    # What the client reads after the weights' chunks: exactly this payload's chunks.
+    stream = iter([pb.TaskMessage(chunk=pb.Chunk(index=i, data=d)) for i, d in enumerate(payload.chunks)])
+    received = receive_synthetic(header, stream)
+    got = from_header(header, received)
+    assert got == task
+    got_images, got_labels = got.synthetic_set()
+    assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 7, 9]
+    # No synthetic images: no payload, no manifest, and nothing may follow the weights.
+    plain = pb.TaskHeader(type=pb.TASK_TYPE_TRAIN)
+    assert set_settings(plain, TrainTask(**TRAIN)) is None and not plain.train.HasField("synthetic")
+    assert receive_synthetic(plain, iter([])) is None
+    with pytest.raises(CodecError, match="more chunks"):
+        receive_synthetic(plain, iter([pb.TaskMessage(chunk=pb.Chunk(index=0, data=b"x"))]))
+    with pytest.raises(CodecError):  # one chunk short
+        receive_synthetic(header, iter([]))
+
+
+@pytest.mark.unit
+def test_every_bad_synthetic_set_is_refused_by_name_when_built():
+    from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX
 
     images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
     pixels, labels = encode_synthetic(images, np.array([0, 7, 9]))
-    task = from_json(wire(synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels), "train")
-    got_images, got_labels = task.synthetic_set()
-    assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 7, 9]
-    assert from_json(task.to_json(), "train") == task
 
     def refused_with(**changes):
-        return refused(wire(**{"synthetic_mix": 0.5, "synthetic_images": pixels, "synthetic_labels": labels,
-                               **changes})).key
+        return refused_when_built(**{"synthetic_mix": 0.5, "synthetic_images": pixels, "synthetic_labels": labels,
+                                     **changes}).key
 
-    assert refused_with(synthetic_images="not base64!") == "synthetic_images"
+    assert refused_with(synthetic_images=pixels[:-5]) == "synthetic_images"  # not whole images
     assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7]))[1]) == "synthetic_images"
     assert refused_with(synthetic_labels=encode_synthetic(images, np.array([0, 7, 10]))[1]) == "synthetic_labels"
     assert refused_with(synthetic_mix=0.0) == "synthetic_mix"  # images with nothing to mix them at
-    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300):  # a mix that would make a client draw ~forever
+    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300, float("nan")):  # a mix that would make a client draw ~forever
         assert refused_with(synthetic_mix=mix) == "synthetic_mix"
-    assert refused(wire(synthetic_mix=float("nan"))).key == "synthetic_mix"
     too_many = np.zeros((MAX_SYNTHETIC_IMAGES + 1, 28, 28), dtype=np.uint8)
     assert refused_with(**dict(zip(("synthetic_images", "synthetic_labels"),
                                    encode_synthetic(too_many, np.zeros(MAX_SYNTHETIC_IMAGES + 1))))) in (
         "synthetic_images", "synthetic_labels")
-    cvae = json.dumps(dict(TRAIN, model="cvae", optimizer="adam", prox_mu=0.0, sgd_momentum=0.0, synthetic_mix=0.5, synthetic_images=pixels, synthetic_labels=labels))
-    assert refused(cvae).key == "synthetic_images"  # synthetic images are for the classifier only
+    # Synthetic images are for the classifier only.
+    assert refused_with(model="cvae", optimizer="adam", prox_mu=0.0, sgd_momentum=0.0) == "synthetic_images"
+
+
+@pytest.mark.unit
+def test_every_bad_synthetic_payload_is_refused_by_name_when_received():
+    from genfl_shared.tasks import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_MIX
+
+    def refused_on_receipt(tensors, **changes) -> str:
+        header, received = sent_with_synthetic(tensors, **changes)
+        with pytest.raises(TaskSettingsError) as caught:
+            from_header(header, received)
+        return caught.value.key
+
+    assert from_header(*sent_with_synthetic(synthetic_tensors(3, [0, 7, 9]))).synthetic_set()[1].tolist() == [0, 7, 9]
+    assert refused_on_receipt(synthetic_tensors(3, [0, 7, 10])) == "synthetic_labels"
+    assert refused_on_receipt({"images": torch.zeros(2, 28, 28, dtype=torch.uint8),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt({"images": torch.zeros(3, 28, 27, dtype=torch.uint8),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt({"images": torch.zeros(3, 28, 28),
+                               "labels": torch.zeros(3, dtype=torch.uint8)}) == "synthetic_images"  # not uint8
+    assert refused_on_receipt({**synthetic_tensors(3), "extra": torch.zeros(1)}) == "synthetic_images"
+    assert refused_on_receipt({"labels": torch.zeros(3, dtype=torch.uint8),
+                               "images": torch.zeros(3, 28, 28, dtype=torch.uint8)}) == "synthetic_images"
+    assert refused_on_receipt(synthetic_tensors(0)) == "synthetic_images"  # announced, but no image
+    assert refused_on_receipt(synthetic_tensors(3), synthetic_mix=0.0) == "synthetic_mix"
+    for mix in (-0.1, MAX_SYNTHETIC_MIX + 0.1, 1e300, float("nan")):
+        assert refused_on_receipt(synthetic_tensors(3), synthetic_mix=mix) == "synthetic_mix"
+    assert refused_on_receipt(synthetic_tensors(3), model="cvae", optimizer="adam", prox_mu=0.0,
+                              sgd_momentum=0.0) == "synthetic_images"
+    # Too many images: refused from the manifest, before a byte of them is received.
+    too_many, _ = sent_with_synthetic(synthetic_tensors(MAX_SYNTHETIC_IMAGES + 1))
+    assert receive_synthetic(too_many, iter([pb.TaskMessage(chunk=pb.Chunk(index=0, data=b"x"))])) is None
+    with pytest.raises(TaskSettingsError, match=f"no more than {MAX_SYNTHETIC_IMAGES}") as caught:
+        from_header(too_many)
+    assert caught.value.key == "synthetic_images"
+    # Announced but not received.
+    header, _ = sent_with_synthetic(synthetic_tensors(3))
+    with pytest.raises(TaskSettingsError, match="not received"):
+        from_header(header)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egenfl_shared/proto/genfl.proto\x12\x08genfl.v1\"\x9b\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11num_train_samples\x18\x02 \x01(\x04\x12\x1b\n\x13num_heldout_samples\x18\x03 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x14\n\x0clabel_counts\x18\x06 \x03(\x04\"U\n\rRegisterReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1c\n\x14poll_timeout_seconds\x18\x02 \x01(\x01\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\"M\n\x10\x46\x65tchTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"j\n\x08Manifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.genfl.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa8\x01\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12 \n\x04type\x18\x03 \x01(\x0e\x32\x12.genfl.v1.TaskType\x12\r\n\x05phase\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12$\n\x08manifest\x18\x07 \x01(\x0b\x32\x12.genfl.v1.Manifest\"_\n\x0bTaskMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.genfl.v1.TaskHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.genfl.v1.ChunkH\x00\x42\x06\n\x04kind\"\xca\x02\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12 \n\x04type\x18\x06 \x01(\x0e\x32\x12.genfl.v1.TaskType\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.genfl.v1.ResultHeader.MetricsEntry\x12$\n\x08manifest\x18\t \x01(\x0b\x32\x12.genfl.v1.Manifest\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x16\n\x0esession_secret\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"c\n\rResultMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.genfl.v1.ResultHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.genfl.v1.ChunkH\x00\x42\x06\n\x04kind\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\x0fPresenceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\" \n\rPresenceReply\x12\x0f\n\x07present\x18\x01 \x01(\x08*~\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_TYPE_TRAIN\x10\x01\x12\x16\n\x12TASK_TYPE_EVALUATE\x10\x02\x12\x12\n\x0eTASK_TYPE_IDLE\x10\x03\x12\x16\n\x12TASK_TYPE_SHUTDOWN\x10\x04\x32\x99\x02\n\x11\x46\x65\x64\x65ratedLearning\x12>\n\x08Register\x12\x19.genfl.v1.RegisterRequest\x1a\x17.genfl.v1.RegisterReply\x12@\n\tFetchTask\x12\x1a.genfl.v1.FetchTaskRequest\x1a\x15.genfl.v1.TaskMessage0\x01\x12@\n\x0cSubmitResult\x12\x17.genfl.v1.ResultMessage\x1a\x15.genfl.v1.SubmitReply(\x01\x12@\n\x08Presence\x12\x19.genfl.v1.PresenceRequest\x1a\x17.genfl.v1.PresenceReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egenfl_shared/proto/genfl.proto\x12\x08genfl.v2\"\x9b\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11num_train_samples\x18\x02 \x01(\x04\x12\x1b\n\x13num_heldout_samples\x18\x03 \x01(\x04\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x14\n\x0clabel_counts\x18\x06 \x03(\x04\"U\n\rRegisterReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1c\n\x14poll_timeout_seconds\x18\x02 \x01(\x01\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\"M\n\x10\x46\x65tchTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"j\n\x08Manifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.genfl.v2.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xac\x02\n\nTaskHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12 \n\x04type\x18\x03 \x01(\x0e\x32\x12.genfl.v2.TaskType\x12\r\n\x05phase\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12$\n\x08manifest\x18\x07 \x01(\x0b\x32\x12.genfl.v2.Manifest\x12$\n\x05train\x18\x08 \x01(\x0b\x32\x13.genfl.v2.TrainTaskH\x00\x12*\n\x08\x65valuate\x18\t \x01(\x0b\x32\x16.genfl.v2.EvaluateTaskH\x00\x12&\n\x08shutdown\x18\n \x01(\x0b\x32\x12.genfl.v2.ShutdownH\x00\x42\n\n\x08settingsJ\x04\x08\x06\x10\x07R\x0b\x63onfig_json\"\x8e\x05\n\tTrainTask\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x16\n\toptimizer\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x02lr\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x19\n\x0csgd_momentum\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08\x62inarize\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x0f\n\x07prox_mu\x18\x08 \x01(\x01\x12\x15\n\rdeterministic\x18\t \x01(\x08\x12\x16\n\x0e\x65valuate_first\x18\n \x01(\x08\x12\x15\n\revaluate_seed\x18\x0b \x01(\x03\x12\x12\n\nlocal_loss\x18\x0c \x01(\t\x12\x15\n\rsynthetic_mix\x18\r \x01(\x01\x12%\n\tsynthetic\x18\x18 \x01(\x0b\x32\x12.genfl.v2.Manifest\x12\n\n\x02\x64p\x18\x10 \x01(\x08\x12\x1b\n\x13\x64p_noise_multiplier\x18\x11 \x01(\x01\x12\x19\n\x11\x64p_target_epsilon\x18\x12 \x01(\x01\x12\x11\n\tdp_rounds\x18\x13 \x01(\x03\x12\x18\n\x10\x64p_max_grad_norm\x18\x14 \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x15 \x01(\x01\x12\x15\n\rdp_accountant\x18\x16 \x01(\t\x12\x11\n\x04seed\x18\x17 \x01(\x03H\x07\x88\x01\x01\x42\x08\n\x06_modelB\t\n\x07_epochsB\r\n\x0b_batch_sizeB\x0c\n\n_optimizerB\x05\n\x03_lrB\x0f\n\r_sgd_momentumB\x0b\n\t_binarizeB\x07\n\x05_seedJ\x04\x08\x0e\x10\x0fJ\x04\x08\x0f\x10\x10R\x10synthetic_imagesR\x10synthetic_labels\"l\n\x0c\x45valuateTask\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x62inarize\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_modelB\x0b\n\t_binarizeB\x07\n\x05_seed\"A\n\x08Shutdown\x12%\n\x07outcome\x18\x01 \x01(\x0e\x32\x14.genfl.v2.RunOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\"_\n\x0bTaskMessage\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.genfl.v2.TaskHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.genfl.v2.ChunkH\x00\x42\x06\n\x04kind\"\xca\x02\n\x0cResultHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12 \n\x04type\x18\x06 \x01(\x0e\x32\x12.genfl.v2.TaskType\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.genfl.v2.ResultHeader.MetricsEntry\x12$\n\x08manifest\x18\t \x01(\x0b\x32\x12.genfl.v2.Manifest\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x16\n\x0esession_secret\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"c\n\rResultMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.genfl.v2.ResultHeaderH\x00\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.genfl.v2.ChunkH\x00\x42\x06\n\x04kind\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\x0fPresenceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0esession_secret\x18\x03 \x01(\t\" \n\rPresenceReply\x12\x0f\n\x07present\x18\x01 \x01(\x08*~\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_TYPE_TRAIN\x10\x01\x12\x16\n\x12TASK_TYPE_EVALUATE\x10\x02\x12\x12\n\x0eTASK_TYPE_IDLE\x10\x03\x12\x16\n\x12TASK_TYPE_SHUTDOWN\x10\x04*\\\n\nRunOutcome\x12\x1b\n\x17RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_OUTCOME_COMPLETED\x10\x01\x12\x16\n\x12RUN_OUTCOME_FAILED\x10\x02\x32\x99\x02\n\x11\x46\x65\x64\x65ratedLearning\x12>\n\x08Register\x12\x19.genfl.v2.RegisterRequest\x1a\x17.genfl.v2.RegisterReply\x12@\n\tFetchTask\x12\x1a.genfl.v2.FetchTaskRequest\x1a\x15.genfl.v2.TaskMessage0\x01\x12@\n\x0cSubmitResult\x12\x17.genfl.v2.ResultMessage\x1a\x15.genfl.v2.SubmitReply(\x01\x12@\n\x08Presence\x12\x19.genfl.v2.PresenceRequest\x1a\x17.genfl.v2.PresenceReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKTYPE']._serialized_start=1436
-  _globals['_TASKTYPE']._serialized_end=1562
+  _globals['_TASKTYPE']._serialized_start=2402
+  _globals['_TASKTYPE']._serialized_end=2528
+  _globals['_RUNOUTCOME']._serialized_start=2530
+  _globals['_RUNOUTCOME']._serialized_end=2622
   _globals['_REGISTERREQUEST']._serialized_start=45
   _globals['_REGISTERREQUEST']._serialized_end=200
   _globals['_REGISTERREPLY']._serialized_start=202
@@ -48,21 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=534
   _globals['_CHUNK']._serialized_end=570
   _globals['_TASKHEADER']._serialized_start=573
-  _globals['_TASKHEADER']._serialized_end=741
-  _globals['_TASKMESSAGE']._serialized_start=743
-  _globals['_TASKMESSAGE']._serialized_end=838
-  _globals['_RESULTHEADER']._serialized_start=841
-  _globals['_RESULTHEADER']._serialized_end=1171
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=1125
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1171
-  _globals['_RESULTMESSAGE']._serialized_start=1173
-  _globals['_RESULTMESSAGE']._serialized_end=1272
-  _globals['_SUBMITREPLY']._serialized_start=1274
-  _globals['_SUBMITREPLY']._serialized_end=1322
-  _globals['_PRESENCEREQUEST']._serialized_start=1324
-  _globals['_PRESENCEREQUEST']._serialized_end=1400
-  _globals['_PRESENCEREPLY']._serialized_start=1402
-  _globals['_PRESENCEREPLY']._serialized_end=1434
-  _globals['_FEDERATEDLEARNING']._serialized_start=1565
-  _globals['_FEDERATEDLEARNING']._serialized_end=1846
+  _globals['_TASKHEADER']._serialized_end=873
+  _globals['_TRAINTASK']._serialized_start=876
+  _globals['_TRAINTASK']._serialized_end=1530
+  _globals['_EVALUATETASK']._serialized_start=1532
+  _globals['_EVALUATETASK']._serialized_end=1640
+  _globals['_SHUTDOWN']._serialized_start=1642
+  _globals['_SHUTDOWN']._serialized_end=1707
+  _globals['_TASKMESSAGE']._serialized_start=1709
+  _globals['_TASKMESSAGE']._serialized_end=1804
+  _globals['_RESULTHEADER']._serialized_start=1807
+  _globals['_RESULTHEADER']._serialized_end=2137
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=2091
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=2137
+  _globals['_RESULTMESSAGE']._serialized_start=2139
+  _globals['_RESULTMESSAGE']._serialized_end=2238
+  _globals['_SUBMITREPLY']._serialized_start=2240
+  _globals['_SUBMITREPLY']._serialized_end=2288
+  _globals['_PRESENCEREQUEST']._serialized_start=2290
+  _globals['_PRESENCEREQUEST']._serialized_end=2366
+  _globals['_PRESENCEREPLY']._serialized_start=2368
+  _globals['_PRESENCEREPLY']._serialized_end=2400
+  _globals['_FEDERATEDLEARNING']._serialized_start=2625
+  _globals['_FEDERATEDLEARNING']._serialized_end=2906
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,20 @@ class TaskType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_TYPE_EVALUATE: _ClassVar[TaskType]
     TASK_TYPE_IDLE: _ClassVar[TaskType]
     TASK_TYPE_SHUTDOWN: _ClassVar[TaskType]
+
+class RunOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_OUTCOME_UNSPECIFIED: _ClassVar[RunOutcome]
+    RUN_OUTCOME_COMPLETED: _ClassVar[RunOutcome]
+    RUN_OUTCOME_FAILED: _ClassVar[RunOutcome]
 TASK_TYPE_UNSPECIFIED: TaskType
 TASK_TYPE_TRAIN: TaskType
 TASK_TYPE_EVALUATE: TaskType
 TASK_TYPE_IDLE: TaskType
 TASK_TYPE_SHUTDOWN: TaskType
+RUN_OUTCOME_UNSPECIFIED: RunOutcome
+RUN_OUTCOME_COMPLETED: RunOutcome
+RUN_OUTCOME_FAILED: RunOutcome
 
 class RegisterRequest(_message.Message):
     __slots__ = ("client_id", "num_train_samples", "num_heldout_samples", "dataset", "client_version", "label_counts")
@@ -87,22 +96,92 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("run_id", "task_id", "type", "phase", "round", "config_json", "manifest")
+    __slots__ = ("run_id", "task_id", "type", "phase", "round", "manifest", "train", "evaluate", "shutdown")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_id: str
     type: TaskType
     phase: str
     round: int
-    config_json: str
     manifest: Manifest
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    train: TrainTask
+    evaluate: EvaluateTask
+    shutdown: Shutdown
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., type: _Optional[_Union[TaskType, str]] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., train: _Optional[_Union[TrainTask, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateTask, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class TrainTask(_message.Message):
+    __slots__ = ("model", "epochs", "batch_size", "optimizer", "lr", "sgd_momentum", "binarize", "prox_mu", "deterministic", "evaluate_first", "evaluate_seed", "local_loss", "synthetic_mix", "synthetic", "dp", "dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "dp_max_grad_norm", "dp_delta", "dp_accountant", "seed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SGD_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BINARIZE_FIELD_NUMBER: _ClassVar[int]
+    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIRST_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_SEED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_MIX_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DP_MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    sgd_momentum: float
+    binarize: bool
+    prox_mu: float
+    deterministic: bool
+    evaluate_first: bool
+    evaluate_seed: int
+    local_loss: str
+    synthetic_mix: float
+    synthetic: Manifest
+    dp: bool
+    dp_noise_multiplier: float
+    dp_target_epsilon: float
+    dp_rounds: int
+    dp_max_grad_norm: float
+    dp_delta: float
+    dp_accountant: str
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., sgd_momentum: _Optional[float] = ..., binarize: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., deterministic: _Optional[bool] = ..., evaluate_first: _Optional[bool] = ..., evaluate_seed: _Optional[int] = ..., local_loss: _Optional[str] = ..., synthetic_mix: _Optional[float] = ..., synthetic: _Optional[_Union[Manifest, _Mapping]] = ..., dp: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., dp_rounds: _Optional[int] = ..., dp_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_accountant: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class EvaluateTask(_message.Message):
+    __slots__ = ("model", "binarize", "seed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BINARIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    binarize: bool
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., binarize: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ("outcome", "reason")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    outcome: RunOutcome
+    reason: str
+    def __init__(self, outcome: _Optional[_Union[RunOutcome, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -35,22 +35,22 @@ class FederatedLearningStub:
             channel: A grpc.Channel.
         """
         self.Register = channel.unary_unary(
-                '/genfl.v1.FederatedLearning/Register',
+                '/genfl.v2.FederatedLearning/Register',
                 request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.FetchTask = channel.unary_stream(
-                '/genfl.v1.FederatedLearning/FetchTask',
+                '/genfl.v2.FederatedLearning/FetchTask',
                 request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.FetchTaskRequest.SerializeToString,
                 response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.TaskMessage.FromString,
                 _registered_method=True)
         self.SubmitResult = channel.stream_unary(
-                '/genfl.v1.FederatedLearning/SubmitResult',
+                '/genfl.v2.FederatedLearning/SubmitResult',
                 request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.ResultMessage.SerializeToString,
                 response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.SubmitReply.FromString,
                 _registered_method=True)
         self.Presence = channel.unary_stream(
-                '/genfl.v1.FederatedLearning/Presence',
+                '/genfl.v2.FederatedLearning/Presence',
                 request_serializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceRequest.SerializeToString,
                 response_deserializer=genfl__shared_dot_proto_dot_genfl__pb2.PresenceReply.FromString,
                 _registered_method=True)
@@ -69,7 +69,7 @@ class FederatedLearningServicer:
 
     def FetchTask(self, request, context):
         """Long poll for the next task. The stream carries one TaskHeader, then the model chunks it
-        announces (none for IDLE/SHUTDOWN).
+        announces (none for IDLE/SHUTDOWN), then the chunks of TrainTask.synthetic if it has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,9 +118,9 @@ def add_FederatedLearningServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'genfl.v1.FederatedLearning', rpc_method_handlers)
+            'genfl.v2.FederatedLearning', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('genfl.v1.FederatedLearning', rpc_method_handlers)
+    server.add_registered_method_handlers('genfl.v2.FederatedLearning', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -141,7 +141,7 @@ class FederatedLearning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/genfl.v1.FederatedLearning/Register',
+            '/genfl.v2.FederatedLearning/Register',
             genfl__shared_dot_proto_dot_genfl__pb2.RegisterRequest.SerializeToString,
             genfl__shared_dot_proto_dot_genfl__pb2.RegisterReply.FromString,
             options,
@@ -168,7 +168,7 @@ class FederatedLearning:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/genfl.v1.FederatedLearning/FetchTask',
+            '/genfl.v2.FederatedLearning/FetchTask',
             genfl__shared_dot_proto_dot_genfl__pb2.FetchTaskRequest.SerializeToString,
             genfl__shared_dot_proto_dot_genfl__pb2.TaskMessage.FromString,
             options,
@@ -195,7 +195,7 @@ class FederatedLearning:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/genfl.v1.FederatedLearning/SubmitResult',
+            '/genfl.v2.FederatedLearning/SubmitResult',
             genfl__shared_dot_proto_dot_genfl__pb2.ResultMessage.SerializeToString,
             genfl__shared_dot_proto_dot_genfl__pb2.SubmitReply.FromString,
             options,
@@ -222,7 +222,7 @@ class FederatedLearning:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/genfl.v1.FederatedLearning/Presence',
+            '/genfl.v2.FederatedLearning/Presence',
             genfl__shared_dot_proto_dot_genfl__pb2.PresenceRequest.SerializeToString,
             genfl__shared_dot_proto_dot_genfl__pb2.PresenceReply.FromString,
             options,
