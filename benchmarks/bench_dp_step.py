@@ -1,5 +1,5 @@
 """CPU seconds per CVAE epoch: plain training, DP-SGD as fit_dp does it (Opacus' ghost clipping), and
-DP-SGD with materialised per-sample gradients (Opacus' GradSampleModule, fit_dp before 2026-12-04).
+DP-SGD with materialised per-sample gradients (Opacus' GradSampleModule: the alternative ghost clipping saves).
 
     python benchmarks/bench_dp_step.py [--samples 900] [--repeats 3] [--threads 1] [--device cpu]
 

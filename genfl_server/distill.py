@@ -1,4 +1,4 @@
-"""Server-side ensemble distillation (issue 14, FedDF: Lin et al. 2020, "Ensemble Distillation for
+"""Server-side ensemble distillation (a mitigation of label skew; FedDF: Lin et al. 2020, "Ensemble Distillation for
 Robust Model Fusion in Federated Learning"): after every classifier aggregation, the aggregate (the
 student) is trained on the server's synthetic INPUTS to match the mean logits of a teacher set, and
 that model is broadcast instead.

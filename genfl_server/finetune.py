@@ -1,4 +1,4 @@
-"""Server-side synthetic fine-tuning (issue 14): after every classifier aggregation, a few
+"""Server-side synthetic fine-tuning, a mitigation of label skew: after every classifier aggregation, a few
 class-balanced SGD steps of the aggregate on the server's synthetic set, so the model broadcast
 for the next round is pulled back from the clients' label skew towards every class.
 

@@ -5,11 +5,9 @@ reports exactly those numbers (the evaluation riding on the next round's trainin
 bit).
 
 The floats depend on the CPU's vector width (float32 sums round differently with AVX2 and AVX-512),
-so recordings are kept per platform. The first one (2026-12-01) keyed only torch and the machine
-type; the AVX-512 one (2026-12-03) was recorded with the code of that first recording (f5b3fad)
-and is identical to what the later code reports there. A third, on an AVX512-FP16 machine
-(2026-12-03), was also recorded with f5b3fad's code (this script run over that tree), and today's
-code reports it exactly."""
+so recordings are kept per platform (torch, machine type, vector width, AVX512-FP16). Each was
+recorded with the code of the first recording (the evaluation then had a step of its own), so a
+match means that code's numbers, bit for bit."""
 
 from __future__ import annotations
 
@@ -67,7 +65,7 @@ def platform_key() -> dict:
     key = {"torch": torch.__version__, "machine": platform.machine(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if key["cpu_capability"] == "AVX512":
-        # Two AVX-512 machines gave float32 sums differing in the 7th digit (2026-12-03): the one with
+        # Two AVX-512 machines gave float32 sums differing in the 7th digit: the one with
         # AVX512-FP16 (Sapphire Rapids and later; oneDNN picks other kernels there) has its own recording.
         key["avx512_fp16"] = _has_cpu_flag("avx512_fp16")
     return key

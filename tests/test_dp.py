@@ -1,4 +1,4 @@
-"""DP-SGD in the CVAE phase (issue 15): the clients' accounting, the server's record of the guarantee,
+"""DP-SGD in the CVAE phase: the clients' accounting, the server's record of the guarantee,
 and a real small DP run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile clients cannot poison the global model (issue 10, findings 1-3).
+"""Hostile clients cannot poison the global model (the update guard and the result checks).
 
 A real server stack runs in-process: Coordinator, gRPC service on loopback, and the RoundEngine
 with its UpdateGuard driving the rounds and writing metrics.jsonl / summary.json. Hand-made clients

@@ -1,4 +1,4 @@
-"""Hostile clients cannot act for others, nor flood the server's log (issue 10, findings 4 and 7).
+"""Hostile clients cannot act for others, nor flood the server's log (sessions, task ids, rate-limited logs).
 
 Hand-made clients speak proto/genfl.proto over real gRPC: to a server in this process
 (helpers.loopback_server), and to a real genfl-server process where its log is what is checked.

@@ -1,4 +1,4 @@
-"""Issue 14's mitigations of extreme label skew, end to end: real server and client processes over
+"""The mitigations of extreme label skew, end to end: real server and client processes over
 gRPC on loopback, on real MNIST shards (--local-loss balanced, --server-finetune-steps,
 --server-distill)."""
 

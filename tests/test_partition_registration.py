@@ -1,4 +1,4 @@
-"""With --partition-info the server admits only the partition's clients, with its counts (issue 10).
+"""With --partition-info the server admits only the partition's clients, with its counts.
 
 A client's FedAvg weight is its registered training-sample count, so a hostile one would claim as
 many as it may. partition.json records every client's counts: a real genfl-server given it refuses
