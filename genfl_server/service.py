@@ -4,11 +4,11 @@ The handlers are coroutines of a ``grpc.aio`` server running on its own event-lo
 (transport.py), while the round engine runs synchronously in the main thread: a waiting long poll,
 an idle stream or a slow upload holds no thread. A poll waits on an ``asyncio.Event`` that the
 coordinator's poll listener sets (through ``loop.call_soon_threadsafe``) when a task is posted or the
-run shuts down. What costs CPU per upload (decoding, validating and folding the update) runs in a
-small executor of ``max_concurrent_uploads`` threads, so health checks and polls keep answering
-while it runs.
+run shuts down. Each RPC method translates between proto messages and plain calls (to the
+coordinator, and to the transport's flow control, flow.py: slots, stream bounds, poll wake-ups and
+the upload executor) and turns a refusal (Rejected) into its gRPC status.
 
-Resource bounds (limits.py): an upload must arrive within ``upload_timeout`` (else
+Resource bounds (flow.py, limits.py): an upload must arrive within ``upload_timeout`` (else
 DEADLINE_EXCEEDED, reason ``upload_timeout``, and its task stays open), one upload per client at a
 time (ALREADY_EXISTS, ``upload_in_progress``), at most ``max_streams_per_connection`` RPCs open per
 connection and, by option, ``max_streams_per_ip`` per IP address (RESOURCE_EXHAUSTED,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -37,8 +36,8 @@ from genfl_shared.security import TokenAuthenticator, bearer_token
 from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Task, TaskResult
 from .guard import check_dp_epsilon, validated_metrics
-from .limits import OpenUploads, StreamLimits, UploadClock
-from .privacy import PrivacyLedger
+from .flow import DEFAULT_MAX_CONCURRENT_DOWNLOADS, FlowControl
+from .limits import UploadClock
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
 from .listening import ListenError, check_listen_address
 from .metrics import ServerMetrics
@@ -48,25 +47,6 @@ from .transport import AioServer, EventLoopThread, ThreadsafeHealth
 
 log = logging.getLogger(__name__)
 
-# Weight uploads are received and checked max_concurrent_uploads at a time (--max-concurrent-uploads,
-# default 2; each holds a receive slot from its first chunk to its fold). Each costs about one model
-# of memory (its received chunks, which are folded in as they are: upload.ChunkedUpdate), so this
-# bounds the server's memory however many clients upload together; the rest wait in gRPC flow
-# control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
-# grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a
-# chunk, and then for at most --upload-timeout; before that, a place in the upload queue.
-# Uploads that may hold their first chunk while they wait for a receive slot. Reading the first
-# chunk before a slot is taken keeps a stalled upload (a header, then nothing) from holding a slot;
-# bounding how many may do so keeps the waiting uploads from holding a chunk (1 MiB) each: with 50
-# clients uploading at once, 48 waiting first chunks were about 11 models of memory. A stall holds
-# one of these places for at most --upload-timeout, so it takes this many stalls together to hold
-# every upload up, as it takes max_concurrent_uploads stalls that sent one chunk to hold the slots.
-UPLOAD_QUEUE_PER_SLOT = 2
-# Model downloads streamed at once. Each in-flight download holds gRPC send buffers of about a
-# chunk; without a bound, K clients downloading together cost about K models of memory.
-DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
-# A stalled downloader must not block everyone: past this wait a download proceeds anyway.
-DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
 # How often an open presence stream checks whether the run ended (its end is seen at once).
 PRESENCE_CHECK_SECONDS = 1.0
 
@@ -155,57 +135,27 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                  max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS, *,
                  upload_timeout: float = RunConfig.upload_timeout,
                  max_streams_per_connection: int = RunConfig.max_streams_per_connection,
-                 max_streams_per_ip: int = RunConfig.max_streams_per_ip,
-                 privacy: PrivacyLedger | None = None):
+                 max_streams_per_ip: int = RunConfig.max_streams_per_ip):
         self.coordinator = coordinator
         self.metrics = metrics
-        self.privacy = privacy  # DP runs: every accepted result's spent epsilon is recorded
         # With an authenticator, every RPC must carry the token of the client it names.
         self.authenticator = authenticator
         self.upload_timeout = upload_timeout
-        # Everything below is used on the event loop's thread only (no locks), except the executor.
-        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
-        # Places for uploads waiting for a slot with their first chunk read (UPLOAD_QUEUE_PER_SLOT).
-        self._upload_queue = asyncio.Semaphore(max_concurrent_uploads * UPLOAD_QUEUE_PER_SLOT)
-        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
-        # Decoding, validating and folding an update, off the event loop so health and polls answer
-        # meanwhile: with 8 CVAE uploads at once (2 busy cores) health checks took a median 20-30 ms
-        # this way, 100-130 ms with the same work done inline on the loop.
-        self._executor = futures.ThreadPoolExecutor(max_workers=max_concurrent_uploads, thread_name_prefix="upload")
-        self._streams = StreamLimits(max_streams_per_connection, max_streams_per_ip)
-        self._open_uploads = OpenUploads()
-        self._poll_events: set[asyncio.Event] = set()  # one per waiting poll: set when it may have an answer
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._polling: dict[str, int] = {}
+        self.flow = FlowControl(metrics, max_concurrent_uploads=max_concurrent_uploads,
+                                max_concurrent_downloads=max_concurrent_downloads,
+                                max_streams_per_connection=max_streams_per_connection,
+                                max_streams_per_ip=max_streams_per_ip)
         self._rejection_log = RateLimitedLog(log)
 
     # -- the event loop ------------------------------------------------------------------------
     def serve_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve on ``loop`` (the aio server's): the coordinator then wakes its polls."""
-        self._loop = loop
-        self.coordinator.add_poll_listener(self._on_poll_wake)
+        self.flow.serve_on(loop)
+        self.coordinator.add_poll_listener(self.flow.wake_polls_threadsafe)
 
     def close(self) -> None:
         """The server has stopped: no more work for the executor, no polls to wake."""
-        self._loop = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _on_poll_wake(self) -> None:
-        """The coordinator's poll listener (any thread, its lock held): wake the polls on the loop."""
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(self._wake_polls)
-        except RuntimeError:  # the loop closed since: the server stopped, no poll is left to wake
-            pass
-
-    def _wake_polls(self) -> None:
-        for event in self._poll_events:
-            event.set()
-
-    async def _in_executor(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        self.flow.close()
 
     # -- refusals ------------------------------------------------------------------------------
     async def _reject(self, context: grpc.aio.ServicerContext, error: Rejected, client_id: str = ""):
@@ -222,15 +172,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def _counted_stream(self, context: grpc.aio.ServicerContext):
         """Count the RPC against its peer's bounds for as long as it is open (refused past them)."""
         try:
-            keys = self._streams.enter(context.peer())
+            keys = self.flow.enter_stream(context.peer())
         except Rejected as error:
             await self._reject(context, error)
-        self.metrics.rpcs_open.inc()
         try:
             yield
         finally:
-            self._streams.leave(keys)
-            self.metrics.rpcs_open.dec()
+            self.flow.leave_stream(keys)
 
     def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str | None) -> None:
         """Raise Rejected (``unauthenticated``) unless the call carries ``client_id``'s token (when
@@ -273,11 +221,9 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def FetchTask(self, request, context):
         async with self._counted_stream(context):
             await self._check_session(request, context)
-            self._count_poller(request.client_id, +1)
-            try:
-                item = await self._next_task(request.client_id, self.coordinator.poll_timeout)
-            finally:
-                self._count_poller(request.client_id, -1)
+            with self.flow.polling(request.client_id):
+                item = await self.flow.wait_for(lambda: self.coordinator.next_task(request.client_id, timeout=0),
+                                                self.coordinator.poll_timeout)
             if item is None:
                 yield pb.TaskMessage(header=pb.TaskHeader(run_id=self.coordinator.run_id, type=pb.TASK_TYPE_IDLE))
                 return
@@ -286,13 +232,9 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 return
             yield pb.TaskMessage(header=self._header(item))
             if item.payload is not None:
-                slot = await self._download_slot()
-                try:
+                async with self.flow.download_slot():
                     for index, chunk in enumerate(item.payload.chunks):
                         yield chunk if item.payload.wrapped else pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
-                finally:
-                    if slot:
-                        self._downloads.release()
                 self.metrics.bytes_sent.inc(item.payload.nbytes)
 
     async def SubmitResult(self, request_iterator, context):
@@ -317,17 +259,19 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         header = stream.header = first.header
         self._authenticate(context, header.client_id)
         task, batch = self.coordinator.open_task(header)
-        self._open_uploads.claim(header.client_id)
+        self.flow.open_uploads.claim(header.client_id)
         try:
             if header.error:
                 trailing = await stream.next() is not None
-                await self._in_executor(self._record_task_error, header, task, batch, trailing)
+                await self.flow.run(self._record_task_error, header, task, batch, trailing)
                 return None
             if task.expects_weights:
                 if not header.HasField("manifest"):
                     raise Rejected(RejectReason.MALFORMED,
                                    "a training result must carry the updated weights")
-                await self._receive_in_slot(stream, context, header, task, batch)
+                async with self.flow.upload_slot(stream.clock, stream.wait_for_next):  # the first chunk
+                    update = await self._receive_update(stream, header, task.model)
+                    await self._accept(context, header, task, batch, update)
             else:
                 if await stream.next() is not None:
                     raise Rejected(RejectReason.MALFORMED,
@@ -335,29 +279,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 await self._accept(context, header, task, batch, None)
             return task
         finally:
-            self._open_uploads.release(header.client_id)
-
-    async def _receive_in_slot(self, stream: ResultStream, context, header, task: Task, batch) -> None:
-        """Read a TRAIN result's chunks, check them and fold the update in, in a receive slot (see
-        UPLOAD_QUEUE_PER_SLOT): a place in the upload queue first (no chunk held while waiting for
-        one), then the first chunk, then a slot. Waiting for either is the server's doing: the
-        upload's clock is paused."""
-        stream.clock.pause()
-        await self._upload_queue.acquire()
-        queued = True
-        try:
-            stream.clock.resume()
-            await stream.wait_for_next()  # the first chunk
-            stream.clock.pause()
-            async with self._upload_slots:
-                self._upload_queue.release()
-                queued = False
-                stream.clock.resume()
-                update = await self._receive_update(stream, header, task.model)
-                await self._accept(context, header, task, batch, update)
-        finally:
-            if queued:
-                self._upload_queue.release()
+            self.flow.open_uploads.release(header.client_id)
 
     async def Presence(self, request, context):
         """Held open by the client for its session; its end (the client gone: the kernel closed a
@@ -367,43 +289,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             await self._check_session(request, context)
             client_id = request.client_id
             # The hooks wake waiting steps (taking batch locks, which a fold may hold): off the loop.
-            token = await self._presence_opened(client_id)
-            wake = asyncio.Event()
-            self._poll_events.add(wake)
+            # An opening is recorded as ended too if the call ends meanwhile (the client renewed or
+            # died while the executor was busy): a stream counted open but never closed would keep
+            # the client present.
+            token = await self.flow.run_to_completion(
+                self.coordinator.presence_opened, client_id,
+                undo=lambda token: self.flow.run_in_background(self.coordinator.presence_closed, client_id, token))
             try:
                 yield pb.PresenceReply(present=True)
-                while not self.coordinator.is_shut_down:
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), PRESENCE_CHECK_SECONDS)
-                    except asyncio.TimeoutError:
-                        pass
+                await self.flow.wait_until(lambda: self.coordinator.is_shut_down, PRESENCE_CHECK_SECONDS)
             finally:  # also when the call is cancelled (the client gone)
-                self._poll_events.discard(wake)
-                self._presence_closed(client_id, token)
-
-    async def _presence_opened(self, client_id: str) -> int:
-        """Records a presence stream's opening off the loop. If the call ends meanwhile (the client
-        renewed or died while the executor was busy), the opening still completes and its end is
-        recorded as well: a stream counted open but never closed would keep the client present."""
-        loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(self._executor, self.coordinator.presence_opened, client_id)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            def close_when_recorded(done: asyncio.Future) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    self._presence_closed(client_id, done.result())
-            opening.add_done_callback(close_when_recorded)
-            raise
-
-    def _presence_closed(self, client_id: str, token: int) -> None:
-        """Records a presence stream's end off the loop, not awaited (the loop moves on)."""
-        try:
-            asyncio.get_running_loop().run_in_executor(self._executor, self.coordinator.presence_closed,
-                                                       client_id, token)
-        except RuntimeError:  # the server is stopping (its executor shut down): no step waits
-            self.coordinator.presence_closed(client_id, token)
+                self.flow.run_in_background(self.coordinator.presence_closed, client_id, token)
 
     async def _accept(self, context, header, task: Task, batch, update) -> None:
         metrics = validated_metrics(header.metrics)
@@ -412,12 +308,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if context.cancelled():
             raise Rejected(RejectReason.MALFORMED,
                            "the result stream was aborted before it ended")
-        await self._in_executor(self._finish, result, batch, update)  # folds: off the loop
-        if self.privacy is not None and "dp_epsilon" in metrics:
-            self.privacy.record(task.client_id, metrics["dp_epsilon"])
-            epsilon, delta = self.privacy.guarantee()
-            self.metrics.dp_epsilon.set(epsilon)
-            self.metrics.dp_delta.set(delta)
+        await self.flow.run(self._finish, result, batch, update)  # folds: off the loop
 
     def _finish(self, result: TaskResult, batch, update) -> None:
         """Hand an accepted result to its step (in the upload executor). Counted here, in the thread
@@ -451,43 +342,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 if message.WhichOneof("kind") != "chunk":
                     raise Rejected(RejectReason.MALFORMED,
                                    "only chunks may follow the result header")
-                await self._in_executor(update.add, message.chunk)
+                await self.flow.run(update.add, message.chunk)
                 message = None  # its bytes are the update's now: dropped before the next one arrives
                 message = await stream.next()
             self.metrics.bytes_received.inc(update.received_bytes)
-            return await self._in_executor(update.finish)
+            return await self.flow.run(update.finish)
         except CodecError as error:
             raise Rejected(error.reason, f"update rejected: {error}") from None
-
-    async def _next_task(self, client_id: str, timeout: float) -> Task | pb.TaskHeader | None:
-        """The client's current task, the shutdown header, or None when neither came within
-        ``timeout``: waits on an event (no thread), set whenever the coordinator posts."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            woken = asyncio.Event()
-            self._poll_events.add(woken)  # before looking: a post from now on sets it
-            try:
-                item = self.coordinator.next_task(client_id, timeout=0)
-                remaining = deadline - loop.time()
-                if item is not None or remaining <= 0:
-                    return item
-                try:
-                    async with asyncio.timeout(remaining):
-                        await woken.wait()
-                except TimeoutError:
-                    pass  # one last look, then None
-            finally:
-                self._poll_events.discard(woken)
-
-    async def _download_slot(self) -> bool:
-        """Wait for a download slot (True), or past DOWNLOAD_SLOT_WAIT_SECONDS go on without (False)."""
-        try:
-            async with asyncio.timeout(DOWNLOAD_SLOT_WAIT_SECONDS):
-                await self._downloads.acquire()
-            return True
-        except TimeoutError:
-            return False
 
     def _header(self, task: Task) -> pb.TaskHeader:
         header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
@@ -495,12 +356,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if task.payload is not None:
             header.manifest.CopyFrom(task.payload.manifest)
         return header
-
-    def _count_poller(self, client_id: str, delta: int) -> None:
-        self._polling[client_id] = self._polling.get(client_id, 0) + delta
-        if self._polling[client_id] <= 0:
-            del self._polling[client_id]
-        self.metrics.clients_connected.set(len(self._polling))
 
 
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
