@@ -2,11 +2,10 @@
 
 The handlers are coroutines of a ``grpc.aio`` server running on its own event-loop thread
 (transport.py), while the round engine runs synchronously in the main thread: a waiting long poll,
-an idle stream or a slow upload holds no thread. A poll waits on an ``asyncio.Event`` that the
-coordinator's poll listener sets (through ``loop.call_soon_threadsafe``) when a task is posted or the
-run shuts down. Each RPC method translates between proto messages and plain calls (to the
-coordinator, and to the transport's flow control, flow.py: slots, stream bounds, poll wake-ups and
-the upload executor) and turns a refusal (Rejected) into its gRPC status.
+an idle stream or a slow upload holds no thread. Each RPC method translates between proto messages
+and plain calls (to the coordinator, and to the transport's flow control, flow.py: upload and
+download slots, stream bounds, poll wake-ups, the upload executor) and turns a refusal (Rejected)
+into its gRPC status. Requests reach it as plain values (request_messages.py).
 
 Resource bounds (flow.py, limits.py): an upload must arrive within ``upload_timeout`` (else
 DEADLINE_EXCEEDED, reason ``upload_timeout``, and its task stays open), one upload per client at a
@@ -20,30 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
+from genfl_shared.codec import CodecError, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
 
-from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Task, TaskResult
 from .guard import check_dp_epsilon, validated_metrics
 from .flow import DEFAULT_MAX_CONCURRENT_DOWNLOADS, FlowControl
 from .limits import UploadClock
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
-from .listening import ListenError, check_listen_address
+from .listening import ListenError  # noqa: F401 (re-exported)
 from .metrics import ServerMetrics
+from .request_messages import (ResultStream, Unparsable, lenient_parser,  # noqa: F401 (Unparsable re-exported)
+                               parse_result_message, refuse_unparsable)
 from .status_codes import status_code
 from .upload import ChunkedUpdate
-from .transport import AioServer, EventLoopThread, ThreadsafeHealth
+from .transport import AioServer, ThreadsafeHealth, start_aio_server
 
 log = logging.getLogger(__name__)
 
@@ -57,75 +54,6 @@ def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
 SERVICE_NAME = _SERVICE.full_name  # genfl.v1.FederatedLearning
-
-
-@dataclass(frozen=True)
-class Unparsable:
-    """A request message whose bytes do not parse: what :func:`lenient_parser` hands the handler
-    instead of raising, so that the handler refuses it (INVALID_ARGUMENT, "malformed", counted)
-    where gRPC itself would log a traceback per message and answer a bare INTERNAL."""
-
-    type_name: str
-    error: str
-
-
-def lenient_parser(message_type):
-    """A request deserializer for ``message_type`` that returns :class:`Unparsable` for bytes
-    that are not such a message."""
-    def parse(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as error:
-            return Unparsable(message_type.DESCRIPTOR.name, str(error))
-    return parse
-
-
-_parse_result_protobuf = lenient_parser(pb.ResultMessage)
-
-
-def parse_result_message(data: bytes):
-    """SubmitResult's request deserializer: an upload's chunk read in place (a view of ``data``,
-    chunk_parser) when canonically encoded, as almost all are; else as :func:`lenient_parser`."""
-    return read_chunk_in_place(data) or _parse_result_protobuf(data)
-
-
-def _refuse_unparsable(message) -> None:
-    if isinstance(message, Unparsable):
-        raise Rejected(RejectReason.MALFORMED,
-                       f"a message does not parse as {message.type_name}: {shown(message.error)}")
-
-
-class ResultStream:
-    """The request stream of one SubmitResult call, read against the upload's clock."""
-
-    def __init__(self, request_iterator, clock: UploadClock):
-        self._messages = request_iterator.__aiter__()
-        self.clock = clock
-        self.header: pb.ResultHeader | None = None  # once read
-        self._peeked: list[pb.ResultMessage | None] = []  # a message read by wait_for_next, not yet taken
-
-    @property
-    def client_id(self) -> str:
-        return self.header.client_id if self.header is not None else ""
-
-    async def wait_for_next(self) -> None:
-        """Wait until the next message has arrived (or the stream ended); ``next`` returns it."""
-        if not self._peeked:
-            self._peeked.append(await self.next())
-
-    async def next(self) -> pb.ResultMessage | None:
-        """The next message (None at the end of the stream). Raises Rejected: ``malformed`` for
-        one that does not parse, ``upload_timeout`` once the clock has run out."""
-        if self._peeked:
-            return self._peeked.pop()
-        try:
-            async with asyncio.timeout(self.clock.remaining()):
-                message = await anext(self._messages, None)
-        except TimeoutError:
-            raise self.clock.expired() from None
-        if message is not None:
-            _refuse_unparsable(message)
-        return message
 
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
@@ -198,7 +126,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def Register(self, request, context):
         async with self._counted_stream(context):
             try:
-                _refuse_unparsable(request)
+                refuse_unparsable(request)
                 self._authenticate(context, request.client_id)
                 _info, secret = self.coordinator.register(request)
             except Rejected as error:
@@ -211,7 +139,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         """A poll or presence request must parse, carry its client's token, name this run and the
         client's live session; otherwise the call ends with the refusal's status."""
         try:
-            _refuse_unparsable(request)
+            refuse_unparsable(request)
             self._authenticate(context, request.client_id)
             self.coordinator.check_run(request.run_id)
             self.coordinator.session(request.client_id, request.session_secret)
@@ -398,17 +326,6 @@ def check_serves_every_method(handlers: dict[str, grpc.RpcMethodHandler]) -> Non
                                   + "; ".join(problems))
 
 
-# The server's channel options (besides TRANSPORT_OPTIONS, which clients share).
-SERVER_OPTIONS = (
-    *TRANSPORT_OPTIONS,
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.bdp_probe", 0),
-    # Without this a second server on the same port binds too, and clients are split between them.
-    ("grpc.so_reuseport", 0),
-)
-
-
 def start_grpc_server(service: FederatedLearningService, address: str, *,
                       credentials: grpc.ServerCredentials | None = None
                       ) -> tuple[AioServer, int, ThreadsafeHealth]:
@@ -419,40 +336,11 @@ def start_grpc_server(service: FederatedLearningService, address: str, *,
     port and starts NOT_SERVING; the caller marks it SERVING once the run is ready. Raises
     ListenError, saying why, when ``address`` cannot be listened on.
     """
-    check_listen_address(address)
     handlers = method_handlers(service)
     check_serves_every_method(handlers)
-    loop_thread = EventLoopThread("grpc-loop")
-    try:
-        server, port, health_servicer = loop_thread.call(_serve(handlers, address, credentials), timeout=60)
-    except BaseException:
-        loop_thread.stop()
-        raise
-    service.serve_on(loop_thread.loop)
-    return AioServer(server, loop_thread, on_stopped=service.close), port, ThreadsafeHealth(health_servicer, loop_thread)
+    return start_aio_server(handlers, SERVICE_NAME, address, credentials=credentials,
+                            on_started=service.serve_on, on_stopped=service.close)
 
 
-async def _serve(handlers: dict[str, grpc.RpcMethodHandler], address: str,
-                 credentials: grpc.ServerCredentials | None):
-    """On the loop: build, bind and start the aio server; returns (server, port, health servicer)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    try:
-        port = (server.add_secure_port(address, credentials) if credentials
-                else server.add_insecure_port(address))
-    except RuntimeError as error:  # what grpcio raises when no address could be bound
-        raise ListenError(f"cannot listen on {address}: {error}") from None
-    if port == 0:  # what older grpcio returns instead
-        raise ListenError(f"cannot listen on {address}")
-    await server.start()
-    return server, port, health_servicer
-
-
-def set_health(health_servicer: ThreadsafeHealth, *, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
-        health_servicer.set(name, status)
+def set_health(health: ThreadsafeHealth, *, serving: bool) -> None:
+    health.set_serving(serving)
