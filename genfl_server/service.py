@@ -197,7 +197,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 if not header.HasField("manifest"):
                     raise Rejected(RejectReason.MALFORMED,
                                    "a training result must carry the updated weights")
-                async with self.flow.upload_slot(stream.clock, stream.wait_for_next):  # the first chunk
+                async with self.flow.upload_slot(stream.clock, stream.wait_for_next):  # first chunk read, then a slot
                     update = await self._receive_update(stream, header, task.model)
                     await self._accept(context, header, task, batch, update)
             else:
