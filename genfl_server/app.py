@@ -13,6 +13,7 @@ import platform
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .engine import RoundEngine
 from .guard import PartitionCounts, UpdateGuard
 from .metrics import ServerMetrics
 from .phases import PhaseContext, run_method
-from .privacy import PrivacyLedger
+from .privacy import PrivacyLedger, record_spent_epsilon
 from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
 from .results import RunRecorder
 from .runstate import RunState
@@ -181,8 +182,10 @@ class ServerApp:
         if config.dp:
             privacy = PrivacyLedger(config)
             self.metrics.track_privacy(config.dp_delta)
+            # Recorded as each result is accepted, so a round's epsilon is complete by its end.
+            self.coordinator.add_result_listener(partial(record_spent_epsilon, privacy, self.metrics))
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
-                                           privacy=privacy, upload_timeout=config.upload_timeout,
+                                           upload_timeout=config.upload_timeout,
                                            max_concurrent_uploads=config.max_concurrent_uploads,
                                            max_streams_per_connection=config.max_streams_per_connection,
                                            max_streams_per_ip=config.max_streams_per_ip)

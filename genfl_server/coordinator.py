@@ -104,6 +104,7 @@ class TaskResult:
 
 
 UpdateHook = Callable[[Task, int, Mapping[str, torch.Tensor]], None]
+ResultListener = Callable[[TaskResult], None]
 
 
 class TaskState(enum.Enum):
@@ -240,6 +241,8 @@ class Coordinator:
         # Called whenever pollers are woken (a task posted, the run shut down), for long polls that
         # do not wait on the condition (the service's asyncio polls); see add_poll_listener.
         self._poll_listeners: list[Callable[[], None]] = []
+        # Called with every accepted result before its step can see it (see add_result_listener).
+        self._result_listeners: list[ResultListener] = []
         self.presence = Presence(presence_grace)
         self.presence.listeners.append(self._wake_open_batches)
 
@@ -409,6 +412,14 @@ class Coordinator:
         with self._lock:
             self._poll_listeners.append(listener)
 
+    def add_result_listener(self, listener: ResultListener) -> None:
+        """Call ``listener`` with every result accepted from now on (e.g. a DP run's privacy ledger
+        records its spent epsilon), in the thread that accepts it, before the result counts for its
+        step: a step that completes has had each of its results seen by every listener. It is called
+        with the batch's lock held: it must not block or call back in."""
+        with self._lock:
+            self._result_listeners.append(listener)
+
     def _wake_pollers(self) -> None:
         """Wake every waiting poll. Caller holds the lock."""
         self._cond.notify_all()
@@ -457,6 +468,9 @@ class Coordinator:
             batch.results[task.task_id] = result
             with self._lock:
                 self._tasks.settle(task, TaskState.DONE)
+                listeners = list(self._result_listeners)
+            for listener in listeners:
+                listener(result)
             batch.completed.notify_all()
 
     def _check_first_evaluation(self, result: TaskResult) -> None:

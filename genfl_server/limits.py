@@ -1,7 +1,8 @@
 """Bounds on what one peer may hold open on the server: RPCs per connection (and per IP address,
 by option) and uploads per client, and the clock of one upload's deadline.
 
-Used by the service (service.py) on its event-loop thread only, so no locks.
+Used by the transport's flow control (flow.py) and the servicer (service.py) on the event-loop
+thread only, so no locks.
 """
 
 from __future__ import annotations

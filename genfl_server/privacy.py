@@ -79,3 +79,15 @@ class PrivacyLedger:
                 # earlier restart, that over-counts (never under-counts) the client's epsilon.
                 self._clients[cid] = ClientBudget(spent_before=0.0, current=float(entry["epsilon"]),
                                                   accountants=accountants)
+
+
+def record_spent_epsilon(ledger: PrivacyLedger, metrics, result) -> None:
+    """A DP run's result listener (``Coordinator.add_result_listener``): records an accepted
+    result's spent epsilon (``dp_epsilon``) in ``ledger`` and exports the run's guarantee so far
+    (``metrics``: a ServerMetrics tracking privacy)."""
+    if "dp_epsilon" not in result.metrics:
+        return
+    ledger.record(result.task.client_id, result.metrics["dp_epsilon"])
+    epsilon, delta = ledger.guarantee()
+    metrics.dp_epsilon.set(epsilon)
+    metrics.dp_delta.set(delta)

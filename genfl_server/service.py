@@ -2,13 +2,12 @@
 
 The handlers are coroutines of a ``grpc.aio`` server running on its own event-loop thread
 (transport.py), while the round engine runs synchronously in the main thread: a waiting long poll,
-an idle stream or a slow upload holds no thread. A poll waits on an ``asyncio.Event`` that the
-coordinator's poll listener sets (through ``loop.call_soon_threadsafe``) when a task is posted or the
-run shuts down. What costs CPU per upload (decoding, validating and folding the update) runs in a
-small executor of ``max_concurrent_uploads`` threads, so health checks and polls keep answering
-while it runs.
+an idle stream or a slow upload holds no thread. Each RPC method translates between proto messages
+and plain calls (to the coordinator, and to the transport's flow control, flow.py: upload and
+download slots, stream bounds, poll wake-ups, the upload executor) and turns a refusal (Rejected)
+into its gRPC status. Requests reach it as plain values (request_messages.py).
 
-Resource bounds (limits.py): an upload must arrive within ``upload_timeout`` (else
+Resource bounds (flow.py, limits.py): an upload must arrive within ``upload_timeout`` (else
 DEADLINE_EXCEEDED, reason ``upload_timeout``, and its task stays open), one upload per client at a
 time (ALREADY_EXISTS, ``upload_in_progress``), at most ``max_streams_per_connection`` RPCs open per
 connection and, by option, ``max_streams_per_ip`` per IP address (RESOURCE_EXHAUSTED,
@@ -20,14 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from genfl_shared.codec import TRANSPORT_OPTIONS, CodecError, Payload, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
+from genfl_shared.codec import CodecError, Payload, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -35,39 +30,21 @@ from genfl_shared.config import RunConfig
 from genfl_shared.security import TokenAuthenticator, bearer_token
 from genfl_shared.tasks import set_settings
 
-from .chunk_parser import read_chunk_in_place
 from .coordinator import Coordinator, Task, TaskResult
 from .guard import check_dp_epsilon, validated_metrics
-from .limits import OpenUploads, StreamLimits, UploadClock
-from .privacy import PrivacyLedger
+from .flow import DEFAULT_MAX_CONCURRENT_DOWNLOADS, FlowControl
+from .limits import UploadClock
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
-from .listening import ListenError, check_listen_address
+from .listening import ListenError  # noqa: F401 (re-exported)
 from .metrics import ServerMetrics
+from .request_messages import (ResultStream, Unparsable, lenient_parser,  # noqa: F401 (Unparsable re-exported)
+                               parse_result_message, refuse_unparsable)
 from .status_codes import status_code
 from .upload import ChunkedUpdate
-from .transport import AioServer, EventLoopThread, ThreadsafeHealth
+from .transport import AioServer, ThreadsafeHealth, start_aio_server
 
 log = logging.getLogger(__name__)
 
-# Weight uploads are received and checked max_concurrent_uploads at a time (--max-concurrent-uploads,
-# default 2; each holds a receive slot from its first chunk to its fold). Each costs about one model
-# of memory (its received chunks, which are folded in as they are: upload.ChunkedUpdate), so this
-# bounds the server's memory however many clients upload together; the rest wait in gRPC flow
-# control, holding no thread (kept small by turning off HTTP/2 BDP probing, which would otherwise
-# grow every stream's window to megabytes). A stalled upload holds a slot only once it has sent a
-# chunk, and then for at most --upload-timeout; before that, a place in the upload queue.
-# Uploads that may hold their first chunk while they wait for a receive slot. Reading the first
-# chunk before a slot is taken keeps a stalled upload (a header, then nothing) from holding a slot;
-# bounding how many may do so keeps the waiting uploads from holding a chunk (1 MiB) each: with 50
-# clients uploading at once, 48 waiting first chunks were about 11 models of memory. A stall holds
-# one of these places for at most --upload-timeout, so it takes this many stalls together to hold
-# every upload up, as it takes max_concurrent_uploads stalls that sent one chunk to hold the slots.
-UPLOAD_QUEUE_PER_SLOT = 2
-# Model downloads streamed at once. Each in-flight download holds gRPC send buffers of about a
-# chunk; without a bound, K clients downloading together cost about K models of memory.
-DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
-# A stalled downloader must not block everyone: past this wait a download proceeds anyway.
-DOWNLOAD_SLOT_WAIT_SECONDS = 30.0
 # How often an open presence stream checks whether the run ended (its end is seen at once).
 PRESENCE_CHECK_SECONDS = 1.0
 
@@ -80,75 +57,6 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
 SERVICE_NAME = _SERVICE.full_name  # genfl.v2.FederatedLearning
 
 
-@dataclass(frozen=True)
-class Unparsable:
-    """A request message whose bytes do not parse: what :func:`lenient_parser` hands the handler
-    instead of raising, so that the handler refuses it (INVALID_ARGUMENT, "malformed", counted)
-    where gRPC itself would log a traceback per message and answer a bare INTERNAL."""
-
-    type_name: str
-    error: str
-
-
-def lenient_parser(message_type):
-    """A request deserializer for ``message_type`` that returns :class:`Unparsable` for bytes
-    that are not such a message."""
-    def parse(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as error:
-            return Unparsable(message_type.DESCRIPTOR.name, str(error))
-    return parse
-
-
-_parse_result_protobuf = lenient_parser(pb.ResultMessage)
-
-
-def parse_result_message(data: bytes):
-    """SubmitResult's request deserializer: an upload's chunk read in place (a view of ``data``,
-    chunk_parser) when canonically encoded, as almost all are; else as :func:`lenient_parser`."""
-    return read_chunk_in_place(data) or _parse_result_protobuf(data)
-
-
-def _refuse_unparsable(message) -> None:
-    if isinstance(message, Unparsable):
-        raise Rejected(RejectReason.MALFORMED,
-                       f"a message does not parse as {message.type_name}: {shown(message.error)}")
-
-
-class ResultStream:
-    """The request stream of one SubmitResult call, read against the upload's clock."""
-
-    def __init__(self, request_iterator, clock: UploadClock):
-        self._messages = request_iterator.__aiter__()
-        self.clock = clock
-        self.header: pb.ResultHeader | None = None  # once read
-        self._peeked: list[pb.ResultMessage | None] = []  # a message read by wait_for_next, not yet taken
-
-    @property
-    def client_id(self) -> str:
-        return self.header.client_id if self.header is not None else ""
-
-    async def wait_for_next(self) -> None:
-        """Wait until the next message has arrived (or the stream ended); ``next`` returns it."""
-        if not self._peeked:
-            self._peeked.append(await self.next())
-
-    async def next(self) -> pb.ResultMessage | None:
-        """The next message (None at the end of the stream). Raises Rejected: ``malformed`` for
-        one that does not parse, ``upload_timeout`` once the clock has run out."""
-        if self._peeked:
-            return self._peeked.pop()
-        try:
-            async with asyncio.timeout(self.clock.remaining()):
-                message = await anext(self._messages, None)
-        except TimeoutError:
-            raise self.clock.expired() from None
-        if message is not None:
-            _refuse_unparsable(message)
-        return message
-
-
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
                  max_concurrent_uploads: int = RunConfig.max_concurrent_uploads,
@@ -156,57 +64,27 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                  max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS, *,
                  upload_timeout: float = RunConfig.upload_timeout,
                  max_streams_per_connection: int = RunConfig.max_streams_per_connection,
-                 max_streams_per_ip: int = RunConfig.max_streams_per_ip,
-                 privacy: PrivacyLedger | None = None):
+                 max_streams_per_ip: int = RunConfig.max_streams_per_ip):
         self.coordinator = coordinator
         self.metrics = metrics
-        self.privacy = privacy  # DP runs: every accepted result's spent epsilon is recorded
         # With an authenticator, every RPC must carry the token of the client it names.
         self.authenticator = authenticator
         self.upload_timeout = upload_timeout
-        # Everything below is used on the event loop's thread only (no locks), except the executor.
-        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
-        # Places for uploads waiting for a slot with their first chunk read (UPLOAD_QUEUE_PER_SLOT).
-        self._upload_queue = asyncio.Semaphore(max_concurrent_uploads * UPLOAD_QUEUE_PER_SLOT)
-        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
-        # Decoding, validating and folding an update, off the event loop so health and polls answer
-        # meanwhile: with 8 CVAE uploads at once (2 busy cores) health checks took a median 20-30 ms
-        # this way, 100-130 ms with the same work done inline on the loop.
-        self._executor = futures.ThreadPoolExecutor(max_workers=max_concurrent_uploads, thread_name_prefix="upload")
-        self._streams = StreamLimits(max_streams_per_connection, max_streams_per_ip)
-        self._open_uploads = OpenUploads()
-        self._poll_events: set[asyncio.Event] = set()  # one per waiting poll: set when it may have an answer
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._polling: dict[str, int] = {}
+        self.flow = FlowControl(metrics, max_concurrent_uploads=max_concurrent_uploads,
+                                max_concurrent_downloads=max_concurrent_downloads,
+                                max_streams_per_connection=max_streams_per_connection,
+                                max_streams_per_ip=max_streams_per_ip)
         self._rejection_log = RateLimitedLog(log)
 
     # -- the event loop ------------------------------------------------------------------------
     def serve_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve on ``loop`` (the aio server's): the coordinator then wakes its polls."""
-        self._loop = loop
-        self.coordinator.add_poll_listener(self._on_poll_wake)
+        self.flow.serve_on(loop)
+        self.coordinator.add_poll_listener(self.flow.wake_polls_threadsafe)
 
     def close(self) -> None:
         """The server has stopped: no more work for the executor, no polls to wake."""
-        self._loop = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _on_poll_wake(self) -> None:
-        """The coordinator's poll listener (any thread, its lock held): wake the polls on the loop."""
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(self._wake_polls)
-        except RuntimeError:  # the loop closed since: the server stopped, no poll is left to wake
-            pass
-
-    def _wake_polls(self) -> None:
-        for event in self._poll_events:
-            event.set()
-
-    async def _in_executor(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        self.flow.close()
 
     # -- refusals ------------------------------------------------------------------------------
     async def _reject(self, context: grpc.aio.ServicerContext, error: Rejected, client_id: str = ""):
@@ -223,15 +101,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def _counted_stream(self, context: grpc.aio.ServicerContext):
         """Count the RPC against its peer's bounds for as long as it is open (refused past them)."""
         try:
-            keys = self._streams.enter(context.peer())
+            keys = self.flow.enter_stream(context.peer())
         except Rejected as error:
             await self._reject(context, error)
-        self.metrics.rpcs_open.inc()
         try:
             yield
         finally:
-            self._streams.leave(keys)
-            self.metrics.rpcs_open.dec()
+            self.flow.leave_stream(keys)
 
     def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str | None) -> None:
         """Raise Rejected (``unauthenticated``) unless the call carries ``client_id``'s token (when
@@ -251,7 +127,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def Register(self, request, context):
         async with self._counted_stream(context):
             try:
-                _refuse_unparsable(request)
+                refuse_unparsable(request)
                 self._authenticate(context, request.client_id)
                 _info, secret = self.coordinator.register(request)
             except Rejected as error:
@@ -264,7 +140,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         """A poll or presence request must parse, carry its client's token, name this run and the
         client's live session; otherwise the call ends with the refusal's status."""
         try:
-            _refuse_unparsable(request)
+            refuse_unparsable(request)
             self._authenticate(context, request.client_id)
             self.coordinator.check_run(request.run_id)
             self.coordinator.session(request.client_id, request.session_secret)
@@ -274,11 +150,9 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     async def FetchTask(self, request, context):
         async with self._counted_stream(context):
             await self._check_session(request, context)
-            self._count_poller(request.client_id, +1)
-            try:
-                item = await self._next_task(request.client_id, self.coordinator.poll_timeout)
-            finally:
-                self._count_poller(request.client_id, -1)
+            with self.flow.polling(request.client_id):
+                item = await self.flow.wait_for(lambda: self.coordinator.next_task(request.client_id, timeout=0),
+                                                self.coordinator.poll_timeout)
             if item is None:
                 yield pb.TaskMessage(header=pb.TaskHeader(run_id=self.coordinator.run_id, type=pb.TASK_TYPE_IDLE))
                 return
@@ -288,15 +162,11 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             header, synthetic = self._header(item)
             yield pb.TaskMessage(header=header)
             if item.payload is not None:
-                slot = await self._download_slot()
-                try:
+                async with self.flow.download_slot():
                     for index, chunk in enumerate(item.payload.chunks):
                         yield chunk if item.payload.wrapped else pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
                     for index, chunk in enumerate(synthetic.chunks if synthetic is not None else ()):
                         yield pb.TaskMessage(chunk=pb.Chunk(index=index, data=chunk))
-                finally:
-                    if slot:
-                        self._downloads.release()
                 self.metrics.bytes_sent.inc(item.payload.nbytes)
 
     async def SubmitResult(self, request_iterator, context):
@@ -321,17 +191,19 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         header = stream.header = first.header
         self._authenticate(context, header.client_id)
         task, batch = self.coordinator.open_task(header)
-        self._open_uploads.claim(header.client_id)
+        self.flow.open_uploads.claim(header.client_id)
         try:
             if header.error:
                 trailing = await stream.next() is not None
-                await self._in_executor(self._record_task_error, header, task, batch, trailing)
+                await self.flow.run(self._record_task_error, header, task, batch, trailing)
                 return None
             if task.expects_weights:
                 if not header.HasField("manifest"):
                     raise Rejected(RejectReason.MALFORMED,
                                    "a training result must carry the updated weights")
-                await self._receive_in_slot(stream, context, header, task, batch)
+                async with self.flow.upload_slot(stream.clock, stream.wait_for_next):  # first chunk read, then a slot
+                    update = await self._receive_update(stream, header, task.model)
+                    await self._accept(context, header, task, batch, update)
             else:
                 if await stream.next() is not None:
                     raise Rejected(RejectReason.MALFORMED,
@@ -339,29 +211,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 await self._accept(context, header, task, batch, None)
             return task
         finally:
-            self._open_uploads.release(header.client_id)
-
-    async def _receive_in_slot(self, stream: ResultStream, context, header, task: Task, batch) -> None:
-        """Read a TRAIN result's chunks, check them and fold the update in, in a receive slot (see
-        UPLOAD_QUEUE_PER_SLOT): a place in the upload queue first (no chunk held while waiting for
-        one), then the first chunk, then a slot. Waiting for either is the server's doing: the
-        upload's clock is paused."""
-        stream.clock.pause()
-        await self._upload_queue.acquire()
-        queued = True
-        try:
-            stream.clock.resume()
-            await stream.wait_for_next()  # the first chunk
-            stream.clock.pause()
-            async with self._upload_slots:
-                self._upload_queue.release()
-                queued = False
-                stream.clock.resume()
-                update = await self._receive_update(stream, header, task.model)
-                await self._accept(context, header, task, batch, update)
-        finally:
-            if queued:
-                self._upload_queue.release()
+            self.flow.open_uploads.release(header.client_id)
 
     async def Presence(self, request, context):
         """Held open by the client for its session; its end (the client gone: the kernel closed a
@@ -371,43 +221,17 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             await self._check_session(request, context)
             client_id = request.client_id
             # The hooks wake waiting steps (taking batch locks, which a fold may hold): off the loop.
-            token = await self._presence_opened(client_id)
-            wake = asyncio.Event()
-            self._poll_events.add(wake)
+            # An opening is recorded as ended too if the call ends meanwhile (the client renewed or
+            # died while the executor was busy): a stream counted open but never closed would keep
+            # the client present.
+            token = await self.flow.run_to_completion(
+                self.coordinator.presence_opened, client_id,
+                undo=lambda token: self.flow.run_in_background(self.coordinator.presence_closed, client_id, token))
             try:
                 yield pb.PresenceReply(present=True)
-                while not self.coordinator.is_shut_down:
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), PRESENCE_CHECK_SECONDS)
-                    except asyncio.TimeoutError:
-                        pass
+                await self.flow.wait_until(lambda: self.coordinator.is_shut_down, PRESENCE_CHECK_SECONDS)
             finally:  # also when the call is cancelled (the client gone)
-                self._poll_events.discard(wake)
-                self._presence_closed(client_id, token)
-
-    async def _presence_opened(self, client_id: str) -> int:
-        """Records a presence stream's opening off the loop. If the call ends meanwhile (the client
-        renewed or died while the executor was busy), the opening still completes and its end is
-        recorded as well: a stream counted open but never closed would keep the client present."""
-        loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(self._executor, self.coordinator.presence_opened, client_id)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            def close_when_recorded(done: asyncio.Future) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    self._presence_closed(client_id, done.result())
-            opening.add_done_callback(close_when_recorded)
-            raise
-
-    def _presence_closed(self, client_id: str, token: int) -> None:
-        """Records a presence stream's end off the loop, not awaited (the loop moves on)."""
-        try:
-            asyncio.get_running_loop().run_in_executor(self._executor, self.coordinator.presence_closed,
-                                                       client_id, token)
-        except RuntimeError:  # the server is stopping (its executor shut down): no step waits
-            self.coordinator.presence_closed(client_id, token)
+                self.flow.run_in_background(self.coordinator.presence_closed, client_id, token)
 
     async def _accept(self, context, header, task: Task, batch, update) -> None:
         metrics = validated_metrics(header.metrics)
@@ -416,12 +240,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if context.cancelled():
             raise Rejected(RejectReason.MALFORMED,
                            "the result stream was aborted before it ended")
-        await self._in_executor(self._finish, result, batch, update)  # folds: off the loop
-        if self.privacy is not None and "dp_epsilon" in metrics:
-            self.privacy.record(task.client_id, metrics["dp_epsilon"])
-            epsilon, delta = self.privacy.guarantee()
-            self.metrics.dp_epsilon.set(epsilon)
-            self.metrics.dp_delta.set(delta)
+        await self.flow.run(self._finish, result, batch, update)  # folds: off the loop
 
     def _finish(self, result: TaskResult, batch, update) -> None:
         """Hand an accepted result to its step (in the upload executor). Counted here, in the thread
@@ -455,43 +274,13 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
                 if message.WhichOneof("kind") != "chunk":
                     raise Rejected(RejectReason.MALFORMED,
                                    "only chunks may follow the result header")
-                await self._in_executor(update.add, message.chunk)
+                await self.flow.run(update.add, message.chunk)
                 message = None  # its bytes are the update's now: dropped before the next one arrives
                 message = await stream.next()
             self.metrics.bytes_received.inc(update.received_bytes)
-            return await self._in_executor(update.finish)
+            return await self.flow.run(update.finish)
         except CodecError as error:
             raise Rejected(error.reason, f"update rejected: {error}") from None
-
-    async def _next_task(self, client_id: str, timeout: float) -> Task | pb.TaskHeader | None:
-        """The client's current task, the shutdown header, or None when neither came within
-        ``timeout``: waits on an event (no thread), set whenever the coordinator posts."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            woken = asyncio.Event()
-            self._poll_events.add(woken)  # before looking: a post from now on sets it
-            try:
-                item = self.coordinator.next_task(client_id, timeout=0)
-                remaining = deadline - loop.time()
-                if item is not None or remaining <= 0:
-                    return item
-                try:
-                    async with asyncio.timeout(remaining):
-                        await woken.wait()
-                except TimeoutError:
-                    pass  # one last look, then None
-            finally:
-                self._poll_events.discard(woken)
-
-    async def _download_slot(self) -> bool:
-        """Wait for a download slot (True), or past DOWNLOAD_SLOT_WAIT_SECONDS go on without (False)."""
-        try:
-            async with asyncio.timeout(DOWNLOAD_SLOT_WAIT_SECONDS):
-                await self._downloads.acquire()
-            return True
-        except TimeoutError:
-            return False
 
     def _header(self, task: Task) -> tuple[pb.TaskHeader, Payload | None]:
         """The task's header, and the synthetic images' payload whose chunks follow the weights'."""
@@ -501,12 +290,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         if task.payload is not None:
             header.manifest.CopyFrom(task.payload.manifest)
         return header, synthetic
-
-    def _count_poller(self, client_id: str, delta: int) -> None:
-        self._polling[client_id] = self._polling.get(client_id, 0) + delta
-        if self._polling[client_id] <= 0:
-            del self._polling[client_id]
-        self.metrics.clients_connected.set(len(self._polling))
 
 
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
@@ -549,17 +332,6 @@ def check_serves_every_method(handlers: dict[str, grpc.RpcMethodHandler]) -> Non
                                   + "; ".join(problems))
 
 
-# The server's channel options (besides TRANSPORT_OPTIONS, which clients share).
-SERVER_OPTIONS = (
-    *TRANSPORT_OPTIONS,
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.bdp_probe", 0),
-    # Without this a second server on the same port binds too, and clients are split between them.
-    ("grpc.so_reuseport", 0),
-)
-
-
 def start_grpc_server(service: FederatedLearningService, address: str, *,
                       credentials: grpc.ServerCredentials | None = None
                       ) -> tuple[AioServer, int, ThreadsafeHealth]:
@@ -570,40 +342,11 @@ def start_grpc_server(service: FederatedLearningService, address: str, *,
     port and starts NOT_SERVING; the caller marks it SERVING once the run is ready. Raises
     ListenError, saying why, when ``address`` cannot be listened on.
     """
-    check_listen_address(address)
     handlers = method_handlers(service)
     check_serves_every_method(handlers)
-    loop_thread = EventLoopThread("grpc-loop")
-    try:
-        server, port, health_servicer = loop_thread.call(_serve(handlers, address, credentials), timeout=60)
-    except BaseException:
-        loop_thread.stop()
-        raise
-    service.serve_on(loop_thread.loop)
-    return AioServer(server, loop_thread, on_stopped=service.close), port, ThreadsafeHealth(health_servicer, loop_thread)
+    return start_aio_server(handlers, SERVICE_NAME, address, credentials=credentials,
+                            on_started=service.serve_on, on_stopped=service.close)
 
 
-async def _serve(handlers: dict[str, grpc.RpcMethodHandler], address: str,
-                 credentials: grpc.ServerCredentials | None):
-    """On the loop: build, bind and start the aio server; returns (server, port, health servicer)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    try:
-        port = (server.add_secure_port(address, credentials) if credentials
-                else server.add_insecure_port(address))
-    except RuntimeError as error:  # what grpcio raises when no address could be bound
-        raise ListenError(f"cannot listen on {address}: {error}") from None
-    if port == 0:  # what older grpcio returns instead
-        raise ListenError(f"cannot listen on {address}")
-    await server.start()
-    return server, port, health_servicer
-
-
-def set_health(health_servicer: ThreadsafeHealth, *, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
-        health_servicer.set(name, status)
+def set_health(health: ThreadsafeHealth, *, serving: bool) -> None:
+    health.set_serving(serving)

@@ -9,7 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
+from functools import partial
 
 import click
 import grpc
@@ -20,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import dataset_dir
 from genfl_client.executor import TaskError, TaskExecutor
+from genfl_server.coordinator import Coordinator, TaskResult
 from genfl_server.metrics import ServerMetrics
-from genfl_server.privacy import PrivacyLedger
+from genfl_server.privacy import PrivacyLedger, record_spent_epsilon
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
 from genfl_shared.config import RunConfig, resolve_config
 from genfl_shared.data import load_dataset, to_float_images
@@ -31,7 +34,7 @@ from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
 from genfl_shared.runfiles import METRICS_JSONL, read_events
-from genfl_shared.tasks import TaskSettingsError, TrainTask
+from genfl_shared.tasks import EvaluateTask, TaskSettingsError, TrainTask
 from genfl_shared.training import train_cvae
 from helpers import start_server
 
@@ -243,6 +246,35 @@ def test_only_a_dp_run_exports_an_epsilon():
     assert plain.registry.get_sample_value("genfl_dp_epsilon") is None  # no DP: no epsilon, not 0
     assert math.isnan(private.registry.get_sample_value("genfl_dp_epsilon"))  # none reported yet
     assert private.registry.get_sample_value("genfl_dp_delta") == 1e-5
+
+
+@pytest.mark.unit
+def test_an_accepted_results_epsilon_is_recorded_before_its_step_can_end():
+    """The ledger is the coordinator's result listener: a step that sees its results complete
+    finds each one's epsilon recorded and exported, however slow the recording."""
+    coordinator = Coordinator("run-dp", expected_clients=1, dataset=None)
+    coordinator.register(pb.RegisterRequest(client_id="c0", num_train_samples=100, num_heldout_samples=10))
+    ledger, metrics = PrivacyLedger(RunConfig(dp_noise_multiplier=1.0)), ServerMetrics()
+    metrics.track_privacy(ledger.delta)
+    recording = threading.Event()
+
+    def slow_listener(_result):
+        recording.set()
+        threading.Event().wait(0.2)  # the step must wait for the listeners, not overtake them
+
+    coordinator.add_result_listener(slow_listener)
+    coordinator.add_result_listener(partial(record_spent_epsilon, ledger, metrics))
+    task = coordinator.new_task("c0", pb.TASK_TYPE_EVALUATE, "cvae", 1, EvaluateTask(model="cvae", binarize=True),
+                                None)
+    batch = coordinator.dispatch([task])
+    finishing = threading.Thread(target=coordinator.finish,
+                                 args=(TaskResult(task, 10, {"loss": 1.0, "dp_epsilon": 0.5}), batch, None))
+    finishing.start()
+    assert recording.wait(10)
+    assert batch.wait(timeout=10)
+    assert ledger.guarantee() == (0.5, 1e-5)
+    assert metrics.registry.get_sample_value("genfl_dp_epsilon") == 0.5
+    finishing.join(10)
 
 
 # -- the server ----------------------------------------------------------------------------------------

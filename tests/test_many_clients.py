@@ -19,6 +19,7 @@ from genfl_server.coordinator import Coordinator
 from genfl_server.engine import RoundEngine
 from genfl_server.metrics import ServerMetrics
 from genfl_server.results import RunRecorder
+from genfl_server.strategy import Instruction
 from genfl_shared.models import initial_state
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.tasks import TrainTask
@@ -108,7 +109,8 @@ def test_the_broadcast_is_one_immutable_encoded_copy_shared_by_every_client(tmp_
     state = initial_state("cvae", seed=0)
     settings = TrainTask(model="cvae", epochs=0, batch_size=32, optimizer="adam", lr=0.001, sgd_momentum=0.0,
                          binarize=True)
-    step = threading.Thread(target=engine._run_batch, args=(pb.TASK_TYPE_TRAIN, "cvae", 1, state, lambda _client_id: settings),
+    instructions = {cid: Instruction(settings, state) for cid in clients}  # one model: one encoded download
+    step = threading.Thread(target=engine._run_batch, args=(pb.TASK_TYPE_TRAIN, "cvae", 1, instructions),
                             daemon=True)
     step.start()
     tasks = [coordinator.next_task(cid, timeout=5) for cid in clients]
