@@ -23,7 +23,7 @@ from genfl_client.executor import TaskError, TaskExecutor
 from genfl_server.metrics import ServerMetrics
 from genfl_server.privacy import PrivacyLedger
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
-from genfl_shared.config import RunConfig, resolve_config
+from genfl_shared.config import PrivacySettings, resolve_config
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.dp import ClientPrivacy, DPSettings, poisson_sampling
 from genfl_shared.models import build_model, initial_state
@@ -212,11 +212,11 @@ def test_dp_task_settings_are_checked():
 def test_run_options_refuse_both_a_noise_multiplier_and_a_target_epsilon():
     with pytest.raises(click.UsageError, match="not both"):
         resolve_config("quick", {"dp_noise_multiplier": 1.0, "dp_target_epsilon": 3.0})
-    assert not resolve_config("quick", {}).dp and resolve_config("quick", {"dp_target_epsilon": 3.0}).dp
+    assert not resolve_config("quick", {}).dp.enabled and resolve_config("quick", {"dp_target_epsilon": 3.0}).dp.enabled
 
 
 def test_ledger_takes_the_weakest_client_and_adds_up_a_restarted_clients_accountants():
-    ledger = PrivacyLedger(RunConfig(dp_noise_multiplier=1.0))
+    ledger = PrivacyLedger(PrivacySettings(dp_noise_multiplier=1.0))
     assert ledger.guarantee() == (None, 1e-5)
     ledger.record("a", 0.5)
     ledger.record("b", 0.7)

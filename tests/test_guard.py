@@ -86,10 +86,10 @@ def test_default_bounds_never_touch_honest_updates(mnist, distribution):
                 model = model_from_state(kind, state, torch.device("cpu"))
                 x, y = images[part], labels[part]
                 if kind == "cvae":
-                    train_cvae(model, x, y, epochs=1, batch_size=cfg.batch_size, lr=cfg.cvae_lr, seed=i, device="cpu")
+                    train_cvae(model, x, y, epochs=1, batch_size=cfg.training.batch_size, lr=cfg.training.cvae_lr, seed=i, device="cpu")
                 else:
-                    train_classifier(model, x, y, epochs=1, batch_size=cfg.batch_size, optimizer="sgd",
-                                     lr=cfg.classifier_lr, momentum=cfg.sgd_momentum, seed=i, device="cpu")
+                    train_classifier(model, x, y, epochs=1, batch_size=cfg.training.batch_size, optimizer="sgd",
+                                     lr=cfg.training.classifier_lr, momentum=cfg.training.sgd_momentum, seed=i, device="cpu")
                 update = {k: v.detach() for k, v in model.state_dict().items()}
                 weight, admitted = round_guard.admit(client_id, len(part), update)
                 assert max(counts.values()) / sum(counts.values()) < DEFAULT_MAX_CLIENT_WEIGHT_SHARE
