@@ -363,15 +363,20 @@ class UnknownSettingError(KeyError, ValueError):
         return self.args[0]
 
 
-# flat name -> the group it belongs to, and its dataclass field (default, CLI metadata)
-_GROUP_OF: dict[str, str] = {}
-_FIELDS: dict[str, Field] = {}
-for _group in fields(RunConfig):
-    for _field in fields(_group.default_factory):
-        if _field.name in _FIELDS:
-            raise RuntimeError(f"run setting {_field.name!r} is defined in two groups")
-        _GROUP_OF[_field.name], _FIELDS[_field.name] = _group.name, _field
-del _group, _field
+def _index_settings() -> tuple[dict[str, str], dict[str, Field]]:
+    """flat name -> the group it belongs to, and flat name -> its dataclass field (default, CLI
+    metadata), in definition order; a flat name must be unique across the groups."""
+    group_of: dict[str, str] = {}
+    by_name: dict[str, Field] = {}
+    for group in fields(RunConfig):
+        for setting in fields(group.default_factory):
+            if setting.name in by_name:
+                raise RuntimeError(f"run setting {setting.name!r} is defined in two groups")
+            group_of[setting.name], by_name[setting.name] = group.name, setting
+    return group_of, by_name
+
+
+_GROUP_OF, _FIELDS = _index_settings()
 
 
 def _group_of(name: str) -> str:
