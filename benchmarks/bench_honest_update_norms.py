@@ -44,11 +44,12 @@ def client_shards(labels: np.ndarray, distribution: str, clients: int, subset: i
 def local_training(kind: str, state, x, y, seed: int, cfg):
     model = model_from_state(kind, state, torch.device("cpu"))
     if kind == "cvae":
-        train_cvae(model, x, y, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.cvae_lr,
-                   seed=seed, device="cpu")
+        train_cvae(model, x, y, epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size,
+                   lr=cfg.training.cvae_lr, seed=seed, device="cpu")
     else:
-        train_classifier(model, x, y, epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                         lr=cfg.classifier_lr, momentum=cfg.sgd_momentum, seed=seed, device="cpu")
+        train_classifier(model, x, y, epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size,
+                         optimizer="sgd", lr=cfg.training.classifier_lr, momentum=cfg.training.sgd_momentum,
+                         seed=seed, device="cpu")
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -91,7 +92,7 @@ if __name__ == "__main__":
     torch.set_num_threads(args.threads)
     cfg = PRESETS["quick"]
     raw_images, raw_labels = load_dataset("mnist", args.data_root, "train")
-    images, labels_t = to_float_images(raw_images, binarize=cfg.binarize), raw_labels
+    images, labels_t = to_float_images(raw_images, binarize=cfg.data.binarize), raw_labels
     labels = raw_labels.numpy()
     started = time.perf_counter()
     total_flagged = 0

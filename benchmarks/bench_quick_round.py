@@ -46,7 +46,7 @@ def run_direct(data_root: Path, clients: int, alpha: float, out: Path, procs: c.
     shards = out / "shards"
     part = procs.start("partition", [c.tool("genfl-partition"), "--dataset", "mnist", "--data-root", str(data_root),
                                      "--clients", str(clients), "--alpha", str(alpha), "--seed", "0",
-                                     "--train-subset", str(quick.train_subset), "--out", str(shards),
+                                     "--train-subset", str(quick.data.train_subset), "--out", str(shards),
                                      "--log-level", "WARNING"], out / "partition.log")
     if part.wait(120) != 0:
         raise RuntimeError(f"genfl-partition failed\n{c.tail(out / 'partition.log')}")

@@ -41,7 +41,7 @@ def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
     train split, or its --train-subset draw) less a random ``heldout_fraction``, the share each
     client holds out for evaluation."""
     images, labels = load_dataset(dataset, data_root, "train")
-    pool = torch.from_numpy(training_pool(labels.numpy(), cfg.train_subset, seed))
+    pool = torch.from_numpy(training_pool(labels.numpy(), cfg.data.train_subset, seed))
     images, labels = images[pool], labels[pool]
     keep = len(labels) - int(round(len(labels) * heldout_fraction))
     generator = torch.Generator().manual_seed(derive_seed(seed, "centralised-heldout"))
@@ -51,31 +51,32 @@ def training_images(dataset: str, data_root: Path, cfg: RunConfig, seed: int,
 
 def run_centralised(dataset: str, data_root: Path, cfg: RunConfig, out: Path, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = training_images(dataset, data_root, cfg, cfg.seed)
+    images, labels = training_images(dataset, data_root, cfg, cfg.reproducibility.seed)
     test_images, test_labels = load_dataset(dataset, data_root, "test")
-    test_set = (to_float_images(test_images, binarize=cfg.binarize).to(device), test_labels.to(device))
-    epochs = cfg.cvae_rounds * cfg.local_epochs
+    test_set = (to_float_images(test_images, binarize=cfg.data.binarize).to(device), test_labels.to(device))
+    epochs = cfg.training.cvae_rounds * cfg.training.local_epochs
     started = time.perf_counter()
-    cvae = model_from_state("cvae", initial_state("cvae", cfg.seed), device)
+    cvae = model_from_state("cvae", initial_state("cvae", cfg.reproducibility.seed), device)
 
     def progress(epoch: int, loss: float) -> None:
         log.info("centralised CVAE: epoch %d/%d, loss %.4f (%.1f s)", epoch, epochs, loss,
                  time.perf_counter() - started)
 
-    train_cvae(cvae, to_float_images(images, binarize=cfg.binarize), labels, epochs=epochs,
-               batch_size=cfg.batch_size, lr=cfg.cvae_lr, seed=derive_seed(cfg.seed, "centralised"),
-               device=device, progress=progress)
+    train_cvae(cvae, to_float_images(images, binarize=cfg.data.binarize), labels, epochs=epochs,
+               batch_size=cfg.training.batch_size, lr=cfg.training.cvae_lr,
+               seed=derive_seed(cfg.reproducibility.seed, "centralised"), device=device, progress=progress)
     cvae_seconds = time.perf_counter() - started
     save_checkpoint(out / "cvae.pt", "cvae", cvae.state_dict())
 
     started = time.perf_counter()
-    synthetic_images, synthetic_labels = sample_synthetic(cvae, cfg.synthetic_samples,
-                                                          seed=derive_seed(cfg.seed, "synthetic"), device=device)
+    synthetic_images, synthetic_labels = sample_synthetic(cvae, cfg.pretraining.synthetic_samples,
+                                                          seed=derive_seed(cfg.reproducibility.seed, "synthetic"),
+                                                          device=device)
     save_grid(synthetic_images, synthetic_labels, out / "synthetic_samples.png")
-    cas_state = train_on_synthetic(cfg, synthetic_images, synthetic_labels, epochs=cfg.cas_epochs,
+    cas_state = train_on_synthetic(cfg, synthetic_images, synthetic_labels, epochs=cfg.pretraining.cas_epochs,
                                    purpose="cas", device=device)
     cas = evaluate_classifier(model_from_state("classifier", cas_state, device), *test_set, device=device)["accuracy"]
-    summary = {"dataset": dataset, "seed": cfg.seed, "train_images": len(labels), "cvae_epochs": epochs,
+    summary = {"dataset": dataset, "seed": cfg.reproducibility.seed, "train_images": len(labels), "cvae_epochs": epochs,
                "cvae_seconds": cvae_seconds, "cas": cas, "cas_seconds": time.perf_counter() - started,
                "config": cfg.to_dict(), "device": str(device)}
     write_json_atomic(out / SUMMARY_JSON, summary)

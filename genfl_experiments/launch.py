@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -293,25 +293,25 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
     if (alpha is None) == (not iid):
         raise click.UsageError("give exactly one of --alpha and --iid")
     config = resolve_config(preset, given_run_options(run_settings))
-    if compare and config.pretrain is False:
+    if compare and config.pretraining.pretrain is False:
         raise click.UsageError("--compare runs both arms; leave out --no-pretrain")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        partition_dataset(dataset, data_root, config.clients, None if iid else alpha, config.seed,
-                          out / "shards", train_subset=config.train_subset, download=download)
+        partition_dataset(dataset, data_root, config.data.clients, None if iid else alpha, config.reproducibility.seed,
+                          out / "shards", train_subset=config.data.train_subset, download=download)
     except (DatasetNotFoundError, DataFormatError, PartitionError) as error:
         raise click.ClickException(str(error)) from None
-    shards = [out / "shards" / shard_file_name(i) for i in range(config.clients)]
-    log.info("partitioned %s into %d shards (%s) in %s", dataset, config.clients,
+    shards = [out / "shards" / shard_file_name(i) for i in range(config.data.clients)]
+    log.info("partitioned %s into %d shards (%s) in %s", dataset, config.data.clients,
              "IID" if iid else f"alpha={alpha}", out / "shards")
 
     def server_args(phase: str, **changes) -> list[str]:
         return ["--preset", preset, "--phase", phase, "--device", device, "--dataset", dataset,
                 "--test-data", str(data_root), "--partition-info", str(out / "shards" / "partition.json"),
-                "--log-level", log_level, *replace(config, **changes).to_argv()]
+                "--log-level", log_level, *config.replace_settings(**changes).to_argv()]
 
-    n_cvae, n_cls = config.cvae_rounds, config.classifier_rounds
-    per_process = resolve_clients_per_process(clients_per_process, device, config.clients)
+    n_cvae, n_cls = config.training.cvae_rounds, config.training.classifier_rounds
+    per_process = resolve_clients_per_process(clients_per_process, device, config.data.clients)
     launcher = Launcher(shards, client_args=["--device", device, "--threads", str(client_threads),
                                              "--log-level", log_level], timeout=timeout or None,
                         clients_per_process=per_process)
@@ -324,8 +324,9 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
                 "classifier", pretrain=True) + ["--cvae-checkpoint", str(checkpoint)], n_cls))
             baseline = launcher.run_stage(Stage("baseline", out / "baseline", server_args(
                 "classifier", pretrain=False), n_cls))
-            click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.clients} clients, "
-                       f"preset {preset}, seed {config.seed}: weighted client accuracy per classifier round\n")
+            click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.data.clients} clients, "
+                       f"preset {preset}, seed {config.reproducibility.seed}: weighted client accuracy per "
+                       "classifier round\n")
             click.echo(comparison_table(pretrained, baseline))
             if cvae.get("dp"):
                 click.echo(f"DP-SGD in the CVAE phase: {guarantee_text(cvae['dp'])}")

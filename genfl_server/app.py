@@ -74,8 +74,9 @@ class ServerSettings:
 
     def run_fields(self) -> dict[str, Any]:
         """What summary.json records about the run (besides its results)."""
-        fields = {"dataset": self.dataset, "alpha": self.alpha, "clients": self.config.clients,
-                  "seed": self.config.seed, "pretrain": self.config.pretrain, "phase": self.phase,
+        config = self.config
+        fields = {"dataset": self.dataset, "alpha": self.alpha, "clients": config.data.clients,
+                  "seed": config.reproducibility.seed, "pretrain": config.pretraining.pretrain, "phase": self.phase,
                   "preset": self.preset, "config": self.config.to_dict()}
         for name in ("cvae_checkpoint", "pretrained_checkpoint"):  # where its generator / start came from
             if getattr(self, name) is not None:
@@ -119,7 +120,7 @@ def configure_torch(settings: ServerSettings) -> None:
     """Process-wide torch settings of the run (threads, determinism): they change results."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if settings.config.deterministic:
+    if settings.config.reproducibility.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
         torch.use_deterministic_algorithms(True)
 
@@ -152,7 +153,7 @@ class ServerApp:
             return None
         images, labels = load_dataset(s.dataset, s.test_data, "test")
         log.info("test set: %d %s images from %s", len(labels), s.dataset, s.test_data)
-        return to_float_images(images, binarize=s.config.binarize).to(self.device), labels.to(self.device)
+        return to_float_images(images, binarize=s.config.data.binarize).to(self.device), labels.to(self.device)
 
     def _partition_counts(self) -> PartitionCounts | None:
         """With --partition-info, the clients and counts a registration must match."""
@@ -174,21 +175,21 @@ class ServerApp:
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port)
             log.info("Prometheus metrics on :%d/metrics", self.metrics_port)
-        self.coordinator = Coordinator(self.run_id, expected_clients=config.clients, dataset=s.dataset,
-                                       max_client_samples=config.max_client_samples or None,
+        self.coordinator = Coordinator(self.run_id, expected_clients=config.data.clients, dataset=s.dataset,
+                                       max_client_samples=config.guard.max_client_samples or None,
                                        partition=self._partition_counts(), presence_grace=s.presence_grace)
         self.metrics.clients_present.set_function(self.coordinator.present_clients)
         privacy = None
-        if config.dp:
-            privacy = PrivacyLedger(config)
-            self.metrics.track_privacy(config.dp_delta)
+        if config.dp.enabled:
+            privacy = PrivacyLedger(config.dp)
+            self.metrics.track_privacy(config.dp.dp_delta)
             # Recorded as each result is accepted, so a round's epsilon is complete by its end.
             self.coordinator.add_result_listener(partial(record_spent_epsilon, privacy, self.metrics))
         service = FederatedLearningService(self.coordinator, self.metrics, authenticator=self.authenticator,
-                                           upload_timeout=config.upload_timeout,
-                                           max_concurrent_uploads=config.max_concurrent_uploads,
-                                           max_streams_per_connection=config.max_streams_per_connection,
-                                           max_streams_per_ip=config.max_streams_per_ip)
+                                           upload_timeout=config.transport.upload_timeout,
+                                           max_concurrent_uploads=config.transport.max_concurrent_uploads,
+                                           max_streams_per_connection=config.transport.max_streams_per_connection,
+                                           max_streams_per_ip=config.transport.max_streams_per_ip)
         self._server, port, self._health = start_grpc_server(service, s.address, credentials=self.credentials)
         set_health(self._health, serving=True)  # listening, with its data (test set, checkpoint) loaded
         host = s.address.rsplit(":", 1)[0]
@@ -197,7 +198,7 @@ class ServerApp:
                                                   "metrics_port": self.metrics_port})
         log.info("run %s listening on %s (%s%s) for %d clients", self.run_id, self.address,
                  self.transport,
-                 ", client tokens required" if self.authenticator else "", config.clients)
+                 ", client tokens required" if self.authenticator else "", config.data.clients)
 
         recorder = RunRecorder(s.out, run_id=self.run_id, device=str(self.device),
                                device_name=device_name(self.device), **self.run_state.progress["run"])
@@ -211,10 +212,10 @@ class ServerApp:
                     self.metrics.dp_delta.set(delta)
         elif not s.resume:
             self.run_state.save(recorder_state=recorder.export())  # resumable from the very start
-        engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.seed,
+        engine = RoundEngine(self.coordinator, self.metrics, recorder, seed=config.reproducibility.seed,
                              round_timeout=s.round_timeout, min_clients=s.min_fit_clients,
-                             round_retries=s.round_retries, deterministic=config.deterministic,
-                             guard=UpdateGuard.from_config(config))
+                             round_retries=s.round_retries, deterministic=config.reproducibility.deterministic,
+                             guard=UpdateGuard.from_config(config.guard))
         self.ctx = PhaseContext(engine, recorder, self.metrics, config, s.out, self.device, test_set,
                                 self.run_state, privacy=privacy)
         return self.address

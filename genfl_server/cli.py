@@ -13,7 +13,6 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +161,9 @@ def main(ctx: click.Context, **opts) -> None:
                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     settings, run_state = resolve_settings(opts, explicit)
     credentials, authenticator = _security(opts)
-    if authenticator is not None and len(authenticator.client_ids) < settings.config.clients:
+    if authenticator is not None and len(authenticator.client_ids) < settings.config.data.clients:
         raise click.ClickException(f"{opts['tokens_file']} holds tokens for {len(authenticator.client_ids)} "
-                                   f"clients, but the run waits for {settings.config.clients}")
+                                   f"clients, but the run waits for {settings.config.data.clients}")
     configure_torch(settings)
     transport = "mutual TLS" if opts["client_ca"] else "TLS" if credentials else "plaintext"
     app = ServerApp(settings, run_state, credentials=credentials, authenticator=authenticator, transport=transport)
@@ -225,8 +224,8 @@ def _server_option(opts: dict[str, Any], name: str) -> Any:
 def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
     config = resolve_config(opts["preset"], given)
     phase = opts["phase"]
-    synthetic_users = config.federated_synthetic_options()
-    if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretrain or (
+    synthetic_users = config.mitigations.federated_synthetic_options()
+    if opts["pretrained_checkpoint"] is not None and (phase != "classifier" or not config.pretraining.pretrain or (
             opts["cvae_checkpoint"] is not None and not synthetic_users)):
         raise click.UsageError("--pretrained-checkpoint goes with --phase classifier, without "
                                "--no-pretrain and without --cvae-checkpoint (unless --server-finetune-steps, "
@@ -235,7 +234,7 @@ def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
     if phase == "classifier" and synthetic_users and opts["cvae_checkpoint"] is None:
         raise click.UsageError(f"{' and '.join(synthetic_users)} with --phase classifier needs --cvae-checkpoint "
                                "(the CVAE samples the synthetic set they use)")
-    if (phase == "classifier" and config.pretrain and opts["cvae_checkpoint"] is None
+    if (phase == "classifier" and config.pretraining.pretrain and opts["cvae_checkpoint"] is None
             and opts["pretrained_checkpoint"] is None):
         raise click.UsageError("--phase classifier with pre-training needs --cvae-checkpoint "
                                "or --pretrained-checkpoint (or use --phase all, or --no-pretrain)")
@@ -244,7 +243,7 @@ def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
     if opts["test_data"] is not None and dataset is None:
         raise click.UsageError("--test-data needs --dataset (or --partition-info)")
     # The data split is the partitioner's business; record what it did, not a preset's value.
-    config = replace(config, train_subset=partition.get("train_subset"))
+    config = config.replace_settings(train_subset=partition.get("train_subset"))
     paths = {name: _server_option(opts, name) for name in PATH_SETTINGS}
     return ServerSettings(out=out, phase=phase, preset=opts["preset"], config=config, dataset=dataset,
                           alpha=partition.get("alpha"), device=opts["device"], threads=opts["threads"],
@@ -273,10 +272,12 @@ def _refuse_changes(saved: dict[str, Any], given: dict[str, Any], opts, explicit
         if value is None:
             continue
         if name == ROUNDS:
-            if (config.cvae_rounds, config.classifier_rounds) != (value, value):
-                conflicts.append((f"--rounds {value}", f"{config.cvae_rounds} and {config.classifier_rounds}"))
-        elif getattr(config, name) != value:
-            conflicts.append((" ".join(option_tokens(name, value)), " ".join(option_tokens(name, getattr(config, name)))))
+            rounds = (config.training.cvae_rounds, config.training.classifier_rounds)
+            if rounds != (value, value):
+                conflicts.append((f"--rounds {value}", f"{rounds[0]} and {rounds[1]}"))
+        elif config.setting(name) != value:
+            saved_value = config.setting(name)
+            conflicts.append((" ".join(option_tokens(name, value)), " ".join(option_tokens(name, saved_value))))
     for name in RESULT_SETTINGS:
         if name in opts and name in explicit:
             value = _server_option(opts, name)

@@ -33,6 +33,7 @@ import torch
 
 from genfl_shared.cli import set_log_context
 from genfl_shared.codec import Payload, encode_state_dict, task_frame
+from genfl_shared.config import StrategySettings
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
 from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
@@ -233,7 +234,7 @@ class RoundEngine:
         it the same way."""
         # One strategy for the whole phase: stateful ones (FedAvgM's momentum) carry across rounds.
         plan = PhasePlan(phase, rounds, replace(train_task, deterministic=self.deterministic), eval_task,
-                         build_strategy(strategy) if isinstance(strategy, str) else strategy, test_fn,
+                         build_strategy(StrategySettings(strategy)) if isinstance(strategy, str) else strategy, test_fn,
                          post_aggregation, client_task)
         model = dict(state)
         self.metrics.phase.state(phase)

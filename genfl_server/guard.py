@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from genfl_shared.config import RunConfig
+from genfl_shared.config import GuardSettings
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.tasks import TrainTask
 
@@ -50,16 +50,16 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 }
 MAX_METRICS = len(METRIC_RANGES)
 
-# The defaults are RunConfig's (the one source of run settings); why they are what they are:
-DEFAULT_MAX_CLIENT_SAMPLES = RunConfig.max_client_samples  # the training split of MNIST / Fashion-MNIST
+# The defaults are GuardSettings' (the one source of run settings); why they are what they are:
+DEFAULT_MAX_CLIENT_SAMPLES = GuardSettings.max_client_samples  # the training split of MNIST / Fashion-MNIST
 # No honest quick/paper split comes near half of all samples (at alpha = 0.01 over 10 clients the
 # largest share measured is 0.28; benchmarks/bench_honest_update_norms.py prints it); with fewer
 # than 3 clients a cap of 1/2 would bind on honest runs, so it applies from 3 clients on.
-DEFAULT_MAX_CLIENT_WEIGHT_SHARE = RunConfig.max_client_weight_share
+DEFAULT_MAX_CLIENT_WEIGHT_SHARE = GuardSettings.max_client_weight_share
 MIN_CLIENTS_FOR_SHARE_CAP = 3
 # An update farther from the global model than this many times the round's median distance is
 # rejected; honest rounds measured stay below 3 (see the module docstring).
-DEFAULT_UPDATE_NORM_FACTOR = RunConfig.update_norm_factor
+DEFAULT_UPDATE_NORM_FACTOR = GuardSettings.update_norm_factor
 MIN_UPDATES_FOR_ADAPTIVE_BOUND = 3
 # No weight of these models comes near this; a larger aggregate value is a poisoned model even if
 # it is finite (float32 overflows to Inf only at 3.4e38, long after the model is useless).
@@ -197,11 +197,12 @@ class UpdateGuard:
     max_weight_share: float | None = DEFAULT_MAX_CLIENT_WEIGHT_SHARE
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "UpdateGuard":
-        """The run's bounds from its RunConfig; 0 (factor) and 1 (share) switch a bound off."""
-        share = config.max_client_weight_share
-        return cls(max_update_norm=config.max_update_norm, norm_factor=config.update_norm_factor or None,
-                   clip=config.clip_updates, max_weight_share=None if share is None or share >= 1 else share)
+    def from_config(cls, settings: GuardSettings) -> "UpdateGuard":
+        """The run's bounds from its guard settings (``cfg.guard``); 0 (factor) and 1 (share) switch
+        a bound off."""
+        share = settings.max_client_weight_share
+        return cls(max_update_norm=settings.max_update_norm, norm_factor=settings.update_norm_factor or None,
+                   clip=settings.clip_updates, max_weight_share=None if share is None or share >= 1 else share)
 
     def round(self, global_state: Mapping[str, torch.Tensor], sample_counts: Mapping[str, int]) -> "RoundGuard":
         return RoundGuard(self, global_state, capped_weights(sample_counts, self.max_weight_share))

@@ -60,33 +60,35 @@ class PhaseContext:
 
 def phase_strategy(cfg: RunConfig) -> Strategy:
     """A fresh aggregation strategy for one federated phase."""
-    return build_strategy(cfg.strategy, **cfg.to_dict())  # each strategy takes the settings it has
+    return build_strategy(cfg.aggregation.strategy_settings())
 
 
 def train_task(cfg: RunConfig, model: str) -> TrainTask:
     """The phase's local training settings (the round engine adds seed, determinism and the
-    strategy's settings). Every RunConfig field a client task uses is read here and in eval_task."""
+    strategy's settings). Every run setting a client task uses is read here and in eval_task."""
+    training = cfg.training
     if model == "cvae":
-        return TrainTask(model="cvae", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="adam",
-                         lr=cfg.cvae_lr, sgd_momentum=0.0, binarize=cfg.binarize, **dp_task_settings(cfg))
-    return TrainTask(model="classifier", epochs=cfg.local_epochs, batch_size=cfg.batch_size, optimizer="sgd",
-                     lr=cfg.classifier_lr, sgd_momentum=cfg.sgd_momentum, binarize=cfg.binarize,
-                     local_loss=cfg.local_loss)
+        return TrainTask(model="cvae", epochs=training.local_epochs, batch_size=training.batch_size, optimizer="adam",
+                         lr=training.cvae_lr, sgd_momentum=0.0, binarize=cfg.data.binarize, **dp_task_settings(cfg))
+    return TrainTask(model="classifier", epochs=training.local_epochs, batch_size=training.batch_size, optimizer="sgd",
+                     lr=training.classifier_lr, sgd_momentum=training.sgd_momentum, binarize=cfg.data.binarize,
+                     local_loss=training.local_loss)
 
 
 def dp_task_settings(cfg: RunConfig) -> dict:
     """The CVAE task's DP-SGD fields (none without DP: the task's defaults mean off)."""
-    if not cfg.dp:
+    dp = cfg.dp
+    if not dp.enabled:
         return {}
-    return dict(dp=True, dp_noise_multiplier=cfg.dp_noise_multiplier or 0.0,
-                dp_target_epsilon=cfg.dp_target_epsilon or 0.0,
-                dp_rounds=cfg.cvae_rounds if cfg.dp_target_epsilon else 0, dp_max_grad_norm=cfg.dp_max_grad_norm,
-                dp_delta=cfg.dp_delta, dp_accountant=cfg.dp_accountant)
+    return dict(dp=True, dp_noise_multiplier=dp.dp_noise_multiplier or 0.0,
+                dp_target_epsilon=dp.dp_target_epsilon or 0.0,
+                dp_rounds=cfg.training.cvae_rounds if dp.dp_target_epsilon else 0, dp_max_grad_norm=dp.dp_max_grad_norm,
+                dp_delta=dp.dp_delta, dp_accountant=dp.dp_accountant)
 
 
 def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
     """Settings of a federated evaluation of ``model`` (the round engine adds the seed)."""
-    return EvaluateTask(model=model, binarize=cfg.binarize)
+    return EvaluateTask(model=model, binarize=cfg.data.binarize)
 
 
 def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
@@ -137,22 +139,23 @@ def run_method(ctx: PhaseContext, phase: str) -> State:
         cvae = cvae_phase(ctx)
     if phase == "cvae":
         return cvae
-    if ctx.config.pretrain:
+    if ctx.config.pretraining.pretrain:
         start = synthetic_pretraining(ctx, cvae)
     else:
-        start = initial_state("classifier", ctx.config.seed)  # the baseline: a seeded random start
+        start = initial_state("classifier", ctx.config.reproducibility.seed)  # the baseline: a seeded random start
     return classifier_phase(ctx, start, cvae)
 
 
 def cvae_phase(ctx: PhaseContext) -> State:
     cfg = ctx.config
+    seed = cfg.reproducibility.seed
 
     def test_fn(state):
         if ctx.test_set is None:
             return {}
-        return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=cfg.seed, device=ctx.device)
+        return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=seed, device=ctx.device)
 
-    state = _run_phase(ctx, "cvae", initial_state("cvae", cfg.seed), cfg.cvae_rounds, train_task(cfg, "cvae"),
+    state = _run_phase(ctx, "cvae", initial_state("cvae", seed), cfg.training.cvae_rounds, train_task(cfg, "cvae"),
                        eval_task(cfg, "cvae"), test_fn)
     save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
     return state
@@ -165,8 +168,9 @@ def synthetic_set(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> 
         return ctx.synthetic
     cfg = ctx.config
     started = time.perf_counter()
-    images, labels = sample_synthetic(model_from_state("cvae", cvae_state, ctx.device), cfg.synthetic_samples,
-                                      seed=derive_seed(cfg.seed, "synthetic"), device=ctx.device)
+    cvae = model_from_state("cvae", cvae_state, ctx.device)
+    images, labels = sample_synthetic(cvae, cfg.pretraining.synthetic_samples,
+                                      seed=derive_seed(cfg.reproducibility.seed, "synthetic"), device=ctx.device)
     ctx.metrics.synthetic_samples.inc(len(labels))
     save_grid(images, labels, ctx.out_dir / "synthetic_samples.png")
     log.info("sampled %d class-balanced synthetic images in %.2f s", len(labels), time.perf_counter() - started)
@@ -184,9 +188,9 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
     set_log_context(phase="synthetic", round=None)
     images, labels = synthetic_set(ctx, cvae_state)
 
-    if cfg.cas_epochs > 0 and ctx.run_state.step("cas") is None:
+    if cfg.pretraining.cas_epochs > 0 and ctx.run_state.step("cas") is None:
         started = time.perf_counter()
-        cas_state = train_on_synthetic(cfg, images, labels, epochs=cfg.cas_epochs, purpose="cas",
+        cas_state = train_on_synthetic(cfg, images, labels, epochs=cfg.pretraining.cas_epochs, purpose="cas",
                                        device=ctx.device)
         save_checkpoint(ctx.out_dir / "cas_classifier.pt", "classifier", cas_state)
         cas = None
@@ -202,49 +206,52 @@ def synthetic_pretraining(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tens
         ctx.recorder.record_event("cas", cas=cas, cas_federated=cas_federated.weighted_accuracy,
                                   seconds=time.perf_counter() - started)
         log.info("CAS %s, federated CAS %.4f (%d CAS epochs, %.1f s)", "-" if cas is None else f"{cas:.4f}",
-                 cas_federated.weighted_accuracy, cfg.cas_epochs, time.perf_counter() - started)
+                 cas_federated.weighted_accuracy, cfg.pretraining.cas_epochs, time.perf_counter() - started)
         ctx.checkpoint(step=("cas", {"cas": cas, "cas_federated": cas_federated.weighted_accuracy}))
 
     started = time.perf_counter()
-    pretrained = train_on_synthetic(cfg, images, labels, epochs=cfg.pretrain_epochs, purpose="pretrain",
+    pretrained = train_on_synthetic(cfg, images, labels, epochs=cfg.pretraining.pretrain_epochs, purpose="pretrain",
                                     device=ctx.device)
     seconds = time.perf_counter() - started
     ctx.metrics.pretrain_seconds.set(seconds)
     save_checkpoint(ctx.out_dir / "pretrained_classifier.pt", "classifier", pretrained)
-    ctx.recorder.record_event("pretrain", epochs=cfg.pretrain_epochs, seconds=seconds)
-    log.info("pre-trained ExquisiteNetV1 on synthetic data: %d epochs in %.1f s", cfg.pretrain_epochs, seconds)
+    ctx.recorder.record_event("pretrain", epochs=cfg.pretraining.pretrain_epochs, seconds=seconds)
+    log.info("pre-trained ExquisiteNetV1 on synthetic data: %d epochs in %.1f s", cfg.pretraining.pretrain_epochs,
+             seconds)
     ctx.checkpoint(pretrained=pretrained)
     return pretrained
 
 
 def server_finetune(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor] | None) -> ServerFineTune | None:
     """The classifier phase's post-aggregation fine-tuning on the synthetic set (None when off)."""
-    cfg = ctx.config
-    if not cfg.server_finetune_steps:
+    settings = ctx.config.mitigations
+    if not settings.server_finetune_steps:
         return None
     images, labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--server-finetune-steps"))
-    return ServerFineTune(images, labels, steps=cfg.server_finetune_steps, lr=cfg.server_finetune_lr,
-                          batch_size=cfg.server_finetune_batch_size, seed=cfg.seed, device=ctx.device)
+    return ServerFineTune(images, labels, steps=settings.server_finetune_steps, lr=settings.server_finetune_lr,
+                          batch_size=settings.server_finetune_batch_size, seed=ctx.config.reproducibility.seed,
+                          device=ctx.device)
 
 
 def server_distill(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor] | None) -> ServerDistillation | None:
     """The classifier phase's post-aggregation distillation on the synthetic inputs (None when off)."""
-    cfg = ctx.config
-    if not cfg.server_distill:
+    settings = ctx.config.mitigations
+    if not settings.server_distill:
         return None
     images, _labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--server-distill"))
-    return ServerDistillation(images, cfg.server_distill_teacher, steps=cfg.server_distill_steps,
-                              lr=cfg.server_distill_lr, batch_size=cfg.server_distill_batch_size,
-                              temperature=cfg.server_distill_temperature, seed=cfg.seed, device=ctx.device)
+    return ServerDistillation(images, settings.server_distill_teacher, steps=settings.server_distill_steps,
+                              lr=settings.server_distill_lr, batch_size=settings.server_distill_batch_size,
+                              temperature=settings.server_distill_temperature, seed=ctx.config.reproducibility.seed,
+                              device=ctx.device)
 
 
 def client_synthetic_mix(ctx: PhaseContext, cvae_state) -> ClientSyntheticMix | None:
     """The classifier phase's synthetic images for the classes each client lacks (None when off)."""
-    cfg = ctx.config
-    if not cfg.client_synthetic_mix:
+    ratio = ctx.config.mitigations.client_synthetic_mix
+    if not ratio:
         return None
     images, labels = synthetic_set(ctx, _needs_cvae(cvae_state, "--client-synthetic-mix"))
-    return ClientSyntheticMix(images, labels, ratio=cfg.client_synthetic_mix, seed=cfg.seed)
+    return ClientSyntheticMix(images, labels, ratio=ratio, seed=ctx.config.reproducibility.seed)
 
 
 def _needs_cvae(cvae_state, option: str):
@@ -292,7 +299,7 @@ def classifier_phase(ctx: PhaseContext, start: Mapping[str, torch.Tensor],
             return {}
         return evaluate_classifier(model_from_state("classifier", state, ctx.device), *ctx.test_set, device=ctx.device)
 
-    state = _run_phase(ctx, "classifier", start, cfg.classifier_rounds, train_task(cfg, "classifier"),
+    state = _run_phase(ctx, "classifier", start, cfg.training.classifier_rounds, train_task(cfg, "classifier"),
                        eval_task(cfg, "classifier"), test_fn,
                        post_aggregation=post_aggregation_steps(ctx, cvae_state),
                        client_task=client_synthetic_mix(ctx, cvae_state))

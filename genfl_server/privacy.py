@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from genfl_shared.config import RunConfig
+from genfl_shared.config import PrivacySettings
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ class ClientBudget:
 
 
 class PrivacyLedger:
-    def __init__(self, config: RunConfig):
-        self.delta = config.dp_delta
-        self.settings = {"accountant": config.dp_accountant, "max_grad_norm": config.dp_max_grad_norm,
-                         "noise_multiplier": config.dp_noise_multiplier, "target_epsilon": config.dp_target_epsilon,
+    def __init__(self, dp: PrivacySettings):
+        self.delta = dp.dp_delta
+        self.settings = {"accountant": dp.dp_accountant, "max_grad_norm": dp.dp_max_grad_norm,
+                         "noise_multiplier": dp.dp_noise_multiplier, "target_epsilon": dp.dp_target_epsilon,
                          "sampling": "poisson"}
         self._clients: dict[str, ClientBudget] = {}
         self._lock = threading.Lock()

@@ -26,7 +26,7 @@ from genfl_shared.codec import CodecError, Payload, state_dict_nbytes, task_fram
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
-from genfl_shared.config import RunConfig
+from genfl_shared.config import TransportSettings
 from genfl_shared.security import TokenAuthenticator, bearer_token
 from genfl_shared.tasks import set_settings
 
@@ -59,12 +59,12 @@ SERVICE_NAME = _SERVICE.full_name  # genfl.v2.FederatedLearning
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
     def __init__(self, coordinator: Coordinator, metrics: ServerMetrics,
-                 max_concurrent_uploads: int = RunConfig.max_concurrent_uploads,
+                 max_concurrent_uploads: int = TransportSettings.max_concurrent_uploads,
                  authenticator: TokenAuthenticator | None = None,
                  max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS, *,
-                 upload_timeout: float = RunConfig.upload_timeout,
-                 max_streams_per_connection: int = RunConfig.max_streams_per_connection,
-                 max_streams_per_ip: int = RunConfig.max_streams_per_ip):
+                 upload_timeout: float = TransportSettings.upload_timeout,
+                 max_streams_per_connection: int = TransportSettings.max_streams_per_connection,
+                 max_streams_per_ip: int = TransportSettings.max_streams_per_ip):
         self.coordinator = coordinator
         self.metrics = metrics
         # With an authenticator, every RPC must carry the token of the client it names.

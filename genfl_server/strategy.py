@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from genfl_shared.config import ROUND_HOLDING_STRATEGIES, STRATEGY_NAMES
+from genfl_shared.config import ROUND_HOLDING_STRATEGIES, STRATEGY_NAMES, StrategySettings
 from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
 
 from .updates import Update, as_update
@@ -50,6 +50,9 @@ class Strategy:
 
     name: str
     label: str
+    # The settings it is built from: its constructor's keyword arguments, the names under which
+    # genfl_shared.config.StrategySettings carries them. build_strategy refuses any other.
+    takes: tuple[str, ...] = ()
     # Settings every client's training task must carry for this strategy (e.g. FedProx's mu).
     client_config = ClientTrainSettings()
 
@@ -88,7 +91,7 @@ STRATEGIES: dict[str, type] = {}
 
 def register_strategy(cls: type) -> type:
     """Class decorator: make a strategy available by its ``name`` (with its ``label`` in reports).
-    The class builds itself from the run's settings with ``from_settings(**settings)``."""
+    ``build_strategy`` builds it as ``cls(**options)``, options among its ``takes``."""
     if cls.name in STRATEGIES:
         raise ValueError(f"strategy {cls.name!r} registered twice")
     STRATEGIES[cls.name] = cls
@@ -115,10 +118,6 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     label = "FedAvg"
-
-    @classmethod
-    def from_settings(cls, **settings) -> "FedAvg":
-        return cls()
 
     def __init__(self) -> None:
         self._sum: State | None = None
@@ -166,15 +165,13 @@ class FedProx(FedAvg):
     name = "fedprox"
     label = "FedProx"
 
-    @classmethod
-    def from_settings(cls, *, prox_mu: float = 0.01, **_) -> "FedProx":
-        return cls(mu=prox_mu)
+    takes = ("prox_mu",)
 
-    def __init__(self, mu: float = 0.01) -> None:
+    def __init__(self, prox_mu: float = 0.01) -> None:
         super().__init__()
-        if mu < 0:
-            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
-        self.client_config = ClientTrainSettings(prox_mu=mu)
+        if prox_mu < 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {prox_mu}")
+        self.client_config = ClientTrainSettings(prox_mu=prox_mu)
 
 
 @register_strategy
@@ -189,13 +186,11 @@ class FedAvgM(FedAvg):
     name = "fedavgm"
     label = "FedAvgM"
 
-    @classmethod
-    def from_settings(cls, *, fedavgm_lr: float = 1.0, fedavgm_momentum: float = 0.9, **_) -> "FedAvgM":
-        return cls(server_lr=fedavgm_lr, momentum=fedavgm_momentum)
+    takes = ("lr", "momentum")
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__()
-        self.server_lr, self.momentum = server_lr, momentum
+        self.lr, self.momentum = lr, momentum  # the server's learning rate and momentum
         self._velocity: State | None = None
         self._global: State | None = None
 
@@ -219,7 +214,7 @@ class FedAvgM(FedAvg):
                 result[name] = avg
                 continue
             velocity = self._velocity[name].mul_(self.momentum).add_(self._global[name] - avg)
-            result[name] = self._global[name] - self.server_lr * velocity
+            result[name] = self._global[name] - self.lr * velocity
         return result
 
 
@@ -227,10 +222,6 @@ class _HoldsRound(Strategy):
     """Base of the robust strategies: holds every update of the round (K models of memory) because
     a median, a trimmed mean or Krum's distances need them all at once. Sample counts are not
     used: a client's claimed count is exactly what a hostile client would inflate."""
-
-    @classmethod
-    def from_settings(cls, **settings) -> "_HoldsRound":
-        return cls()
 
     def __init__(self) -> None:
         self._global: State | None = None
@@ -288,9 +279,7 @@ class TrimmedMean(_HoldsRound):
     name = "trimmed_mean"
     label = "Trimmed mean"
 
-    @classmethod
-    def from_settings(cls, *, trim_fraction: float = 0.2, **_) -> "TrimmedMean":
-        return cls(trim_fraction=trim_fraction)
+    takes = ("trim_fraction",)
 
     def __init__(self, trim_fraction: float = 0.2) -> None:
         super().__init__()
@@ -314,9 +303,7 @@ class Krum(_HoldsRound):
     name = "krum"
     label = "Krum"
 
-    @classmethod
-    def from_settings(cls, *, krum_byzantine: int = 1, krum_select: int = 1, **_) -> "Krum":
-        return cls(byzantine=krum_byzantine, select=krum_select)
+    takes = ("byzantine", "select")
 
     def __init__(self, byzantine: int = 1, select: int = 1) -> None:
         super().__init__()
@@ -366,13 +353,19 @@ def strategy_labels() -> dict[str, str]:
     return {name: cls.label for name, cls in STRATEGIES.items()}
 
 
-def build_strategy(name: str, **settings) -> Strategy:
-    """A strategy by name; ``settings`` holds the run's strategy settings (unused ones are ignored)."""
+def build_strategy(settings: StrategySettings) -> Strategy:
+    """The strategy ``settings`` names, built from its options (e.g. the run's
+    ``cfg.aggregation.strategy_settings()``); an option it does not take is refused, not ignored,
+    and one not given keeps the strategy's default."""
     try:
-        cls = STRATEGIES[name]
+        cls = STRATEGIES[settings.name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
-    return cls.from_settings(**settings)
+        raise ValueError(f"unknown strategy {settings.name!r}; choose from {sorted(STRATEGIES)}") from None
+    unknown = sorted(set(settings.options) - set(cls.takes))
+    if unknown:
+        takes = ", ".join(cls.takes) or "no settings"
+        raise ValueError(f"strategy {settings.name!r} takes {takes}, not {', '.join(unknown)}")
+    return cls(**settings.options)
 
 
 # The run settings (genfl_shared.config) name the strategies without importing this module.

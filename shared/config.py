@@ -1,19 +1,25 @@
-"""Run settings, the two presets, and the one definition of every run option's CLI form.
+"""Run settings grouped by concern, the two presets, and the one definition of every run option's CLI form.
 
 ``paper`` is exactly the poster's configuration. ``quick`` keeps every step of the method but
 shrinks the amounts so that ``genfl-launch --compare`` finishes in minutes on a 2-core CPU while
 still showing the pre-training effect at alpha = 0.1; README.md lists its reductions.
 
-Every ``RunConfig`` field carries its command-line form (``RunOption``): ``run_options(...)``
-turns fields into click options, so genfl-server, genfl-launch, genfl-sweep, genfl-centralised and
-genfl-partition spell, bound, document and read (GENFL_* variables) a setting the same way;
-``resolve_config`` is the one place where a preset and the explicitly given options become a
-``RunConfig``; ``RunConfig.to_argv`` is how tools that start a server pass settings on.
+A ``RunConfig`` is a set of frozen groups, one per concern (``cfg.data``, ``cfg.training``,
+``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.pretraining``,
+``cfg.mitigations``, ``cfg.reproducibility``). Every setting has one name, unique across the
+groups, which is also its flat name: the key in ``to_dict()`` (summary.json, the run state), the
+``--option`` (dashes for underscores) and the GENFL_* variable. Every setting carries its
+command-line form (``RunOption``): ``run_options(...)`` turns settings into click options, so
+genfl-server, genfl-launch, genfl-sweep, genfl-centralised and genfl-partition spell, bound,
+document and read a setting the same way; ``resolve_config`` is the one place where a preset and
+the explicitly given options become a ``RunConfig``; ``RunConfig.to_argv`` is how tools that start
+a server pass settings on. A name that is not a setting is refused everywhere, never ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import difflib
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import click
@@ -33,7 +39,7 @@ ROUND_HOLDING_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
 
 @dataclass(frozen=True)
 class RunOption:
-    """The command-line form of a RunConfig field (``--<field-name>`` unless it is a boolean pair)."""
+    """The command-line form of a setting (``--<name>`` unless it is a boolean pair)."""
 
     help: str
     type: Any = None  # a click type, or a function returning one (called when the option is built)
@@ -43,8 +49,13 @@ class RunOption:
         return self.type if self.type is None or isinstance(self.type, click.ParamType) else self.type()
 
 
-def _setting(default, help: str, type=None, **kwargs) -> Any:
-    return field(default=default, metadata={"option": RunOption(help, type, **kwargs)})
+def _setting(default, help: str, type=None, *, strategy_option: tuple[str, str] | None = None, **kwargs) -> Any:
+    """A setting's default and command-line form; ``strategy_option`` = (strategy, parameter) marks
+    a setting that one strategy is built from, under that parameter name."""
+    metadata: dict[str, Any] = {"option": RunOption(help, type, **kwargs)}
+    if strategy_option is not None:
+        metadata["strategy_option"] = strategy_option
+    return field(default=default, metadata=metadata)
 
 
 _COUNT = click.IntRange(0)
@@ -53,12 +64,18 @@ _RATE = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    # Data
+class DataSettings:
+    """The federation's data: how many clients, which images, and how they are encoded."""
+
     clients: int = _setting(10, "Number of federated clients.", _POSITIVE)
     train_subset: int | None = _setting(None, "Use this many randomly chosen training images (0: all).", _COUNT)
     binarize: bool = _setting(True, "Binarise images at 0.5 as the paper does (--no-binarize keeps grey levels).")
-    # Federated rounds
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The federated rounds of each phase and every client's local training in them."""
+
     cvae_rounds: int = _setting(20, "Rounds of the federated CVAE phase.", _COUNT)
     classifier_rounds: int = _setting(10, "Rounds of the federated classifier phase.", _COUNT)
     local_epochs: int = _setting(2, "Local epochs per round (0: clients only evaluate).", _COUNT)
@@ -70,19 +87,52 @@ class RunConfig:
     local_loss: str = _setting("ce", "Clients' local loss for the classifier: 'ce' (cross-entropy) or 'balanced' "
                                "(balanced softmax: logits adjusted by the client's own label prior, computed "
                                "from its train part and never sent).", click.Choice(LOCAL_LOSSES))
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """One strategy and the settings it is built from, under its own parameter names
+    (``genfl_server.strategy.build_strategy`` refuses any it does not take)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """The strategy that turns a round's updates into the next global model, and each strategy's own
+    settings; ``strategy_settings()`` picks the chosen one's."""
+
     strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
                              "each).", click.Choice(STRATEGY_NAMES))
-    prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0))
-    fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE)
-    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1))
+    prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0),
+                              strategy_option=("fedprox", "prox_mu"))
+    fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE, strategy_option=("fedavgm", "lr"))
+    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1),
+                                       strategy_option=("fedavgm", "momentum"))
     # Robust strategies (they hold every update of a round)
     trim_fraction: float = _setting(0.2, "Trimmed mean: share of the values dropped at each end, per weight.",
-                                    click.FloatRange(0, 0.5, max_open=True))
+                                    click.FloatRange(0, 0.5, max_open=True),
+                                    strategy_option=("trimmed_mean", "trim_fraction"))
     krum_byzantine: int = _setting(1, "Krum: Byzantine clients tolerated, F (needs more than 2F + 2 clients).",
-                                   _COUNT)
+                                   _COUNT, strategy_option=("krum", "byzantine"))
     krum_select: int = _setting(1, "Krum: best-scored updates averaged, M (1: Krum; more: multi-Krum).",
-                                _POSITIVE)
-    # Hostile-client bounds (genfl_server/guard.py); none of them binds on an honest run.
+                                _POSITIVE, strategy_option=("krum", "select"))
+
+    def strategy_settings(self) -> StrategySettings:
+        """The chosen strategy with the settings it is built from (none of the other strategies')."""
+        options = {}
+        for f in fields(self):
+            owner = f.metadata.get("strategy_option")
+            if owner is not None and owner[0] == self.strategy:
+                options[owner[1]] = getattr(self, f.name)
+        return StrategySettings(self.strategy, options)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Hostile-client bounds (genfl_server/guard.py); none of them binds on an honest run."""
+
     max_update_norm: float | None = _setting(
         None, "Reject (or with --clip-updates, clip) an update farther than this from the global model (L2 norm "
         "of w_client - w_global; default: no fixed bound).", _RATE)
@@ -96,7 +146,12 @@ class RunConfig:
     max_client_weight_share: float = _setting(
         0.5, "Largest share of the FedAvg weight one client may hold, from 3 clients on (1: no cap).",
         click.FloatRange(0, 1, min_open=True))
-    # Resource bounds of the server's transport (genfl_server/service.py); none binds an honest run.
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Resource bounds of the server's transport (genfl_server/service.py); none binds an honest run."""
+
     upload_timeout: float = _setting(
         60.0, "Seconds a result upload may take to arrive (not counting waits for the server's receive slots); "
         "a slower one is cut with DEADLINE_EXCEEDED and its task stays open for a retry.", _RATE)
@@ -109,8 +164,13 @@ class RunConfig:
     max_streams_per_ip: int = _setting(
         0, "Most RPCs open at once from one IP address, all its connections together (0: no limit; loopback "
         "clients all share 127.0.0.1).", _COUNT)
-    # Differential privacy of the CVAE phase: DP-SGD on the clients (genfl_shared.dp; README.md,
-    # "Differential privacy"). Giving a noise multiplier or a target epsilon turns it on.
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy of the CVAE phase: DP-SGD on the clients (genfl_shared.dp; README.md,
+    "Differential privacy"). Giving a noise multiplier or a target epsilon turns it on."""
+
     dp_noise_multiplier: float | None = _setting(
         None, "DP-SGD for the CVAE phase with this noise multiplier sigma (Gaussian noise of std sigma * "
         "--dp-max-grad-norm on each step's sum of clipped per-sample gradients).", _RATE)
@@ -124,7 +184,18 @@ class RunConfig:
                                click.FloatRange(0, 1, min_open=True, max_open=True))
     dp_accountant: str = _setting("rdp", "DP-SGD: Opacus privacy accountant, 'rdp' (Renyi DP) or 'prv' (privacy "
                                   "random variables, tighter).", click.Choice(ACCOUNTANTS))
-    # Server-side synthetic data
+
+    @property
+    def enabled(self) -> bool:
+        """DP-SGD in the CVAE phase (a noise multiplier or a target epsilon was given)."""
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+
+@dataclass(frozen=True)
+class PretrainingSettings:
+    """The server's synthetic data from the federated CVAE: its size, the CAS classifier trained on
+    it, and the synthetic pre-training of the federated classifier."""
+
     synthetic_samples: int = _setting(60_000, "Class-balanced synthetic images sampled from the CVAE.",
                                       click.IntRange(10))
     cas_epochs: int = _setting(20, "Epochs of the CAS classifier on synthetic data (0: skip CAS).", _COUNT)
@@ -135,7 +206,13 @@ class RunConfig:
                                         deprecated=("--server-batch-size",))
     pretrain: bool = _setting(True, "Pre-train the classifier on synthetic data (--no-pretrain: the baseline, "
                               "seeded random start).")
-    # Issue 14: the synthetic set used during federation (genfl_server/finetune.py)
+
+
+@dataclass(frozen=True)
+class MitigationSettings:
+    """The synthetic set used during the classifier rounds (genfl_server/finetune.py, distill.py,
+    synthmix.py): each mitigation needs the CVAE."""
+
     server_finetune_steps: int = _setting(
         0, "After every classifier aggregation, this many class-balanced SGD steps of the aggregate on the "
         "server's synthetic set before it is broadcast (0: off; needs the CVAE: --phase all, or "
@@ -163,24 +240,6 @@ class RunConfig:
         0.0, "Send each client that reports its label counts synthetic (never real) images of the classes it "
         "lacks, mixed into its local classifier training at this many synthetic per real sample and epoch "
         "(0: off; at most 10; needs the CVAE, as --server-finetune-steps does).", click.FloatRange(0, 10))
-    seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
-                         "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
-    deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
-                                   "client order (holds a round's updates in memory). With fixed seeds, a "
-                                   "resumed run ends with the same weights.")
-
-    @property
-    def dp(self) -> bool:
-        """DP-SGD in the CVAE phase (a noise multiplier or a target epsilon was given)."""
-        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
-
-    def check_dp(self) -> None:
-        """ValueError for DP settings that cannot run (the server checks them before it starts)."""
-        if self.dp_noise_multiplier is not None and self.dp_target_epsilon is not None:
-            raise ValueError("give --dp-noise-multiplier or --dp-target-epsilon, not both")
-        if self.dp and self.strategy == "fedprox" and self.prox_mu > 0:
-            raise ValueError("DP-SGD cannot train with FedProx's proximal term (its gradient is not per sample); "
-                             "use another --strategy")
 
     def federated_synthetic_options(self) -> list[str]:
         """The options in use that need the synthetic set during the classifier rounds (and so the CVAE)."""
@@ -188,53 +247,149 @@ class RunConfig:
                                         ("--server-distill", self.server_distill),
                                         ("--client-synthetic-mix", bool(self.client_synthetic_mix))) if used]
 
+
+@dataclass(frozen=True)
+class ReproducibilitySettings:
+    """The seed every random choice derives from, and whether a run is bit-reproducible."""
+
+    seed: int = _setting(0, "Seed of every random choice: partition, model init, client shuffling, synthetic "
+                         "data (genfl-sweep: the first of --repeats seeds).", _COUNT)
+    deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
+                                   "client order (holds a round's updates in memory). With fixed seeds, a "
+                                   "resumed run ends with the same weights.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's settings, one group per concern (read as ``cfg.training.local_epochs``); flat names
+    (``to_dict``, ``override``, ``to_argv``) reach any setting without knowing its group."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
+    dp: PrivacySettings = field(default_factory=PrivacySettings)
+    pretraining: PretrainingSettings = field(default_factory=PretrainingSettings)
+    mitigations: MitigationSettings = field(default_factory=MitigationSettings)
+    reproducibility: ReproducibilitySettings = field(default_factory=ReproducibilitySettings)
+
+    def check_dp(self) -> None:
+        """ValueError for DP settings that cannot run (the server checks them before it starts)."""
+        if self.dp.dp_noise_multiplier is not None and self.dp.dp_target_epsilon is not None:
+            raise ValueError("give --dp-noise-multiplier or --dp-target-epsilon, not both")
+        if self.dp.enabled and self.aggregation.strategy == "fedprox" and self.aggregation.prox_mu > 0:
+            raise ValueError("DP-SGD cannot train with FedProx's proximal term (its gradient is not per sample); "
+                             "use another --strategy")
+
     def check_distill(self) -> None:
         """ValueError for server-distillation settings that cannot run (checked before the server starts)."""
-        if not self.server_distill or self.server_distill_teacher != "clients":
+        mitigations = self.mitigations
+        if not mitigations.server_distill or mitigations.server_distill_teacher != "clients":
             return
-        if self.strategy in ROUND_HOLDING_STRATEGIES:
-            raise ValueError(f"--server-distill towards the clients' models cannot go with --strategy {self.strategy}: "
+        strategy = self.aggregation.strategy
+        if strategy in ROUND_HOLDING_STRATEGIES:
+            raise ValueError(f"--server-distill towards the clients' models cannot go with --strategy {strategy}: "
                              "the teacher is the mean of the accepted models, which a robust strategy exists not to "
                              "trust (use --server-distill-teacher previous, or another strategy)")
-        if self.clients > self.server_distill_max_teachers:
-            raise ValueError(f"--server-distill keeps every client's model of a round as a teacher: {self.clients} "
-                             f"clients exceed --server-distill-max-teachers {self.server_distill_max_teachers} (raise "
-                             "it if the server has the memory, or use --server-distill-teacher previous)")
+        if self.data.clients > mitigations.server_distill_max_teachers:
+            raise ValueError(f"--server-distill keeps every client's model of a round as a teacher: "
+                             f"{self.data.clients} clients exceed --server-distill-max-teachers "
+                             f"{mitigations.server_distill_max_teachers} (raise it if the server has the memory, or "
+                             "use --server-distill-teacher previous)")
+
+    def setting(self, name: str) -> Any:
+        """One setting's value by its flat name (``cfg.setting("local_epochs")``)."""
+        return getattr(getattr(self, _group_of(name)), name)
 
     def override(self, **changes) -> "RunConfig":
-        """Apply the options a user set explicitly (None means 'not given')."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """Apply the options a user set explicitly, by flat name (None means 'not given');
+        a name that is not a setting is refused."""
+        return self.replace_settings(**{k: v for k, v in changes.items() if v is not None})
+
+    def replace_settings(self, **values) -> "RunConfig":
+        """``dataclasses.replace`` by flat name, None included; a name that is not a setting is refused."""
+        by_group: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            by_group.setdefault(_group_of(name), {})[name] = value
+        return replace(self, **{group: replace(getattr(self, group), **changes)
+                                for group, changes in by_group.items()})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every setting by its flat name, in definition order (summary.json, the run state)."""
+        return {name: value for group in fields(self) for name, value in asdict(getattr(self, group.name)).items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
         """A config from ``to_dict()`` output, also as saved before fields were renamed
-        (summary.json ``config`` of recorded sweeps, old run_state.pt)."""
+        (summary.json ``config`` of recorded sweeps, old run_state.pt); settings it lacks keep
+        their defaults."""
         values = {}
         for key, value in data.items():
             name = LEGACY_FIELD_NAMES.get(key, key)
-            if name not in cls.field_names():
-                raise ValueError(f"unknown run setting {key!r}")
+            if name not in _FIELDS:
+                raise UnknownSettingError(key)
             values[name] = value
-        return cls(**values)
+        return cls().replace_settings(**values)
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
+        """The flat names of every setting."""
+        return set(_FIELDS)
 
     def to_options(self, names: Iterable[str] | None = None) -> list[tuple[str, ...]]:
-        """These settings as command-line options, one tuple per field (``("--seed", "3")``,
-        ``("--no-pretrain",)``); ``names`` picks fields (default: all that a server takes)."""
+        """These settings as command-line options, one tuple per setting (``("--seed", "3")``,
+        ``("--no-pretrain",)``); ``names`` picks settings (default: all that a server takes)."""
         chosen = SERVER_FIELDS if names is None else tuple(names)
         # A setting that is None (e.g. no --max-update-norm) has no spelling: leaving it out gives
-        # the same None, as only fields whose default is None can be None.
-        return [option_tokens(name, getattr(self, name)) for name in chosen if getattr(self, name) is not None]
+        # the same None, as only settings whose default is None can be None.
+        return [option_tokens(name, self.setting(name)) for name in chosen if self.setting(name) is not None]
 
     def to_argv(self, names: Iterable[str] | None = None) -> list[str]:
         """``to_options`` flattened, for a child process's argument list."""
         return [token for tokens in self.to_options(names) for token in tokens]
+
+
+class UnknownSettingError(KeyError, ValueError):
+    """A name that is not a run setting (a misspelling, or a setting that does not exist)."""
+
+    def __init__(self, name: str):
+        close = difflib.get_close_matches(name, _FIELDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        super().__init__(f"unknown run setting {name!r}{hint}")
+        self.name = name
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return self.args[0]
+
+
+def _index_settings() -> tuple[dict[str, str], dict[str, Field]]:
+    """flat name -> the group it belongs to, and flat name -> its dataclass field (default, CLI
+    metadata), in definition order; a flat name must be unique across the groups."""
+    group_of: dict[str, str] = {}
+    by_name: dict[str, Field] = {}
+    for group in fields(RunConfig):
+        for setting in fields(group.default_factory):
+            if setting.name in by_name:
+                raise RuntimeError(f"run setting {setting.name!r} is defined in two groups")
+            group_of[setting.name], by_name[setting.name] = group.name, setting
+    return group_of, by_name
+
+
+_GROUP_OF, _FIELDS = _index_settings()
+
+
+def _group_of(name: str) -> str:
+    try:
+        return _GROUP_OF[name]
+    except KeyError:
+        raise UnknownSettingError(name) from None
+
+
+def setting_fields() -> dict[str, Field]:
+    """Every setting's dataclass field by flat name (its default, and its ``RunOption`` under
+    ``metadata["option"]``), in definition order."""
+    return dict(_FIELDS)
 
 
 # Saved files (summary.json configs, run_state.pt) written before the renames use these names.
@@ -242,10 +397,10 @@ LEGACY_FIELD_NAMES = {"server_lr": "pretrain_lr", "server_batch_size": "pretrain
                       "classifier_momentum": "sgd_momentum"}
 
 # DP-SGD of the CVAE phase: the settings a tool that starts runs passes on (genfl-launch, genfl-sweep).
-DP_FIELDS = ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm", "dp_delta", "dp_accountant")
+DP_FIELDS = tuple(f.name for f in fields(PrivacySettings))
 
 # The server records the partitioner's train_subset; it does not take one.
-SERVER_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name != "train_subset")
+SERVER_FIELDS = tuple(name for name in _FIELDS if name != "train_subset")
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -253,8 +408,8 @@ PRESETS: dict[str, RunConfig] = {
     # Quick: 1/6 of the training images (1,000 per client), half the CVAE rounds, 5 classifier
     # rounds, a 10,000-image synthetic set and short server-side training; same models, optimisers,
     # batch size, local epochs and learning rates as the paper.
-    "quick": RunConfig(train_subset=10_000, cvae_rounds=10, classifier_rounds=5,
-                       synthetic_samples=10_000, cas_epochs=2, pretrain_epochs=3),
+    "quick": RunConfig().override(train_subset=10_000, cvae_rounds=10, classifier_rounds=5,
+                                  synthetic_samples=10_000, cas_epochs=2, pretrain_epochs=3),
 }
 
 ROUNDS = "rounds"  # not a field: the default of both cvae_rounds and classifier_rounds
@@ -269,13 +424,10 @@ def _is_bool(name: str) -> bool:
     return _FIELDS[name].type in (bool, "bool")
 
 
-_FIELDS = {f.name: f for f in fields(RunConfig)}
-
-
 def option_tokens(name: str, value: Any) -> tuple[str, ...]:
     """One setting as command-line tokens, spelled as ``run_options`` parses it."""
     if name not in _FIELDS:
-        raise KeyError(f"not a run setting: {name!r}")
+        raise UnknownSettingError(name)
     if _is_bool(name):
         return (_flag(name) if value else "--no-" + name.replace("_", "-"),)
     return (_flag(name), str(value))  # str() of a float round-trips exactly (repr)
@@ -293,7 +445,7 @@ def _shown(name: str, value: Any) -> str:
 
 
 def _preset_note(name: str) -> str:
-    values = {preset: getattr(config, name) for preset, config in PRESETS.items()}
+    values = {preset: config.setting(name) for preset, config in PRESETS.items()}
     shown = {p: _shown(name, v) for p, v in values.items()}
     if len(set(map(repr, values.values()))) == 1:
         return f" [preset: {next(iter(shown.values()))}]"
@@ -305,7 +457,7 @@ def _deprecated_name(old_flag: str) -> str:
 
 
 def run_options(*names: str, preset_notes: bool = True) -> Callable:
-    """Decorator adding the click options of these RunConfig fields (and ``"rounds"``) to a command
+    """Decorator adding the click options of these settings (and ``"rounds"``) to a command
     (``preset_notes``: say each preset's value in the help; off for a command without presets).
 
     Every option defaults to None ("not given", so the preset decides; see ``resolve_config``);
@@ -365,16 +517,13 @@ def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
     if preset not in PRESETS:
         raise click.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
     changes = {k: v for k, v in given.items() if k != ROUNDS and v is not None}
-    unknown = set(changes) - set(_FIELDS)
-    if unknown:
-        raise KeyError(f"not run settings: {sorted(unknown)}")
     rounds = given.get(ROUNDS)
     if rounds is not None:
         changes.setdefault("cvae_rounds", rounds)
         changes.setdefault("classifier_rounds", rounds)
     if changes.get("train_subset") == 0:
         changes["train_subset"] = None
-    config = replace(PRESETS[preset], **changes)
+    config = PRESETS[preset].replace_settings(**changes)  # refuses a name that is not a setting
     try:
         config.check_dp()
         config.check_distill()

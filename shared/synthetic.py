@@ -110,14 +110,14 @@ def train_on_synthetic(cfg: RunConfig, images, labels, *, epochs: int, purpose: 
                        device: torch.device) -> dict[str, torch.Tensor]:
     """ExquisiteNetV1 from the run's seeded start, trained on synthetic data with the server's
     settings (used for CAS, pre-training and the centralised baseline's CAS)."""
-    model = model_from_state("classifier", initial_state("classifier", cfg.seed), device)
+    model = model_from_state("classifier", initial_state("classifier", cfg.reproducibility.seed), device)
     started = time.perf_counter()
 
     def progress(epoch: int, loss: float) -> None:
         logger.info("%s on synthetic data: epoch %d/%d, loss %.4f (%.1f s)", purpose, epoch, epochs, loss,
                     time.perf_counter() - started)
 
-    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.pretrain_batch_size,
-                     optimizer="adam", lr=cfg.pretrain_lr, seed=derive_seed(cfg.seed, purpose), device=device,
-                     progress=progress)
+    train_classifier(model, images, labels, epochs=epochs, batch_size=cfg.pretraining.pretrain_batch_size,
+                     optimizer="adam", lr=cfg.pretraining.pretrain_lr, seed=derive_seed(cfg.reproducibility.seed, purpose),
+                     device=device, progress=progress)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -26,7 +26,7 @@ from genfl_server.coordinator import Coordinator, TaskResult
 from genfl_server.metrics import ServerMetrics
 from genfl_server.privacy import PrivacyLedger, record_spent_epsilon
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
-from genfl_shared.config import RunConfig, resolve_config
+from genfl_shared.config import PrivacySettings, RunConfig, resolve_config
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.dp import ClientPrivacy, DPSettings, poisson_sampling
 from genfl_shared.models import build_model, initial_state
@@ -222,12 +222,12 @@ def test_dp_task_settings_are_checked():
 def test_run_options_refuse_both_a_noise_multiplier_and_a_target_epsilon():
     with pytest.raises(click.UsageError, match="not both"):
         resolve_config("quick", {"dp_noise_multiplier": 1.0, "dp_target_epsilon": 3.0})
-    assert not resolve_config("quick", {}).dp and resolve_config("quick", {"dp_target_epsilon": 3.0}).dp
+    assert not resolve_config("quick", {}).dp.enabled and resolve_config("quick", {"dp_target_epsilon": 3.0}).dp.enabled
 
 
 @pytest.mark.unit
 def test_ledger_takes_the_weakest_client_and_adds_up_a_restarted_clients_accountants():
-    ledger = PrivacyLedger(RunConfig(dp_noise_multiplier=1.0))
+    ledger = PrivacyLedger(PrivacySettings(dp_noise_multiplier=1.0))
     assert ledger.guarantee() == (None, 1e-5)
     ledger.record("a", 0.5)
     ledger.record("b", 0.7)
@@ -254,7 +254,7 @@ def test_an_accepted_results_epsilon_is_recorded_before_its_step_can_end():
     finds each one's epsilon recorded and exported, however slow the recording."""
     coordinator = Coordinator("run-dp", expected_clients=1, dataset=None)
     coordinator.register(pb.RegisterRequest(client_id="c0", num_train_samples=100, num_heldout_samples=10))
-    ledger, metrics = PrivacyLedger(RunConfig(dp_noise_multiplier=1.0)), ServerMetrics()
+    ledger, metrics = PrivacyLedger(PrivacySettings(dp_noise_multiplier=1.0)), ServerMetrics()
     metrics.track_privacy(ledger.delta)
     recording = threading.Event()
 
@@ -386,7 +386,7 @@ def test_privacy_axis_plans_one_cvae_and_pretraining_per_level_and_one_baseline(
         with pytest.raises(ValueError):
             parse_epsilons(bad)
     arms = build_arms(["pretrained", "baseline"], ["fedavg"])
-    sweep = RunConfig(cvae_rounds=2, classifier_rounds=2, dp_delta=1e-6)
+    sweep = RunConfig().override(cvae_rounds=2, classifier_rounds=2, dp_delta=1e-6)
     cells = plan_cells(tmp_path, [Distribution(0.1)], [0], arms, sweep=sweep, centralised=False, privacy=levels)
     keys = {c.key: c for c in cells}
     assert sorted(keys) == sorted([f"alpha-0.1/seed0/{lv.name}/{k}" for lv in levels for k in ("cvae", "pretrained")]

@@ -12,7 +12,7 @@ import torch
 from genfl_server.guard import DEFAULT_MAX_CLIENT_WEIGHT_SHARE, UpdateGuard, capped_weights, validated_metrics
 from genfl_server.updates import update_distance
 from genfl_server.strategy import FedAvg
-from genfl_shared.config import PRESETS
+from genfl_shared.config import PRESETS, GuardSettings
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.errors import Rejected
 from genfl_shared.models import initial_state, model_from_state
@@ -33,6 +33,13 @@ def test_capped_weights_cut_only_the_client_beyond_the_share():
     three = capped_weights({"a": 1000, "b": 900, "c": 100}, 0.4)  # two clients above the cut
     assert three["a"] == pytest.approx(three["b"]) and max(three.values()) / sum(three.values()) == pytest.approx(0.4)
     assert capped_weights({"a": 5, "b": 1, "c": 1}, 0.2) == {"a": 1.0, "b": 1.0, "c": 1.0}  # share < 1/K
+
+
+def test_the_guard_is_built_from_its_settings_group_where_0_and_1_switch_bounds_off():
+    assert UpdateGuard.from_config(PRESETS["paper"].guard) == UpdateGuard()
+    guard = UpdateGuard.from_config(GuardSettings(max_update_norm=2.5, clip_updates=True, update_norm_factor=0,
+                                                  max_client_weight_share=1.0))
+    assert (guard.max_update_norm, guard.clip, guard.norm_factor, guard.max_weight_share) == (2.5, True, None, None)
 
 
 @pytest.mark.parametrize("metrics", [{"loss": math.nan}, {"loss": math.inf}, {"loss": -0.1}, {"accuracy": 1.5},
@@ -88,10 +95,10 @@ def test_default_bounds_never_touch_honest_updates(mnist, distribution):
                 model = model_from_state(kind, state, torch.device("cpu"))
                 x, y = images[part], labels[part]
                 if kind == "cvae":
-                    train_cvae(model, x, y, epochs=1, batch_size=cfg.batch_size, lr=cfg.cvae_lr, seed=i, device="cpu")
+                    train_cvae(model, x, y, epochs=1, batch_size=cfg.training.batch_size, lr=cfg.training.cvae_lr, seed=i, device="cpu")
                 else:
-                    train_classifier(model, x, y, epochs=1, batch_size=cfg.batch_size, optimizer="sgd",
-                                     lr=cfg.classifier_lr, momentum=cfg.sgd_momentum, seed=i, device="cpu")
+                    train_classifier(model, x, y, epochs=1, batch_size=cfg.training.batch_size, optimizer="sgd",
+                                     lr=cfg.training.classifier_lr, momentum=cfg.training.sgd_momentum, seed=i, device="cpu")
                 update = {k: v.detach() for k, v in model.state_dict().items()}
                 weight, admitted = round_guard.admit(client_id, len(part), update)
                 assert max(counts.values()) / sum(counts.values()) < DEFAULT_MAX_CLIENT_WEIGHT_SHARE

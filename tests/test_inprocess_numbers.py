@@ -43,13 +43,13 @@ def test_an_in_process_run_reports_the_numbers_the_processes_recorded(tmp_path, 
         pytest.skip(f"numbers recorded on {recorded_platforms()}, this is {platform_key()}: floats differ")
     for name, value in SETTINGS.items():
         assert " ".join(argv_for(**{name: value})) in " ".join(SERVER_ARGS), name
-    config = RunConfig(**SETTINGS)
+    config = RunConfig().override(**SETTINGS)
     shards = partition_mnist(tmp_path / "shards", CLIENTS, 600, alpha=0.5)
     images, labels = load_dataset("mnist", dataset_dir("mnist"), "test")
-    test_set = (to_float_images(images, binarize=config.binarize), labels)
+    test_set = (to_float_images(images, binarize=config.data.binarize), labels)
     out = tmp_path / "run"
-    with federation(out, [load_shard(shards / f"client-00{i}.npz") for i in range(CLIENTS)], seed=config.seed,
-                    deterministic=config.deterministic, guard=UpdateGuard.from_config(config)) as fed:
+    with federation(out, [load_shard(shards / f"client-00{i}.npz") for i in range(CLIENTS)], seed=config.reproducibility.seed,
+                    deterministic=config.reproducibility.deterministic, guard=UpdateGuard.from_config(config.guard)) as fed:
         run_method(PhaseContext(fed.engine, fed.recorder, fed.metrics, config, out, torch.device("cpu"), test_set,
                                 RunState.in_dir(out)), "all")
     assert numbers(read_events(out / METRICS_JSONL)) == expected

@@ -4,7 +4,6 @@ options and fields still work; --resume refuses a setting that would change the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,14 +20,15 @@ from genfl_server import cli as server_cli
 from genfl_server.app import new_run_state
 from genfl_server.strategy import STRATEGIES, FedAvg, build_strategy, register_strategy, strategy_labels, strategy_names
 from genfl_shared import partition_cli
-from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config)
+from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, STRATEGY_NAMES, RunConfig, StrategySettings,
+                                 UnknownSettingError, given_run_options, resolve_config, setting_fields)
 
 pytestmark = pytest.mark.unit
 
 COMMANDS = {"genfl-server": server_cli.main, "genfl-launch": launch.main, "genfl-sweep": sweep_cli.main,
             "genfl-centralised": centralised.main, "genfl-partition": partition_cli.main}
 RUN_OPTION_NAMES = RunConfig.field_names() | {ROUNDS}
-FIELD_HELP = {f.name: f.metadata["option"].help for f in dataclasses.fields(RunConfig)}
+FIELD_HELP = {name: f.metadata["option"].help for name, f in setting_fields().items()}
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
@@ -74,28 +74,55 @@ def test_strategy_choices_and_labels_come_from_the_registry():
     assert list(STRATEGY_LABELS) == strategy_names() and STRATEGY_LABELS["fedavgm"] == "FedAvgM"
 
 
-def test_a_registered_strategy_is_built_by_name_from_the_run_settings():
+def test_a_registered_strategy_is_built_by_name_from_its_settings():
     @register_strategy
     class Halving(FedAvg):
         name, label = "test-halving", "Halving"
+        takes = ("prox_mu",)
 
-        @classmethod
-        def from_settings(cls, *, prox_mu: float, **_):
-            strategy = cls()
-            strategy.mu = prox_mu
-            return strategy
+        def __init__(self, prox_mu: float):
+            super().__init__()
+            self.mu = prox_mu
 
     try:
-        built = build_strategy("test-halving", **dataclasses.replace(RunConfig(), prox_mu=0.25).to_dict())
+        built = build_strategy(StrategySettings("test-halving", {"prox_mu": 0.25}))
         assert isinstance(built, Halving) and built.mu == 0.25
         assert strategy_labels()["test-halving"] == "Halving"
         with pytest.raises(ValueError, match="registered twice"):
             register_strategy(Halving)
+        with pytest.raises(ValueError, match="takes prox_mu, not prox_nu"):
+            build_strategy(StrategySettings("test-halving", {"prox_nu": 0.25}))
     finally:
         del STRATEGIES["test-halving"]
-    fedavgm = build_strategy("fedavgm", **dataclasses.replace(RunConfig(), fedavgm_lr=0.5,
-                                                              fedavgm_momentum=0.25).to_dict())
-    assert (fedavgm.server_lr, fedavgm.momentum) == (0.5, 0.25)
+    run = RunConfig().override(strategy="fedavgm", fedavgm_lr=0.5, fedavgm_momentum=0.25)
+    fedavgm = build_strategy(run.aggregation.strategy_settings())
+    assert (fedavgm.lr, fedavgm.momentum) == (0.5, 0.25)
+
+
+def test_every_strategy_takes_exactly_the_run_settings_given_for_it():
+    """The run settings that feed a strategy (``strategy_option``) and the settings the strategy
+    declares (``takes``) name the same parameters; another strategy's are never passed."""
+    for name in STRATEGY_NAMES:
+        chosen = RunConfig().override(strategy=name).aggregation.strategy_settings()
+        assert chosen.name == name and set(chosen.options) == set(STRATEGIES[name].takes), name
+        build_strategy(chosen)
+    with pytest.raises(ValueError, match="'fedavg' takes no settings, not prox_mu"):
+        build_strategy(StrategySettings("fedavg", {"prox_mu": 0.5}))
+
+
+def test_a_misspelt_setting_is_refused_not_ignored():
+    for refuse in (lambda: RunConfig().override(prox_mew=0.5), lambda: RunConfig().replace_settings(prox_mew=1),
+                   lambda: RunConfig.from_dict({"prox_mew": 0.5}), lambda: resolve_config("paper", {"prox_mew": 0.5}),
+                   lambda: RunConfig().to_argv(["prox_mew"])):
+        with pytest.raises(UnknownSettingError, match="unknown run setting 'prox_mew'; did you mean 'prox_mu'"):
+            refuse()
+
+
+def test_to_dict_is_the_flat_settings_in_definition_order_and_round_trips():
+    config = _every_setting_changed()
+    assert list(config.to_dict()) == list(setting_fields())
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.to_dict()["krum_select"] == config.aggregation.krum_select == config.setting("krum_select")
 
 
 def test_preset_resolution():
@@ -103,12 +130,12 @@ def test_preset_resolution():
     assert resolve_config("quick", {}) == quick
     assert resolve_config("quick", {"cvae_rounds": None, "seed": None}) == quick
     both = resolve_config("paper", {ROUNDS: 3})
-    assert (both.cvae_rounds, both.classifier_rounds) == (3, 3)
+    assert (both.training.cvae_rounds, both.training.classifier_rounds) == (3, 3)
     one = resolve_config("paper", {ROUNDS: 3, "classifier_rounds": 7})
-    assert (one.cvae_rounds, one.classifier_rounds) == (3, 7)  # an explicit phase's rounds win
-    assert resolve_config("quick", {"train_subset": 0}).train_subset is None  # 0: all
-    assert resolve_config("quick", {"train_subset": 500}).train_subset == 500
-    assert resolve_config("paper", {"pretrain": False}).pretrain is False
+    assert (one.training.cvae_rounds, one.training.classifier_rounds) == (3, 7)  # an explicit phase's rounds win
+    assert resolve_config("quick", {"train_subset": 0}).data.train_subset is None  # 0: all
+    assert resolve_config("quick", {"train_subset": 500}).data.train_subset == 500
+    assert resolve_config("paper", {"pretrain": False}).pretraining.pretrain is False
     with pytest.raises(click.BadParameter, match="unknown preset"):
         resolve_config("huge", {})
 
@@ -124,17 +151,16 @@ def _resolve(ctx: click.Context):
 
 def _every_setting_changed() -> RunConfig:
     changed = {}
-    for f in dataclasses.fields(RunConfig):
-        value = getattr(RunConfig(), f.name)
+    for name, value in RunConfig().to_dict().items():
         if isinstance(value, bool):
-            changed[f.name] = not value
-        elif f.name == "strategy":
-            changed[f.name] = "fedavgm"
+            changed[name] = not value
+        elif name == "strategy":
+            changed[name] = "fedavgm"
         elif isinstance(value, float):
-            changed[f.name] = value / 3  # an inexact float: str() must round-trip it
+            changed[name] = value / 3  # an inexact float: str() must round-trip it
         elif isinstance(value, int):
-            changed[f.name] = value + 1
-    return dataclasses.replace(RunConfig(), **changed)
+            changed[name] = value + 1
+    return RunConfig().override(**changed)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -142,7 +168,7 @@ def test_to_argv_round_trips_through_the_servers_parser(tmp_path, preset):
     config = _every_setting_changed()
     settings, _ = _resolve(_server_context("--out", str(tmp_path), "--preset", preset, *config.to_argv()))
     # The server records the partitioner's train_subset (none here), not one it is given.
-    assert settings.config == dataclasses.replace(config, train_subset=None)
+    assert settings.config == config.replace_settings(train_subset=None)
 
 
 def test_sweep_servers_get_the_options_recorded_sweeps_were_run_with():
@@ -154,7 +180,8 @@ def test_sweep_servers_get_the_options_recorded_sweeps_were_run_with():
 def test_deprecated_spellings_work_and_warn(tmp_path, capsys, monkeypatch):
     settings, _ = _resolve(_server_context("--out", str(tmp_path), "--server-lr", "0.01",
                                            "--classifier-momentum", "0.25", "--server-batch-size", "64"))
-    assert (settings.config.pretrain_lr, settings.config.sgd_momentum, settings.config.pretrain_batch_size) == \
+    config = settings.config
+    assert (config.pretraining.pretrain_lr, config.training.sgd_momentum, config.pretraining.pretrain_batch_size) == \
         (0.01, 0.25, 64)
     err = capsys.readouterr().err
     for old, new in (("--server-lr", "--pretrain-lr"), ("--classifier-momentum", "--sgd-momentum"),
@@ -162,7 +189,7 @@ def test_deprecated_spellings_work_and_warn(tmp_path, capsys, monkeypatch):
         assert f"{old} is deprecated" in err and f"use {new}" in err
     monkeypatch.setenv("GENFL_SERVER_LR", "0.02")  # a container's old variable
     settings, _ = _resolve(_server_context("--out", str(tmp_path)))
-    assert settings.config.pretrain_lr == 0.02 and "--server-lr is deprecated" in capsys.readouterr().err
+    assert settings.config.pretraining.pretrain_lr == 0.02 and "--server-lr is deprecated" in capsys.readouterr().err
     monkeypatch.delenv("GENFL_SERVER_LR")
     with pytest.raises(click.UsageError, match="same option"):
         given_run_options(dict(_server_context("--out", str(tmp_path), "--server-lr", "0.01",
@@ -171,9 +198,9 @@ def test_deprecated_spellings_work_and_warn(tmp_path, capsys, monkeypatch):
 
 def test_saved_configs_with_old_field_names_still_load():
     old_name = {new: old for old, new in LEGACY_FIELD_NAMES.items()}
-    old = {old_name.get(k, k): v for k, v in RunConfig(seed=4).to_dict().items()}
+    old = {old_name.get(k, k): v for k, v in RunConfig().override(seed=4).to_dict().items()}
     assert {"server_lr", "server_batch_size", "classifier_momentum"} <= set(old)
-    assert RunConfig.from_dict(old) == RunConfig(seed=4)
+    assert RunConfig.from_dict(old) == RunConfig().override(seed=4)
     with pytest.raises(ValueError, match="unknown run setting"):
         RunConfig.from_dict({**RunConfig().to_dict(), "no_such_setting": 1})
 
@@ -191,7 +218,8 @@ def test_resume_reuses_the_saved_settings(tmp_path):
     settings, _ = _resolve(_server_context("--resume", "--out", str(out), "--address", "127.0.0.1:0",
                                            "--log-level", "debug", "--round-retries", "5", "--threads", "1"))
     assert settings.resume and settings.threads == 1 and settings.test_data is not None
-    assert settings.config.deterministic and settings.config.seed == 3 and settings.config.cvae_rounds == 2
+    config = settings.config
+    assert config.reproducibility.deterministic and config.reproducibility.seed == 3 and config.training.cvae_rounds == 2
     assert (settings.address, settings.round_retries) == ("127.0.0.1:0", 5)  # these may change
 
 

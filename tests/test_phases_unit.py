@@ -18,7 +18,7 @@ from inprocess import federation, tiny_shard
 
 pytestmark = pytest.mark.unit
 
-TINY = RunConfig(cvae_rounds=1, classifier_rounds=1, local_epochs=1, batch_size=16, synthetic_samples=20,
+TINY = RunConfig().override(cvae_rounds=1, classifier_rounds=1, local_epochs=1, batch_size=16, synthetic_samples=20,
                  cas_epochs=1, pretrain_epochs=1, seed=5)
 
 
@@ -34,9 +34,9 @@ def same(a, b) -> bool:
 
 def test_the_method_runs_cvae_then_synthetic_pretraining_then_the_classifier_from_it(tmp_path):
     shards = [tiny_shard(cid, seed) for seed, cid in enumerate(("alice", "bob"))]
-    with federation(tmp_path, shards, seed=TINY.seed) as fed:
+    with federation(tmp_path, shards, seed=TINY.reproducibility.seed) as fed:
         ctx = PhaseContext(fed.engine, fed.recorder, fed.metrics, TINY, tmp_path, torch.device("cpu"),
-                           tiny_test_set(TINY.binarize), RunState.in_dir(tmp_path))
+                           tiny_test_set(TINY.data.binarize), RunState.in_dir(tmp_path))
         final = run_method(ctx, "all")
         alice = fed.clients["alice"]
 
@@ -46,15 +46,15 @@ def test_the_method_runs_cvae_then_synthetic_pretraining_then_the_classifier_fro
     # The CVAE phase trained from the run's seeded start; its model was evaluated as the last round's.
     (cvae_train,) = alice.tasks("cvae", train=True)
     (cvae_eval,) = alice.tasks("cvae", train=False)
-    assert same(cvae_train.weights, initial_state("cvae", TINY.seed)) and same(cvae_eval.weights, cvae)
+    assert same(cvae_train.weights, initial_state("cvae", TINY.reproducibility.seed)) and same(cvae_eval.weights, cvae)
     # The server sampled the class-balanced synthetic set from that CVAE and trained on it alone;
     # the clients evaluated the CAS classifier (federated CAS, "round 0").
     images, labels = ctx.synthetic
-    assert len(labels) == TINY.synthetic_samples and torch.equal(
+    assert len(labels) == TINY.pretraining.synthetic_samples and torch.equal(
         torch.bincount(torch.as_tensor(labels), minlength=10), torch.full((10,), 2))
     cas_eval, classifier_eval = alice.tasks("classifier", train=False)
     assert cas_eval.round == 0 and same(cas_eval.weights, cas)
-    assert not same(pretrained, initial_state("classifier", TINY.seed))
+    assert not same(pretrained, initial_state("classifier", TINY.reproducibility.seed))
     # The classifier phase started from the pre-trained model and ended with the returned one.
     (classifier_train,) = alice.tasks("classifier", train=True)
     assert same(classifier_train.weights, pretrained) and same(classifier_eval.weights, final)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from genfl_server.strategy import build_strategy
+from genfl_shared.config import RunConfig
 from genfl_shared.data import load_dataset, to_float_images
 
 pytestmark = pytest.mark.unit
@@ -80,7 +81,7 @@ def _federated_accuracy(mnist, strategy_name: str, params: dict, attack: str | N
     (x, y), test = mnist
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in _model().state_dict().items()}
-    strategy = build_strategy(strategy_name, **params)
+    strategy = build_strategy(RunConfig().override(strategy=strategy_name, **params).aggregation.strategy_settings())
     for rnd in range(ROUNDS):
         strategy.begin(state)
         for client in range(CLIENTS):

@@ -162,7 +162,7 @@ def test_fedprox_mu_reaches_every_training_task_and_pulls_the_update_towards_the
     with federation(tmp_path, shards(("alice", "bob"))) as fed:
         fed.engine.run_rounds("cvae", start, rounds=1, train_task=train, eval_task=CVAE_EVAL, strategy=FedAvg())
         fed.engine.run_rounds("cvae", start, rounds=1, train_task=train, eval_task=CVAE_EVAL,
-                              strategy=FedProx(mu=100.0))
+                              strategy=FedProx(prox_mu=100.0))
         for client in fed.clients.values():
             plain, proximal = client.tasks("cvae", train=True)
             assert (plain.settings.prox_mu, proximal.settings.prox_mu) == (0.0, 100.0)

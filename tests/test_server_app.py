@@ -3,7 +3,6 @@ processes over real gRPC, stop; the results land in OUT as with genfl-server."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -24,8 +23,7 @@ CLIENTS = 2
 def test_server_app_runs_the_method_in_process(tmp_path):
     shards = tmp_path / "shards"
     partition_dataset("mnist", dataset_dir("mnist"), CLIENTS, 0.5, 0, shards, train_subset=400)
-    config = dataclasses.replace(PRESETS["paper"], clients=CLIENTS, classifier_rounds=2, local_epochs=1,
-                                 pretrain=False, seed=1)
+    config = PRESETS["paper"].override(clients=CLIENTS, classifier_rounds=2, local_epochs=1, pretrain=False, seed=1)
     settings = ServerSettings(out=tmp_path / "run", phase="classifier", preset="paper", config=config,
                               dataset="mnist", address="127.0.0.1:0", register_timeout=120)
     app = ServerApp(settings, new_run_state(settings))
@@ -51,5 +49,5 @@ def test_server_app_runs_the_method_in_process(tmp_path):
     assert [c.returncode for c in clients] == [0] * CLIENTS, [c.stderr.read()[-2000:] for c in clients]
     summary = json.loads(summary_path.read_text())
     assert [(r["phase"], r["round"]) for r in summary["rounds"]] == [("classifier", 1), ("classifier", 2)]
-    assert summary["config"]["sgd_momentum"] == config.sgd_momentum and summary["pretrain"] is False
+    assert summary["config"]["sgd_momentum"] == config.training.sgd_momentum and summary["pretrain"] is False
     assert (settings.out / "classifier.pt").exists()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genfl_server.strategy import ClientTrainSettings, FedAvg, build_strategy
+from genfl_shared.config import RunConfig, StrategySettings
 from genfl_shared.models import build_model
 from genfl_shared.proto import genfl_pb2 as pb
 
@@ -48,7 +49,7 @@ def test_fedavg_is_the_sample_weighted_mean(global_state):
     snapshot = [_clones(u) for u in updates]
     global_snapshot = _clones(global_state)
 
-    fedavg = build_strategy("fedavg")
+    fedavg = build_strategy(StrategySettings("fedavg"))
     assert isinstance(fedavg, FedAvg)
     fedavg.begin(global_state)
     for update, n in zip(updates, samples):
@@ -166,7 +167,7 @@ def test_misuse_raises(global_state):
     result = fedavg.finish()
     assert all(torch.equal(result[k], global_state[k]) for k in global_state)
     with pytest.raises(ValueError):
-        build_strategy("fedprox-not-here")
+        build_strategy(StrategySettings("fedprox-not-here"))
 
 
 # -- FedProx and FedAvgM ---------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_fedprox_aggregates_like_fedavg_and_tells_clients_mu():
     template = {"w": torch.zeros(3), "n": torch.tensor(0)}
     updates = [({"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor(2)}, 1),
                ({"w": torch.tensor([3.0, 2.0, 1.0]), "n": torch.tensor(4)}, 3)]
-    prox, plain = build_strategy("fedprox", prox_mu=0.5), FedAvg()
+    prox, plain = build_strategy(StrategySettings("fedprox", {"prox_mu": 0.5})), FedAvg()
     for strategy in (prox, plain):
         strategy.begin(template)
         for update, n in updates:
@@ -200,7 +201,8 @@ def test_client_settings_of_every_strategy_are_train_task_fields():
                      binarize=True, seed=3)
     train_fields = {f.name for f in dataclasses.fields(TrainTask)}
     for name in STRATEGIES:
-        settings = build_strategy(name, prox_mu=0.25).client_config
+        run = RunConfig().override(strategy=name, prox_mu=0.25)
+        settings = build_strategy(run.aggregation.strategy_settings()).client_config
         assert {f.name for f in dataclasses.fields(settings)} <= train_fields
         configured = dataclasses.replace(task, **dataclasses.asdict(settings))
         assert configured.prox_mu == (0.25 if name == "fedprox" else 0.0)
@@ -210,7 +212,7 @@ def test_client_settings_of_every_strategy_are_train_task_fields():
 def test_fedavgm_applies_server_momentum_over_rounds():
     from genfl_server.strategy import FedAvgM
 
-    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    strategy = FedAvgM(lr=1.0, momentum=0.5)
     global_state = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(10)}
     # Round 1: mean update 0 -> d = 1, v = 1, new = 0.
     strategy.begin(global_state)
@@ -230,7 +232,7 @@ def test_fedavgm_without_momentum_is_fedavg():
 
     template = {"w": torch.randn(5)}
     update = {"w": torch.randn(5)}
-    m, plain = FedAvgM(server_lr=1.0, momentum=0.0), FedAvg()
+    m, plain = FedAvgM(lr=1.0, momentum=0.0), FedAvg()
     for strategy in (m, plain):
         strategy.begin(template)
         strategy.accumulate(update, 7)
@@ -240,14 +242,14 @@ def test_fedavgm_without_momentum_is_fedavg():
 def test_fedavgm_velocity_survives_a_state_dict_round_trip():
     from genfl_server.strategy import FedAvg, FedAvgM
 
-    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    strategy = FedAvgM(lr=1.0, momentum=0.5)
     assert strategy.state_dict() == {}
     strategy.begin({"w": torch.tensor([1.0, 1.0])})
     strategy.accumulate({"w": torch.tensor([0.0, 0.0])}, 5)
     first = strategy.finish()
     saved = strategy.state_dict()
     assert torch.equal(saved["w"], torch.tensor([1.0, 1.0]))
-    restored = FedAvgM(server_lr=1.0, momentum=0.5)
+    restored = FedAvgM(lr=1.0, momentum=0.5)
     restored.load_state_dict(saved)
     for s in (strategy, restored):  # the restored strategy continues exactly like the original
         s.begin(first)

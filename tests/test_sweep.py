@@ -4,7 +4,6 @@ tiny sizes: reports that match the raw results, resuming finished and interrupte
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import shutil
 import signal
@@ -43,7 +42,7 @@ def sweep(out: Path, data: Path, *args: str, timeout: float = 900) -> subprocess
 
 def sweep_settings(**changes) -> RunConfig:
     """A sweep's settings for planning: the quick preset with 2 rounds of each phase."""
-    return dataclasses.replace(PRESETS["quick"], **{"cvae_rounds": 2, "classifier_rounds": 2, **changes})
+    return PRESETS["quick"].replace_settings(**{"cvae_rounds": 2, "classifier_rounds": 2, **changes})
 
 
 @pytest.mark.unit
@@ -97,7 +96,7 @@ def test_each_arm_is_one_registry_entry_whose_flags_match_its_settings():
         arm = Arm(spec)
         settings = arm.settings(RunConfig())
         # The flag that gives an arm the CVAE is the one the server checks its settings by.
-        uses_synthetic = dataclasses.replace(RunConfig(), **settings).federated_synthetic_options()
+        uses_synthetic = RunConfig().replace_settings(**settings).mitigations.federated_synthetic_options()
         assert spec.samples_synthetic == bool(uses_synthetic), name
         assert arm.record() == {"name": name, "label": arm.label, "pretrain": spec.pretrained, "strategy": "fedavg",
                                 "local_epochs": 0 if name == "pretrained-only" else None,
@@ -105,8 +104,8 @@ def test_each_arm_is_one_registry_entry_whose_flags_match_its_settings():
     # An arm's own value stands where the sweep's setting is off; the sweep's replaces it when on.
     finetune = Arm.named("pretrained-finetune")
     assert finetune.settings(RunConfig())["server_finetune_steps"] == 200
-    assert finetune.settings(RunConfig(server_finetune_steps=7))["server_finetune_steps"] == 7
-    assert Arm.named("pretrained-synthmix").settings(RunConfig(client_synthetic_mix=2.0))["client_synthetic_mix"] == 2.0
+    assert finetune.settings(RunConfig().override(server_finetune_steps=7))["server_finetune_steps"] == 7
+    assert Arm.named("pretrained-synthmix").settings(RunConfig().override(client_synthetic_mix=2.0))["client_synthetic_mix"] == 2.0
     assert list(Arm.named("pretrained-distill").settings(RunConfig())) == [
         "strategy", "server_distill", "server_distill_teacher", "server_distill_max_teachers", "server_distill_steps",
         "server_distill_lr", "server_distill_temperature", "server_distill_batch_size"]

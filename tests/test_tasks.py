@@ -178,7 +178,7 @@ def test_local_loss_is_a_checked_classifier_setting_left_off_the_wire_when_plain
     # The CVAE has no classes to balance: asking for it is a sender's mistake.
     assert refused(wire(model="cvae", optimizer="adam", sgd_momentum=0, local_loss="balanced")).key == "local_loss"
     assert train_task(PRESETS["quick"], "classifier").local_loss == "ce"
-    balanced_config = dataclasses.replace(PRESETS["quick"], local_loss="balanced")
+    balanced_config = PRESETS["quick"].override(local_loss="balanced")
     assert train_task(balanced_config, "classifier").local_loss == "balanced"
     assert train_task(balanced_config, "cvae").local_loss == "ce"
 
@@ -230,13 +230,13 @@ def test_construction_checks_too_and_an_unseeded_task_does_not_go_out():
 def test_phase_settings_carry_the_run_config():
     cfg = PRESETS["quick"]
     cvae, classifier = train_task(cfg, "cvae"), train_task(cfg, "classifier")
-    assert (cvae.optimizer, cvae.lr, cvae.sgd_momentum) == ("adam", cfg.cvae_lr, 0.0)
+    assert (cvae.optimizer, cvae.lr, cvae.sgd_momentum) == ("adam", cfg.training.cvae_lr, 0.0)
     assert (classifier.optimizer, classifier.lr, classifier.sgd_momentum) == (
-        "sgd", cfg.classifier_lr, cfg.sgd_momentum)
+        "sgd", cfg.training.classifier_lr, cfg.training.sgd_momentum)
     for task in (cvae, classifier):
         assert (task.epochs, task.batch_size, task.binarize, task.seed) == (
-            cfg.local_epochs, cfg.batch_size, cfg.binarize, None)
-    assert eval_task(cfg, "classifier") == EvaluateTask(model="classifier", binarize=cfg.binarize)
+            cfg.training.local_epochs, cfg.training.batch_size, cfg.data.binarize, None)
+    assert eval_task(cfg, "classifier") == EvaluateTask(model="classifier", binarize=cfg.data.binarize)
 
 
 # -- a real server and a real client -----------------------------------------------------------------

@@ -60,8 +60,8 @@ class ArmSpec:
         spelling, so it is left out)."""
         resolved = {}
         for name in dict.fromkeys([*self.settings, *self.sweep_settings]):
-            if name in self.sweep_settings and (getattr(sweep, name) or name not in self.settings):
-                value = getattr(sweep, name)
+            if name in self.sweep_settings and (sweep.setting(name) or name not in self.settings):
+                value = sweep.setting(name)
             else:
                 value = self.settings[name]
             if value is not None:

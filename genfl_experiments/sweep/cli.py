@@ -9,7 +9,6 @@ loopback gRPC. Results go to OUT/results.csv, OUT/table.md, OUT/cas.md and OUT/f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -118,14 +117,15 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     config = resolve_config(preset, given_run_options(run_settings))  # its seed: the first; each cell has its own
     for arm in arm_list:
         try:  # now, not when the arm's first cell starts after its CVAE and pre-training cells
-            dataclasses.replace(config, **arm.settings(config)).check_distill()
+            config.replace_settings(**arm.settings(config)).check_distill()
         except ValueError as error:
             raise click.UsageError(f"--arms {arm.name}: {error}") from None
-    if centralised and config.cas_epochs == 0:
+    if centralised and config.pretraining.cas_epochs == 0:
         log.info("--cas-epochs 0: no CAS, so no centralised CVAE reference either")
         centralised = False
     # Everything that changes what a cell computes is fixed for the folder (see _check_same_sweep).
-    fixed = {"dataset": dataset, "preset": preset, "clients": config.clients, "train_subset": config.train_subset,
+    fixed = {"dataset": dataset, "preset": preset, "clients": config.data.clients,
+             "train_subset": config.data.train_subset,
              "server_options": [list(o) for o in config.to_options(FIXED_SERVER_FIELDS)]}
     if privacy is not None:  # the levels may grow on a re-run; what DP-SGD means may not
         fixed["dp_options"] = [list(o) for o in config.to_options(SWEEP_DP_FIELDS)]
@@ -135,7 +135,7 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     write_json_atomic(out / SWEEP_JSON, {"fixed": fixed, "data_root": str(data_root),
                                          "differences_from_paper": differences})
 
-    seeds = list(range(config.seed, config.seed + repeats))
+    seeds = list(range(config.reproducibility.seed, config.reproducibility.seed + repeats))
     cells = plan_cells(out, distributions, seeds, arm_list, sweep=config, centralised=centralised, privacy=privacy)
     settings = SweepSettings(dataset, data_root, preset, config, device=device,
                              client_threads=client_threads, clients_per_process=clients_per_process,
@@ -168,12 +168,12 @@ def _read_sweep(out: Path) -> dict:
 def _differences_from_paper(config: RunConfig) -> list[str]:
     """The settings in which this sweep is not the poster's configuration (for table.md)."""
     paper = PRESETS["paper"]
-    compared = [f.name for f in dataclasses.fields(RunConfig)
-                if f.name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
+    compared = [name for name in paper.to_dict()
+                if name not in ("seed", "strategy", "pretrain", "prox_mu", "fedavgm_lr", "fedavgm_momentum",
                                   "deterministic", *DP_FIELDS, *MITIGATION_FIELDS)]
     # DP: privacy.md's, not the poster's; the mitigations' settings: those arms' own
-    return [f"{name.replace('_', ' ')} {getattr(config, name)} (poster: {getattr(paper, name)})"
-            for name in compared if getattr(config, name) != getattr(paper, name)]
+    return [f"{name.replace('_', ' ')} {config.setting(name)} (poster: {paper.setting(name)})"
+            for name in compared if config.setting(name) != paper.setting(name)]
 
 
 def _report(out: Path, fixed: dict, differences: list[str], *, failed: bool) -> None:

@@ -110,7 +110,7 @@ class PrivacyLevel:
         other DP-SGD settings; none without DP."""
         if math.isinf(self.epsilon):
             return {}
-        dp = {name: getattr(sweep, name) for name in SWEEP_DP_FIELDS if getattr(sweep, name) is not None}
+        dp = {name: sweep.setting(name) for name in SWEEP_DP_FIELDS if sweep.setting(name) is not None}
         return {"dp_target_epsilon": self.epsilon, **dp}
 
 
@@ -194,10 +194,10 @@ def plan_cells(out: Path, distributions: list[Distribution], seeds: list[int], a
                                                     level)
             for arm in baseline_arms:
                 cells.append(Cell(f"{prefix}/{arm.name}", "classifier", group / arm.name, seed, dist, arm,
-                                  arm.settings(sweep), rounds=sweep.classifier_rounds))
+                                  arm.settings(sweep), rounds=sweep.training.classifier_rounds))
             for arm in iid_synthetic_arms if dist.alpha is not None else ():  # at IID: the plain pre-trained arm
                 cells.append(_iid_synthetic_cell(out, prefix, dist, seed, arm, sweep))
-        iid_cvae = _iid_cvae_cell(out, seed, sweep.cvae_rounds)
+        iid_cvae = _iid_cvae_cell(out, seed, sweep.training.cvae_rounds)
         if iid_synthetic_arms and all(c.key != iid_cvae.key for c in cells[seed_start:]):
             cells.insert(seed_start, iid_cvae)  # the arm's generator, also when IID itself is not run
         if centralised:
@@ -212,13 +212,13 @@ def _cvae_and_pretrained_cells(folder: Path, group: Path, prefix: str, dist: Dis
     if not arms:
         return []
     group_out = None if folder == group else group
-    cvae = Cell(f"{prefix}/cvae", "cvae", folder / "cvae", seed, dist, rounds=sweep.cvae_rounds,
+    cvae = Cell(f"{prefix}/cvae", "cvae", folder / "cvae", seed, dist, rounds=sweep.training.cvae_rounds,
                 settings=level.settings(sweep) if level else {}, privacy=level, group_out=group_out)
     cvae_checkpoint = cvae.out / "cvae.pt"
     cells = [cvae]
     for arm in arms:
         cell = Cell(f"{prefix}/{arm.name}", "classifier", folder / arm.name, seed, dist, arm, arm.settings(sweep),
-                    rounds=sweep.classifier_rounds, privacy=level, group_out=group_out)
+                    rounds=sweep.training.classifier_rounds, privacy=level, group_out=group_out)
         if len(cells) == 1:
             cell.deps.append(cvae.key)
             cell.cvae_checkpoint = cvae_checkpoint
@@ -244,5 +244,5 @@ def _iid_synthetic_cell(out: Path, prefix: str, dist: Distribution, seed: int, a
     of the same seed (the poster's Figs 6-7) instead of its own federation's CVAE."""
     iid_cvae = _iid_cvae_cell(out, seed, 0)
     return Cell(f"{prefix}/{arm.name}", "classifier", group_dir(out, dist, seed) / arm.name, seed, dist, arm,
-                arm.settings(sweep), cvae_checkpoint=iid_cvae.out / "cvae.pt", rounds=sweep.classifier_rounds,
+                arm.settings(sweep), cvae_checkpoint=iid_cvae.out / "cvae.pt", rounds=sweep.training.classifier_rounds,
                 deps=[iid_cvae.key])

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from genfl_server.runstate import FILE_NAME as RUN_STATE_FILE
@@ -54,11 +54,11 @@ class SweepSettings:
 
     @property
     def clients(self) -> int:
-        return self.config.clients
+        return self.config.data.clients
 
     @property
     def train_subset(self) -> int | None:
-        return self.config.train_subset
+        return self.config.data.train_subset
 
 
 # The settings every server of a sweep is given (in sweep.json's "fixed": cells mean the same).
@@ -298,7 +298,7 @@ class SweepRunner:
         log_path = cell.out / "logs" / "centralised.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # train_subset None (all) is given as 0, which every tool reads as "all".
-        config = replace(s.config, seed=cell.seed, train_subset=s.train_subset or 0)
+        config = s.config.replace_settings(seed=cell.seed, train_subset=s.train_subset or 0)
         args = [sys.executable, "-m", "genfl_experiments.centralised", "--dataset", s.dataset,
                 "--data-root", str(s.data_root), "--preset", s.preset,
                 "--device", s.device, "--threads", str(s.server_threads), "--out", str(cell.out),
