@@ -48,7 +48,7 @@ def _limit_malloc_arenas() -> None:
     glibc rarely returns; two arenas keep the server's memory close to what it actually holds.
     glibc's own mmap threshold is left alone: it rises to the size of the chunks freed, so the
     1 MiB buffers of every message are reused from the arenas. Forcing mmap for >= 256 KiB blocks
-    (as this did until 2026-12-04) cost 0.8 models of peak memory less with 50 clients, but an
+    cost 0.8 models of peak memory less with 50 clients, but an
     mmap, a munmap and a page fault per 4 KiB for every message: 713 instead of 61 page faults per
     client per round at M = 500, a third of the server's CPU in the kernel's fault path (perf).
     A no-op outside glibc.

@@ -150,7 +150,7 @@ class GuardSettings:
 
 @dataclass(frozen=True)
 class TransportSettings:
-    """Resource bounds of the server's transport (genfl_server/service.py); none binds an honest run."""
+    """Resource bounds of the server's transport (genfl_server/flow.py and the gRPC servicer); none binds an honest run."""
 
     upload_timeout: float = _setting(
         60.0, "Seconds a result upload may take to arrive (not counting waits for the server's receive slots); "
