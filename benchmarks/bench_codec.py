@@ -92,7 +92,7 @@ def bench_payload(label: str, state: dict[str, torch.Tensor], repeats: int) -> N
 
 
 def bench_server_receive(label: str, state: dict[str, torch.Tensor], payload, repeats: int) -> None:
-    from genfl_server.service import parse_result_message
+    from genfl_server.request_messages import parse_result_message
     from genfl_server.upload import ChunkedUpdate
     from genfl_shared.proto import genfl_pb2 as pb
 

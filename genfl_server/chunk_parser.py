@@ -6,7 +6,7 @@ arena, and again into a ``bytes`` on every ``.data`` read. For the canonical enc
 protobuf serializer writes (``index`` before ``data``, nothing else) the chunk is read here in place:
 ``data`` is a memoryview into the message gRPC delivered. Anything else (other field order, unknown
 fields, a field repeated, a header) goes to protobuf, so the result is always what protobuf would
-give: this is a shortcut, not a second, laxer grammar (``service.parse_result_message`` falls back).
+give: this is a shortcut, not a second, laxer grammar (``request_messages.parse_result_message`` falls back).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .coordinator import RegistrationTimeout
 from .guard import PartitionCounts
 from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
 from .runstate import RunState, RunStateError
-from .service import ListenError
+from .listening import ListenError
 
 log = logging.getLogger("genfl_server")
 

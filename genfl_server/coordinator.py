@@ -370,6 +370,8 @@ class Coordinator:
         for task in tasks:
             if task.model is None:
                 task.model = template
+            if task.expects_weights and task.model is None:
+                raise ValueError(f"TRAIN task {task.task_id} names no start model to check its update against")
         batch = TaskBatch(tasks, on_update=on_update)
         with self._cond:
             self._tasks.post(batch)
@@ -469,9 +471,11 @@ class Coordinator:
             with self._lock:
                 self._tasks.settle(task, TaskState.DONE)
                 listeners = list(self._result_listeners)
-            for listener in listeners:
-                listener(result)
-            batch.completed.notify_all()
+            try:
+                for listener in listeners:
+                    listener(result)
+            finally:  # the result is accepted: the step sees it even if a listener failed
+                batch.completed.notify_all()
 
     def _check_first_evaluation(self, result: TaskResult) -> None:
         """A TRAIN task that asked to evaluate first must report that evaluation's sample count,

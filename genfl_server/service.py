@@ -22,7 +22,7 @@ import logging
 
 import grpc
 
-from genfl_shared.codec import CodecError, Payload, state_dict_nbytes, task_frame  # noqa: F401 (re-exported)
+from genfl_shared.codec import CodecError, Payload, state_dict_nbytes
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -35,10 +35,8 @@ from .guard import check_dp_epsilon, validated_metrics
 from .flow import DEFAULT_MAX_CONCURRENT_DOWNLOADS, FlowControl
 from .limits import UploadClock
 from .logsafe import MAX_MESSAGE_CHARS, RateLimitedLog, shown
-from .listening import ListenError  # noqa: F401 (re-exported)
 from .metrics import ServerMetrics
-from .request_messages import (ResultStream, Unparsable, lenient_parser,  # noqa: F401 (Unparsable re-exported)
-                               parse_result_message, refuse_unparsable)
+from .request_messages import ResultStream, lenient_parser, parse_result_message, refuse_unparsable
 from .status_codes import status_code
 from .upload import ChunkedUpdate
 from .transport import AioServer, ThreadsafeHealth, start_aio_server
@@ -295,7 +293,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:
     """The generated registration's handler table, except that FetchTask also passes pre-serialized
     frames (``task_frame``) through, and requests that do not parse reach the handlers as
-    :class:`Unparsable` (refused there, without gRPC's traceback); written out, so :func:`check_serves_every_method` guards it."""
+    :class:`~genfl_server.request_messages.Unparsable` (refused there, without gRPC's traceback); written out, so :func:`check_serves_every_method` guards it."""
     return {
         "Register": grpc.unary_unary_rpc_method_handler(
             service.Register, request_deserializer=lenient_parser(pb.RegisterRequest),
@@ -340,7 +338,7 @@ def start_grpc_server(service: FederatedLearningService, address: str, *,
     A ``grpc.aio`` server on an event-loop thread of its own: a client's long poll or open stream
     holds no thread. The standard gRPC health service (for container probes) answers on the same
     port and starts NOT_SERVING; the caller marks it SERVING once the run is ready. Raises
-    ListenError, saying why, when ``address`` cannot be listened on.
+    ``listening.ListenError``, saying why, when ``address`` cannot be listened on.
     """
     handlers = method_handlers(service)
     check_serves_every_method(handlers)

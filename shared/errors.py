@@ -1,7 +1,7 @@
 """Why the server refuses a client's request, independent of how the refusal travels.
 
 ``Rejected(reason, message)`` is raised by the run's logic (registration, tasks, the guard, the
-stream bounds); the gRPC adapter (``genfl_server.grpc_status``) turns each reason into its status
+stream bounds); the gRPC adapter (``genfl_server.status_codes``) turns each reason into its status
 code. A reason's value is the label it is counted under
 (``genfl_client_updates_rejected_total{reason=...}``) and logged with.
 """

@@ -1,4 +1,4 @@
-"""SubmitResult's request parser (genfl_server/chunk_parser.py + service.parse_result_message): a
+"""SubmitResult's request parser (genfl_server/chunk_parser.py + request_messages.parse_result_message): a
 canonically encoded chunk is read in place, as a view of the received bytes, and every input, valid
 or not, canonical or not, means exactly what protobuf says it means."""
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genfl_server.chunk_parser import read_chunk_in_place
-from genfl_server.service import Unparsable, parse_result_message
+from genfl_server.request_messages import Unparsable, parse_result_message
 from genfl_server.upload import ChunkedUpdate
 from genfl_shared.codec import encode_state_dict
 from genfl_shared.proto import genfl_pb2 as pb

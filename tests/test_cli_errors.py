@@ -21,7 +21,8 @@ import pytest
 
 from genfl_server.coordinator import Coordinator
 from genfl_server.metrics import ServerMetrics
-from genfl_server.service import FederatedLearningService, ListenError, start_grpc_server
+from genfl_server.listening import ListenError
+from genfl_server.service import FederatedLearningService, start_grpc_server
 from genfl_shared.partition import write_shard
 
 from conftest import dataset_dir
