@@ -22,7 +22,7 @@ import logging
 
 import grpc
 
-from genfl_shared.codec import CodecError, Payload, state_dict_nbytes
+from genfl_shared.codec import CodecError, Payload
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.proto import genfl_pb2_grpc as pb_grpc
@@ -53,6 +53,16 @@ def _serialize_task_message(message: pb.TaskMessage | bytes) -> bytes:
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["FederatedLearning"]
 SERVICE_NAME = _SERVICE.full_name  # genfl.v2.FederatedLearning
+
+
+def task_header(run_id: str, task: Task) -> tuple[pb.TaskHeader, Payload | None]:
+    """The header FetchTask sends for ``task``, and the synthetic images' payload whose chunks
+    follow the weights' (None without)."""
+    header = pb.TaskHeader(run_id=run_id, task_id=task.task_id, type=task.type, phase=task.phase, round=task.round)
+    synthetic = set_settings(header, task.config)
+    if task.payload is not None:
+        header.manifest.CopyFrom(task.payload.manifest)
+    return header, synthetic
 
 
 class FederatedLearningService(pb_grpc.FederatedLearningServicer):
@@ -157,7 +167,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             if isinstance(item, pb.TaskHeader):  # shutdown
                 yield pb.TaskMessage(header=item)
                 return
-            header, synthetic = self._header(item)
+            header, synthetic = task_header(self.coordinator.run_id, item)
             yield pb.TaskMessage(header=header)
             if item.payload is not None:
                 async with self.flow.download_slot():
@@ -266,7 +276,7 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
         order is refused at once, so a hostile stream cannot make the server hold more than one
         model's bytes. Raises Rejected before anything is folded in."""
         try:
-            update = ChunkedUpdate(header.manifest, template, max_bytes=state_dict_nbytes(template))
+            update = ChunkedUpdate(header.manifest, template)
             message = await stream.next()
             while message is not None:
                 if message.WhichOneof("kind") != "chunk":
@@ -279,15 +289,6 @@ class FederatedLearningService(pb_grpc.FederatedLearningServicer):
             return await self.flow.run(update.finish)
         except CodecError as error:
             raise Rejected(error.reason, f"update rejected: {error}") from None
-
-    def _header(self, task: Task) -> tuple[pb.TaskHeader, Payload | None]:
-        """The task's header, and the synthetic images' payload whose chunks follow the weights'."""
-        header = pb.TaskHeader(run_id=self.coordinator.run_id, task_id=task.task_id, type=task.type,
-                               phase=task.phase, round=task.round)
-        synthetic = set_settings(header, task.config)
-        if task.payload is not None:
-            header.manifest.CopyFrom(task.payload.manifest)
-        return header, synthetic
 
 
 def method_handlers(service: FederatedLearningService) -> dict[str, grpc.RpcMethodHandler]:

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from genfl_shared.codec import (CHUNK_SIZE, ChunkReceiver, CodecError, all_finite, check_names_match,
-                                check_tensor_matches)
+                                check_tensor_matches, state_dict_nbytes)
 from genfl_shared.proto import genfl_pb2 as pb
 
 from .updates import update_distance
@@ -40,11 +40,13 @@ class ChunkedUpdate(ChunkReceiver, Mapping):
     checks of the manifest and of each chunk are ``ChunkReceiver``'s; this keeps the chunks as they
     arrived and measures them."""
 
-    def __init__(self, manifest: pb.Manifest, template: Mapping[str, torch.Tensor], *, max_bytes: int,
+    def __init__(self, manifest: pb.Manifest, template: Mapping[str, torch.Tensor], *, max_bytes: int | None = None,
                  chunk_size: int = CHUNK_SIZE):
+        """``max_bytes``: the most the upload may hold; by default the template's own size."""
         if chunk_size % 8:
             raise ValueError("chunk_size must be a multiple of 8 (no aligned element may straddle chunks)")
-        super().__init__(manifest, max_bytes=max_bytes, chunk_size=chunk_size)
+        super().__init__(manifest, max_bytes=state_dict_nbytes(template) if max_bytes is None else max_bytes,
+                         chunk_size=chunk_size)
         # The manifest must have exactly the template's entries, dtypes and shapes (before any
         # payload byte is read).
         check_names_match((slot.name for slot in self.layout), template)

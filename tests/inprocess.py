@@ -30,12 +30,13 @@ from genfl_server.engine import RoundEngine
 from genfl_server.guard import check_dp_epsilon, validated_metrics
 from genfl_server.metrics import ServerMetrics
 from genfl_server.results import RunRecorder
+from genfl_server.service import task_header
 from genfl_server.upload import ChunkedUpdate
-from genfl_shared.codec import CodecError, Payload, decode_payload, encode_state_dict, state_dict_nbytes
+from genfl_shared.codec import CodecError, Payload, decode_payload, encode_state_dict
 from genfl_shared.errors import Rejected, RejectReason
 from genfl_shared.partition import Shard
 from genfl_shared.proto import genfl_pb2 as pb
-from genfl_shared.tasks import TaskSettings, from_header, set_settings
+from genfl_shared.tasks import TaskSettings, from_header
 
 State = dict[str, torch.Tensor]
 # (the task as the client received it, the weights it trained) -> the weights it sends instead.
@@ -79,16 +80,11 @@ class SentResult:
     weights: State | None
 
 
-def task_header(run_id: str, task: Task) -> tuple[pb.TaskHeader, dict[str, torch.Tensor] | None]:
-    """The header FetchTask sends for ``task`` (as the servicer's ``_header`` builds it), and its
-    synthetic images as the client receives them (None without)."""
-    header = pb.TaskHeader(run_id=run_id, task_id=task.task_id, type=task.type, phase=task.phase,
-                           round=task.round)
-    synthetic = set_settings(header, task.config)
-    if task.payload is not None:
-        header.manifest.CopyFrom(task.payload.manifest)
-    received = None if synthetic is None else decode_payload(synthetic.manifest, synthetic.chunks)
-    return header, received
+def received_task(run_id: str, task: Task) -> tuple[pb.TaskHeader, dict[str, torch.Tensor] | None]:
+    """The header FetchTask sends for ``task``, and its synthetic images as the client receives
+    them (None without)."""
+    header, synthetic = task_header(run_id, task)
+    return header, None if synthetic is None else decode_payload(synthetic.manifest, synthetic.chunks)
 
 
 def downloaded_weights(payload: Payload) -> State:
@@ -102,7 +98,7 @@ def received_update(manifest: pb.Manifest, chunks: Sequence[bytes], start_model:
     """An upload as the server receives it: each chunk checked, hashed and measured from the task's
     start model, the digest verified; raises Rejected as SubmitResult would refuse it."""
     try:
-        update = ChunkedUpdate(manifest, start_model, max_bytes=state_dict_nbytes(start_model))
+        update = ChunkedUpdate(manifest, start_model)
         for index, data in enumerate(chunks):
             update.add(pb.Chunk(index=index, data=data))
         return update.finish()
@@ -164,7 +160,7 @@ class InProcessClient:
 
     # -- one task ------------------------------------------------------------------------------
     def _answer(self, task: Task) -> None:
-        header, synthetic = task_header(self.coordinator.run_id, task)
+        header, synthetic = received_task(self.coordinator.run_id, task)
         weights = downloaded_weights(task.payload) if task.payload is not None else None
         received = ReceivedTask(task.task_id, task.type, task.phase, task.round, from_header(header, synthetic),
                                 weights, task.payload)
