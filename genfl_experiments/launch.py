@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import DP_FIELDS, PRESETS, ROUNDS, given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS, given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
@@ -37,7 +37,7 @@ LAUNCH_FIELDS = ("clients", "seed", "cvae_rounds", "classifier_rounds", "local_e
                  "server_finetune_steps", "server_finetune_lr", "server_finetune_batch_size", "server_distill",
                  "server_distill_teacher", "server_distill_max_teachers", "server_distill_steps", "server_distill_lr",
                  "server_distill_temperature", "server_distill_batch_size", "client_synthetic_mix",
-                 *DP_FIELDS)
+                 *GENERATOR_FIELDS, *DP_FIELDS)
 
 
 class LaunchError(RuntimeError):
@@ -79,11 +79,15 @@ def resolve_clients_per_process(given: int | None, device: str, clients: int) ->
 
 def _client_args_for(server_args: list[str]) -> list[str]:
     """Client options a stage's server settings need: a server that sends synthetic images of missing
-    classes (--client-synthetic-mix > 0) needs each client's label counts, which clients share only
-    when told to (the launcher's user, who owns these clients, asked for the arm)."""
-    if "--client-synthetic-mix" in server_args:
-        if float(server_args[server_args.index("--client-synthetic-mix") + 1]) > 0:
-            return ["--share-label-counts"]
+    classes (--client-synthetic-mix > 0) or gives each class to the clients holding it
+    (--cvae-aggregation other than fedavg) needs each client's label counts, which clients share
+    only when told to (the launcher's user, who owns these clients, asked for it)."""
+    def value(flag: str) -> str | None:
+        return server_args[server_args.index(flag) + 1] if flag in server_args else None
+
+    mix, aggregation = value("--client-synthetic-mix"), value("--cvae-aggregation")
+    if (mix is not None and float(mix) > 0) or aggregation not in (None, "fedavg"):
+        return ["--share-label-counts"]
     return []
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from genfl_shared.checkpoint import load_checkpoint
+from genfl_shared.checkpoint import CheckpointError, load_checkpoint
+from genfl_shared.ensemble import ENSEMBLE_KIND, CVAEEnsemble, is_ensemble
 from genfl_shared.config import RunConfig
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.runfiles import ENDPOINT_JSON, read_json, write_json_atomic
@@ -112,7 +113,14 @@ def new_run_state(settings: ServerSettings) -> RunState:
         run_state.tensors["pretrained"] = load_checkpoint(settings.pretrained_checkpoint, "classifier")
     if settings.phase == "classifier" and settings.cvae_checkpoint is not None:
         # Pre-training samples from it; so does server fine-tuning (also with a pre-trained start).
-        run_state.tensors["cvae"] = load_checkpoint(settings.cvae_checkpoint, "cvae")
+        # The CVAE phase's generator: one CVAE, or an ensemble of the clients' (--cvae-aggregation).
+        generator = load_checkpoint(settings.cvae_checkpoint, ("cvae", ENSEMBLE_KIND))
+        if is_ensemble(generator):
+            try:  # a malformed one is refused now, not after the rounds
+                CVAEEnsemble.from_state(generator)
+            except ValueError as error:
+                raise CheckpointError(f"{settings.cvae_checkpoint}: {error}") from None
+        run_state.tensors["cvae"] = generator
     return run_state
 
 

@@ -1,8 +1,9 @@
 """The method, phase by phase (see README.md, "The method"); ``run_method`` runs them in order:
 
-1. ``cvae_phase``: the clients train a Conditional VAE with FedAvg.
-2. ``synthetic_pretraining``: the server alone samples labelled synthetic images from the global
-   CVAE, scores them (CAS) and pre-trains ExquisiteNetV1 on them.
+1. ``cvae_phase``: the clients train a Conditional VAE with FedAvg (or, with --cvae-aggregation,
+   keep each class with the clients that hold it: generator.py).
+2. ``synthetic_pretraining``: the server alone samples labelled synthetic images from the CVAE
+   phase's generator, scores them (CAS) and pre-trains ExquisiteNetV1 on them.
 3. ``classifier_phase``: FedAvg of ExquisiteNetV1 from the pre-trained (or a seeded random) start.
 """
 
@@ -19,6 +20,7 @@ import torch
 from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import set_log_context
 from genfl_shared.config import RunConfig
+from genfl_shared.ensemble import ENSEMBLE_KIND, CVAEEnsemble, is_ensemble
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.seeding import derive_seed
 from genfl_shared.synthetic import sample_synthetic, save_grid, train_on_synthetic
@@ -28,6 +30,7 @@ from genfl_shared.training import evaluate_classifier, evaluate_cvae
 from .distill import ServerDistillation
 from .engine import PostAggregation, RoundEngine, RoundModels
 from .finetune import ServerFineTune
+from .generator import CVAEAggregation
 from .metrics import ServerMetrics
 from .privacy import PrivacyLedger
 from .results import RunRecorder
@@ -93,10 +96,12 @@ def eval_task(cfg: RunConfig, model: str) -> EvaluateTask:
 
 def _run_phase(ctx: PhaseContext, phase: str, start: Mapping[str, torch.Tensor], rounds: int,
                train: TrainTask, evaluate: EvaluateTask, test_fn,
-               post_aggregation: PostAggregation | None = None, client_task=None) -> State:
+               post_aggregation: PostAggregation | None = None, client_task=None,
+               strategy: Strategy | None = None) -> State:
     """The phase's federated rounds, resumable: the model and the strategy's state (FedAvgM's
-    velocity) are saved after every round and restored from a resumed run's state."""
-    strategy = phase_strategy(ctx.config)
+    velocity, the ensemble's client models) are saved after every round and restored from a resumed
+    run's state."""
+    strategy = strategy if strategy is not None else phase_strategy(ctx.config)
     done = ctx.run_state.completed_rounds(phase)
     if done:
         start = ctx.run_state.tensors[phase]
@@ -147,30 +152,43 @@ def run_method(ctx: PhaseContext, phase: str) -> State:
 
 
 def cvae_phase(ctx: PhaseContext) -> State:
+    """The federated CVAE rounds; returns the generator the server samples: the global CVAE, or
+    with --cvae-aggregation ensemble the clients' CVAEs (genfl_server/generator.py)."""
     cfg = ctx.config
     seed = cfg.reproducibility.seed
+    plan = CVAEAggregation.build(cfg.generator, phase_strategy(cfg), ctx.engine.clients, seed=seed,
+                                 device=ctx.device)
 
     def test_fn(state):
         if ctx.test_set is None:
             return {}
+        ensemble = plan.ensemble()
+        if ensemble is not None:
+            return ensemble.evaluate(*ctx.test_set, seed=seed, device=ctx.device)
         return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=seed, device=ctx.device)
 
     state = _run_phase(ctx, "cvae", initial_state("cvae", seed), cfg.training.cvae_rounds, train_task(cfg, "cvae"),
-                       eval_task(cfg, "cvae"), test_fn)
-    save_checkpoint(ctx.out_dir / "cvae.pt", "cvae", state)
-    return state
+                       eval_task(cfg, "cvae"), test_fn, post_aggregation=plan.post_aggregation,
+                       strategy=plan.strategy)
+    generator = plan.generator(state)
+    save_checkpoint(ctx.out_dir / "cvae.pt", ENSEMBLE_KIND if is_ensemble(generator) else "cvae", generator)
+    return generator
 
 
 def synthetic_set(ctx: PhaseContext, cvae_state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's class-balanced synthetic set from the global CVAE, sampled once per process (a
+    """The run's class-balanced synthetic set from the CVAE phase's generator, sampled once per process (a
     resumed run samples the same set again: the seed is the run's)."""
     if ctx.synthetic is not None:
         return ctx.synthetic
     cfg = ctx.config
     started = time.perf_counter()
-    cvae = model_from_state("cvae", cvae_state, ctx.device)
-    images, labels = sample_synthetic(cvae, cfg.pretraining.synthetic_samples,
-                                      seed=derive_seed(cfg.reproducibility.seed, "synthetic"), device=ctx.device)
+    seed = derive_seed(cfg.reproducibility.seed, "synthetic")
+    if is_ensemble(cvae_state):
+        images, labels = CVAEEnsemble.from_state(cvae_state).sample(cfg.pretraining.synthetic_samples, seed=seed,
+                                                                    device=ctx.device)
+    else:
+        images, labels = sample_synthetic(model_from_state("cvae", cvae_state, ctx.device),
+                                          cfg.pretraining.synthetic_samples, seed=seed, device=ctx.device)
     ctx.metrics.synthetic_samples.inc(len(labels))
     save_grid(images, labels, ctx.out_dir / "synthetic_samples.png")
     log.info("sampled %d class-balanced synthetic images in %.2f s", len(labels), time.perf_counter() - started)

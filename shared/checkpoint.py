@@ -25,8 +25,10 @@ def save_checkpoint(path: Path, model: str, state: Mapping[str, torch.Tensor]) -
     return path
 
 
-def load_checkpoint(path: Path, model: str) -> dict[str, torch.Tensor]:
-    """Load a checkpoint of the given model kind; accepts a bare state_dict too."""
+def load_checkpoint(path: Path, model: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint of the given model kind (or of one of several kinds); accepts a bare
+    state_dict too."""
+    kinds = (model,) if isinstance(model, str) else model
     try:
         data = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -34,8 +36,9 @@ def load_checkpoint(path: Path, model: str) -> dict[str, torch.Tensor]:
     except Exception as error:  # unpickling refused or corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
-        if data.get("model") != model:
-            raise CheckpointError(f"{path} holds a {data.get('model')!r} model, not a {model!r} model")
+        if data.get("model") not in kinds:
+            raise CheckpointError(f"{path} holds a {data.get('model')!r} model, not a "
+                                  f"{' or '.join(repr(kind) for kind in kinds)} model")
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} is not a state_dict checkpoint")

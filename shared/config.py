@@ -5,7 +5,7 @@ shrinks the amounts so that ``genfl-launch --compare`` finishes in minutes on a 
 still showing the pre-training effect at alpha = 0.1; README.md lists its reductions.
 
 A ``RunConfig`` is a set of frozen groups, one per concern (``cfg.data``, ``cfg.training``,
-``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.pretraining``,
+``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.generator``, ``cfg.pretraining``,
 ``cfg.mitigations``, ``cfg.reproducibility``). Every setting has one name, unique across the
 groups, which is also its flat name: the key in ``to_dict()`` (summary.json, the run state), the
 ``--option`` (dashes for underscores) and the GENFL_* variable. Every setting carries its
@@ -35,6 +35,8 @@ DISTILL_TEACHERS = ("clients", "previous")  # genfl_server/distill.py
 # differs, so the settings can offer them without importing the server.
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum")
 ROUND_HOLDING_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
+# How the CVAE phase's client models become the generator the server samples (genfl_server/generator.py).
+CVAE_AGGREGATIONS = ("fedavg", "classwise", "ensemble", "distill")
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,26 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class GeneratorSettings:
+    """How the CVAE phase's client models become the generator the server samples its synthetic set
+    from (genfl_server/generator.py; docs/generators.md)."""
+
+    cvae_aggregation: str = _setting(
+        "fedavg", "How the clients' CVAEs become the server's generator: 'fedavg' (one averaged CVAE, the "
+        "poster's method), 'classwise' (each class's label input averaged over the clients holding it), "
+        "'ensemble' (every client keeps its own CVAE; each class is drawn from the clients holding it) or "
+        "'distill' (the ensemble distilled into one decoder after every round). All but fedavg need the "
+        "clients' label counts (genfl-client --share-label-counts).", click.Choice(CVAE_AGGREGATIONS))
+    class_share_cap: float = _setting(
+        0.5, "Largest share of one class's synthetic images one client's CVAE may draw (or weigh in "
+        "classwise/distill) when other clients hold that class too (1: no cap).",
+        click.FloatRange(0, 1, min_open=True))
+    cvae_distill_steps: int = _setting(
+        200, "distill: Adam steps per CVAE round that fit the global decoder to the ensemble's decoders.",
+        _POSITIVE)
+
+
+@dataclass(frozen=True)
 class PretrainingSettings:
     """The server's synthetic data from the federated CVAE: its size, the CAS classifier trained on
     it, and the synthetic pre-training of the federated classifier."""
@@ -270,6 +292,7 @@ class RunConfig:
     guard: GuardSettings = field(default_factory=GuardSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     dp: PrivacySettings = field(default_factory=PrivacySettings)
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     pretraining: PretrainingSettings = field(default_factory=PretrainingSettings)
     mitigations: MitigationSettings = field(default_factory=MitigationSettings)
     reproducibility: ReproducibilitySettings = field(default_factory=ReproducibilitySettings)
@@ -398,6 +421,8 @@ LEGACY_FIELD_NAMES = {"server_lr": "pretrain_lr", "server_batch_size": "pretrain
 
 # DP-SGD of the CVAE phase: the settings a tool that starts runs passes on (genfl-launch, genfl-sweep).
 DP_FIELDS = tuple(f.name for f in fields(PrivacySettings))
+# The CVAE phase's generator: the settings such a tool passes on.
+GENERATOR_FIELDS = tuple(f.name for f in fields(GeneratorSettings))
 
 # The server records the partitioner's train_subset; it does not take one.
 SERVER_FIELDS = tuple(name for name in _FIELDS if name != "train_subset")

@@ -19,7 +19,7 @@ from .models import initial_state, model_from_state
 from .seeding import derive_seed
 from .training import train_classifier
 
-__all__ = ["balanced_labels", "sample_synthetic", "save_grid", "train_on_synthetic"]
+__all__ = ["balanced_labels", "binarise", "sample_synthetic", "save_grid", "train_on_synthetic"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ def balanced_labels(n: int, num_classes: int) -> Tensor:
     counts = torch.full((num_classes,), n // num_classes, dtype=torch.int64)
     counts[: n % num_classes] += 1
     return torch.repeat_interleave(torch.arange(num_classes), counts)
+
+
+def binarise(decoded: Tensor) -> Tensor:
+    """The paper's synthetic image from a decoded one: scaled by its own maximum and rounded (an
+    all-zero image stays zero)."""
+    peak = decoded.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    return torch.round(decoded / peak)
 
 
 def sample_synthetic(
@@ -72,9 +79,7 @@ def sample_synthetic(
             for start in range(0, n, batch_size):
                 end = min(start + batch_size, n)
                 decoded = cvae.decode(z[start:end].to(device), labels[start:end].to(device))
-                # Per-image max normalisation, guarded so an all-zero image stays zero.
-                peak = decoded.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-                images[start:end].copy_(torch.round(decoded / peak).cpu())
+                images[start:end].copy_(binarise(decoded).cpu())
     finally:
         cvae.train(was_training)
     logger.debug("sampled %d synthetic images (seed=%d)", n, seed)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from genfl_client.executor import TaskError, TaskExecutor
+from genfl_client.runner import shard_label_counts
 from genfl_server.coordinator import Coordinator, Task, TaskResult
 from genfl_server.engine import RoundEngine
 from genfl_server.guard import check_dp_epsilon, validated_metrics
@@ -110,12 +111,13 @@ class InProcessClient:
     """One client of the run, driving the coordinator from its own thread (see the module docstring)."""
 
     def __init__(self, coordinator: Coordinator, executor: TaskExecutor, *, dataset: str = "mnist",
-                 tamper: Tamper | None = None):
+                 tamper: Tamper | None = None, share_label_counts: bool = False):
         self.coordinator = coordinator
         self.executor = executor
         self.client_id = executor.shard.client_id
         self.dataset = dataset
         self.tamper = tamper  # a hostile client: what it sends instead of what it trained
+        self.share_label_counts = share_label_counts  # as genfl-client --share-label-counts
         self.received: list[ReceivedTask] = []
         self.sent: list[SentResult] = []
         self.rejections: list[Rejected] = []
@@ -129,7 +131,7 @@ class InProcessClient:
         shard = self.executor.shard
         _info, self.secret = self.coordinator.register(pb.RegisterRequest(
             client_id=self.client_id, num_train_samples=shard.num_train, num_heldout_samples=shard.num_heldout,
-            dataset=self.dataset))
+            dataset=self.dataset, label_counts=shard_label_counts(shard) if self.share_label_counts else ()))
 
     def start(self) -> None:
         self.register()
@@ -236,9 +238,11 @@ class Federation:
 
 @contextmanager
 def federation(out_dir, shards: Sequence[Shard], *, tamper: Mapping[str, Tamper] | None = None,
-               run_id: str = "run-inprocess", **engine_options) -> Iterator[Federation]:
+               run_id: str = "run-inprocess", share_label_counts: bool | Sequence[str] = False,
+               **engine_options) -> Iterator[Federation]:
     """A federation of one in-process client per shard (``tamper``: client_id -> its hostile change
-    of the weights it sends), every client registered before the body runs. ``engine_options``
+    of the weights it sends; ``share_label_counts``: every client, or those named, report their
+    label counts), every client registered before the body runs. ``engine_options``
     go to the RoundEngine (default: seed 11, deterministic, a 60 s round timeout)."""
     coordinator = Coordinator(run_id, expected_clients=len(shards), dataset="mnist", poll_timeout=POLL_SECONDS)
     metrics = ServerMetrics()
@@ -247,7 +251,10 @@ def federation(out_dir, shards: Sequence[Shard], *, tamper: Mapping[str, Tamper]
                          **{"seed": 11, "deterministic": True, "round_timeout": 60.0, **engine_options})
     compute = threading.Lock()  # one task at a time: each seeds torch's global RNG alone
     clients = {shard.client_id: InProcessClient(coordinator, TaskExecutor(shard, torch.device("cpu"), compute),
-                                                tamper=(tamper or {}).get(shard.client_id))
+                                                tamper=(tamper or {}).get(shard.client_id),
+                                                share_label_counts=share_label_counts is True or (
+                                                    share_label_counts is not False
+                                                    and shard.client_id in share_label_counts))
                for shard in shards}
     running = Federation(coordinator, engine, metrics, recorder, clients)
     # A deterministic TRAIN task switches torch to deterministic kernels process-wide: undone after.

@@ -21,7 +21,7 @@ import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.data import DATASETS
-from genfl_shared.config import (DP_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config,
+from genfl_shared.config import (DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config,
                                  run_options)
 from genfl_shared.runfiles import write_json_atomic
 
@@ -38,7 +38,8 @@ SWEEP_JSON = "sweep.json"
 # The run settings genfl-sweep takes besides --seed (the rest keep the preset's values); the arms'
 # own options (SWEEP_ARM_FIELDS) reach only their cells, so a change re-runs only those.
 SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
-                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *SWEEP_DP_FIELDS, *SWEEP_ARM_FIELDS)
+                "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *GENERATOR_FIELDS, *SWEEP_DP_FIELDS,
+                *SWEEP_ARM_FIELDS)
 
 
 def _interrupt(signum, _frame):
@@ -127,6 +128,8 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     fixed = {"dataset": dataset, "preset": preset, "clients": config.data.clients,
              "train_subset": config.data.train_subset,
              "server_options": [list(o) for o in config.to_options(FIXED_SERVER_FIELDS)]}
+    if config.generator.cvae_aggregation != "fedavg":  # a folder of the poster's generator records none
+        fixed["generator_options"] = [list(o) for o in config.to_options(GENERATOR_FIELDS)]
     if privacy is not None:  # the levels may grow on a re-run; what DP-SGD means may not
         fixed["dp_options"] = [list(o) for o in config.to_options(SWEEP_DP_FIELDS)]
     out.mkdir(parents=True, exist_ok=True)

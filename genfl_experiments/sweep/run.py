@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genfl_server.runstate import FILE_NAME as RUN_STATE_FILE
-from genfl_shared.config import RunConfig, argv_for
+from genfl_shared.config import GENERATOR_FIELDS, RunConfig, argv_for
 from genfl_shared.partition import PARTITION_JSON, partition_dataset, shard_file_name
 from genfl_shared.runfiles import read_json, write_json_atomic
 
@@ -64,6 +64,12 @@ class SweepSettings:
 # The settings every server of a sweep is given (in sweep.json's "fixed": cells mean the same).
 FIXED_SERVER_FIELDS = ("cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
                        "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
+
+
+def generator_args(config: RunConfig) -> list[str]:
+    """The CVAE phase's generator options of every cell (none for the poster's FedAvg CVAE, so that
+    a sweep recorded before they existed resumes with the same argv)."""
+    return [] if config.generator.cvae_aggregation == "fedavg" else config.to_argv(GENERATOR_FIELDS)
 
 
 @dataclass
@@ -276,7 +282,7 @@ class SweepRunner:
         else:
             server_args += ["--preset", s.preset, *argv_for(clients=s.clients, seed=cell.seed),
                             "--dataset", s.dataset, "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
-                            *s.config.to_argv(FIXED_SERVER_FIELDS), *cell_args(cell)]
+                            *s.config.to_argv(FIXED_SERVER_FIELDS), *generator_args(s.config), *cell_args(cell)]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
                                                  "--log-level", s.log_level],
                             timeout=s.cell_timeout, progress_bar=False,
