@@ -21,8 +21,8 @@ from click.core import ParameterSource
 
 from genfl_shared.checkpoint import CheckpointError
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
-from genfl_shared.config import (PRESETS, ROUNDS, SERVER_FIELDS, RunConfig, given_run_options, option_tokens,
-                                 resolve_config, run_options)
+from genfl_shared.cli_settings import given_run_options, resolve_config, run_options
+from genfl_shared.config import PRESETS, ROUNDS, SERVER_FIELDS, RunConfig, option_tokens
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.security import SecurityError, SecurityOptionsError, server_security
 

@@ -20,8 +20,9 @@ from genfl_server import cli as server_cli
 from genfl_server.app import new_run_state
 from genfl_server.strategy import STRATEGIES, FedAvg, build_strategy, register_strategy, strategy_labels, strategy_names
 from genfl_shared import partition_cli
+from genfl_shared.cli_settings import given_run_options, resolve_config
 from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, STRATEGY_NAMES, RunConfig, StrategySettings,
-                                 UnknownSettingError, given_run_options, resolve_config, setting_fields)
+                                 UnknownSettingError, setting_fields)
 
 pytestmark = pytest.mark.unit
 
