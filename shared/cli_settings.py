@@ -1,24 +1,27 @@
 """The run settings as click options: ``run_options`` turns settings' definitions
 (genfl_shared.config, which knows nothing of click) into options, ``given_run_options`` reads them
 back (folding in deprecated spellings), and ``resolve_config`` makes a ``RunConfig`` of a preset and
-the options given, refusing what cannot run as a usage error.
+the options given, refusing what cannot run as a usage error. ``group_options`` does the same for a
+settings group outside ``RunConfig`` (``PathSettings``).
 """
 
 from __future__ import annotations
 
+from dataclasses import Field, fields
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import click
 
 from .cli import option
-from .config import (PRESETS, ROUNDS, Choice, FloatRange, IntRange, RunConfig, RunOption, UnknownPresetError,
-                     is_switch, option_flag, preset_config, setting_fields)
+from .config import (PRESETS, ROUNDS, Choice, ExistingPath, FloatRange, IntRange, RunConfig, RunOption,
+                     UnknownPresetError, is_switch, option_flag, preset_config, setting_fields)
 
 _ROUNDS_HELP = "Rounds of each federated phase (the default of --cvae-rounds and --classifier-rounds)."
 _ROUNDS_TYPE = IntRange(0)
 
 
-def click_type(kind: IntRange | FloatRange | Choice | None) -> click.ParamType | None:
+def click_type(kind: IntRange | FloatRange | Choice | ExistingPath | None) -> click.ParamType | None:
     """The click type of a setting's type description (None: click infers it)."""
     if kind is None:
         return None
@@ -28,6 +31,8 @@ def click_type(kind: IntRange | FloatRange | Choice | None) -> click.ParamType |
         return click.FloatRange(kind.min, kind.max, min_open=kind.min_open, max_open=kind.max_open)
     if isinstance(kind, Choice):
         return click.Choice(kind.values)
+    if isinstance(kind, ExistingPath):
+        return click.Path(exists=True, file_okay=not kind.folder, dir_okay=kind.folder, path_type=Path)
     raise TypeError(f"no click type for {kind!r}")
 
 
@@ -53,6 +58,31 @@ def _run_option(name: str) -> RunOption:
     return setting_fields()[name].metadata["option"]
 
 
+def _setting_options(setting: Field, help_text: str) -> list[Callable]:
+    """The click options of one setting: ``--name`` (a ``--x/--no-x`` pair for a boolean)
+    defaulting to None, and its deprecated spellings, hidden."""
+    name, meta = setting.name, setting.metadata["option"]
+    if is_switch(setting):
+        decorators = [option(f"{option_flag(name)}/--no-{name.replace('_', '-')}", name, default=None,
+                             help=help_text)]
+    else:
+        decorators = [option(option_flag(name), name, type=click_type(meta.type), default=None, help=help_text)]
+    for old in meta.deprecated:
+        # Also read from its old GENFL_* variable, so a stale container setting still works (and warns).
+        decorators.append(option(old, _deprecated_name(old), type=click_type(meta.type), default=None,
+                                 hidden=True, help=f"Deprecated spelling of {option_flag(name)}."))
+    return decorators
+
+
+def _apply(decorators: list[Callable]) -> Callable:
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
 def run_options(*names: str, preset_notes: bool = True) -> Callable:
     """Decorator adding the click options of these settings (and ``"rounds"``) to a command
     (``preset_notes``: say each preset's value in the help; off for a command without presets).
@@ -61,29 +91,21 @@ def run_options(*names: str, preset_notes: bool = True) -> Callable:
     a boolean field is a ``--x/--no-x`` pair. Deprecated spellings are hidden options that
     ``given_run_options`` folds into the new name with a warning."""
     decorators = []
+    settings = setting_fields()
     for name in names:
         if name == ROUNDS:
             decorators.append(option("--rounds", type=click_type(_ROUNDS_TYPE), default=None, help=_ROUNDS_HELP))
             continue
-        meta = _run_option(name)
-        help_text = meta.help + (_preset_note(name) if preset_notes else "")
-        if is_switch(name):
-            decl = f"{option_flag(name)}/--no-{name.replace('_', '-')}"
-            decorators.append(option(decl, name, default=None, help=help_text))
-        else:
-            decorators.append(option(option_flag(name), name, type=click_type(meta.type), default=None,
-                                     help=help_text))
-        for old in meta.deprecated:
-            # Also read from its old GENFL_* variable, so a stale container setting still works (and warns).
-            decorators.append(option(old, _deprecated_name(old), type=click_type(meta.type), default=None,
-                                     hidden=True, help=f"Deprecated spelling of {option_flag(name)}."))
+        help_text = _run_option(name).help + (_preset_note(name) if preset_notes else "")
+        decorators += _setting_options(settings[name], help_text)
+    return _apply(decorators)
 
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
 
-    return apply
+def group_options(group: type) -> Callable:
+    """Decorator adding the click options of every setting of a settings group that is not part of
+    ``RunConfig`` (so no preset sets it), in definition order; each defaults to None."""
+    return _apply([decorator for setting in fields(group)
+                   for decorator in _setting_options(setting, setting.metadata["option"].help)])
 
 
 def given_run_options(params: dict[str, Any]) -> dict[str, Any]:

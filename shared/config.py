@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import Field, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .dp import ACCOUNTANTS, DEFAULT_DELTA
@@ -62,11 +63,18 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class ExistingPath:
+    """The path of an existing folder (``folder``) or file."""
+
+    folder: bool = False
+
+
+@dataclass(frozen=True)
 class RunOption:
     """The command-line form of a setting (``--<name>`` unless it is a boolean pair)."""
 
     help: str
-    type: IntRange | FloatRange | Choice | None = None  # None: the field's own type (bool: a --x/--no-x pair)
+    type: IntRange | FloatRange | Choice | ExistingPath | None = None  # None: the field's own type (bool: a pair)
     deprecated: tuple[str, ...] = ()  # old spellings, still accepted for one release, with a warning
 
 
@@ -281,6 +289,34 @@ class ReproducibilitySettings:
 
 
 @dataclass(frozen=True)
+class PathSettings:
+    """The files a server run reads: the real test split, the partition registrations must match,
+    and the checkpoints a classifier phase starts from.
+
+    Not a group of ``RunConfig``: a path says where one machine keeps an input, while a config
+    (summary.json, the presets, ``to_argv``) describes the run wherever it runs. The server saves
+    them with its other settings for --resume (genfl_server.app.ServerSettings)."""
+
+    test_data: Path | None = _setting(None, "Data root holding the real test split (server-side test accuracy and "
+                                      "CAS).", ExistingPath(folder=True))
+    partition_info: Path | None = _setting(None, "partition.json of the shards, to record dataset/alpha in "
+                                           "summary.json.", ExistingPath())
+    cvae_checkpoint: Path | None = _setting(None, "Global CVAE for --phase classifier.", ExistingPath())
+    pretrained_checkpoint: Path | None = _setting(
+        None, "--phase classifier: start from this already pre-trained classifier (skips sampling, CAS and "
+        "pre-training; genfl-sweep shares one pre-training between its arms).", ExistingPath())
+
+    def saved(self) -> dict[str, str | None]:
+        """Each path as text, by name (as a run state keeps them)."""
+        return {f.name: None if getattr(self, f.name) is None else str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, str | None]) -> "PathSettings":
+        """Paths from ``saved()`` output; a path it lacks is not given."""
+        return cls(**{f.name: Path(saved[f.name]) for f in fields(cls) if saved.get(f.name) is not None})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A run's settings, one group per concern (read as ``cfg.training.local_epochs``); flat names
     (``to_dict``, ``override``, ``to_argv``) reach any setting without knowing its group."""
@@ -420,6 +456,9 @@ LEGACY_FIELD_NAMES = {"server_lr": "pretrain_lr", "server_batch_size": "pretrain
 # DP-SGD of the CVAE phase: the settings a tool that starts runs passes on (genfl-launch, genfl-sweep).
 DP_FIELDS = tuple(f.name for f in fields(PrivacySettings))
 
+# The paths a server run reads (not settings of RunConfig: see PathSettings).
+PATH_FIELDS = tuple(f.name for f in fields(PathSettings))
+
 # The server records the partitioner's train_subset; it does not take one.
 SERVER_FIELDS = tuple(name for name in _FIELDS if name != "train_subset")
 
@@ -441,16 +480,16 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def is_switch(name: str) -> bool:
-    """Whether a setting is a boolean, spelled ``--x`` / ``--no-x``."""
-    return _FIELDS[name].type in (bool, "bool")
+def is_switch(setting: Field) -> bool:
+    """Whether a setting (its dataclass field) is a boolean, spelled ``--x`` / ``--no-x``."""
+    return setting.type in (bool, "bool")
 
 
 def option_tokens(name: str, value: Any) -> tuple[str, ...]:
     """One setting as command-line tokens, spelled as ``genfl_shared.cli_settings.run_options`` parses it."""
     if name not in _FIELDS:
         raise UnknownSettingError(name)
-    if is_switch(name):
+    if is_switch(_FIELDS[name]):
         return (option_flag(name) if value else "--no-" + name.replace("_", "-"),)
     return (option_flag(name), str(value))  # str() of a float round-trips exactly (repr)
 
