@@ -6,11 +6,12 @@ still showing the pre-training effect at alpha = 0.1; README.md lists its reduct
 
 A ``RunConfig`` is a set of frozen groups, one per concern (``cfg.data``, ``cfg.training``,
 ``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.pretraining``,
-``cfg.mitigations``, ``cfg.reproducibility``). Every setting has one name, unique across the
-groups, which is also its flat name: the key in ``to_dict()`` (summary.json, the run state), the
-``--option`` (dashes for underscores) and the GENFL_* variable. Every setting carries its
-command-line form (``RunOption``: help, bounds as plain ``IntRange`` / ``FloatRange`` / ``Choice``
-descriptions, old spellings); genfl_shared.cli_settings turns these into click options, so
+``cfg.mitigations``, ``cfg.reproducibility``); ``PathSettings``, the files a server run reads,
+is a group of its own beside it. Every setting has one name, unique across the groups, which is
+also its flat name: the key in ``to_dict()`` (summary.json, the run state), the ``--option``
+(dashes for underscores) and the GENFL_* variable. Every setting carries its command-line form
+(``RunOption``: help, bounds as plain ``IntRange`` / ``FloatRange`` / ``Choice`` /
+``ExistingPath`` descriptions, old spellings); genfl_shared.cli_settings turns these into click options, so
 genfl-server, genfl-launch, genfl-sweep, genfl-centralised and genfl-partition spell, bound,
 document and read a setting the same way, while the settings themselves need no click.
 ``preset_config`` is the one place where a preset and the explicitly given options become a
@@ -37,6 +38,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "kru
 ROUND_HOLDING_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
 
 
+# What a setting's option accepts, described without click: genfl_shared.cli_settings.click_type
+# makes the click type that enforces it on the command line (a RunConfig built in code is not checked).
 @dataclass(frozen=True)
 class IntRange:
     """Integers from ``min`` to ``max``, both included (None: unbounded on that side)."""
