@@ -18,7 +18,8 @@ import torch
 
 from genfl_shared.checkpoint import save_checkpoint
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import PRESETS, RunConfig, given_run_options, resolve_config, run_options
+from genfl_shared.cli_settings import given_run_options, resolve_config, run_options
+from genfl_shared.config import PRESETS, RunConfig
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError, load_dataset, to_float_images
 from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import HELDOUT_FRACTION, training_pool

@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
-from genfl_shared.config import DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS, given_run_options, resolve_config, run_options
+from genfl_shared.cli_settings import given_run_options, resolve_config, run_options
+from genfl_shared.config import DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,

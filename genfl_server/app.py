@@ -12,7 +12,7 @@ import os
 import platform
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from genfl_shared.checkpoint import CheckpointError, load_checkpoint
+from genfl_shared.config import PATH_FIELDS, PathSettings, RunConfig
 from genfl_shared.ensemble import ENSEMBLE_KIND, CVAEEnsemble, is_ensemble
-from genfl_shared.config import RunConfig
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.runfiles import ENDPOINT_JSON, read_json, write_json_atomic
 
@@ -49,10 +49,7 @@ class ServerSettings:
     config: RunConfig
     dataset: str | None = None
     alpha: float | str | None = None  # from partition.json, for the summary
-    test_data: Path | None = None
-    partition_info: Path | None = None
-    cvae_checkpoint: Path | None = None
-    pretrained_checkpoint: Path | None = None
+    paths: PathSettings = field(default_factory=PathSettings)
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0: torch's default
     round_timeout: float | None = None
@@ -68,10 +65,12 @@ class ServerSettings:
     resume: bool = False
 
     def saved(self) -> dict[str, Any]:
-        """The settings that change results, as saved in the run state and reused by --resume."""
-        values = {name: getattr(self, name) for name in RESULT_SETTINGS}
+        """The settings that change results, as saved in the run state and reused by --resume: flat,
+        by name (the paths among them, not nested), so that every saved run reads the same way."""
+        paths = self.paths.saved()
+        values = {name: paths[name] if name in PATH_FIELDS else getattr(self, name) for name in RESULT_SETTINGS}
         values["config"] = self.config.to_dict()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        return values
 
     def run_fields(self) -> dict[str, Any]:
         """What summary.json records about the run (besides its results)."""
@@ -80,26 +79,22 @@ class ServerSettings:
                   "seed": config.reproducibility.seed, "pretrain": config.pretraining.pretrain, "phase": self.phase,
                   "preset": self.preset, "config": self.config.to_dict()}
         for name in ("cvae_checkpoint", "pretrained_checkpoint"):  # where its generator / start came from
-            if getattr(self, name) is not None:
-                fields[name] = str(getattr(self, name))
+            if getattr(self.paths, name) is not None:
+                fields[name] = str(getattr(self.paths, name))
         return fields
 
 
-# ServerSettings fields that change what a run computes: saved with its state, fixed on --resume.
-RESULT_SETTINGS = ("phase", "preset", "config", "dataset", "alpha", "test_data", "partition_info",
-                   "cvae_checkpoint", "pretrained_checkpoint", "device", "threads", "round_timeout",
-                   "min_fit_clients")
-PATH_SETTINGS = ("test_data", "partition_info", "cvae_checkpoint", "pretrained_checkpoint")
+# The settings that change what a run computes, by saved name (ServerSettings fields and the paths):
+# saved with its state, fixed on --resume.
+RESULT_SETTINGS = ("phase", "preset", "config", "dataset", "alpha", *PATH_FIELDS, "device", "threads",
+                   "round_timeout", "min_fit_clients")
 
 
 def settings_from_saved(saved: dict[str, Any], **rest: Any) -> ServerSettings:
     """ServerSettings from ``ServerSettings.saved()`` output plus the settings a resume may choose."""
-    values = dict(saved)
+    values = {name: value for name, value in saved.items() if name not in PATH_FIELDS}
     values["config"] = RunConfig.from_dict(values["config"])
-    for name in PATH_SETTINGS:
-        if values.get(name) is not None:
-            values[name] = Path(values[name])
-    return ServerSettings(**values, **rest)
+    return ServerSettings(**values, paths=PathSettings.from_saved(saved), **rest)
 
 
 def new_run_state(settings: ServerSettings) -> RunState:
@@ -108,18 +103,19 @@ def new_run_state(settings: ServerSettings) -> RunState:
     run_state = RunState.in_dir(settings.out)
     run_state.progress["run"] = settings.run_fields()
     run_state.progress["settings"] = settings.saved()
-    if settings.pretrained_checkpoint is not None:
+    paths = settings.paths
+    if paths.pretrained_checkpoint is not None:
         # synthetic_pretraining() finds it as if resumed after that step.
-        run_state.tensors["pretrained"] = load_checkpoint(settings.pretrained_checkpoint, "classifier")
-    if settings.phase == "classifier" and settings.cvae_checkpoint is not None:
+        run_state.tensors["pretrained"] = load_checkpoint(paths.pretrained_checkpoint, "classifier")
+    if settings.phase == "classifier" and paths.cvae_checkpoint is not None:
         # Pre-training samples from it; so does server fine-tuning (also with a pre-trained start).
         # The CVAE phase's generator: one CVAE, or an ensemble of the clients' (--cvae-aggregation).
-        generator = load_checkpoint(settings.cvae_checkpoint, ("cvae", ENSEMBLE_KIND))
+        generator = load_checkpoint(paths.cvae_checkpoint, ("cvae", ENSEMBLE_KIND))
         if is_ensemble(generator):
             try:  # a malformed one is refused now, not after the rounds
                 CVAEEnsemble.from_state(generator)
             except ValueError as error:
-                raise CheckpointError(f"{settings.cvae_checkpoint}: {error}") from None
+                raise CheckpointError(f"{paths.cvae_checkpoint}: {error}") from None
         run_state.tensors["cvae"] = generator
     return run_state
 
@@ -157,15 +153,15 @@ class ServerApp:
 
     def _test_set(self):
         s = self.settings
-        if s.test_data is None:
+        if s.paths.test_data is None:
             return None
-        images, labels = load_dataset(s.dataset, s.test_data, "test")
-        log.info("test set: %d %s images from %s", len(labels), s.dataset, s.test_data)
+        images, labels = load_dataset(s.dataset, s.paths.test_data, "test")
+        log.info("test set: %d %s images from %s", len(labels), s.dataset, s.paths.test_data)
         return to_float_images(images, binarize=s.config.data.binarize).to(self.device), labels.to(self.device)
 
     def _partition_counts(self) -> PartitionCounts | None:
         """With --partition-info, the clients and counts a registration must match."""
-        path = self.settings.partition_info
+        path = self.settings.paths.partition_info
         if path is None:
             return None
         partition = read_json(Path(path))

@@ -21,13 +21,12 @@ from click.core import ParameterSource
 
 from genfl_shared.checkpoint import CheckpointError
 from genfl_shared.cli import log_format_option, log_level_option, option, setup_logging
-from genfl_shared.config import (PRESETS, ROUNDS, SERVER_FIELDS, RunConfig, given_run_options, option_tokens,
-                                 resolve_config, run_options)
+from genfl_shared.cli_settings import given_run_options, group_options, resolve_config, run_options
+from genfl_shared.config import PATH_FIELDS, PRESETS, ROUNDS, SERVER_FIELDS, PathSettings, RunConfig, option_tokens
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.security import SecurityError, SecurityOptionsError, server_security
 
-from .app import (PATH_SETTINGS, RESULT_SETTINGS, ServerApp, ServerSettings, configure_torch, new_run_state,
-                  settings_from_saved)
+from .app import RESULT_SETTINGS, ServerApp, ServerSettings, configure_torch, new_run_state, settings_from_saved
 from .coordinator import RegistrationTimeout
 from .guard import PartitionCounts
 from .presence import DEFAULT_PRESENCE_GRACE_SECONDS
@@ -109,15 +108,7 @@ def _exit_codes(command):
         help="Defaults for every run setting; explicit options override it.")
 @option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
         help="Dataset of the run; clients holding another are refused. Needed with --test-data.")
-@option("--test-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-        help="Data root holding the real test split (server-side test accuracy and CAS).")
-@option("--partition-info", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-        help="partition.json of the shards, to record dataset/alpha in summary.json.")
-@option("--cvae-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-        help="Global CVAE for --phase classifier.")
-@option("--pretrained-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-        help="--phase classifier: start from this already pre-trained classifier (skips sampling, CAS "
-        "and pre-training; genfl-sweep shares one pre-training between its arms).")
+@group_options(PathSettings)
 @option("--device", default="cpu", help="Torch device for server-side work (cpu, cuda, cuda:1).")
 @option("--threads", type=click.IntRange(0), default=0, help="Torch CPU threads (0: torch's default).")
 @option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -244,11 +235,11 @@ def _new_settings(opts, given, out: Path, changeable: dict) -> ServerSettings:
         raise click.UsageError("--test-data needs --dataset (or --partition-info)")
     # The data split is the partitioner's business; record what it did, not a preset's value.
     config = config.replace_settings(train_subset=partition.get("train_subset"))
-    paths = {name: _server_option(opts, name) for name in PATH_SETTINGS}
+    paths = PathSettings(**{name: _server_option(opts, name) for name in PATH_FIELDS})
     return ServerSettings(out=out, phase=phase, preset=opts["preset"], config=config, dataset=dataset,
-                          alpha=partition.get("alpha"), device=opts["device"], threads=opts["threads"],
+                          alpha=partition.get("alpha"), paths=paths, device=opts["device"], threads=opts["threads"],
                           round_timeout=opts["round_timeout"], min_fit_clients=opts["min_fit_clients"],
-                          resume=False, **paths, **changeable)
+                          resume=False, **changeable)
 
 
 def _saved_settings(run_state: RunState, opts) -> dict[str, Any]:

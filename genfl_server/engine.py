@@ -33,7 +33,7 @@ import torch
 
 from genfl_shared.cli import set_log_context
 from genfl_shared.codec import Payload, encode_state_dict, task_frame
-from genfl_shared.config import StrategySettings
+from genfl_shared.config import AggregationSettings
 from genfl_shared.proto import genfl_pb2 as pb
 from genfl_shared.seeding import derive_seed
 from genfl_shared.tasks import EvaluateTask, TaskSettings, TrainTask
@@ -189,6 +189,11 @@ class Aggregation:
         return {cid: update for cid, update in self.kept.items() if cid not in self.guard.clipped}
 
 
+def _named_strategy(name: str) -> Strategy:
+    """The strategy ``name`` with the run settings' defaults for its own settings."""
+    return build_strategy(AggregationSettings(strategy=name).strategy_settings())
+
+
 def weighted_mean(results: list[TaskResult], key: str) -> float | None:
     """Sample-weighted mean of a metric over results; None when no result reports it."""
     pairs = [(r.metrics[key], r.num_samples) for r in results if key in r.metrics]
@@ -234,7 +239,7 @@ class RoundEngine:
         it the same way."""
         # One strategy for the whole phase: stateful ones (FedAvgM's momentum) carry across rounds.
         plan = PhasePlan(phase, rounds, replace(train_task, deterministic=self.deterministic), eval_task,
-                         build_strategy(StrategySettings(strategy)) if isinstance(strategy, str) else strategy, test_fn,
+                         _named_strategy(strategy) if isinstance(strategy, str) else strategy, test_fn,
                          post_aggregation, client_task)
         model = dict(state)
         self.metrics.phase.state(phase)

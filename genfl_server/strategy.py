@@ -91,7 +91,8 @@ STRATEGIES: dict[str, type] = {}
 
 def register_strategy(cls: type) -> type:
     """Class decorator: make a strategy available by its ``name`` (with its ``label`` in reports).
-    ``build_strategy`` builds it as ``cls(**options)``, options among its ``takes``."""
+    ``build_strategy`` builds it as ``cls(**options)``, options among its ``takes``; their defaults
+    are the run settings' (genfl_shared.config.AggregationSettings), so the constructor has none."""
     if cls.name in STRATEGIES:
         raise ValueError(f"strategy {cls.name!r} registered twice")
     STRATEGIES[cls.name] = cls
@@ -167,7 +168,7 @@ class FedProx(FedAvg):
 
     takes = ("prox_mu",)
 
-    def __init__(self, prox_mu: float = 0.01) -> None:
+    def __init__(self, prox_mu: float) -> None:
         super().__init__()
         if prox_mu < 0:
             raise ValueError(f"FedProx mu must be >= 0, got {prox_mu}")
@@ -188,7 +189,7 @@ class FedAvgM(FedAvg):
 
     takes = ("lr", "momentum")
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, lr: float, momentum: float) -> None:
         super().__init__()
         self.lr, self.momentum = lr, momentum  # the server's learning rate and momentum
         self._velocity: State | None = None
@@ -281,7 +282,7 @@ class TrimmedMean(_HoldsRound):
 
     takes = ("trim_fraction",)
 
-    def __init__(self, trim_fraction: float = 0.2) -> None:
+    def __init__(self, trim_fraction: float) -> None:
         super().__init__()
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim fraction must be in [0, 0.5), got {trim_fraction}")
@@ -305,7 +306,7 @@ class Krum(_HoldsRound):
 
     takes = ("byzantine", "select")
 
-    def __init__(self, byzantine: int = 1, select: int = 1) -> None:
+    def __init__(self, byzantine: int, select: int) -> None:
         super().__init__()
         if byzantine < 0 or select < 1:
             raise ValueError(f"Krum needs byzantine >= 0 and select >= 1, got {byzantine}, {select}")

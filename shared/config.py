@@ -5,26 +5,27 @@ shrinks the amounts so that ``genfl-launch --compare`` finishes in minutes on a 
 still showing the pre-training effect at alpha = 0.1; README.md lists its reductions.
 
 A ``RunConfig`` is a set of frozen groups, one per concern (``cfg.data``, ``cfg.training``,
-``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.generator``, ``cfg.pretraining``,
-``cfg.mitigations``, ``cfg.reproducibility``). Every setting has one name, unique across the
-groups, which is also its flat name: the key in ``to_dict()`` (summary.json, the run state), the
-``--option`` (dashes for underscores) and the GENFL_* variable. Every setting carries its
-command-line form (``RunOption``): ``run_options(...)`` turns settings into click options, so
+``cfg.aggregation``, ``cfg.guard``, ``cfg.transport``, ``cfg.dp``, ``cfg.generator``,
+``cfg.pretraining``, ``cfg.mitigations``, ``cfg.reproducibility``); ``PathSettings``, the files a server run reads,
+is a group of its own beside it. Every setting has one name, unique across the groups, which is
+also its flat name: the key in ``to_dict()`` (summary.json, the run state), the ``--option``
+(dashes for underscores) and the GENFL_* variable. Every setting carries its command-line form
+(``RunOption``: help, bounds as plain ``IntRange`` / ``FloatRange`` / ``Choice`` /
+``ExistingPath`` descriptions, old spellings); genfl_shared.cli_settings turns these into click options, so
 genfl-server, genfl-launch, genfl-sweep, genfl-centralised and genfl-partition spell, bound,
-document and read a setting the same way; ``resolve_config`` is the one place where a preset and
-the explicitly given options become a ``RunConfig``; ``RunConfig.to_argv`` is how tools that start
-a server pass settings on. A name that is not a setting is refused everywhere, never ignored.
+document and read a setting the same way, while the settings themselves need no click.
+``preset_config`` is the one place where a preset and the explicitly given options become a
+``RunConfig``; ``RunConfig.to_argv`` is how tools that start a server pass settings on. A name
+that is not a setting is refused everywhere, never ignored.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import Field, asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
-import click
-
-from .cli import option
 from .dp import ACCOUNTANTS, DEFAULT_DELTA
 from .tasks import LOCAL_LOSSES
 
@@ -39,16 +40,47 @@ ROUND_HOLDING_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
 CVAE_AGGREGATIONS = ("fedavg", "classwise", "ensemble", "distill")
 
 
+# What a setting's option accepts, described without click: genfl_shared.cli_settings.click_type
+# makes the click type that enforces it on the command line (a RunConfig built in code is not checked).
+@dataclass(frozen=True)
+class IntRange:
+    """Integers from ``min`` to ``max``, both included (None: unbounded on that side)."""
+
+    min: int | None = None
+    max: int | None = None
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """Numbers from ``min`` to ``max`` (None: unbounded on that side); an open end excludes its bound."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``values``."""
+
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExistingPath:
+    """The path of an existing folder (``folder``) or file."""
+
+    folder: bool = False
+
+
 @dataclass(frozen=True)
 class RunOption:
     """The command-line form of a setting (``--<name>`` unless it is a boolean pair)."""
 
     help: str
-    type: Any = None  # a click type, or a function returning one (called when the option is built)
+    type: IntRange | FloatRange | Choice | ExistingPath | None = None  # None: the field's own type (bool: a pair)
     deprecated: tuple[str, ...] = ()  # old spellings, still accepted for one release, with a warning
-
-    def click_type(self):
-        return self.type if self.type is None or isinstance(self.type, click.ParamType) else self.type()
 
 
 def _setting(default, help: str, type=None, *, strategy_option: tuple[str, str] | None = None, **kwargs) -> Any:
@@ -60,9 +92,9 @@ def _setting(default, help: str, type=None, *, strategy_option: tuple[str, str] 
     return field(default=default, metadata=metadata)
 
 
-_COUNT = click.IntRange(0)
-_POSITIVE = click.IntRange(1)
-_RATE = click.FloatRange(min=0, min_open=True)
+_COUNT = IntRange(0)
+_POSITIVE = IntRange(1)
+_RATE = FloatRange(min=0, min_open=True)
 
 
 @dataclass(frozen=True)
@@ -84,11 +116,11 @@ class TrainingSettings:
     batch_size: int = _setting(32, "Local batch size.", _POSITIVE)
     cvae_lr: float = _setting(1e-3, "Clients' Adam learning rate for the CVAE.", _RATE)
     classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)
-    sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", click.FloatRange(0),
+    sgd_momentum: float = _setting(0.5, "Clients' SGD momentum for the classifier.", FloatRange(0),
                                    deprecated=("--classifier-momentum",))
     local_loss: str = _setting("ce", "Clients' local loss for the classifier: 'ce' (cross-entropy) or 'balanced' "
                                "(balanced softmax: logits adjusted by the client's own label prior, computed "
-                               "from its train part and never sent).", click.Choice(LOCAL_LOSSES))
+                               "from its train part and never sent).", Choice(LOCAL_LOSSES))
 
 
 @dataclass(frozen=True)
@@ -106,15 +138,15 @@ class AggregationSettings:
     settings; ``strategy_settings()`` picks the chosen one's."""
 
     strategy: str = _setting("fedavg", "Aggregation strategy of the federated phases (README.md describes "
-                             "each).", click.Choice(STRATEGY_NAMES))
-    prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", click.FloatRange(0),
+                             "each).", Choice(STRATEGY_NAMES))
+    prox_mu: float = _setting(0.01, "FedProx proximal weight mu.", FloatRange(0),
                               strategy_option=("fedprox", "prox_mu"))
     fedavgm_lr: float = _setting(1.0, "FedAvgM server learning rate.", _RATE, strategy_option=("fedavgm", "lr"))
-    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", click.FloatRange(0, 1),
+    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", FloatRange(0, 1),
                                        strategy_option=("fedavgm", "momentum"))
     # Robust strategies (they hold every update of a round)
     trim_fraction: float = _setting(0.2, "Trimmed mean: share of the values dropped at each end, per weight.",
-                                    click.FloatRange(0, 0.5, max_open=True),
+                                    FloatRange(0, 0.5, max_open=True),
                                     strategy_option=("trimmed_mean", "trim_fraction"))
     krum_byzantine: int = _setting(1, "Krum: Byzantine clients tolerated, F (needs more than 2F + 2 clients).",
                                    _COUNT, strategy_option=("krum", "byzantine"))
@@ -142,12 +174,12 @@ class GuardSettings:
                                   "instead of rejecting it.")
     update_norm_factor: float = _setting(
         10.0, "Adaptive bound: redo a round without any update farther than this many times the round's median "
-        "distance (from 3 updates; 0: off).", click.FloatRange(0))
+        "distance (from 3 updates; 0: off).", FloatRange(0))
     max_client_samples: int = _setting(60_000, "Most training samples one client may register (0: no limit).",
                                        _COUNT)
     max_client_weight_share: float = _setting(
         0.5, "Largest share of the FedAvg weight one client may hold, from 3 clients on (1: no cap).",
-        click.FloatRange(0, 1, min_open=True))
+        FloatRange(0, 1, min_open=True))
 
 
 @dataclass(frozen=True)
@@ -160,7 +192,7 @@ class TransportSettings:
     max_concurrent_uploads: int = _setting(
         2, "Weight uploads received and checked at once (each holds about one model of memory until it is "
         "folded in; the others wait in flow control): more trades server memory for round time with many "
-        "clients.", click.IntRange(1))
+        "clients.", IntRange(1))
     max_streams_per_connection: int = _setting(
         64, "Most RPCs open at once on one client connection (0: no limit).", _COUNT)
     max_streams_per_ip: int = _setting(
@@ -183,9 +215,9 @@ class PrivacySettings:
     dp_max_grad_norm: float = _setting(1.0, "DP-SGD: per-sample gradient clipping bound C (L2 norm).", _RATE)
     dp_delta: float = _setting(DEFAULT_DELTA, "DP-SGD: delta of the (epsilon, delta) guarantee (the default is "
                                "below 1/n for every shard of up to 60,000 samples).",
-                               click.FloatRange(0, 1, min_open=True, max_open=True))
+                               FloatRange(0, 1, min_open=True, max_open=True))
     dp_accountant: str = _setting("rdp", "DP-SGD: Opacus privacy accountant, 'rdp' (Renyi DP) or 'prv' (privacy "
-                                  "random variables, tighter).", click.Choice(ACCOUNTANTS))
+                                  "random variables, tighter).", Choice(ACCOUNTANTS))
 
     @property
     def enabled(self) -> bool:
@@ -203,11 +235,11 @@ class GeneratorSettings:
         "poster's method), 'classwise' (each class's label input averaged over the clients holding it), "
         "'ensemble' (every client keeps its own CVAE; each class is drawn from the clients holding it) or "
         "'distill' (the ensemble distilled into one decoder after every round). All but fedavg need the "
-        "clients' label counts (genfl-client --share-label-counts).", click.Choice(CVAE_AGGREGATIONS))
+        "clients' label counts (genfl-client --share-label-counts).", Choice(CVAE_AGGREGATIONS))
     class_share_cap: float = _setting(
         0.5, "Largest share of one class's synthetic images one client's CVAE may draw (or weigh in "
         "classwise/distill) when other clients hold that class too (1: no cap).",
-        click.FloatRange(0, 1, min_open=True))
+        FloatRange(0, 1, min_open=True))
     cvae_distill_steps: int = _setting(
         200, "distill: Adam steps per CVAE round that fit the global decoder to the ensemble's decoders.",
         _POSITIVE)
@@ -219,7 +251,7 @@ class PretrainingSettings:
     it, and the synthetic pre-training of the federated classifier."""
 
     synthetic_samples: int = _setting(60_000, "Class-balanced synthetic images sampled from the CVAE.",
-                                      click.IntRange(10))
+                                      IntRange(10))
     cas_epochs: int = _setting(20, "Epochs of the CAS classifier on synthetic data (0: skip CAS).", _COUNT)
     pretrain_epochs: int = _setting(5, "Epochs of synthetic pre-training.", _COUNT)
     pretrain_lr: float = _setting(1e-3, "Server's Adam learning rate for CAS and pre-training.", _RATE,
@@ -249,7 +281,7 @@ class MitigationSettings:
     server_distill_teacher: str = _setting(
         "clients", "Server distillation's teacher: 'clients' (the ensemble of the round's accepted client models, "
         "kept for the round: --clients x the model's size in memory) or 'previous' (the round's starting global "
-        "model).", click.Choice(DISTILL_TEACHERS))
+        "model).", Choice(DISTILL_TEACHERS))
     server_distill_max_teachers: int = _setting(
         32, "Server distillation with teacher 'clients': refuse to start a run of more clients than this (each "
         "kept client model costs the model's size, 3.7 MB for ExquisiteNetV1).", _POSITIVE)
@@ -261,7 +293,7 @@ class MitigationSettings:
     client_synthetic_mix: float = _setting(
         0.0, "Send each client that reports its label counts synthetic (never real) images of the classes it "
         "lacks, mixed into its local classifier training at this many synthetic per real sample and epoch "
-        "(0: off; at most 10; needs the CVAE, as --server-finetune-steps does).", click.FloatRange(0, 10))
+        "(0: off; at most 10; needs the CVAE, as --server-finetune-steps does).", FloatRange(0, 10))
 
     def federated_synthetic_options(self) -> list[str]:
         """The options in use that need the synthetic set during the classifier rounds (and so the CVAE)."""
@@ -279,6 +311,34 @@ class ReproducibilitySettings:
     deterministic: bool = _setting(False, "Bit-reproducible runs: deterministic kernels and updates summed in "
                                    "client order (holds a round's updates in memory). With fixed seeds, a "
                                    "resumed run ends with the same weights.")
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """The files a server run reads: the real test split, the partition registrations must match,
+    and the checkpoints a classifier phase starts from.
+
+    Not a group of ``RunConfig``: a path says where one machine keeps an input, while a config
+    (summary.json, the presets, ``to_argv``) describes the run wherever it runs. The server saves
+    them with its other settings for --resume (genfl_server.app.ServerSettings)."""
+
+    test_data: Path | None = _setting(None, "Data root holding the real test split (server-side test accuracy and "
+                                      "CAS).", ExistingPath(folder=True))
+    partition_info: Path | None = _setting(None, "partition.json of the shards, to record dataset/alpha in "
+                                           "summary.json.", ExistingPath())
+    cvae_checkpoint: Path | None = _setting(None, "Global CVAE for --phase classifier.", ExistingPath())
+    pretrained_checkpoint: Path | None = _setting(
+        None, "--phase classifier: start from this already pre-trained classifier (skips sampling, CAS and "
+        "pre-training; genfl-sweep shares one pre-training between its arms).", ExistingPath())
+
+    def saved(self) -> dict[str, str | None]:
+        """Each path as text, by name (as a run state keeps them)."""
+        return {f.name: None if getattr(self, f.name) is None else str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, str | None]) -> "PathSettings":
+        """Paths from ``saved()`` output; a path it lacks is not given."""
+        return cls(**{f.name: Path(saved[f.name]) for f in fields(cls) if saved.get(f.name) is not None})
 
 
 @dataclass(frozen=True)
@@ -424,6 +484,9 @@ DP_FIELDS = tuple(f.name for f in fields(PrivacySettings))
 # The CVAE phase's generator: the settings such a tool passes on.
 GENERATOR_FIELDS = tuple(f.name for f in fields(GeneratorSettings))
 
+# The paths a server run reads (not settings of RunConfig: see PathSettings).
+PATH_FIELDS = tuple(f.name for f in fields(PathSettings))
+
 # The server records the partitioner's train_subset; it does not take one.
 SERVER_FIELDS = tuple(name for name in _FIELDS if name != "train_subset")
 
@@ -438,24 +501,25 @@ PRESETS: dict[str, RunConfig] = {
 }
 
 ROUNDS = "rounds"  # not a field: the default of both cvae_rounds and classifier_rounds
-_ROUNDS_HELP = "Rounds of each federated phase (the default of --cvae-rounds and --classifier-rounds)."
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """A setting's ``--option`` (its name, dashes for underscores)."""
     return "--" + name.replace("_", "-")
 
 
-def _is_bool(name: str) -> bool:
-    return _FIELDS[name].type in (bool, "bool")
+def is_switch(setting: Field) -> bool:
+    """Whether a setting (its dataclass field) is a boolean, spelled ``--x`` / ``--no-x``."""
+    return setting.type in (bool, "bool")
 
 
 def option_tokens(name: str, value: Any) -> tuple[str, ...]:
-    """One setting as command-line tokens, spelled as ``run_options`` parses it."""
+    """One setting as command-line tokens, spelled as ``genfl_shared.cli_settings.run_options`` parses it."""
     if name not in _FIELDS:
         raise UnknownSettingError(name)
-    if _is_bool(name):
-        return (_flag(name) if value else "--no-" + name.replace("_", "-"),)
-    return (_flag(name), str(value))  # str() of a float round-trips exactly (repr)
+    if is_switch(_FIELDS[name]):
+        return (option_flag(name) if value else "--no-" + name.replace("_", "-"),)
+    return (option_flag(name), str(value))  # str() of a float round-trips exactly (repr)
 
 
 def argv_for(**values: Any) -> list[str]:
@@ -463,84 +527,19 @@ def argv_for(**values: Any) -> list[str]:
     return [token for name, value in values.items() for token in option_tokens(name, value)]
 
 
-def _shown(name: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "all" if name == "train_subset" and value is None else str(value)
+class UnknownPresetError(ValueError):
+    """A preset name that is not one of ``PRESETS``."""
 
 
-def _preset_note(name: str) -> str:
-    values = {preset: config.setting(name) for preset, config in PRESETS.items()}
-    shown = {p: _shown(name, v) for p, v in values.items()}
-    if len(set(map(repr, values.values()))) == 1:
-        return f" [preset: {next(iter(shown.values()))}]"
-    return " [preset: " + ", ".join(f"{p} {v}" for p, v in sorted(shown.items())) + "]"
-
-
-def _deprecated_name(old_flag: str) -> str:
-    return "deprecated_" + old_flag[2:].replace("-", "_")
-
-
-def run_options(*names: str, preset_notes: bool = True) -> Callable:
-    """Decorator adding the click options of these settings (and ``"rounds"``) to a command
-    (``preset_notes``: say each preset's value in the help; off for a command without presets).
-
-    Every option defaults to None ("not given", so the preset decides; see ``resolve_config``);
-    a boolean field is a ``--x/--no-x`` pair. Deprecated spellings are hidden options that
-    ``given_run_options`` folds into the new name with a warning."""
-    decorators = []
-    for name in names:
-        if name == ROUNDS:
-            decorators.append(option("--rounds", type=_COUNT, default=None, help=_ROUNDS_HELP))
-            continue
-        meta: RunOption = _FIELDS[name].metadata["option"]
-        help_text = meta.help + (_preset_note(name) if preset_notes else "")
-        if _is_bool(name):
-            decl = f"{_flag(name)}/--no-{name.replace('_', '-')}"
-            decorators.append(option(decl, name, default=None, help=help_text))
-        else:
-            decorators.append(option(_flag(name), name, type=meta.click_type(), default=None, help=help_text))
-        for old in meta.deprecated:
-            # Also read from its old GENFL_* variable, so a stale container setting still works (and warns).
-            decorators.append(option(old, _deprecated_name(old), type=meta.click_type(), default=None,
-                                     hidden=True, help=f"Deprecated spelling of {_flag(name)}."))
-
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
-
-
-def given_run_options(params: dict[str, Any]) -> dict[str, Any]:
-    """Pop the run options (and their deprecated spellings) out of a command's parameters:
-    {field name or "rounds": value or None}. A deprecated spelling warns on stderr; giving both
-    spellings is an error."""
-    given: dict[str, Any] = {}
-    for name in (ROUNDS, *_FIELDS):
-        if name in params:
-            given[name] = params.pop(name)
-        if name == ROUNDS:
-            continue
-        for old in _FIELDS[name].metadata["option"].deprecated:
-            value = params.pop(_deprecated_name(old), None)
-            if value is None:
-                continue
-            click.echo(f"Warning: {old} is deprecated and will be removed; use {_flag(name)}", err=True)
-            if given.get(name) is not None:
-                raise click.UsageError(f"{old} and {_flag(name)} are the same option; give one")
-            given[name] = value
-    return given
-
-
-def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
-    """The preset, overridden by the options given explicitly (None: not given).
+def preset_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
+    """The preset, overridden by the options given explicitly (None: not given); a name that is
+    not a setting is refused (``UnknownSettingError``).
 
     ``rounds`` is the default of both ``cvae_rounds`` and ``classifier_rounds``; ``train_subset``
-    0 means all the training images."""
+    0 means all the training images. The settings are not checked against each other here
+    (``check_dp``, ``check_distill``): the caller says how a conflict is reported."""
     if preset not in PRESETS:
-        raise click.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+        raise UnknownPresetError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
     changes = {k: v for k, v in given.items() if k != ROUNDS and v is not None}
     rounds = given.get(ROUNDS)
     if rounds is not None:
@@ -548,10 +547,4 @@ def resolve_config(preset: str, given: Mapping[str, Any]) -> RunConfig:
         changes.setdefault("classifier_rounds", rounds)
     if changes.get("train_subset") == 0:
         changes["train_subset"] = None
-    config = PRESETS[preset].replace_settings(**changes)  # refuses a name that is not a setting
-    try:
-        config.check_dp()
-        config.check_distill()
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
-    return config
+    return PRESETS[preset].replace_settings(**changes)

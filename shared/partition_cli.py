@@ -14,7 +14,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from .config import run_options
+from .cli_settings import run_options
 from .data import DATASETS, NUM_CLASSES, DataFormatError
 from .partition import PartitionError, partition_dataset
 

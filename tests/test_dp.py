@@ -26,7 +26,8 @@ from genfl_server.coordinator import Coordinator, TaskResult
 from genfl_server.metrics import ServerMetrics
 from genfl_server.privacy import PrivacyLedger, record_spent_epsilon
 from genfl_shared.codec import MAX_MESSAGE_BYTES, decode_payload, encode_state_dict
-from genfl_shared.config import PrivacySettings, RunConfig, resolve_config
+from genfl_shared.cli_settings import resolve_config
+from genfl_shared.config import PrivacySettings, RunConfig
 from genfl_shared.data import load_dataset, to_float_images
 from genfl_shared.dp import ClientPrivacy, DPSettings, poisson_sampling
 from genfl_shared.models import build_model, initial_state

@@ -10,7 +10,7 @@ those inside functions and ``if TYPE_CHECKING`` blocks included, as each is a de
 * the core imports nothing of the other three packages;
 * the core imports neither gRPC nor click, directly or through another GenFL module, except the
   modules named in ``CORE_FRONTIERS`` (the core's own command-line and gRPC edges), which no other
-  core module imports, and ``SETTINGS_WITH_CLICK``.
+  core module imports.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ GRPC_OR_CLICK = frozenset({"grpc", "grpc_health", "grpc_tools", "click"})
 # The core modules that may import gRPC or click, and that no other core module may import:
 CORE_FRONTIERS = {
     "genfl_shared.cli": "click options and logging set-up the commands share",
+    "genfl_shared.cli_settings": "the run settings as click options",
     "genfl_shared.partition_cli": "the genfl-partition command",
     "genfl_shared.protogen": "generates the stubs with grpc_tools",
     "genfl_shared.security": "builds gRPC channel and server credentials",
@@ -45,10 +46,6 @@ SERVER_GRPC_ADAPTER = {
     "genfl_server.transport": "the aio server on its event-loop thread",
 }
 SERVER_WIRING = {"genfl_server.app", "genfl_server.cli", "genfl_server.security"}
-# The run settings: core modules use them, but each field carries its command-line form as a click
-# type (and imports genfl_shared.cli for it). The one exception to the rule; it ends when the
-# settings describe their options without click.
-SETTINGS_WITH_CLICK = "genfl_shared.config"
 
 
 @dataclass
@@ -163,13 +160,11 @@ def forbidden_imports(graph: ModuleGraph, importer_prefixes: tuple[str, ...], im
 
 
 def core_leaks(graph: ModuleGraph) -> list[str]:
-    """What brings gRPC or click into a core module outside CORE_FRONTIERS and SETTINGS_WITH_CLICK:
-    the module itself, or a project module it imports, directly or not (not looking past a frontier
-    or the settings)."""
-    exempt = set(CORE_FRONTIERS) | {SETTINGS_WITH_CLICK}
+    """What brings gRPC or click into a core module outside CORE_FRONTIERS: the module itself, or a
+    project module it imports, directly or not (not looking past a frontier)."""
     problems = []
     for module in sorted(graph.imports):
-        if not (module == CORE or module.startswith(CORE + ".")) or module in exempt:
+        if not (module == CORE or module.startswith(CORE + ".")) or module in CORE_FRONTIERS:
             continue
         seen, stack = {module}, [module]
         while stack:
@@ -180,7 +175,7 @@ def core_leaks(graph: ModuleGraph) -> list[str]:
                 seen.add(target)
                 if target in CORE_FRONTIERS:
                     problems.append(f"{module}: {importer} imports {target} ({CORE_FRONTIERS[target]})")
-                elif target != SETTINGS_WITH_CLICK:
+                else:
                     stack.append(target)
     return sorted(problems)
 
@@ -237,7 +232,7 @@ def test_only_the_servers_grpc_adapter_reaches_grpc(graph):
 
 
 def test_exceptions_are_modules(graph):
-    named = set(CORE_FRONTIERS) | {SETTINGS_WITH_CLICK} | SERVER_GRPC_ADAPTER.keys() | SERVER_WIRING
+    named = set(CORE_FRONTIERS) | SERVER_GRPC_ADAPTER.keys() | SERVER_WIRING
     assert named <= set(graph.imports)
 
 
@@ -295,11 +290,13 @@ def test_checker_finds_grpc_in_the_core_directly_or_through_a_module(tiny_projec
     write(tiny_project, "shared/codec.py", "def frame():\n    from .cli import option\n")
     write(tiny_project, "shared/cli.py", "import click\n")
     write(tiny_project, "shared/models.py", "from genfl_shared import errors\n")
-    write(tiny_project, "shared/config.py", "import click\nfrom . import cli\n")
+    write(tiny_project, "shared/config.py", "import click\n")  # the settings are core like any other module
     write(tiny_project, "shared/data.py", "import torch\nfrom .config import RunConfig\n")
     assert core_leaks(project_graph(tiny_project)) == [
         "genfl_shared.codec: genfl_shared.codec imports genfl_shared.cli "
         "(click options and logging set-up the commands share)",
+        "genfl_shared.config: genfl_shared.config imports click",
+        "genfl_shared.data: genfl_shared.config imports click",
         "genfl_shared.errors: genfl_shared.errors imports grpc",
         "genfl_shared.models: genfl_shared.errors imports grpc",
     ]

@@ -17,11 +17,12 @@ from genfl_experiments.centralised import CENTRALISED_FIELDS
 from genfl_experiments.sweep.arms import STRATEGY_LABELS
 from genfl_experiments.sweep.run import FIXED_SERVER_FIELDS
 from genfl_server import cli as server_cli
-from genfl_server.app import new_run_state
+from genfl_server.app import new_run_state, settings_from_saved
 from genfl_server.strategy import STRATEGIES, FedAvg, build_strategy, register_strategy, strategy_labels, strategy_names
 from genfl_shared import partition_cli
-from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, STRATEGY_NAMES, RunConfig, StrategySettings,
-                                 UnknownSettingError, given_run_options, resolve_config, setting_fields)
+from genfl_shared.cli_settings import given_run_options, resolve_config
+from genfl_shared.config import (LEGACY_FIELD_NAMES, PRESETS, ROUNDS, STRATEGY_NAMES, PathSettings, RunConfig,
+                                 StrategySettings, UnknownSettingError, setting_fields)
 
 pytestmark = pytest.mark.unit
 
@@ -217,10 +218,27 @@ def test_resume_reuses_the_saved_settings(tmp_path):
     out = _saved_run(tmp_path, "--cvae-rounds", "2")
     settings, _ = _resolve(_server_context("--resume", "--out", str(out), "--address", "127.0.0.1:0",
                                            "--log-level", "debug", "--round-retries", "5", "--threads", "1"))
-    assert settings.resume and settings.threads == 1 and settings.test_data is not None
+    assert settings.resume and settings.threads == 1 and settings.paths.test_data is not None
     config = settings.config
     assert config.reproducibility.deterministic and config.reproducibility.seed == 3 and config.training.cvae_rounds == 2
     assert (settings.address, settings.round_retries) == ("127.0.0.1:0", 5)  # these may change
+
+
+def test_saved_settings_keep_the_paths_flat_and_resume(tmp_path):
+    # progress["settings"] of a run state, exactly as servers write it: a saved run must resume
+    # whatever groups the settings are arranged in.
+    saved = {"phase": "classifier", "preset": "quick", "config": PRESETS["quick"].override(seed=3).to_dict(),
+             "dataset": "mnist", "alpha": 0.1, "test_data": "/data/mnist", "partition_info": "/shards/partition.json",
+             "cvae_checkpoint": "/runs/cvae/cvae.pt", "pretrained_checkpoint": None, "device": "cpu", "threads": 1,
+             "round_timeout": None, "min_fit_clients": None}
+    settings = settings_from_saved(saved, out=tmp_path, resume=True)
+    assert settings.paths == PathSettings(test_data=Path("/data/mnist"), partition_info=Path("/shards/partition.json"),
+                                          cvae_checkpoint=Path("/runs/cvae/cvae.pt"))
+    assert settings.config == PRESETS["quick"].override(seed=3) and settings.threads == 1
+    assert settings.saved() == saved and list(settings.saved()) == list(saved)  # saved again the same way
+    # A path left out was not given.
+    older = {name: value for name, value in saved.items() if name not in PathSettings().saved()}
+    assert settings_from_saved(older, out=tmp_path).paths == PathSettings()
 
 
 @pytest.mark.parametrize("option", [["--threads", "2"], ["--seed", "4"], ["--no-deterministic"], ["--rounds", "2"],

@@ -20,9 +20,9 @@ from pathlib import Path
 import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
+from genfl_shared.cli_settings import given_run_options, resolve_config, run_options
 from genfl_shared.data import DATASETS
-from genfl_shared.config import (DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS, RunConfig, given_run_options, resolve_config,
-                                 run_options)
+from genfl_shared.config import DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS, RunConfig
 from genfl_shared.runfiles import write_json_atomic
 
 from .arms import ARM_CHOICES, MITIGATION_FIELDS, STRATEGY_LABELS, SWEEP_ARM_FIELDS, build_arms
