@@ -1,0 +1,130 @@
+"""Set a --cvae-aggregation sweep beside the poster's FedAvg generator on the same shards.
+
+Both folders are genfl-sweep outputs of the same dataset, preset, seeds and distributions; the
+generator sweep runs with ``--cvae-aggregation MODE``. Per distribution: CAS and federated CAS (from
+the cells' summaries, or, for a folder whose ``runs/`` is not kept, the mean ± std its cas.md
+recorded), the pre-trained arm's weighted client accuracy and real-test accuracy after the last
+round, their difference from FedAvg paired per seed (the same seed gives the same shards), and the
+per-round slope of the weighted client accuracy (the poster's "abnormal behaviour" at α = 0.01 is
+a negative slope)::
+
+    python -m genfl_experiments.compare_generators --fedavg results/mnist-quick-grid \\
+        --generator results/mnist-quick-ensemble --out results/mnist-quick-ensemble/generators.md
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+from .reports import distribution_label, distribution_order, fmt_pct, load_results
+
+ARM = "pretrained"
+
+
+def round_curves(folder: Path, arm: str = ARM) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
+    """{distribution: {seed: [(round, weighted client accuracy, test accuracy)]}} of the classifier
+    phase of ``arm``, from the folder's results.csv."""
+    curves: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    with open(folder / "results.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["arm"] == arm and row["phase"] == "classifier" and not row.get("epsilon"):
+                curves[row["distribution"]][int(row["seed"])].append(
+                    (int(row["round"]), float(row["weighted_client_accuracy"]), float(row["test_accuracy"])))
+    return {dist: {seed: sorted(points) for seed, points in seeds.items()} for dist, seeds in curves.items()}
+
+
+def slope(points: list[tuple[int, float, float]]) -> float:
+    """Least-squares slope of the weighted client accuracy per round (fraction per round)."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    return statistics.linear_regression(xs, ys).slope if len(points) > 1 else 0.0
+
+
+def cas_by_seed(folder: Path) -> dict[str, dict[int, tuple[float | None, float | None]]]:
+    """{distribution: {seed: (CAS, federated CAS)}} from the cells a folder keeps (empty without runs/)."""
+    found: dict[str, dict[int, tuple]] = defaultdict(dict)
+    if not (folder / "runs").is_dir():
+        return found
+    for cell in load_results(folder):
+        if cell.kind == "classifier" and "cas" in cell.summary and cell.distribution and cell.epsilon is None:
+            found[cell.distribution][cell.seed] = (cell.summary.get("cas"), cell.summary.get("cas_federated"))
+    return found
+
+
+def recorded_cas(folder: Path) -> dict[str, tuple[str, str]]:
+    """{distribution label: (CAS, federated CAS)} as a folder's cas.md printed them (mean ± std)."""
+    rows = {}
+    for line in (folder / "cas.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and re.match(r"^[\d.]+( ± [\d.]+)?$", cells[1]):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def _pp(values: list[float]) -> str:
+    return fmt_pct(values) if values else "–"
+
+
+def compare(fedavg: Path, generator: Path) -> list[str]:
+    mode = _mode_of(generator)
+    fed_curves, gen_curves = round_curves(fedavg), round_curves(generator)
+    fed_cas, gen_cas = cas_by_seed(fedavg), cas_by_seed(generator)
+    fed_recorded = recorded_cas(fedavg) if not fed_cas else {}
+    lines = [
+        f"| Distribution | Generator | CAS | Federated CAS | Pre-trained, weighted client acc | Real test acc "
+        f"| Δ client acc vs FedAvg (pp, paired) | Δ real test acc (pp, paired) | Slope (pp/round) | Seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dist in sorted(set(gen_curves) | set(gen_cas), key=distribution_order):
+        label = distribution_label(dist)
+        for name, curves, cas in (("fedavg", fed_curves, fed_cas), (mode, gen_curves, gen_cas)):
+            seeds = sorted(curves.get(dist, {}))
+            final = {s: curves[dist][s][-1] for s in seeds}
+            if cas.get(dist):
+                cas_text = _pp([c for c, _ in cas[dist].values() if c is not None])
+                fed_text = _pp([f for _, f in cas[dist].values() if f is not None])
+            else:
+                cas_text, fed_text = fed_recorded.get(label, ("–", "–"))
+            delta_client = delta_test = "–"
+            if name != "fedavg":
+                base = {s: p[-1] for s, p in fed_curves.get(dist, {}).items()}
+                paired = [s for s in seeds if s in base]
+                if paired:
+                    delta_client = _pp([final[s][1] - base[s][1] for s in paired])
+                    delta_test = _pp([final[s][2] - base[s][2] for s in paired])
+            lines.append(f"| {label} | {name} | {cas_text} | {fed_text} | {_pp([final[s][1] for s in seeds])} "
+                         f"| {_pp([final[s][2] for s in seeds])} | {delta_client} | {delta_test} "
+                         f"| {_pp([slope(curves[dist][s]) for s in seeds])} | {','.join(map(str, seeds))} |")
+    return lines
+
+
+def _mode_of(folder: Path) -> str:
+    fixed = json.loads((folder / "sweep.json").read_text())["fixed"]
+    for option in fixed.get("generator_options", []):
+        if option[0] == "--cvae-aggregation":
+            return option[1]
+    return "fedavg"
+
+
+@click.command()
+@click.option("--fedavg", "fedavg", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A genfl-sweep folder of the poster's FedAvg generator.")
+@click.option("--generator", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A genfl-sweep folder of the same grid with --cvae-aggregation.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The markdown table.")
+def main(fedavg: Path, generator: Path, out: Path) -> None:
+    """Write the table of a --cvae-aggregation sweep beside FedAvg's."""
+    table = compare(fedavg, generator)
+    out.write_text("\n".join(table) + "\n")
+    click.echo("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
