@@ -283,8 +283,11 @@ class SweepRunner:
             server_args += ["--preset", s.preset, *argv_for(clients=s.clients, seed=cell.seed),
                             "--dataset", s.dataset, "--partition-info", str(cell.group / "shards" / PARTITION_JSON),
                             *s.config.to_argv(FIXED_SERVER_FIELDS), *generator_args(s.config), *cell_args(cell)]
+        # A resumed server's argv does not say what its clients must share: the generator asks for
+        # the label counts whatever the cell (harmless where unused).
+        shared = [] if s.config.generator.cvae_aggregation == "fedavg" else ["--share-label-counts"]
         launcher = Launcher(shards, client_args=["--device", s.device, "--threads", str(s.client_threads),
-                                                 "--log-level", s.log_level],
+                                                 "--log-level", s.log_level, *shared],
                             timeout=s.cell_timeout, progress_bar=False,
                             clients_per_process=resolve_clients_per_process(s.clients_per_process, s.device,
                                                                             s.clients))
