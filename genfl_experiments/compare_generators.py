@@ -84,14 +84,15 @@ def compare(fedavg: Path, generator: Path) -> list[str]:
     ]
     for dist in sorted(set(gen_curves) | set(gen_cas), key=distribution_order):
         label = distribution_label(dist)
-        for name, curves, cas in (("fedavg", fed_curves, fed_cas), (mode, gen_curves, gen_cas)):
+        for name, curves, cas, recorded in (("fedavg", fed_curves, fed_cas, fed_recorded),
+                                            (mode, gen_curves, gen_cas, {})):
             seeds = sorted(curves.get(dist, {}))
             final = {s: curves[dist][s][-1] for s in seeds}
             if cas.get(dist):
                 cas_text = _pp([c for c, _ in cas[dist].values() if c is not None])
                 fed_text = _pp([f for _, f in cas[dist].values() if f is not None])
             else:
-                cas_text, fed_text = fed_recorded.get(label, ("–", "–"))
+                cas_text, fed_text = recorded.get(label, ("–", "–"))
             delta_client = delta_test = "–"
             if name != "fedavg":
                 base = {s: p[-1] for s, p in fed_curves.get(dist, {}).items()}

@@ -23,7 +23,7 @@ import click
 
 from genfl_shared.cli import log_level_option, option, setup_logging
 from genfl_shared.cli_settings import given_run_options, resolve_config, run_options
-from genfl_shared.config import DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS
+from genfl_shared.config import CVAE_AGGREGATIONS, DP_FIELDS, GENERATOR_FIELDS, PRESETS, ROUNDS
 from genfl_shared.data import DATASETS, DataFormatError, DatasetNotFoundError
 from genfl_shared.partition import PartitionError, partition_dataset, shard_file_name
 from genfl_shared.runfiles import (ENDPOINT_JSON, METRICS_JSONL, SUMMARY_JSON, EndpointTimeout, read_events,
@@ -259,15 +259,26 @@ def guarantee_text(dp: dict) -> str:
     return f"(epsilon {epsilon}, delta {dp['delta']:g})"
 
 
-def comparison_table(pretrained: dict, baseline: dict) -> str:
-    rows = [f"{'round':>5} | {'pre-trained client acc':>22} {'test acc':>9} | {'baseline client acc':>19} "
-            f"{'test acc':>9}"]
-    pre = [r for r in pretrained["rounds"] if r["phase"] == "classifier"]
-    base = [r for r in baseline["rounds"] if r["phase"] == "classifier"]
-    for p, b in zip(pre, base):
-        rows.append(f"{p['round']:>5} | {pct(p['weighted_client_accuracy']):>22} {pct(p['test_accuracy']):>9} | "
-                    f"{pct(b['weighted_client_accuracy']):>19} {pct(b['test_accuracy']):>9}")
+def comparison_table(pretrained: dict, baseline: dict, generator: tuple[str, dict] | None = None) -> str:
+    """Weighted client and test accuracy per classifier round of the arms; ``generator``: (mode, the
+    pre-trained arm of --compare-generator MODE's CVAE), shown beside the FedAvg generator's."""
+    arms = [("pre-trained", pretrained)] + ([(f"pre-trained, {generator[0]}", generator[1])] if generator else [])
+    arms.append(("baseline", baseline))
+    header = f"{'round':>5}"
+    for name, _ in arms:
+        header += f" | {name + ' client acc':>{max(19, len(name) + 11)}} {'test acc':>9}"
+    rows = [header]
+    per_arm = [[r for r in summary["rounds"] if r["phase"] == "classifier"] for _, summary in arms]
+    for records in zip(*per_arm):
+        row = f"{records[0]['round']:>5}"
+        for (name, _), record in zip(arms, records):
+            row += (f" | {pct(record['weighted_client_accuracy']):>{max(19, len(name) + 11)}} "
+                    f"{pct(record['test_accuracy']):>9}")
+        rows.append(row)
     rows.append(f"CAS {pct(pretrained.get('cas'))}, federated CAS {pct(pretrained.get('cas_federated'))}")
+    if generator:
+        rows.append(f"CAS with --cvae-aggregation {generator[0]}: {pct(generator[1].get('cas'))}, federated CAS "
+                    f"{pct(generator[1].get('cas_federated'))}")
     return "\n".join(rows)
 
 
@@ -284,6 +295,9 @@ def comparison_table(pretrained: dict, baseline: dict) -> str:
         help="quick: minutes on a 2-core CPU (README lists the reductions); paper: the poster's setup.")
 @option("--compare", is_flag=True, help="Train the CVAE once, then the classifier phase with and "
         "without pre-training on the same shards (OUT/pretrained, OUT/baseline).")
+@option("--compare-generator", type=click.Choice([m for m in CVAE_AGGREGATIONS if m != "fedavg"]), default=None,
+        help="With --compare: also train the CVAE with this --cvae-aggregation (OUT/cvae-MODE) and pre-train "
+        "from it (OUT/pretrained-MODE), shown beside the poster's FedAvg generator.")
 @run_options("train_subset", ROUNDS, *LAUNCH_FIELDS)
 @option("--device", default="cpu", help="Torch device of the server and the clients.")
 @option("--client-threads", type=click.IntRange(1), default=1, help="Torch threads per client process.")
@@ -291,7 +305,7 @@ def comparison_table(pretrained: dict, baseline: dict) -> str:
 @option("--timeout", type=click.FloatRange(0), default=0, help="Give up on a stage after this many "
         "seconds (0: never).")
 @log_level_option
-def main(dataset, data_root, download, alpha, iid, out, preset, compare, device, client_threads,
+def main(dataset, data_root, download, alpha, iid, out, preset, compare, compare_generator, device, client_threads,
          clients_per_process, timeout, log_level, **run_settings):
     """Partition the data and run one server and K client processes on this machine."""
     setup_logging(log_level, "text", "launch")
@@ -300,6 +314,10 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
     config = resolve_config(preset, given_run_options(run_settings))
     if compare and config.pretraining.pretrain is False:
         raise click.UsageError("--compare runs both arms; leave out --no-pretrain")
+    if compare_generator and not compare:
+        raise click.UsageError("--compare-generator goes with --compare")
+    if compare_generator and config.generator.cvae_aggregation != "fedavg":
+        raise click.UsageError("--compare-generator sets the generator beside FedAvg's; leave out --cvae-aggregation")
     out.mkdir(parents=True, exist_ok=True)
     try:
         partition_dataset(dataset, data_root, config.data.clients, None if iid else alpha, config.reproducibility.seed,
@@ -332,7 +350,15 @@ def main(dataset, data_root, download, alpha, iid, out, preset, compare, device,
             click.echo(f"\nGenFL {dataset}, {'IID' if iid else f'alpha={alpha}'}, {config.data.clients} clients, "
                        f"preset {preset}, seed {config.reproducibility.seed}: weighted client accuracy per "
                        "classifier round\n")
-            click.echo(comparison_table(pretrained, baseline))
+            generator = None
+            if compare_generator:
+                launcher.run_stage(Stage(f"cvae-{compare_generator}", out / f"cvae-{compare_generator}",
+                                         server_args("cvae", cvae_aggregation=compare_generator), n_cvae))
+                generator = (compare_generator, launcher.run_stage(Stage(
+                    f"pretrained-{compare_generator}", out / f"pretrained-{compare_generator}",
+                    server_args("classifier", pretrain=True)
+                    + ["--cvae-checkpoint", str(out / f"cvae-{compare_generator}" / "cvae.pt")], n_cls)))
+            click.echo(comparison_table(pretrained, baseline, generator))
             if cvae.get("dp"):
                 click.echo(f"DP-SGD in the CVAE phase: {guarantee_text(cvae['dp'])}")
         else:

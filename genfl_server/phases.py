@@ -71,7 +71,8 @@ def train_task(cfg: RunConfig, model: str) -> TrainTask:
     strategy's settings). Every run setting a client task uses is read here and in eval_task."""
     training = cfg.training
     if model == "cvae":
-        return TrainTask(model="cvae", epochs=training.local_epochs, batch_size=training.batch_size, optimizer="adam",
+        epochs = training.local_epochs if training.cvae_local_epochs is None else training.cvae_local_epochs
+        return TrainTask(model="cvae", epochs=epochs, batch_size=training.batch_size, optimizer="adam",
                          lr=training.cvae_lr, sgd_momentum=0.0, binarize=cfg.data.binarize, **dp_task_settings(cfg))
     return TrainTask(model="classifier", epochs=training.local_epochs, batch_size=training.batch_size, optimizer="sgd",
                      lr=training.classifier_lr, sgd_momentum=training.sgd_momentum, binarize=cfg.data.binarize,

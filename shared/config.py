@@ -113,6 +113,9 @@ class TrainingSettings:
     cvae_rounds: int = _setting(20, "Rounds of the federated CVAE phase.", _COUNT)
     classifier_rounds: int = _setting(10, "Rounds of the federated classifier phase.", _COUNT)
     local_epochs: int = _setting(2, "Local epochs per round (0: clients only evaluate).", _COUNT)
+    cvae_local_epochs: int | None = _setting(
+        None, "Local epochs per CVAE round, when not --local-epochs (e.g. one round of many epochs: "
+        "--cvae-rounds 1 --cvae-local-epochs 20, FedCVAE's one-shot form).", _COUNT)
     batch_size: int = _setting(32, "Local batch size.", _POSITIVE)
     cvae_lr: float = _setting(1e-3, "Clients' Adam learning rate for the CVAE.", _RATE)
     classifier_lr: float = _setting(1e-3, "Clients' SGD learning rate for the classifier.", _RATE)

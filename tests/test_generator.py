@@ -206,3 +206,41 @@ def test_distilled_decoder_leaves_the_encoder_as_aggregated():
     assert all(torch.equal(new[k], aggregate[k]) for k in aggregate if k.startswith("encoder."))
     assert not torch.equal(new["decoder.4.bias"], aggregate["decoder.4.bias"])
     assert info["kind"] == "distill" and info["teachers"] == 2
+
+
+# -- the report beside FedAvg --------------------------------------------------------------------------
+def _sweep_folder(path, mode, accuracies, cas_md=None):
+    """A genfl-sweep folder's results.csv (pre-trained arm, α=0.01) and sweep.json."""
+    import csv
+    import json
+
+    from genfl_experiments.reports import CSV_FIELDS
+
+    path.mkdir()
+    options = [] if mode == "fedavg" else [["--cvae-aggregation", mode]]
+    (path / "sweep.json").write_text(json.dumps({"fixed": {"generator_options": options}}))
+    with open(path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for seed, rounds in accuracies.items():
+            for rnd, acc in enumerate(rounds, 1):
+                writer.writerow({"distribution": "alpha-0.01", "seed": seed, "arm": "pretrained",
+                                 "phase": "classifier", "round": rnd, "weighted_client_accuracy": acc,
+                                 "test_accuracy": acc + 0.01, "epsilon": ""})
+    if cas_md:
+        (path / "cas.md").write_text(cas_md)
+    return path
+
+
+def test_the_generator_report_pairs_each_seed_with_fedavg_and_gives_the_slope_per_round(tmp_path):
+    from genfl_experiments.compare_generators import compare
+
+    fedavg = _sweep_folder(tmp_path / "fedavg", "fedavg", {0: [0.40, 0.44], 1: [0.30, 0.32]},
+                           "| Distribution | CAS | Federated CAS | n | Seeds |\n|---|---|---|---|---|\n"
+                           "| α=0.01 | 39.24 ± 2.32 | 38.50 ± 1.83 | 3 | 0,1,2 |\n")
+    ensemble = _sweep_folder(tmp_path / "ensemble", "ensemble", {0: [0.80, 0.78], 1: [0.70, 0.66]})
+    lines = compare(fedavg, ensemble)
+    fed_row, ens_row = lines[2], lines[3]
+    assert fed_row.startswith("| α=0.01 | fedavg | 39.24 ± 2.32 | 38.50 ± 1.83 | 38.00 ± 8.49 ")
+    # Δ per seed: 0.78 - 0.44 and 0.66 - 0.32, both 34 pp; slopes -2 and -4 pp per round.
+    assert "| ensemble | – | – | 72.00 ± 8.49 | 73.00 ± 8.49 | 34.00 ± 0.00 | 34.00 ± 0.00 | -3.00 ± 1.41 | 0,1 |" in ens_row

@@ -37,7 +37,7 @@ SWEEP_JSON = "sweep.json"
 
 # The run settings genfl-sweep takes besides --seed (the rest keep the preset's values); the arms'
 # own options (SWEEP_ARM_FIELDS) reach only their cells, so a change re-runs only those.
-SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
+SWEEP_FIELDS = ("clients", "cvae_rounds", "classifier_rounds", "local_epochs", "cvae_local_epochs", "synthetic_samples", "cas_epochs",
                 "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr", *GENERATOR_FIELDS, *SWEEP_DP_FIELDS,
                 *SWEEP_ARM_FIELDS)
 

@@ -62,8 +62,8 @@ class SweepSettings:
 
 
 # The settings every server of a sweep is given (in sweep.json's "fixed": cells mean the same).
-FIXED_SERVER_FIELDS = ("cvae_rounds", "classifier_rounds", "local_epochs", "synthetic_samples", "cas_epochs",
-                       "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
+FIXED_SERVER_FIELDS = ("cvae_rounds", "classifier_rounds", "local_epochs", "cvae_local_epochs", "synthetic_samples",
+                       "cas_epochs", "pretrain_epochs", "prox_mu", "fedavgm_momentum", "fedavgm_lr")
 
 
 def generator_args(config: RunConfig) -> list[str]:
