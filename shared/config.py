@@ -240,8 +240,9 @@ class GeneratorSettings:
         "'distill' (the ensemble distilled into one decoder after every round). All but fedavg need the "
         "clients' label counts (genfl-client --share-label-counts).", Choice(CVAE_AGGREGATIONS))
     class_share_cap: float = _setting(
-        0.5, "Largest share of one class's synthetic images one client's CVAE may draw (or weigh in "
-        "classwise/distill) when other clients hold that class too (1: no cap).",
+        1.0, "Largest share of one class's synthetic images one client's CVAE may draw (or weigh in "
+        "classwise/distill) when other clients hold that class too (1: no cap; 0.5 bounds what one client's "
+        "claimed counts can take of another's class, at a cost in CAS at extreme skew: docs/method.md).",
         FloatRange(0, 1, min_open=True))
     cvae_distill_steps: int = _setting(
         200, "distill: Adam steps per CVAE round that fit the global decoder to the ensemble's decoders.",
