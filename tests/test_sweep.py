@@ -522,3 +522,28 @@ def test_fashion_mnist_sweep_reports_against_the_fmnist_poster_numbers(tmp_path,
     assert table.startswith("# GenFL sweep: FMNIST")
     row = next(line for line in table.splitlines() if line.startswith("| IID |"))
     assert "78.21 ± 0.24" in row and "71.35 ± 1.02" in row  # the poster's Fashion-MNIST IID numbers
+
+
+@pytest.mark.system
+def test_an_ensemble_sweep_shares_label_counts_samples_every_clients_cvae_and_compares_with_fedavg(tmp_path, data_root):
+    """--cvae-aggregation reaches every cell (the sweep's clients share their label counts for it), the
+    folder records it, and compare_generators sets its pre-trained arm beside a FedAvg sweep's, seed by seed."""
+    from genfl_experiments.compare_generators import compare
+    from genfl_shared.ensemble import ENSEMBLE_KIND, CVAEEnsemble
+
+    runs = {}
+    for mode in ("fedavg", "ensemble"):
+        runs[mode] = tmp_path / mode
+        result = sweep(runs[mode], data_root("mnist"), "--alphas", "0.01", "--repeats", "1", "--arms", "pretrained",
+                       "--no-centralised", "--cvae-aggregation", mode)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    fixed = json.loads((runs["ensemble"] / "sweep.json").read_text())["fixed"]
+    assert ["--cvae-aggregation", "ensemble"] in fixed["generator_options"]
+    assert "generator_options" not in json.loads((runs["fedavg"] / "sweep.json").read_text())["fixed"]
+    cvae = runs["ensemble"] / "runs" / "alpha-0.01" / "seed0" / "cvae"
+    ensemble = CVAEEnsemble.from_state(load_checkpoint(cvae / "cvae.pt", ENSEMBLE_KIND))
+    # Both clients are members: they shared their label counts (without them the run fails).
+    assert len(ensemble.members) == 2
+    table = compare(runs["fedavg"], runs["ensemble"])
+    assert table[2].startswith("| α=0.01 | fedavg |") and table[3].startswith("| α=0.01 | ensemble |")
+    assert table[3].split("|")[-2].strip() == "0"  # paired on seed 0
