@@ -109,8 +109,9 @@ class ClassShares:
 
     def restricted(self, client_ids) -> "ClassShares":
         """The rows of ``client_ids`` (those among ``clients``), each class renormalised over them
-        (a class none of them holds: 0). The cap was applied over all holders, so a kept share is
-        at most the cap whenever a capped class keeps two holders with the same proportions."""
+        (a class none of them holds: 0): the round's accepted clients, or those with a model. The
+        cap was applied over all holders: when some of a class's holders are missing, the others'
+        shares grow, possibly past it."""
         rows = [self.clients.index(cid) for cid in sorted(client_ids) if cid in self.clients]
         weights = self.weights[rows].clone()
         totals = weights.sum(0)
