@@ -10,6 +10,11 @@ a negative slope)::
 
     python -m genfl_experiments.compare_generators --fedavg results/mnist-quick-grid \\
         --generator results/mnist-quick-ensemble --out results/mnist-quick-ensemble/generators.md
+
+Beside the table: ``generator_per_round.png`` (the pre-trained arm's weighted client accuracy per
+round, mean ± std over seeds, both generators, one panel per distribution) and, given two sample
+grids (``--samples FEDAVG.png MODE.png``, e.g. the ``synthetic_samples.png`` of an α = 0.01
+pre-trained cell of each), ``generator_samples.png`` with them side by side.
 """
 
 from __future__ import annotations
@@ -114,17 +119,78 @@ def _mode_of(folder: Path) -> str:
     return "fedavg"
 
 
+def plot_per_round(fedavg: Path, generator: Path, path: Path) -> Path:
+    """The pre-trained arm's weighted client accuracy per round for both generators."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mode = _mode_of(generator)
+    curves = {"fedavg": round_curves(fedavg), mode: round_curves(generator)}
+    dists = sorted(curves[mode], key=distribution_order)
+    fig, axes = plt.subplots(1, len(dists), figsize=(3.6 * len(dists), 3.2), squeeze=False)
+    for ax, dist in zip(axes[0], dists):
+        for name, color in (("fedavg", "tab:orange"), (mode, "tab:blue")):
+            seeds = curves[name].get(dist, {})
+            if not seeds:
+                continue
+            rounds = [p[0] for p in next(iter(seeds.values()))]
+            values = np.array([[100 * p[1] for p in points] for points in seeds.values()
+                               if [p[0] for p in points] == rounds])
+            mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(rounds))
+            ax.plot(rounds, mean, marker="o", color=color, label=f"{name} generator")
+            ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set_title(distribution_label(dist))
+        ax.set_xlabel("classifier round")
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("weighted client accuracy (%)")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(fedavg_png: Path, generator_png: Path, mode: str, path: Path) -> Path:
+    """Two synthetic-sample grids (one row per class) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax, png, title in ((axes[0], fedavg_png, "fedavg generator"), (axes[1], generator_png, f"{mode} generator")):
+        ax.imshow(mpimg.imread(png), cmap="gray")
+        ax.set_title(f"{title} (row = class 0-9)")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @click.command()
 @click.option("--fedavg", "fedavg", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A genfl-sweep folder of the poster's FedAvg generator.")
 @click.option("--generator", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A genfl-sweep folder of the same grid with --cvae-aggregation.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The markdown table.")
-def main(fedavg: Path, generator: Path, out: Path) -> None:
-    """Write the table of a --cvae-aggregation sweep beside FedAvg's."""
+@click.option("--samples", type=click.Path(exists=True, dir_okay=False, path_type=Path), nargs=2, default=None,
+              help="Two sample grids (FedAvg's, then the mode's) to set side by side.")
+def main(fedavg: Path, generator: Path, out: Path, samples: tuple[Path, Path] | None) -> None:
+    """Write the table of a --cvae-aggregation sweep beside FedAvg's, and its figures."""
     table = compare(fedavg, generator)
     out.write_text("\n".join(table) + "\n")
     click.echo("\n".join(table))
+    figures = out.parent / "figures"
+    figures.mkdir(exist_ok=True)
+    written = [plot_per_round(fedavg, generator, figures / "generator_per_round.png")]
+    if samples:
+        written.append(plot_samples(samples[0], samples[1], _mode_of(generator), figures / "generator_samples.png"))
+    click.echo(f"figures: {', '.join(str(p) for p in written)}")
 
 
 if __name__ == "__main__":

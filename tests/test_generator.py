@@ -233,7 +233,7 @@ def _sweep_folder(path, mode, accuracies, cas_md=None):
 
 
 def test_the_generator_report_pairs_each_seed_with_fedavg_and_gives_the_slope_per_round(tmp_path):
-    from genfl_experiments.compare_generators import compare
+    from genfl_experiments.compare_generators import compare, plot_per_round
 
     fedavg = _sweep_folder(tmp_path / "fedavg", "fedavg", {0: [0.40, 0.44], 1: [0.30, 0.32]},
                            "| Distribution | CAS | Federated CAS | n | Seeds |\n|---|---|---|---|---|\n"
@@ -244,3 +244,18 @@ def test_the_generator_report_pairs_each_seed_with_fedavg_and_gives_the_slope_pe
     assert fed_row.startswith("| α=0.01 | fedavg | 39.24 ± 2.32 | 38.50 ± 1.83 | 38.00 ± 8.49 ")
     # Δ per seed: 0.78 - 0.44 and 0.66 - 0.32, both 34 pp; slopes -2 and -4 pp per round.
     assert "| ensemble | – | – | 72.00 ± 8.49 | 73.00 ± 8.49 | 34.00 ± 0.00 | 34.00 ± 0.00 | -3.00 ± 1.41 | 0,1 |" in ens_row
+    png = plot_per_round(fedavg, ensemble, tmp_path / "per_round.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_genfl_launch_refuses_a_generator_comparison_it_cannot_run(tmp_path):
+    from click.testing import CliRunner
+
+    from genfl_experiments.launch import main
+
+    base = ["--data-root", str(tmp_path), "--iid", "--out", str(tmp_path / "out")]
+    alone = CliRunner().invoke(main, [*base, "--compare-generator", "ensemble"])
+    assert alone.exit_code == 2 and "--compare-generator goes with --compare" in alone.output
+    twice = CliRunner().invoke(main, [*base, "--compare", "--compare-generator", "ensemble",
+                                      "--cvae-aggregation", "distill"])
+    assert twice.exit_code == 2 and "leave out --cvae-aggregation" in twice.output
