@@ -547,3 +547,18 @@ def test_an_ensemble_sweep_shares_label_counts_samples_every_clients_cvae_and_co
     table = compare(runs["fedavg"], runs["ensemble"])
     assert table[2].startswith("| α=0.01 | fedavg |") and table[3].startswith("| α=0.01 | ensemble |")
     assert table[3].split("|")[-2].strip() == "0"  # paired on seed 0
+
+
+@pytest.mark.unit
+def test_report_only_refuses_a_folder_without_its_runs_and_leaves_its_tables(tmp_path):
+    """A recorded folder keeps its tables but not runs/ (too large for the repository): reporting it
+    again would overwrite them with empty ones."""
+    from click.testing import CliRunner
+
+    from genfl_experiments.sweep.cli import main
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"fixed": {"dataset": "mnist", "preset": "quick"}}))
+    (tmp_path / "table.md").write_text("the recorded table\n")
+    result = CliRunner().invoke(main, ["--out", str(tmp_path), "--report-only"])
+    assert result.exit_code == 1 and "holds no runs/" in result.output
+    assert (tmp_path / "table.md").read_text() == "the recorded table\n"

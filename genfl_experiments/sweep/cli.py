@@ -105,6 +105,9 @@ def main(dataset, data_root, alphas, repeats, preset, out, arms, strategies, eps
     signal.signal(signal.SIGTERM, _interrupt)
     if report_only:
         recorded = _read_sweep(out)
+        if not (out / "runs").is_dir():  # its tables would be rewritten empty
+            raise click.ClickException(f"{out} holds no runs/ (the finished cells the reports are made from): "
+                                       "nothing to report, and its tables are left as they are")
         _report(out, recorded["fixed"], recorded.get("differences_from_paper", []), failed=False)
         return
     if data_root is None:
