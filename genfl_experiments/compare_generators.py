@@ -77,8 +77,29 @@ def _pp(values: list[float]) -> str:
     return fmt_pct(values) if values else "–"
 
 
-def compare(fedavg: Path, generator: Path) -> list[str]:
+class NotComparable(ValueError):
+    """Two sweep folders whose cells cannot be paired."""
+
+
+def check_comparable(fedavg: Path, generator: Path) -> str:
+    """The generator folder's mode; NotComparable unless ``fedavg`` is a FedAvg-generator sweep and
+    both fixed every other setting alike (the same seed then means the same shards)."""
+    fixed = {name: json.loads((folder / "sweep.json").read_text())["fixed"] for name, folder in
+             (("fedavg", fedavg), ("generator", generator))}
+    if _mode_of(fedavg) != "fedavg":
+        raise NotComparable(f"{fedavg} is a --cvae-aggregation {_mode_of(fedavg)} sweep, not FedAvg's")
     mode = _mode_of(generator)
+    if mode == "fedavg":
+        raise NotComparable(f"{generator} is a FedAvg-generator sweep: nothing to compare")
+    others = [{k: v for k, v in f.items() if k != "generator_options"} for f in fixed.values()]
+    if others[0] != others[1]:
+        differ = sorted(k for k in {**others[0], **others[1]} if others[0].get(k) != others[1].get(k))
+        raise NotComparable(f"the two sweeps differ in {', '.join(differ)}: their cells cannot be paired")
+    return mode
+
+
+def compare(fedavg: Path, generator: Path) -> list[str]:
+    mode = check_comparable(fedavg, generator)
     fed_curves, gen_curves = round_curves(fedavg), round_curves(generator)
     fed_cas, gen_cas = cas_by_seed(fedavg), cas_by_seed(generator)
     fed_recorded = recorded_cas(fedavg) if not fed_cas else {}
@@ -182,7 +203,10 @@ def plot_samples(fedavg_png: Path, generator_png: Path, mode: str, path: Path) -
               help="Two sample grids (FedAvg's, then the mode's) to set side by side.")
 def main(fedavg: Path, generator: Path, out: Path, samples: tuple[Path, Path] | None) -> None:
     """Write the table of a --cvae-aggregation sweep beside FedAvg's, and its figures."""
-    table = compare(fedavg, generator)
+    try:
+        table = compare(fedavg, generator)
+    except NotComparable as error:
+        raise click.ClickException(str(error)) from None
     out.write_text("\n".join(table) + "\n")
     click.echo("\n".join(table))
     figures = out.parent / "figures"

@@ -284,7 +284,7 @@ class Coordinator:
         check_registered_samples(cid, request.num_train_samples, self.max_client_samples)
         label_counts = checked_label_counts(cid, request.label_counts, request.num_train_samples, NUM_CLASSES)
         if self.partition is not None:
-            self.partition.check(cid, request.num_train_samples, request.num_heldout_samples)
+            self.partition.check(cid, request.num_train_samples, request.num_heldout_samples, label_counts)
         if self.dataset and request.dataset and request.dataset != self.dataset:
             raise Rejected(RejectReason.WRONG_DATASET,
                            f"client {cid!r} holds {shown(request.dataset)!r} data but this run trains on {self.dataset!r}")

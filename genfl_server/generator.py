@@ -42,6 +42,7 @@ from genfl_shared.seeding import derive_seed
 from genfl_shared.tasks import EvaluateTask, TrainTask
 
 from .engine import RoundModels
+from .guard import aggregate_problem
 from .strategy import Instruction, Strategy
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ CLIENT_ID = "__client_id__"  # OwnModels.state_dict's entry holding a client's i
 
 class NoLabelCountsError(ValueError):
     """A mode that needs the clients' label counts, in a run where no client shares them."""
+
+
+class NoMembersError(RuntimeError):
+    """An ensemble without a single model of a client that shares its label counts."""
 
 
 def capped_shares(counts: torch.Tensor, cap: float) -> torch.Tensor:
@@ -188,28 +193,53 @@ class OwnModels(Strategy):
 @dataclass
 class KeepClientModels:
     """The ensemble's post-aggregation step: each accepted update becomes its client's model (a
-    refused or clipped one leaves the client's previous model in place); the aggregate passes on."""
+    refused or clipped one, or one whose values are not finite and sane, leaves the client's
+    previous model in place); the aggregate passes on. The record names the kept clients and the
+    classes whose holders have no model (drawn from every member until they have one)."""
 
     models: dict[str, State]
+    shares: ClassShares
     keeps_updates: bool = True
 
     def __call__(self, rnd: int, aggregate: State, round_models: RoundModels) -> tuple[State, dict]:
+        kept, refused = [], {}
         for cid, update in round_models.accepted.items():
-            self.models[cid] = {name: update[name].clone() for name in update}
-        return aggregate, {"kind": "ensemble", "kept": sorted(round_models.accepted), "members": len(self.models)}
+            model = {name: update[name].clone() for name in update}
+            problem = aggregate_problem(model)
+            if problem is not None:  # with fewer than 3 updates no adaptive bound holds one alone
+                refused[cid] = problem
+                log.error("round %d: client %s's CVAE is not kept (%s)", rnd, cid, problem)
+                continue
+            self.models[cid] = model
+            kept.append(cid)
+        info = {"kind": "ensemble", "kept": sorted(kept),
+                "members": len([cid for cid in self.models if cid in self.shares.clients]),
+                "classes_without_member": orphan_classes(self.models, self.shares)}
+        if refused:
+            info["refused"] = refused
+        return aggregate, info
+
+
+def orphan_classes(models: Mapping[str, State], shares: ClassShares) -> list[int]:
+    """Classes some client reports holding but none of whose holders has a model."""
+    kept = shares.restricted([cid for cid in models if cid in shares.clients])
+    return [c for c in range(NUM_CLASSES) if c not in shares.unheld and not kept.weights[:, c].any()]
 
 
 def ensemble_of(models: Mapping[str, State], shares: ClassShares) -> CVAEEnsemble:
     """The generator of the clients' kept models: each class drawn by the shares of the clients
-    that have a model (a class none of them holds: by every member equally)."""
+    that have a model. A class without one (nobody reports it, or its holders never returned a
+    model) is drawn from every member equally, with a warning: no member has learnt that label."""
     members = sorted(cid for cid in models if cid in shares.clients)
     if not members:
-        raise RuntimeError("no client model to sample from: no client that shares its label counts trained")
+        raise NoMembersError("no client that shares its label counts has returned a CVAE: nothing to sample from")
     kept = shares.restricted(members)
     weights = kept.weights.clone()
-    for c in range(NUM_CLASSES):
-        if not weights[:, c].any():
-            weights[:, c] = 1.0 / len(members)
+    orphans = [c for c in range(NUM_CLASSES) if not weights[:, c].any()]
+    if orphans:
+        log.warning("classes %s have no member that holds them: drawn from every member equally", orphans)
+    for c in orphans:
+        weights[:, c] = 1.0 / len(members)
     return CVAEEnsemble([models[cid] for cid in members], weights)
 
 
@@ -259,14 +289,20 @@ class DistilledDecoder:
         members = sorted(cid for cid in round_models.accepted if cid in self.shares.clients)
         if not members:
             return aggregate, {"kind": "distill", "teachers": 0}
+        # Only the classes whose holders trained this round: a label no teacher has learnt would be
+        # fitted to a decoder that draws its own classes for it, undoing earlier rounds.
+        classes = [c for c in range(NUM_CLASSES) if self.shares.restricted(members).weights[:, c].any()]
+        if not classes:
+            return aggregate, {"kind": "distill", "teachers": len(members), "classes": []}
         teachers = ensemble_of({cid: round_models.accepted[cid] for cid in members}, self.shares)
         decoders = [model_from_state("cvae", {k: m[k] for k in m}, self.device).eval() for m in teachers.members]
+        allowed = torch.tensor(classes)
         student = model_from_state("cvae", aggregate, self.device)
         optimizer = torch.optim.Adam(student.decoder.parameters(), lr=self.lr)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "distill-cvae", rnd))
         first = last = None
         for _ in range(self.steps):
-            labels = torch.randint(0, NUM_CLASSES, (self.batch_size,), generator=generator).sort().values
+            labels = allowed[torch.randint(0, len(classes), (self.batch_size,), generator=generator)].sort().values
             z = torch.randn((self.batch_size, student.latent_dim), generator=generator)
             owner = teachers.owners(labels)
             target = torch.empty((self.batch_size, 1, 28, 28))
@@ -284,7 +320,8 @@ class DistilledDecoder:
             first = loss.item() if first is None else first
             last = loss.item()
         distilled = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-        return distilled, {"kind": "distill", "teachers": len(members), "first_loss": first, "last_loss": last}
+        return distilled, {"kind": "distill", "teachers": len(members), "classes": classes, "first_loss": first,
+                           "last_loss": last}
 
 
 # -- the phase's plan ----------------------------------------------------------------------------------
@@ -313,7 +350,7 @@ class CVAEAggregation:
             return cls(mode, strategy, DistilledDecoder(shares, settings.cvae_distill_steps, seed, device), shares)
         if mode == "ensemble":
             models: dict[str, State] = {}
-            return cls(mode, OwnModels(strategy, models), KeepClientModels(models), shares, models)
+            return cls(mode, OwnModels(strategy, models), KeepClientModels(models, shares), shares, models)
         raise ValueError(f"unknown --cvae-aggregation {mode!r}")
 
     def ensemble(self) -> CVAEEnsemble | None:

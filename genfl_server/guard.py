@@ -70,8 +70,10 @@ def checked_label_counts(client_id: str, label_counts, num_train_samples: int, n
                          ) -> tuple[int, ...] | None:
     """A registration's label histogram (None when the client shares none), or Rejected
     ('bad_label_counts'): one count per class, summing to the registered train
-    samples. It is what the client says and stays untrusted: it only decides which synthetic
-    classes the server sends it (--client-synthetic-mix), never a weight of the model."""
+    samples. It is what the client says and stays untrusted: it decides which synthetic classes the
+    server sends it (--client-synthetic-mix) and, with --cvae-aggregation, which classes its CVAE
+    draws or weighs in (genfl_server/generator.py); with --partition-info it must match the
+    partition's (PartitionCounts.check)."""
     if not len(label_counts):
         return None
     if len(label_counts) != num_classes:  # before converting: the repeated field may be huge
@@ -100,6 +102,9 @@ class PartitionCounts:
 
     by_client: Mapping[str, tuple[int, int]]  # client_id -> (train, held-out)
     source: str  # the file, for messages
+    # client_id -> its train images per class, where partition.json records them: a client that
+    # shares label counts must share these (the generator modes give it classes by them).
+    class_counts: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_partition(cls, partition: Mapping, source: str) -> "PartitionCounts":
@@ -108,6 +113,7 @@ class PartitionCounts:
         if not isinstance(clients, list) or not clients:
             raise ValueError(f"{source} lists no clients (a partition.json from genfl-partition has them)")
         counts: dict[str, tuple[int, int]] = {}
+        classes: dict[str, tuple[int, ...]] = {}
         for entry in clients:
             try:
                 cid, train, heldout = entry["client_id"], entry["num_train"], entry["num_heldout"]
@@ -117,10 +123,19 @@ class PartitionCounts:
                                                  for n in (train, heldout))):
                 raise ValueError(f"{source}: client entry {shown(str(entry))} is not (client_id, num_train, num_heldout)")
             counts[cid] = (train, heldout)
-        return cls(counts, source)
+            per_class = entry.get("train_class_counts")
+            if per_class is not None:
+                if not (isinstance(per_class, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                            for n in per_class) and sum(per_class) == train):
+                    raise ValueError(f"{source}: client {shown(cid)!r}'s train_class_counts do not add up to its "
+                                     "num_train")
+                classes[cid] = tuple(per_class)
+        return cls(counts, source, classes)
 
-    def check(self, client_id: str, num_train: int, num_heldout: int) -> None:
-        """Refuse a registration that does not match the partition."""
+    def check(self, client_id: str, num_train: int, num_heldout: int,
+              label_counts: tuple[int, ...] | None = None) -> None:
+        """Refuse a registration that does not match the partition (its label counts too, where the
+        client shares them and the partition records them)."""
         expected = self.by_client.get(client_id)
         if expected is None:
             raise Rejected(RejectReason.NOT_IN_PARTITION,
@@ -129,6 +144,11 @@ class PartitionCounts:
             raise Rejected(RejectReason.PARTITION_MISMATCH,
                            f"client {client_id!r} reports {num_train} train / {num_heldout} held-out samples; "
                            f"the partition ({self.source}) gives it {expected[0]} / {expected[1]}")
+        recorded = self.class_counts.get(client_id)
+        if label_counts is not None and recorded is not None and tuple(label_counts) != recorded:
+            raise Rejected(RejectReason.BAD_LABEL_COUNTS,
+                           f"client {client_id!r} reports label counts {list(label_counts)}; the partition "
+                           f"({self.source}) gives it {list(recorded)}")
 
 
 def validated_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from genfl_shared.training import evaluate_classifier, evaluate_cvae
 from .distill import ServerDistillation
 from .engine import PostAggregation, RoundEngine, RoundModels
 from .finetune import ServerFineTune
-from .generator import CVAEAggregation
+from .generator import CVAEAggregation, NoMembersError
 from .metrics import ServerMetrics
 from .privacy import PrivacyLedger
 from .results import RunRecorder
@@ -157,15 +157,20 @@ def cvae_phase(ctx: PhaseContext) -> State:
     with --cvae-aggregation ensemble the clients' CVAEs (genfl_server/generator.py)."""
     cfg = ctx.config
     seed = cfg.reproducibility.seed
+    if "generator" in ctx.run_state.tensors:  # resumed after the phase: its generator as it ended
+        return ctx.run_state.tensors["generator"]
     plan = CVAEAggregation.build(cfg.generator, phase_strategy(cfg), ctx.engine.clients, seed=seed,
                                  device=ctx.device)
 
     def test_fn(state):
         if ctx.test_set is None:
             return {}
-        ensemble = plan.ensemble()
-        if ensemble is not None:
-            return ensemble.evaluate(*ctx.test_set, seed=seed, device=ctx.device)
+        if plan.models is not None:
+            try:
+                return plan.ensemble().evaluate(*ctx.test_set, seed=seed, device=ctx.device)
+            except NoMembersError as error:
+                log.warning("no test loss this round: %s", error)
+                return {}
         return evaluate_cvae(model_from_state("cvae", state, ctx.device), *ctx.test_set, seed=seed, device=ctx.device)
 
     state = _run_phase(ctx, "cvae", initial_state("cvae", seed), cfg.training.cvae_rounds, train_task(cfg, "cvae"),
@@ -173,6 +178,11 @@ def cvae_phase(ctx: PhaseContext) -> State:
                        strategy=plan.strategy)
     generator = plan.generator(state)
     save_checkpoint(ctx.out_dir / "cvae.pt", ENSEMBLE_KIND if is_ensemble(generator) else "cvae", generator)
+    if plan.mode != "fedavg":
+        # Saved once: a resumed run needs neither the clients' label counts nor (ensemble) the K
+        # client models the strategy carried, which later checkpoints then no longer rewrite.
+        ctx.run_state.tensors.pop("cvae_strategy", None)
+        ctx.checkpoint(generator=generator)
     return generator
 
 

@@ -231,7 +231,7 @@ class PrivacySettings:
 @dataclass(frozen=True)
 class GeneratorSettings:
     """How the CVAE phase's client models become the generator the server samples its synthetic set
-    from (genfl_server/generator.py; docs/generators.md)."""
+    from (genfl_server/generator.py; docs/method.md, "Generators at extreme skew")."""
 
     cvae_aggregation: str = _setting(
         "fedavg", "How the clients' CVAEs become the server's generator: 'fedavg' (one averaged CVAE, the "

@@ -53,8 +53,9 @@ class CVAEEnsemble:
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
         weights = self.class_weights
-        if weights.ndim != 2 or weights.shape[0] != len(self.members):
-            raise ValueError(f"class_weights must be [{len(self.members)}, classes], got {list(weights.shape)}")
+        classes = build_model("cvae").num_classes
+        if weights.ndim != 2 or tuple(weights.shape) != (len(self.members), classes):
+            raise ValueError(f"class_weights must be [{len(self.members)}, {classes}], got {list(weights.shape)}")
         if not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError("class_weights must be finite and non-negative")
         if not torch.allclose(weights.sum(0), torch.ones(weights.shape[1], dtype=weights.dtype), atol=1e-6):
@@ -81,7 +82,8 @@ class CVAEEnsemble:
             if key == CLASS_WEIGHTS:
                 continue
             prefix, _, name = key.partition(".")
-            if not prefix.startswith("member") or not prefix[6:].isdigit() or not name:
+            number = prefix[6:]
+            if not prefix.startswith("member") or not number.isdigit() or str(int(number)) != number or not name:
                 raise ValueError(f"unexpected entry {key!r} in an ensemble state")
             members.setdefault(int(prefix[6:]), {})[name] = tensor
         if sorted(members) != list(range(len(members))):
@@ -119,8 +121,10 @@ class CVAEEnsemble:
         return images, labels
 
     def evaluate(self, images: Tensor, labels: Tensor, *, seed: int, device: str | torch.device) -> dict:
-        """The mixture's test loss: each image's CVAE loss under the members of its class, weighted
-        by their shares (``evaluate_cvae``'s loss for one CVAE; the same seeded noise)."""
+        """The ensemble's test loss: each image's CVAE loss (``evaluate_cvae``'s, with the same seeded
+        noise) under each member of its class, weighted by the members' shares of that class, and
+        averaged over the images. (A share-weighted mean of the members' losses, not the loss of
+        the mixture distribution, which would be lower.)"""
         device = torch.device(device)
         images, labels = images.to(device), labels.to(device)
         generator = torch.Generator().manual_seed(seed)

@@ -16,8 +16,9 @@ from genfl_server.strategy import FedAvg
 from genfl_shared.checkpoint import load_checkpoint
 from genfl_shared.config import RunConfig
 from genfl_shared.ensemble import ENSEMBLE_KIND, CVAEEnsemble, largest_remainder
-from genfl_shared.models import initial_state
+from genfl_shared.models import initial_state, model_from_state
 from genfl_shared.partition import Shard
+from helpers import run_rounds
 from inprocess import federation
 
 pytestmark = pytest.mark.unit
@@ -102,6 +103,25 @@ def test_an_ensemble_state_round_trips_and_a_malformed_one_is_refused():
         CVAEEnsemble([{"x": torch.zeros(1)}, ensemble.members[1]], weights)
     with pytest.raises(ValueError, match="unexpected entry"):
         CVAEEnsemble.from_state({**ensemble.to_state(), "evil": torch.zeros(1)})
+    with pytest.raises(ValueError, match="class_weights must be"):
+        CVAEEnsemble(ensemble.members, torch.full((2, 12), 0.5, dtype=torch.float64))
+    renumbered = {k.replace("member1.", "member01."): v for k, v in ensemble.to_state().items()}
+    with pytest.raises(ValueError, match="unexpected entry 'member01"):
+        CVAEEnsemble.from_state(renumbered)
+
+
+def test_a_malformed_ensemble_checkpoint_is_refused_before_the_run_starts(tmp_path):
+    from genfl_server.app import ServerSettings, new_run_state
+    from genfl_shared.checkpoint import CheckpointError, save_checkpoint
+    from genfl_shared.config import PathSettings
+
+    state = CVAEEnsemble([_pattern_member(True)], torch.ones((1, 10), dtype=torch.float64)).to_state()
+    state["class_weights"] = torch.full((1, 10), 2.0, dtype=torch.float64)
+    path = save_checkpoint(tmp_path / "cvae.pt", ENSEMBLE_KIND, state)
+    settings = ServerSettings(config=TINY, out=tmp_path / "run", phase="classifier", preset="quick",
+                              paths=PathSettings(cvae_checkpoint=path))
+    with pytest.raises(CheckpointError, match="sum to 1"):
+        new_run_state(settings)
 
 
 def test_own_models_carry_each_clients_model_through_a_saved_state_whatever_its_id():
@@ -168,6 +188,11 @@ def test_an_ensemble_keeps_no_model_the_guard_refused(tmp_path):
         ensemble = CVAEEnsemble.from_state(cvae_phase(ctx))
     assert fed.metrics.updates_rejected.labels("update_norm_adaptive")._value.get() == 1
     assert len(ensemble.members) == 3  # mallory's update was refused: she has no model to sample
+    # The class she alone holds has no member: drawn from every member, and the round says so.
+    assert ensemble.class_weights[:, 4].tolist() == pytest.approx([1 / 3] * 3)
+    (record,) = run_rounds(tmp_path)
+    assert record["post_aggregation"]["classes_without_member"] == [4]
+    assert record["post_aggregation"]["kept"] == ["alice", "bob", "carol"]
 
 
 def test_classwise_sets_each_label_column_to_its_holders_weighted_mean_and_averages_the_rest():
@@ -201,11 +226,16 @@ def test_distilled_decoder_leaves_the_encoder_as_aggregated():
     models = {cid: initial_state("cvae", seed) for seed, cid in enumerate(("a", "b"))}
     shares = ClassShares.from_counts({"a": [30] + [0] * 9, "b": [0, 30] + [0] * 8}, cap=1.0)
     aggregate = initial_state("cvae", 7)
-    new, info = DistilledDecoder(shares, steps=3, seed=0, device=CPU)(1, aggregate,
-                                                                         RoundModels(aggregate, models))
+    new, info = DistilledDecoder(shares, steps=40, seed=0, device=CPU)(1, aggregate,
+                                                                          RoundModels(aggregate, models))
     assert all(torch.equal(new[k], aggregate[k]) for k in aggregate if k.startswith("encoder."))
-    assert not torch.equal(new["decoder.4.bias"], aggregate["decoder.4.bias"])
-    assert info["kind"] == "distill" and info["teachers"] == 2
+    assert info["kind"] == "distill" and info["teachers"] == 2 and info["classes"] == [0, 1]
+    assert info["last_loss"] < 0.5 * info["first_loss"]
+    # Class 0 now decodes as its holder's decoder does, and closer than before.
+    z, zeros = torch.randn((64, 3), generator=torch.Generator().manual_seed(1)), torch.zeros(64, dtype=torch.int64)
+    decode = {name: model_from_state("cvae", state, CPU).eval().decode(z, zeros).detach()
+              for name, state in (("before", aggregate), ("after", new), ("holder", models["a"]))}
+    assert (decode["after"] - decode["holder"]).pow(2).mean() < (decode["before"] - decode["holder"]).pow(2).mean()
 
 
 # -- the report beside FedAvg --------------------------------------------------------------------------
@@ -217,8 +247,10 @@ def _sweep_folder(path, mode, accuracies, cas_md=None):
     from genfl_experiments.reports import CSV_FIELDS
 
     path.mkdir()
-    options = [] if mode == "fedavg" else [["--cvae-aggregation", mode]]
-    (path / "sweep.json").write_text(json.dumps({"fixed": {"generator_options": options}}))
+    fixed = {"dataset": "mnist", "preset": "quick", "clients": 10}
+    if mode != "fedavg":
+        fixed["generator_options"] = [["--cvae-aggregation", mode]]
+    (path / "sweep.json").write_text(json.dumps({"fixed": fixed}))
     with open(path / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -233,7 +265,7 @@ def _sweep_folder(path, mode, accuracies, cas_md=None):
 
 
 def test_the_generator_report_pairs_each_seed_with_fedavg_and_gives_the_slope_per_round(tmp_path):
-    from genfl_experiments.compare_generators import compare, plot_per_round
+    from genfl_experiments.compare_generators import NotComparable, compare, plot_per_round
 
     fedavg = _sweep_folder(tmp_path / "fedavg", "fedavg", {0: [0.40, 0.44], 1: [0.30, 0.32]},
                            "| Distribution | CAS | Federated CAS | n | Seeds |\n|---|---|---|---|---|\n"
@@ -244,6 +276,12 @@ def test_the_generator_report_pairs_each_seed_with_fedavg_and_gives_the_slope_pe
     assert fed_row.startswith("| α=0.01 | fedavg | 39.24 ± 2.32 | 38.50 ± 1.83 | 38.00 ± 8.49 ")
     # Δ per seed: 0.78 - 0.44 and 0.66 - 0.32, both 34 pp; slopes -2 and -4 pp per round.
     assert "| ensemble | – | – | 72.00 ± 8.49 | 73.00 ± 8.49 | 34.00 ± 0.00 | 34.00 ± 0.00 | -3.00 ± 1.41 | 0,1 |" in ens_row
+    with pytest.raises(NotComparable, match="not FedAvg's"):
+        compare(ensemble, ensemble)
+    other = _sweep_folder(tmp_path / "other", "ensemble", {0: [0.5]})
+    (other / "sweep.json").write_text((other / "sweep.json").read_text().replace('"clients": 10', '"clients": 20'))
+    with pytest.raises(NotComparable, match="differ in clients"):
+        compare(fedavg, other)
     png = plot_per_round(fedavg, ensemble, tmp_path / "per_round.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
 

@@ -24,9 +24,9 @@ from helpers import free_port, run_rounds, start_server
 pytestmark = pytest.mark.integration
 
 
-def registration(client_id: str, train: int, heldout: int) -> pb.RegisterRequest:
+def registration(client_id: str, train: int, heldout: int, label_counts=()) -> pb.RegisterRequest:
     return pb.RegisterRequest(client_id=client_id, num_train_samples=train, num_heldout_samples=heldout,
-                              dataset="mnist")
+                              dataset="mnist", label_counts=label_counts)
 
 
 def rejected_count(metrics_port: int, reason: str) -> float:
@@ -62,6 +62,11 @@ def test_registrations_must_match_the_partition(tmp_path, data_root):
                                          grpc.StatusCode.FAILED_PRECONDITION, "partition_mismatch"),
                 "an id not in the partition": (registration("client-999", first["num_train"], first["num_heldout"]),
                                                grpc.StatusCode.PERMISSION_DENIED, "not_in_partition"),
+                # The right total, but all of it claimed for one class (it would draw that class).
+                "label counts other than its shard's": (
+                    registration(first["client_id"], first["num_train"], first["num_heldout"],
+                                 [first["num_train"]] + [0] * 9),
+                    grpc.StatusCode.INVALID_ARGUMENT, "bad_label_counts"),
             }
             for what, (request, code, reason) in refusals.items():
                 with pytest.raises(grpc.RpcError) as refused:
@@ -70,9 +75,11 @@ def test_registrations_must_match_the_partition(tmp_path, data_root):
                 assert "partition" in refused.value.details(), (what, refused.value.details())
             assert rejected_count(metrics_port, "partition_mismatch") == 2
             assert rejected_count(metrics_port, "not_in_partition") == 1
-        # The honest clients' counts are the partition's: they register and the run completes.
+            assert rejected_count(metrics_port, "bad_label_counts") == 1
+        # The honest clients' counts are the partition's (label counts too): they register and the run completes.
         clients = [subprocess.Popen([sys.executable, "-m", "genfl_client.cli", "--server", endpoint["address"],
-                                     "--shard", str(shards / entry["file"]), "--threads", "1"],
+                                     "--shard", str(shards / entry["file"]), "--threads", "1",
+                                     "--share-label-counts"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                    for entry in partition["clients"]]
         assert server.wait(180) == 0, (tmp_path / "server.log").read_text()[-3000:]

@@ -52,7 +52,8 @@ def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None, extra=()
                   *extra, "--address", address, "--out", str(out)]
     server = _spawn(tmp_path / f"{name}-server.log", *server_cmd)
     clients = [_spawn(tmp_path / f"{name}-client-{i}.log", "genfl_client.cli", "--server", address, "--shard",
-                      str(shards / f"client-00{i}.npz"), "--threads", "1") for i in range(CLIENTS)]
+                      str(shards / f"client-00{i}.npz"), "--threads", "1",
+                      *(["--share-label-counts"] if "--cvae-aggregation" in extra else [])) for i in range(CLIENTS)]
     procs = [server, *clients]
     try:
         if kill_after is not None:
@@ -96,7 +97,9 @@ def _run(tmp_path, name, shards, *, strategy="fedavg", kill_after=None, extra=()
     ("fedavgm", ("classifier", 1), ("--server-finetune-steps", "5", "--server-finetune-batch-size", "20",
                                     "--server-distill", "--server-distill-steps", "4",
                                     "--server-distill-batch-size", "20")),
-], ids=["fedavg", "fedavgm-server-distill-finetune"])
+    # Each client's own CVAE carried through the restart (the strategy's state), then sampled as one ensemble.
+    ("fedavg", ("cvae", 1), ("--cvae-aggregation", "ensemble")),
+], ids=["fedavg", "fedavgm-server-distill-finetune", "ensemble"])
 def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy, kill_after, extra):
     shards = tmp_path / "shards"
     part = subprocess.run([sys.executable, "-m", "genfl_shared.partition_cli", "--dataset", "mnist",

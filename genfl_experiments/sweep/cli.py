@@ -55,7 +55,9 @@ def _check_same_sweep(out: Path, fixed: dict) -> None:
     path = out / SWEEP_JSON
     if path.exists():
         recorded = json.loads(path.read_text())["fixed"]
-        changed = {k: (recorded.get(k), v) for k, v in fixed.items() if recorded.get(k) != v}
+        # Both ways: a setting recorded but not given now (e.g. the generator's) changed as well.
+        changed = {k: (recorded.get(k), fixed.get(k)) for k in {**recorded, **fixed}
+                   if recorded.get(k) != fixed.get(k)}
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise click.ClickException(f"{out} holds a sweep with other settings ({details}); "
