@@ -125,7 +125,10 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, strategy
     assert summary["final"] == ref_summary["final"] and summary["cas"] == ref_summary["cas"]
     assert summary["cas"] is not None and summary["final"]["test_accuracy"] is not None  # the test set was reused
     assert "resuming run" in (tmp_path / "resumed-server.log").read_text()
-    if extra:
+    if "--cvae-aggregation" in extra:
+        assert "class_weights" in torch.load(resumed / "cvae.pt", weights_only=True)["state_dict"]
+        assert all(r["post_aggregation"]["kind"] == "ensemble" for r in summary["rounds"] if r["phase"] == "cvae")
+    if "--server-distill" in extra:
         # Both steps were tried in every round (accepted or not: this 2-round CVAE's near-constant images
         # drive the classifier's outputs on them to NaN from round 2 on, and the engine then
         # broadcasts the aggregate; the same in both runs, which is what this test checks).
