@@ -70,3 +70,17 @@ def test_a_run_whose_clients_share_no_label_counts_fails_with_what_to_do(tmp_pat
 def test_genfl_launch_has_its_clients_share_label_counts_for_every_aggregation_but_fedavg():
     assert _client_args_for(["--phase", "all", "--cvae-aggregation", "ensemble"]) == ["--share-label-counts"]
     assert _client_args_for(["--phase", "all", "--cvae-aggregation", "fedavg"]) == []
+
+
+def test_genfl_launch_compares_a_generator_beside_fedavgs_on_the_same_shards(tmp_path, data_root):
+    out = tmp_path / "launch"
+    launch = subprocess.run([sys.executable, "-m", "genfl_experiments.launch", "--dataset", "mnist", "--data-root",
+                             str(data_root("mnist")), "--alpha", "0.01", "--clients", "2", "--train-subset", "400",
+                             "--rounds", "1", "--synthetic-samples", "200", "--cas-epochs", "1", "--pretrain-epochs",
+                             "1", "--compare", "--compare-generator", "ensemble", "--client-threads", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    assert "pre-trained, ensemble client acc" in launch.stdout and "CAS with --cvae-aggregation ensemble" in launch.stdout
+    assert "class_weights" in load_checkpoint(out / "cvae-ensemble" / "cvae.pt", ENSEMBLE_KIND)
+    assert "class_weights" not in load_checkpoint(out / "cvae" / "cvae.pt", "cvae")
+    assert (out / "pretrained-ensemble" / "summary.json").exists() and (out / "baseline" / "summary.json").exists()
