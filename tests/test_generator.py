@@ -297,3 +297,15 @@ def test_genfl_launch_refuses_a_generator_comparison_it_cannot_run(tmp_path):
     twice = CliRunner().invoke(main, [*base, "--compare", "--compare-generator", "ensemble",
                                       "--cvae-aggregation", "distill"])
     assert twice.exit_code == 2 and "leave out --cvae-aggregation" in twice.output
+
+
+def test_the_one_shot_form_trains_one_cvae_round_of_its_own_epochs_and_the_classifier_keeps_local_epochs(tmp_path):
+    fed, generator, _ = _phase(tmp_path, "ensemble", cvae_rounds=1, cvae_local_epochs=3)
+    for client in fed.clients.values():
+        (update,) = [s for s in client.sent if s.weights is not None]
+        assert update.task.round == 1 and update.task.settings.epochs == 3
+    assert len(CVAEEnsemble.from_state(generator).members) == 3
+    from genfl_server.phases import train_task
+
+    config = TINY.override(cvae_local_epochs=3)
+    assert train_task(config, "classifier").epochs == TINY.training.local_epochs
